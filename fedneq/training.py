@@ -1,0 +1,221 @@
+"""Masked local training: the one training loop of fedneq.
+
+Every method (velocity, random, static, full) trains through
+:func:`train_masked`; they differ only in the masks they hand it. Between
+epochs the caller may re-select (the paper's protocol: probe, compute velocity,
+select), by passing ``masks`` as a function of the epoch index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedneq.costs import CostProfile, MaskCost, mask_cost
+from fedneq.data import ArrayDataset
+from fedneq.masking import RowFreezer
+from fedneq.neurons import NeuronMap, TrainMask
+
+__all__ = ["EpochStats", "OptimizerConfig", "TrainResult", "evaluate", "train_masked", "union_mask"]
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Local optimizer. ``momentum`` is used by SGD only."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer name should be one of {OPTIMIZERS}, got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer lr should be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optimizer momentum should be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer weight_decay should be >= 0, got {self.weight_decay}")
+
+    def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    @property
+    def cost_name(self) -> str:
+        """The optimizer's name in the cost model (its state size)."""
+        if self.name == "adamw":
+            return "adamw"
+        return "sgd-momentum" if self.momentum > 0 else "sgd"
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    loss: float  # mean training loss over the epoch's examples
+    examples: int
+    selected_neurons: int
+    trainable_params: int  # parameters the epoch's mask trains (always-trained set included)
+    cost: MaskCost | None  # cost-model figures of the epoch's mask, if a profile was given
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss of the last epoch
+    examples: int  # examples seen over all epochs
+    epochs: tuple[EpochStats, ...]
+    mask: TrainMask  # union of the epochs' masks: everything that may have changed
+
+    @property
+    def trainable_params(self) -> int:
+        """Largest number of parameters trained at once (the device's budget)."""
+        return max(e.trainable_params for e in self.epochs)
+
+
+def union_mask(a: TrainMask, b: TrainMask) -> TrainMask:
+    return TrainMask(a.neurons | b.neurons, a.full_tensors | b.full_tensors)
+
+
+def train_masked(
+    model: nn.Module,
+    data: ArrayDataset,
+    *,
+    neuron_map: NeuronMap,
+    masks: TrainMask | Callable[[int], TrainMask],
+    epochs: int = 1,
+    batch_size: int = 32,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    generator: torch.Generator,
+    cost_profile: CostProfile | None = None,
+    on_epoch_end: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """Train only what the masks select; everything else comes out bit-identical.
+
+    Parameters
+    ----------
+    masks:
+        One mask for every epoch, or ``masks(epoch)`` called before each
+        epoch (re-selection between epochs).
+    generator:
+        Seeds the batch order.
+    cost_profile:
+        If given, each epoch's :class:`~fedneq.costs.MaskCost` is attached.
+    on_epoch_end:
+        Called with each epoch's stats (e.g. to evaluate the model).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs should be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size should be >= 1, got {batch_size}")
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    mask_for = masks if callable(masks) else (lambda _epoch: masks)
+
+    # One optimizer over every parameter that could ever train; parameters a
+    # mask freezes have requires_grad=False, hence no .grad, and are skipped.
+    candidates = [p for p in model.parameters()]
+    opt = optimizer.build(candidates)
+    model.train()
+    stats: list[EpochStats] = []
+    union: TrainMask | None = None
+    previous_rows: dict[str, torch.Tensor] = {}
+    for epoch in range(epochs):
+        mask = mask_for(epoch)
+        state = model.state_dict()
+        with RowFreezer(model, neuron_map, mask) as freezer:
+            _reset_entering_rows(opt, model, previous_rows, freezer.rows)
+            previous_rows = freezer.rows
+            total_loss, seen = _run_epoch(model, data, opt, freezer, batch_size, generator)
+        trainable = neuron_map.mask_params(mask, state, [n for n, _ in model.named_parameters()])
+        cost = None
+        if cost_profile is not None:
+            cost = mask_cost(
+                cost_profile, mask, state, batch_size=batch_size, optimizer=optimizer.cost_name
+            )
+        stats.append(
+            EpochStats(epoch, total_loss / seen, seen, int(mask.neurons.sum()), trainable, cost)
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(stats[-1])
+        union = mask if union is None else union_mask(union, mask)
+    assert union is not None
+    return TrainResult(stats[-1].loss, sum(s.examples for s in stats), tuple(stats), union)
+
+
+def _run_epoch(
+    model: nn.Module,
+    data: ArrayDataset,
+    opt: torch.optim.Optimizer,
+    freezer: RowFreezer,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[float, int]:
+    order = torch.randperm(len(data), generator=generator)
+    total_loss, seen = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x, y = data.x[idx], data.y[idx]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss is {loss.item()} at batch starting {start}")
+        if loss.requires_grad:  # False when the mask trains nothing
+            loss.backward()
+            opt.step()
+        freezer.restore()
+        total_loss += loss.item() * len(idx)
+        seen += len(idx)
+    return total_loss, seen
+
+
+@torch.no_grad()
+def _reset_entering_rows(
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    before: dict[str, torch.Tensor],
+    after: dict[str, torch.Tensor],
+) -> None:
+    """Zero optimizer state (momentum, Adam moments) of rows that start training now.
+
+    A frozen row's momentum may have absorbed weight decay while it was frozen;
+    a row entering the selection starts from a clean state instead.
+    """
+    for name, p in model.named_parameters():
+        state = opt.state.get(p)
+        if not state or name not in after:
+            continue
+        was = before.get(name, torch.zeros_like(after[name]))
+        entering = after[name] & ~was
+        if not bool(entering.any()):
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value[entering] = 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``data`` (eval mode)."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    return total_loss / len(data), correct / len(data)

@@ -1,0 +1,154 @@
+"""Masked training: frozen neurons are bit-identical; an all-selected mask is plain training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedneq.data import ArrayDataset
+from fedneq.masking import RowFreezer
+from fedneq.neurons import enumerate_neurons
+from fedneq.training import OptimizerConfig, evaluate, train_masked
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),  # depthwise
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+
+
+def toy_data(n: int = 64) -> ArrayDataset:
+    g = torch.Generator().manual_seed(1)
+    return ArrayDataset(torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+OPTIMIZERS = [
+    OptimizerConfig("sgd", lr=0.1, momentum=0.9, weight_decay=0.01),
+    OptimizerConfig("adamw", lr=0.01, weight_decay=0.1),
+]
+
+
+def _rows_of_neuron(neuron_map, state, idx: int) -> dict[str, torch.Tensor]:
+    layer = next(lay for lay in neuron_map.layers if lay.offset <= idx < lay.offset + lay.num_neurons)
+    i = idx - layer.offset
+    return {key: state[key][i].clone() for key in layer.tensors}
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.name)
+def test_frozen_neurons_are_bit_identical(opt: OptimizerConfig) -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    selected = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    selected[[1, 6, 9, 12]] = True  # rows in three layers, each layer partially selected
+    mask = nmap.train_mask(selected)
+    before = copy.deepcopy(model.state_dict())
+    train_masked(model, toy_data(), neuron_map=nmap, masks=mask, epochs=3, batch_size=16,
+                 optimizer=opt, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    after = model.state_dict()
+    for idx in range(nmap.num_neurons):
+        rows_before = _rows_of_neuron(nmap, before, idx)
+        rows_after = _rows_of_neuron(nmap, after, idx)
+        for key in rows_before:
+            same = torch.equal(rows_before[key], rows_after[key])
+            if selected[idx] and key.endswith("weight") and "running" not in key:
+                assert not same, f"selected neuron {idx} {key} did not train"
+            elif not selected[idx]:
+                assert same, f"frozen neuron {idx} {key} changed"
+    # the always-trained head trained; nothing else outside neurons exists here
+    assert not torch.equal(before["11.weight"], after["11.weight"])
+
+
+def test_reselection_keeps_frozen_rows_of_each_epoch() -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    masks = [torch.zeros(nmap.num_neurons, dtype=torch.bool) for _ in range(2)]
+    masks[0][0] = True
+    masks[1][5] = True
+    before = copy.deepcopy(model.state_dict())
+    seen = []
+
+    def mask_for(epoch: int):
+        seen.append(epoch)
+        return nmap.train_mask(masks[epoch])
+
+    result = train_masked(model, toy_data(), neuron_map=nmap, masks=mask_for, epochs=2,
+                          optimizer=OPTIMIZERS[0], generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert seen == [0, 1]
+    after = model.state_dict()
+    assert torch.equal(result.mask.neurons, masks[0] | masks[1])
+    for idx in range(nmap.num_neurons):
+        if idx not in (0, 5):
+            for key, row in _rows_of_neuron(nmap, before, idx).items():
+                assert torch.equal(row, _rows_of_neuron(nmap, after, idx)[key])
+    assert [e.selected_neurons for e in result.epochs] == [1, 1]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=lambda o: o.name)
+def test_all_selected_mask_equals_plain_training(opt: OptimizerConfig) -> None:
+    model = tiny_cnn()
+    reference = copy.deepcopy(model)
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    mask = nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool))
+    data = toy_data()
+    train_masked(model, data, neuron_map=nmap, masks=mask, epochs=2, batch_size=16,
+                 optimizer=opt, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    # plain training: same batches, same optimizer, no masking machinery
+    g = torch.Generator().manual_seed(3)
+    optim = opt.build(list(reference.parameters()))
+    reference.train()
+    for _ in range(2):
+        order = torch.randperm(len(data), generator=g)
+        for s in range(0, len(order), 16):
+            idx = order[s : s + 16]
+            optim.zero_grad()
+            F.cross_entropy(reference(data.x[idx]), data.y[idx]).backward()
+            optim.step()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_row_freezer_remove_restores_requires_grad_and_hooks() -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model)
+    selected = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    selected[0] = True
+    with RowFreezer(model, nmap, nmap.train_mask(selected)) as freezer:
+        trainable = {id(p) for p in freezer.trainable_parameters()}
+        assert id(model[0].weight) in trainable and id(model[6].weight) not in trainable
+        assert model[0].weight._backward_hooks
+    assert all(p.requires_grad for p in model.parameters())
+    assert not model[0].weight._backward_hooks
+
+
+def test_training_reports_trainable_params_and_rejects_bad_input() -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    selected = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    selected[0] = True  # conv 1x3x3 + bias + BN weight/bias = 12 params
+    result = train_masked(model, toy_data(), neuron_map=nmap, masks=nmap.train_mask(selected),
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.trainable_params == 12 + (6 * 3 + 3)
+    assert result.examples == 64
+    with pytest.raises(ValueError, match="epochs"):
+        train_masked(model, toy_data(), neuron_map=nmap, masks=nmap.train_mask(selected), epochs=0,
+                     generator=torch.Generator())  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer name"):
+        OptimizerConfig("lion")
+    loss, acc = evaluate(model, toy_data())
+    assert loss > 0 and 0 <= acc <= 1
