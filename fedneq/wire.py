@@ -1,0 +1,373 @@
+"""The sparse wire format of a client's reply: encode, decode, bytes sent.
+
+A reply carries exactly four 1-D numpy arrays, always under the same keys
+(Flower's strategies reject replies whose ``ArrayRecord`` keys differ), of
+variable length:
+
+``"neurons"`` — int32 ``(K,)``
+    Global ids of the sent neurons (:class:`~fedneq.neurons.NeuronMap`
+    numbering), strictly ascending.
+``"neuron_values"`` — float32 ``(sum of row lengths,)``
+    For each sent neuron, in that order, the concatenation over its layer's
+    :attr:`~fedneq.neurons.NeuronLayer.tensors` (in that order) of row ``i``
+    flattened: conv/linear weight row, bias, and BatchNorm weight, bias,
+    running mean and running variance when a BatchNorm is attached.
+``"tensors"`` — int32 ``(T,)``
+    Strictly ascending indices into the *tensor table* of whole tensors sent
+    (:attr:`~fedneq.neurons.TrainMask.full_tensors`, e.g. a new head).
+``"tensor_values"`` — float32
+    The concatenation of those tensors, each flattened.
+
+The *tensor table* (:func:`tensor_table`) is the model's floating-point
+``state_dict`` keys in ``state_dict`` order: parameters and float buffers
+(BatchNorm running statistics); integer buffers such as
+``num_batches_tracked`` are never sent. Values travel as float32: a float32
+model round-trips bit-exactly, other float dtypes are cast back on decode.
+
+The bytes reported for an upload are :func:`payload_nbytes`, the sum of the
+four arrays' ``nbytes``; the serialized ``ArrayRecord`` adds a constant
+``.npy`` header per array (about 128 bytes each) on top of that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedneq.neurons import NeuronMap, TrainMask
+
+__all__ = [
+    "WIRE_KEYS",
+    "SparseUpdate",
+    "WireFormatError",
+    "as_rows",
+    "check_compatible",
+    "decode",
+    "dense_arrays",
+    "encode",
+    "from_array_record",
+    "full_mask",
+    "payload_nbytes",
+    "tensor_table",
+    "to_array_record",
+]
+
+WIRE_KEYS: tuple[str, ...] = ("neurons", "neuron_values", "tensors", "tensor_values")
+_DTYPES: dict[str, np.dtype] = {
+    "neurons": np.dtype(np.int32),
+    "neuron_values": np.dtype(np.float32),
+    "tensors": np.dtype(np.int32),
+    "tensor_values": np.dtype(np.float32),
+}
+
+
+class WireFormatError(ValueError):
+    """A reply does not follow the sparse wire format."""
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """One decoded reply.
+
+    Only tensors with at least one sent row appear.
+    """
+
+    values: dict[
+        str, torch.Tensor
+    ]  # key -> tensor shaped like the state entry; unsent rows = reference
+    rows: dict[str, torch.Tensor]  # key -> (rows,) bool, True where the row was sent (0-d: one row)
+
+
+def tensor_table(state: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The floating-point keys of ``state`` in order: what may ever be sent."""
+    return tuple(k for k, v in state.items() if torch.is_floating_point(v))
+
+
+def full_mask(neuron_map: NeuronMap) -> TrainMask:
+    """Every neuron plus the always-trained set: a client at full budget."""
+    return neuron_map.train_mask(torch.ones(neuron_map.num_neurons, dtype=torch.bool))
+
+
+def payload_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of a reply's payload: the sum of its arrays' ``nbytes``."""
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``(rows, row_numel)`` tensor; a 0-d tensor is one row of one.
+
+    A view whenever ``t`` is contiguous, so writing into it writes into ``t``.
+    """
+    return t.reshape(1, 1) if t.dim() == 0 else t.reshape(t.shape[0], _row_numel(t))
+
+
+def _row_numel(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:]) if t.dim() else 1
+
+
+def check_compatible(
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    state: Mapping[str, torch.Tensor],
+    arg: str = "state",
+) -> None:
+    """Raise ValueError if ``neuron_map`` / ``table`` do not describe ``state``.
+
+    Every table key must be in ``state``, every neuron tensor in the table and
+    with one row per neuron. ``arg`` names ``state`` in the message.
+    """
+    missing = [k for k in table if k not in state]
+    if missing:
+        raise ValueError(f"{arg} lacks tensor-table keys {missing}")
+    known = set(table)
+    if len(known) != len(table):
+        raise ValueError(
+            f"tensor table has duplicated keys: {sorted(k for k in known if table.count(k) > 1)}"
+        )
+    not_float = [k for k in table if not torch.is_floating_point(state[k])]
+    if not_float:
+        raise ValueError(f"tensor table keys {not_float} are not floating-point in {arg}")
+    for layer in neuron_map.layers:
+        for key in layer.tensors:
+            if key not in known:
+                raise ValueError(
+                    f"layer {layer.name!r} tensor {key!r} is not in the tensor table "
+                    "(only floating-point state entries can be sent)"
+                )
+            t = state[key]
+            if t.dim() == 0 or t.shape[0] != layer.num_neurons:
+                raise ValueError(
+                    f"{arg}[{key!r}] has shape {tuple(t.shape)}, expected {layer.num_neurons} "
+                    f"rows for layer {layer.name!r}"
+                )
+
+
+def _layer_row_lengths(neuron_map: NeuronMap, state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Floats sent per neuron, for every layer."""
+    return [sum(_row_numel(state[k]) for k in layer.tensors) for layer in neuron_map.layers]
+
+
+def encode(
+    state: Mapping[str, torch.Tensor],
+    neuron_map: NeuronMap,
+    mask: TrainMask,
+    table: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Encode what ``mask`` trained in ``state`` as the four wire arrays.
+
+    Parameters
+    ----------
+    state:
+        The client's model ``state_dict()`` after local training.
+    neuron_map:
+        The model's neurons (:func:`~fedneq.neurons.enumerate_neurons`).
+    mask:
+        What local training was allowed to change.
+    table:
+        The tensor table (:func:`tensor_table` of the global model).
+
+    Raises
+    ------
+    ValueError
+        If the mask does not fit the neuron map, or names a whole tensor that
+        is not in the table.
+    """
+    if mask.neurons.shape != (neuron_map.num_neurons,):
+        raise ValueError(
+            f"mask.neurons must have shape ({neuron_map.num_neurons},), "
+            f"got {tuple(mask.neurons.shape)}"
+        )
+    check_compatible(neuron_map, table, state, "state")
+    index = {k: i for i, k in enumerate(table)}
+    unknown = sorted(k for k in mask.full_tensors if k not in index)
+    if unknown:
+        raise ValueError(
+            f"mask.full_tensors {unknown} are not in the tensor table "
+            "(only floating-point state entries can be sent)"
+        )
+
+    blocks: list[torch.Tensor] = []
+    for layer in neuron_map.layers:
+        idx = mask.neurons[layer.slice].nonzero().flatten()  # (k,)
+        if idx.numel():
+            parts = [as_rows(state[key].detach())[idx] for key in layer.tensors]  # (k, len_t) each
+            blocks.append(torch.cat(parts, dim=1).flatten())
+    tensor_ids = sorted(index[k] for k in mask.full_tensors)
+    whole = [state[table[i]].detach().flatten() for i in tensor_ids]
+
+    return {
+        "neurons": mask.neurons.nonzero().flatten().numpy().astype(np.int32),
+        "neuron_values": _float32_concat(blocks),
+        "tensors": np.asarray(tensor_ids, dtype=np.int32),
+        "tensor_values": _float32_concat(whole),
+    }
+
+
+def dense_arrays(state: Mapping[str, torch.Tensor], table: Sequence[str]) -> dict[str, np.ndarray]:
+    """Wire arrays sending every tensor of the table whole (no neuron rows)."""
+    missing = [k for k in table if k not in state]
+    if missing:
+        raise ValueError(f"state lacks tensor-table keys {missing}")
+    return {
+        "neurons": np.zeros(0, dtype=np.int32),
+        "neuron_values": np.zeros(0, dtype=np.float32),
+        "tensors": np.arange(len(table), dtype=np.int32),
+        "tensor_values": _float32_concat([state[k].detach().flatten() for k in table]),
+    }
+
+
+def _float32_concat(parts: list[torch.Tensor]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([p.to(torch.float32) for p in parts]).cpu().numpy()
+
+
+def _check_indices(name: str, ids: np.ndarray, upper: int) -> None:
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= upper:
+        raise WireFormatError(
+            f"{name!r} has indices in [{lo}, {hi}], allowed range is [0, {upper})"
+        )
+    steps = np.diff(ids)
+    if (steps <= 0).any():
+        at = int(np.argmax(steps <= 0))
+        kind = "duplicated" if steps[at] == 0 else "not sorted ascending"
+        raise WireFormatError(
+            f"{name!r} indices must be strictly ascending: {kind} at position {at + 1} "
+            f"({int(ids[at])} then {int(ids[at + 1])})"
+        )
+
+
+def _check_structure(arrays: Mapping[str, np.ndarray]) -> None:
+    keys = set(arrays)
+    if keys != set(WIRE_KEYS):
+        raise WireFormatError(
+            f"reply keys must be exactly {list(WIRE_KEYS)}; missing {sorted(set(WIRE_KEYS) - keys)}, "
+            f"extra {sorted(keys - set(WIRE_KEYS))}"
+        )
+    for key in WIRE_KEYS:
+        a = arrays[key]
+        if not isinstance(a, np.ndarray):
+            raise WireFormatError(f"{key!r} must be a numpy array, got {type(a).__name__}")
+        if a.dtype != _DTYPES[key]:
+            raise WireFormatError(f"{key!r} must have dtype {_DTYPES[key]}, got {a.dtype}")
+        if a.ndim != 1:
+            raise WireFormatError(f"{key!r} must be 1-D, got shape {a.shape}")
+    for key in ("neuron_values", "tensor_values"):
+        bad = ~np.isfinite(arrays[key])
+        if bad.any():
+            raise WireFormatError(
+                f"{key!r} has {int(bad.sum())} non-finite values (first at position {int(np.argmax(bad))})"
+            )
+
+
+def decode(
+    arrays: Mapping[str, np.ndarray],
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    reference_state: Mapping[str, torch.Tensor],
+) -> SparseUpdate:
+    """Decode and validate a reply.
+
+    Parameters
+    ----------
+    arrays:
+        The four wire arrays (:func:`from_array_record` of the reply).
+    neuron_map, table:
+        The global model's neurons and tensor table.
+    reference_state:
+        The model the client started from (the global model sent this round):
+        gives every tensor's shape and dtype, and the value of unsent rows.
+
+    Raises
+    ------
+    WireFormatError
+        Missing or extra keys, a wrong dtype or rank, indices out of range,
+        unsorted or duplicated, value lengths not matching the indices, or
+        non-finite values.
+    ValueError
+        If ``neuron_map`` / ``table`` do not describe ``reference_state``.
+    """
+    check_compatible(neuron_map, table, reference_state, "reference_state")
+    _check_structure(arrays)
+    neurons, tensors = arrays["neurons"], arrays["tensors"]
+    _check_indices("neurons", neurons, neuron_map.num_neurons)
+    _check_indices("tensors", tensors, len(table))
+
+    row_lengths = _layer_row_lengths(neuron_map, reference_state)
+    starts = np.array([layer.offset for layer in neuron_map.layers] + [neuron_map.num_neurons])
+    bounds = np.searchsorted(neurons, starts)  # (L+1,) position of each layer's first sent neuron
+    counts = np.diff(bounds)  # (L,) neurons sent per layer
+    expected = int(np.dot(counts, row_lengths))
+    if arrays["neuron_values"].size != expected:
+        raise WireFormatError(
+            f"'neuron_values' has {arrays['neuron_values'].size} values, expected {expected} "
+            f"for the {neurons.size} neurons sent"
+        )
+    sizes = [reference_state[table[i]].numel() for i in tensors]
+    if arrays["tensor_values"].size != sum(sizes):
+        raise WireFormatError(
+            f"'tensor_values' has {arrays['tensor_values'].size} values, expected {sum(sizes)} "
+            f"for tensors {tensors.tolist()}"
+        )
+
+    values: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+    flat = torch.from_numpy(arrays["neuron_values"].copy())
+    pos = 0
+    for layer, count, length, first in zip(
+        neuron_map.layers, counts, row_lengths, bounds[:-1], strict=True
+    ):
+        if count == 0:
+            continue
+        idx = torch.from_numpy(neurons[first : first + count].astype(np.int64)) - layer.offset
+        block = flat[pos : pos + count * length].view(int(count), length)  # (k, row_len)
+        pos += int(count) * length
+        col = 0
+        for key in layer.tensors:
+            ref = reference_state[key]
+            width = _row_numel(ref)
+            out = values.setdefault(key, ref.detach().clone(memory_format=torch.contiguous_format))
+            as_rows(out)[idx] = block[:, col : col + width].to(ref.dtype)
+            col += width
+            sent = rows.setdefault(key, torch.zeros(layer.num_neurons, dtype=torch.bool))
+            sent[idx] = True
+
+    flat = torch.from_numpy(arrays["tensor_values"].copy())
+    pos = 0
+    for i, size in zip(tensors, sizes, strict=True):
+        key = table[i]
+        ref = reference_state[key]
+        values[key] = flat[pos : pos + size].view(ref.shape).to(ref.dtype).clone()
+        rows[key] = torch.ones(as_rows(ref).shape[0], dtype=torch.bool)
+        pos += size
+    return SparseUpdate(values=values, rows=rows)
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap wire arrays in a Flower ``ArrayRecord`` (serialized as ``.npy``, dtype kept)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The numpy arrays of a reply's ``ArrayRecord`` (exact inverse of :func:`to_array_record`).
+
+    Raises
+    ------
+    WireFormatError
+        If an entry is not a numpy-serialized array.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, array in record.items():
+        try:
+            out[key] = array.numpy()
+        except (TypeError, ValueError) as err:
+            raise WireFormatError(f"reply array {key!r} cannot be read as numpy: {err}") from err
+    return out

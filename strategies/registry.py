@@ -1,0 +1,96 @@
+"""Strategies by name: ``get_strategy("neuron-avg", neuron_map=..., table=...)``.
+
+Users add their own with the :func:`register_strategy` decorator::
+
+    @register_strategy("my-rule")
+    class MyRule(SparseStrategy):
+        def aggregate(self, global_state, updates, weights): ...
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .base import SparseStrategy
+from .fedavg import DenseFedAvg
+from .neuron_avg import NeuronAvg
+from .server_momentum import ServerMomentum
+
+__all__ = ["get_strategy", "list_strategies", "register_strategy"]
+
+S = TypeVar("S", bound=type[SparseStrategy])
+
+_REGISTRY: dict[str, type[SparseStrategy]] = {
+    "neuron-avg": NeuronAvg,
+    "fedavg": DenseFedAvg,
+    "server-momentum": ServerMomentum,
+}
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator registering a :class:`SparseStrategy` subclass under ``name``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty or taken, or the class is not a SparseStrategy.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"strategy name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"strategy name {name!r} is already registered to {_REGISTRY[name].__name__}")
+
+    def decorator(cls: S) -> S:
+        if not (inspect.isclass(cls) and issubclass(cls, SparseStrategy)):
+            raise ValueError(f"register_strategy({name!r}) needs a SparseStrategy subclass, got {cls!r}")
+        if inspect.isabstract(cls):
+            raise ValueError(f"{cls.__name__} is abstract: implement aggregate() before registering it")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_strategies() -> list[str]:
+    """Registered strategy names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _accepted_kwargs(cls: type) -> set[str]:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names.update(
+            p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        )
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def get_strategy(name: str, **cfg: Any) -> SparseStrategy:
+    """Build the strategy registered as ``name`` with keyword arguments ``cfg``.
+
+    ``cfg`` needs at least ``neuron_map`` and ``table``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown or ``cfg`` has keys the strategy does not take.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown strategy {name!r}; known: {list_strategies()}")
+    cls = _REGISTRY[name]
+    accepted = _accepted_kwargs(cls)
+    unknown = sorted(set(cfg) - accepted)
+    if unknown:
+        raise ValueError(
+            f"strategy {name!r} got unknown options {unknown}; accepted: {sorted(accepted)}"
+        )
+    return cls(**cfg)

@@ -1,0 +1,269 @@
+"""The sparse wire format: layout, exact round trip, bytes, validation."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from torch import nn
+
+from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
+from fedneq.wire import (
+    WIRE_KEYS,
+    WireFormatError,
+    decode,
+    dense_arrays,
+    encode,
+    from_array_record,
+    full_mask,
+    payload_nbytes,
+    tensor_table,
+    to_array_record,
+)
+
+CONV1_ROW = 3 * 3 * 3 + 1 + 4  # weight row, bias, BN weight/bias/running_mean/running_var
+CONV2_ROW = 8 * 3 * 3 + 0 + 4  # conv2 has no bias
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    """Conv->BN->ReLU->Conv->BN->pool->Linear with seeded random params and BN statistics."""
+    model = nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(3, 8, 3, padding=1),
+            bn1=nn.BatchNorm2d(8),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(8, 6, 3, padding=1, bias=False),
+            bn2=nn.BatchNorm2d(6),
+            relu2=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            head=nn.Linear(6, 4),
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if torch.is_floating_point(t):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in key else torch.randn(t.shape, generator=g))
+            else:
+                t.fill_(7)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[dict[str, torch.Tensor], NeuronMap, tuple[str, ...]]:
+    model = small_cnn()
+    state = model.state_dict()
+    return state, enumerate_neurons(model, always_trained=("head",)), tensor_table(state)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """A "trained" client state: every float entry moved by seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + torch.randn(v.shape, generator=g) if torch.is_floating_point(v) else v.clone()
+        for k, v in state.items()
+    }
+
+
+def neuron_mask(neuron_map: NeuronMap, ids: list[int], extra: tuple[str, ...] = ()) -> TrainMask:
+    neurons = neuron_map.empty_mask()
+    neurons[ids] = True
+    return TrainMask(neurons, frozenset(extra))
+
+
+def test_tensor_table_is_float_entries_in_state_dict_order(setup) -> None:
+    state, _, table = setup
+    assert table == (
+        "conv1.weight", "conv1.bias",
+        "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "conv2.weight",
+        "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
+        "head.weight", "head.bias",
+    )  # fmt: skip
+    assert "bn1.num_batches_tracked" in state
+
+
+def test_neuron_values_layout_is_row_concatenation_in_layer_tensor_order(setup) -> None:
+    state, nm, table = setup
+    conv2_first = nm.layer("conv2").offset
+    arrays = encode(state, nm, neuron_mask(nm, [3, conv2_first + 5]), table)
+    expected = torch.cat(
+        [
+            state["conv1.weight"][3].flatten(), state["conv1.bias"][3:4],
+            state["bn1.weight"][3:4], state["bn1.bias"][3:4],
+            state["bn1.running_mean"][3:4], state["bn1.running_var"][3:4],
+            state["conv2.weight"][5].flatten(),
+            state["bn2.weight"][5:6], state["bn2.bias"][5:6],
+            state["bn2.running_mean"][5:6], state["bn2.running_var"][5:6],
+        ]
+    )  # fmt: skip
+    np.testing.assert_array_equal(arrays["neurons"], [3, conv2_first + 5])
+    np.testing.assert_array_equal(arrays["neuron_values"], expected.numpy())
+    assert arrays["tensors"].size == 0 and arrays["tensor_values"].size == 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_trip_random_masks_is_exact(setup, seed: int) -> None:
+    state, nm, table = setup
+    g = torch.Generator().manual_seed(seed)
+    neurons = torch.rand(nm.num_neurons, generator=g) < 0.4
+    neurons[[0, nm.layer("conv2").offset]] = True  # both BatchNorms' running stats travel
+    mask = nm.train_mask(neurons)
+    client = perturbed(state, seed + 100)
+
+    arrays = from_array_record(to_array_record(encode(client, nm, mask, table)))
+    update = decode(arrays, nm, table, state)
+
+    expected_rows = nm.row_masks(mask, client)
+    assert update.rows.keys() == expected_rows.keys() == update.values.keys()
+    for key, rows in expected_rows.items():
+        assert torch.equal(update.rows[key], rows)
+        got, sent, ref = update.values[key], client[key], state[key]
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert torch.equal(got[rows], sent[rows])  # bit-exact
+        assert torch.equal(got[~rows], ref[~rows])  # unsent rows = reference
+    assert {"bn1.running_mean", "bn2.running_var", "head.bias"} <= update.rows.keys()
+
+
+def test_round_trip_full_tensors_and_dense(setup) -> None:
+    state, nm, table = setup
+    client = perturbed(state, 7)
+    whole = ("head.weight", "head.bias", "bn2.running_var")
+    update = decode(encode(client, nm, neuron_mask(nm, [], whole), table), nm, table, state)
+    assert set(update.values) == set(whole)
+    for key in whole:
+        assert torch.equal(update.values[key], client[key])
+        assert bool(update.rows[key].all()) and update.rows[key].shape == (client[key].shape[0],)
+
+    dense = decode(dense_arrays(client, table), nm, table, state)
+    assert set(dense.values) == set(table)
+    for key in table:
+        assert torch.equal(dense.values[key], client[key])
+
+
+def test_zero_dim_tensor_is_one_row() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.temperature = nn.Parameter(torch.tensor(2.5))
+
+    model = Scaled()
+    state = model.state_dict()
+    nm, table = enumerate_neurons(model), tensor_table(state)
+    client = {k: v + 1 for k, v in state.items()}
+    arrays = encode(client, nm, neuron_mask(nm, [1], ("temperature",)), table)
+    assert payload_nbytes(arrays) == 4 + 4 * (3 + 1) + 4 + 4
+    update = decode(arrays, nm, table, state)
+    assert update.values["temperature"].shape == () and float(update.values["temperature"]) == 3.5
+    assert torch.equal(update.rows["temperature"], torch.tensor([True]))
+    assert torch.equal(update.rows["lin.weight"], torch.tensor([False, True]))
+
+
+def test_bytes_are_array_nbytes_and_linear_in_neurons(setup) -> None:
+    state, nm, table = setup
+    empty = encode(state, nm, neuron_mask(nm, []), table)
+    assert payload_nbytes(empty) == 0
+    for k in range(1, 9):  # k neurons of conv1: 4 index bytes + 4 * row length each
+        arrays = encode(state, nm, neuron_mask(nm, list(range(k))), table)
+        assert payload_nbytes(arrays) == sum(a.nbytes for a in arrays.values()) == k * (4 + 4 * CONV1_ROW)
+    one_conv2 = encode(state, nm, neuron_mask(nm, [nm.layer("conv2").offset]), table)
+    assert payload_nbytes(one_conv2) == 4 + 4 * CONV2_ROW == 308
+    head = encode(state, nm, nm.train_mask(nm.empty_mask()), table)
+    assert payload_nbytes(head) == 2 * 4 + 4 * (4 * 6 + 4)  # two indices + head weight and bias
+
+
+def test_key_set_and_dtypes_fixed_for_empty_partial_full(setup) -> None:
+    state, nm, table = setup
+    masks = [neuron_mask(nm, []), neuron_mask(nm, [0, 9], ("head.bias",)), full_mask(nm)]
+    for mask in masks:
+        arrays = encode(state, nm, mask, table)
+        assert tuple(arrays) == WIRE_KEYS
+        assert [str(a.dtype) for a in arrays.values()] == ["int32", "float32", "int32", "float32"]
+        assert all(a.ndim == 1 for a in arrays.values())
+        assert set(to_array_record(arrays).keys()) == set(WIRE_KEYS)
+
+
+def test_array_record_round_trip_keeps_values_and_dtypes(setup) -> None:
+    state, nm, table = setup
+    for arrays in (encode(state, nm, full_mask(nm), table), encode(state, nm, neuron_mask(nm, []), table)):
+        record = to_array_record(arrays)
+        assert all(isinstance(v, Array) for v in record.values())
+        back = from_array_record(record)
+        assert back.keys() == arrays.keys()
+        for key, a in arrays.items():
+            assert back[key].dtype == a.dtype and back[key].shape == a.shape
+            np.testing.assert_array_equal(back[key], a)
+
+
+def test_from_array_record_rejects_non_numpy_entry() -> None:
+    record = ArrayRecord({"neurons": Array("int32", (1,), "torch.raw", b"\x00\x00\x00\x00")})
+    with pytest.raises(WireFormatError, match="'neurons' cannot be read as numpy"):
+        from_array_record(record)
+
+
+def test_encode_rejects_bad_masks(setup) -> None:
+    state, nm, table = setup
+    with pytest.raises(ValueError, match=r"mask.neurons must have shape \(14,\)"):
+        encode(state, nm, TrainMask(torch.ones(3, dtype=torch.bool)), table)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        encode(state, nm, neuron_mask(nm, [], ("bn1.num_batches_tracked",)), table)
+
+
+def _set(key: str, value: np.ndarray) -> Callable[[dict[str, np.ndarray]], None]:
+    def mutate(arrays: dict[str, np.ndarray]) -> None:
+        arrays[key] = value
+
+    return mutate
+
+
+def _del(key: str) -> Callable[[dict[str, np.ndarray]], None]:
+    return lambda arrays: arrays.pop(key)
+
+
+MALFORMED = {
+    "missing key": (_del("tensors"), r"missing \['tensors'\]"),
+    "extra key": (_set("bonus", np.zeros(1, np.int32)), r"extra \['bonus'\]"),
+    "int64 neurons": (_set("neurons", np.array([0, 1], np.int64)), "'neurons' must have dtype int32, got int64"),
+    "float64 values": (_set("neuron_values", np.zeros(2 * CONV1_ROW)), "'neuron_values' must have dtype float32"),
+    "2-D indices": (_set("neurons", np.array([[0, 1]], np.int32)), "'neurons' must be 1-D"),
+    "neuron out of range": (_set("neurons", np.array([0, 14], np.int32)), r"\[0, 14\]"),
+    "negative neuron": (_set("neurons", np.array([-1, 0], np.int32)), r"indices in \[-1, 0\]"),
+    "unsorted neurons": (_set("neurons", np.array([1, 0], np.int32)), "not sorted ascending"),
+    "duplicated neurons": (_set("neurons", np.array([1, 1], np.int32)), "duplicated"),
+    "short neuron values": (
+        _set("neuron_values", np.zeros(2 * CONV1_ROW - 1, np.float32)), f"expected {2 * CONV1_ROW}"
+    ),
+    "long neuron values": (
+        _set("neuron_values", np.zeros(2 * CONV1_ROW + 1, np.float32)), f"expected {2 * CONV1_ROW}"
+    ),
+    "tensor out of range": (_set("tensors", np.array([11, 13], np.int32)), r"allowed range is \[0, 13\)"),
+    "duplicated tensors": (_set("tensors", np.array([11, 11], np.int32)), "duplicated"),
+    "tensor values length": (_set("tensor_values", np.zeros(3, np.float32)), "'tensor_values' has 3 values, expected 28"),
+    "nan": (_set("neuron_values", np.full(2 * CONV1_ROW, np.nan, np.float32)), "non-finite"),
+    "inf": (_set("tensor_values", np.full(28, np.inf, np.float32)), "'tensor_values' has 28 non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_replies_raise_wire_format_error(setup, case: str) -> None:
+    state, nm, table = setup
+    arrays = encode(state, nm, neuron_mask(nm, [0, 1], ("head.weight", "head.bias")), table)
+    decode(arrays, nm, table, state)  # the untouched reply is valid
+    mutate, message = MALFORMED[case]
+    mutate(arrays)
+    with pytest.raises(WireFormatError, match=message):
+        decode(arrays, nm, table, state)
+
+
+def test_decode_rejects_reference_that_does_not_match_the_map(setup) -> None:
+    state, nm, table = setup
+    arrays = encode(state, nm, neuron_mask(nm, [0]), table)
+    wrong = dict(state, **{"bn1.running_var": torch.ones(5)})
+    with pytest.raises(ValueError, match=r"reference_state\['bn1.running_var'\] has shape \(5,\)"):
+        decode(arrays, nm, table, wrong)
