@@ -1,0 +1,297 @@
+"""Typed, validated run configuration, parsed once at the boundary.
+
+A run is described by one TOML file with these tables (every key optional;
+see ``sims/configs/default.toml``)::
+
+    [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
+                 round_timeout_s, out_dir
+    [data]       dataset, root, image_size, partition, alpha, classes_per_client,
+                 min_partition_size, probe_size, test_fraction, classes
+    [model]      name, width_mult, checkpoint, pretrain_epochs, head
+    [selection]  selector, rule, initializer, scheme, velocity_mode, mu, storage_dtype
+    [train]      optimizer, lr, momentum, weight_decay
+    [strategy]   name, options (a table passed to the strategy's constructor)
+    [fleet]      preset ("default" | "homogeneous"), budget, local_epochs,
+                 batch_size, classes (array of tables, see fedneq.devices)
+    [faults]     crash_prob, straggler_prob, straggler_delay_s
+    [simulation] cpus_per_client, ray_address
+
+Unknown tables or keys are rejected with the list of known ones. The resolved
+config is plain JSON (``Config.to_dict``): the server sends it to every client
+with the first message, so a ClientApp needs no other configuration source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedneq.devices import DeviceProfile, Fleet, default_fleet, homogeneous_fleet
+from fedneq.partition import PartitionSpec
+from fedneq.training import OptimizerConfig
+
+__all__ = ["Config", "load_config"]
+
+
+def _check_choice(section: str, name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"[{section}] {name} should be one of {allowed}, got {value!r}")
+
+
+def _check_positive(section: str, name: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"[{section}] {name} should be {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 10
+    num_clients: int = 20
+    clients_per_round: int = 10
+    min_replies: int = 1  # a round with fewer replies is retried once, then skipped
+    round_timeout_s: float = 600.0
+    out_dir: str = "results"
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
+            _check_positive("run", name, getattr(self, name))
+        _check_positive("run", "round_timeout_s", self.round_timeout_s)
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"[run] clients_per_round ({self.clients_per_round}) should be <= "
+                f"num_clients ({self.num_clients})"
+            )
+        if self.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"[run] min_replies ({self.min_replies}) should be <= "
+                f"clients_per_round ({self.clients_per_round})"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    root: str = ""  # "" = the dataset's default locations
+    image_size: int = 0  # 0 = the dataset's native size
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_partition_size: int = 20  # Dirichlet / quantity skew redraw until every client has this many
+    probe_size: int = 10
+    test_fraction: float = 0.1
+    classes: str = "all"  # "all" | "downstream" (the second half; the first half is upstream)
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "classes", self.classes, ("all", "downstream"))
+        _check_positive("data", "image_size", self.image_size, zero_ok=True)
+        _check_positive("data", "probe_size", self.probe_size)
+        if not 0 <= self.test_fraction < 1:
+            raise ValueError(f"[data] test_fraction should be in [0, 1), got {self.test_fraction}")
+        self.partition_spec()  # validates partition, alpha, classes_per_client
+
+    def partition_spec(self) -> PartitionSpec:
+        return PartitionSpec(
+            kind=self.partition,
+            alpha=self.alpha,
+            classes_per_client=self.classes_per_client,
+            min_partition_size=self.min_partition_size,
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small-cnn"
+    width_mult: float = 1.0
+    checkpoint: str = ""  # upstream checkpoint (fedneq.pretrain); "" = pretrain or random init
+    pretrain_epochs: int = 0  # > 0 and no checkpoint: pretrain on the upstream classes first
+    head: str = "always"  # "always": the head is trained every round, outside the budget
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "head", self.head, ("always", "selectable"))
+        _check_positive("model", "width_mult", self.width_mult)
+        _check_positive("model", "pretrain_epochs", self.pretrain_epochs, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    selector: str = "velocity"
+    rule: str = "prefix"
+    initializer: str = "random"
+    scheme: str = ""  # static Sparse Update scheme name (selector "static" or initializer "static")
+    velocity_mode: str = "pooled"
+    mu: float = 0.5
+    storage_dtype: str = "float16"  # precision of the probe outputs a client keeps between rounds
+
+    def __post_init__(self) -> None:
+        _check_choice("selection", "rule", self.rule, ("prefix", "fill"))
+        _check_choice("selection", "initializer", self.initializer, ("random", "static"))
+        _check_choice("selection", "velocity_mode", self.velocity_mode, ("pooled", "per-feature"))
+        _check_choice("selection", "storage_dtype", self.storage_dtype, ("float32", "float16"))
+        if not 0 <= self.mu < 1:
+            raise ValueError(f"[selection] mu should be in [0, 1), got {self.mu}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.optimizer_config()
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(self.optimizer, self.lr, self.momentum, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "neuron-avg"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    preset: str = "default"  # "default" | "homogeneous" | "custom" (given by `classes`)
+    budget: float = 0.1  # homogeneous preset only
+    local_epochs: int = 0  # > 0 overrides every device class's own
+    batch_size: int = 0  # > 0 overrides every device class's own
+    classes: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom"))
+        _check_positive("fleet", "local_epochs", self.local_epochs, zero_ok=True)
+        _check_positive("fleet", "batch_size", self.batch_size, zero_ok=True)
+        if self.preset == "custom" and not self.classes:
+            raise ValueError("[fleet] preset 'custom' needs a non-empty `classes` list")
+        if self.classes and self.preset != "custom":
+            raise ValueError(
+                f"[fleet] `classes` is only used with preset 'custom', got preset {self.preset!r}"
+            )
+        self.fleet()  # validates shares and budgets
+
+    def fleet(self) -> Fleet:
+        if self.preset == "custom":
+            fleet = Fleet.from_dicts(list(self.classes))
+        elif self.preset == "homogeneous":
+            fleet = homogeneous_fleet(self.budget)
+        else:
+            fleet = default_fleet()
+        overrides = {
+            k: v for k, v in (("local_epochs", self.local_epochs), ("batch_size", self.batch_size)) if v
+        }
+        if not overrides:
+            return fleet
+        return Fleet(tuple((dataclasses.replace(d, **overrides), share) for d, share in fleet.classes))
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    crash_prob: float = 0.0  # per client per round
+    straggler_prob: float = 0.0
+    straggler_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("crash_prob", "straggler_prob"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"[faults] {name} should be in [0, 1], got {value}")
+        _check_positive("faults", "straggler_delay_s", self.straggler_delay_s, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    cpus_per_client: float = 1.0
+    ray_address: str = ""  # "" = RAY_ADDRESS if set, else a local Ray instance
+
+    def __post_init__(self) -> None:
+        _check_positive("simulation", "cpus_per_client", self.cpus_per_client)
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "selection": SelectionConfig,
+    "train": TrainConfig,
+    "strategy": StrategyConfig,
+    "fleet": FleetConfig,
+    "faults": FaultConfig,
+    "simulation": SimulationConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    selection: SelectionConfig = SelectionConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    fleet: FleetConfig = FleetConfig()
+    faults: FaultConfig = FaultConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        unknown = sorted(set(raw) - set(_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown config table(s) {unknown}; known: {sorted(_SECTIONS)}")
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            values = dict(raw.get(name, {}))
+            known = [f.name for f in dataclasses.fields(section_cls)]
+            bad = sorted(set(values) - set(known))
+            if bad:
+                raise ValueError(f"unknown key(s) {bad} in [{name}]; known: {known}")
+            if "classes" in values and name == "fleet":
+                values["classes"] = tuple(dict(c) for c in values["classes"])
+            sections[name] = section_cls(**values)
+        return cls(**sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["fleet"]["classes"] = [dict(c) for c in self.fleet.classes]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys of some tables changed, e.g. ``replace(run={"rounds": 2})``."""
+        raw = self.to_dict()
+        for name, values in sections.items():
+            if name not in raw:
+                raise ValueError(f"unknown config table {name!r}; known: {sorted(_SECTIONS)}")
+            raw[name].update(values)
+        return Config.from_dict(raw)
+
+    def device(self, partition_id: int) -> DeviceProfile:
+        """The device profile of a simulated client (seeded fleet assignment)."""
+        return self.fleet.fleet().profile(partition_id, self.run.num_clients, self.run.seed)
+
+
+def load_config(path: str | Path) -> Config:
+    """Parse and validate a TOML run configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    try:
+        return Config.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err

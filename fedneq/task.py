@@ -1,0 +1,123 @@
+"""The learning task of a run, assembled from a :class:`~fedneq.config.Config`.
+
+Client and server build the same things from the same config: the dataset
+(restricted to the downstream classes when fine-tuning), the model and its
+neuron map, and each client's train / probe / test split. Everything here is
+cached per process, since a Ray actor serves many clients in turn.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedneq.config import Config
+from fedneq.data import ArrayDataset, Splits, class_subset, get_dataset
+from fedneq.models import get_model, model_head
+from fedneq.neurons import NeuronMap, enumerate_neurons
+from fedneq.partition import partition_indices, split_client
+
+__all__ = ["ClientData", "Task", "build_model", "client_data", "derive_seed", "load_task"]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed derived from (seed, client, round, ...), stable across processes."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+@dataclass(frozen=True)
+class Task:
+    train: ArrayDataset  # the pool the clients' partitions are drawn from
+    test: ArrayDataset  # the server's held-out test set
+    num_classes: int
+    in_channels: int
+    classes: tuple[int, ...]  # original labels of the task's classes, in label order
+    dataset_classes: int  # number of classes of the whole dataset (upstream + downstream)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: ArrayDataset
+    probe: ArrayDataset
+    test: ArrayDataset
+
+
+def downstream_classes(num_classes: int) -> tuple[int, ...]:
+    """The second half of the classes; the first half is the upstream task."""
+    return tuple(range(num_classes // 2, num_classes))
+
+
+def upstream_classes(num_classes: int) -> tuple[int, ...]:
+    return tuple(range(num_classes // 2))
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, root: str, image_size: int, seed: int) -> Splits:
+    return get_dataset(name, root=root or None, image_size=image_size or None, seed=seed)
+
+
+def load_task(config: Config) -> Task:
+    d = config.data
+    splits = _dataset(d.dataset, d.root, d.image_size, config.run.seed)
+    if d.classes == "all":
+        classes = tuple(range(splits.num_classes))
+        return Task(
+            splits.train, splits.test, splits.num_classes, splits.in_channels, classes, splits.num_classes
+        )
+    classes = downstream_classes(splits.num_classes)
+    return Task(
+        class_subset(splits.train, classes),
+        class_subset(splits.test, classes),
+        len(classes),
+        splits.in_channels,
+        classes,
+        splits.num_classes,
+    )
+
+
+def build_model(config: Config, task: Task) -> tuple[nn.Module, NeuronMap]:
+    """The run's architecture, randomly initialized, and its neuron map."""
+    m = config.model
+    model = get_model(
+        m.name, num_classes=task.num_classes, in_channels=task.in_channels, width_mult=m.width_mult
+    )
+    always = (model_head(m.name),) if m.head == "always" else ()
+    return model, enumerate_neurons(model, always_trained=always)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(config_json: str) -> tuple[np.ndarray, ...]:
+    config = Config.from_json(config_json)
+    labels = load_task(config).train.labels_numpy()
+    return tuple(
+        partition_indices(
+            labels, config.run.num_clients, config.data.partition_spec(), config.run.seed
+        )
+    )
+
+
+def client_data(config: Config, partition_id: int) -> ClientData:
+    """The train / probe / local-test split of one client's partition."""
+    if not 0 <= partition_id < config.run.num_clients:
+        raise ValueError(
+            f"partition_id should be in [0, {config.run.num_clients}), got {partition_id}"
+        )
+    task = load_task(config)
+    indices = _partitions(config.to_json())[partition_id]
+    split = split_client(
+        indices,
+        probe_size=config.data.probe_size,
+        test_fraction=config.data.test_fraction,
+        seed=config.run.seed,
+        partition_id=partition_id,
+    )
+    pool = task.train
+    return ClientData(pool.subset(split.train), pool.subset(split.probe), pool.subset(split.test))

@@ -1,0 +1,138 @@
+"""A run's results folder: CSV tables rewritten atomically every round, and plots.
+
+::
+
+    <results>/config.json         the resolved configuration
+    <results>/rounds.csv          one row per round (deterministic: no wall-clock)
+    <results>/clients.csv         one row per sampled client per round
+    <results>/device_classes.csv  per round, aggregates per device class
+    <results>/timing.csv          wall-clock seconds per round
+    <results>/accuracy_vs_round.png, accuracy_vs_upload.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Recorder", "atomic_write_bytes", "atomic_write_text", "csv_text", "plot_runs", "read_csv"]
+
+ROUND_COLUMNS = (
+    "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped",
+    "bytes_down", "bytes_up", "cum_bytes_up", "mean_trainable_fraction", "mean_flops_saved",
+    "mean_train_loss", "mean_state_bytes",
+)  # fmt: skip
+CLIENT_COLUMNS = (
+    "round", "partition_id", "device", "status", "reason", "num_examples", "train_loss",
+    "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "flops_saved",
+    "memory_estimate_bytes", "state_bytes", "used_initializer",
+)  # fmt: skip
+CLASS_COLUMNS = (
+    "round", "device", "clients", "mean_trainable_fraction", "bytes_up", "mean_flops_saved",
+    "mean_train_loss",
+)  # fmt: skip
+TIMING_COLUMNS = ("round", "seconds")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write-then-rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Recorder:
+    """Collects a run's rows and rewrites its tables after every round."""
+
+    def __init__(self, out_dir: Path, config: Mapping[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
+        self.tables: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = {
+            "rounds.csv": (ROUND_COLUMNS, []),
+            "clients.csv": (CLIENT_COLUMNS, []),
+            "device_classes.csv": (CLASS_COLUMNS, []),
+            "timing.csv": (TIMING_COLUMNS, []),
+        }
+
+    def resume(self, last_round: int) -> None:
+        """Reload the rows of rounds ``<= last_round`` written by an earlier process."""
+        for name, (_, rows) in self.tables.items():
+            path = self.out_dir / name
+            rows.clear()
+            if path.exists():
+                rows.extend(r for r in read_csv(path) if int(r["round"]) <= last_round)
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.tables["rounds.csv"][1]
+
+    def add(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.tables[table][1].extend(dict(r) for r in rows)
+
+    def flush(self) -> None:
+        for name, (columns, rows) in self.tables.items():
+            atomic_write_text(self.out_dir / name, csv_text(columns, rows))
+
+    def plot(self) -> list[Path]:
+        return plot_runs({self.out_dir.name: self.out_dir / "rounds.csv"}, self.out_dir)
+
+
+def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
+    """Accuracy vs round and vs cumulative upload bytes, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = {label: read_csv(Path(p)) for label, p in runs.items()}
+    paths = []
+    for x_key, x_label, fname in (
+        ("round", "round", "accuracy_vs_round.png"),
+        ("cum_bytes_up", "cumulative upload (MB)", "accuracy_vs_upload.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, rows in tables.items():
+            rows = [r for r in rows if r["accuracy"] != ""]
+            xs = [float(r[x_key]) / (1e6 if x_key == "cum_bytes_up" else 1) for r in rows]
+            ax.plot(xs, [float(r["accuracy"]) for r in rows], marker="o", ms=3, label=label)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
