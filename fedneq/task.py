@@ -21,7 +21,9 @@ from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.partition import partition_indices, split_client
 
-__all__ = ["ClientData", "Task", "build_model", "client_data", "derive_seed", "load_task"]
+__all__ = [
+    "ClientData", "Task", "build_model", "check_partitions", "client_data", "derive_seed", "load_task",
+]  # fmt: skip
 
 
 def derive_seed(*keys: int) -> int:
@@ -121,3 +123,9 @@ def client_data(config: Config, partition_id: int) -> ClientData:
     )
     pool = task.train
     return ClientData(pool.subset(split.train), pool.subset(split.probe), pool.subset(split.test))
+
+
+def check_partitions(config: Config) -> None:
+    """Build every client's split once, so a bad partition fails before any round runs."""
+    for partition_id in range(config.run.num_clients):
+        client_data(config, partition_id)

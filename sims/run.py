@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fedneq.config import Config, load_config
+from fedneq.task import check_partitions
 from sims.results import read_csv
 from sims.server_app import config_path, default_out_dir, make_server_app
 
@@ -44,7 +45,9 @@ def simulate(config: Config, out_dir: Path, *, resume: bool = False, verbose: bo
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
     out_dir = Path(out_dir)
+    check_partitions(config)  # fail on bad data before Ray starts
     run_simulation(
         server_app=make_server_app(config, out_dir, resume=resume),
         client_app=client_app,

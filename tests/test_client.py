@@ -1,0 +1,127 @@
+"""The client's round: budget respected, untrained neurons untouched, velocity kept in Context.state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedneq.client import client_round
+from fedneq.client_app import CONFIG_KEY, app, node_identity
+from fedneq.config import Config
+from fedneq.selection import Budget
+from fedneq.task import build_model, load_task
+from fedneq.wire import decode, tensor_table
+from strategies.neuron_avg import neuron_average
+
+
+def tiny_config(**run) -> Config:
+    return Config().replace(
+        run={"num_clients": 4, "clients_per_round": 4, "rounds": 2, **run},
+        data={"dataset": "digits", "classes": "all", "partition": "iid", "probe_size": 8},
+        fleet={"local_epochs": 2, "batch_size": 32},
+    )
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def global_model(config: Config):
+    task = load_task(config)
+    torch.manual_seed(0)
+    model, nmap = build_model(config, task)
+    return {k: v.clone() for k, v in model.state_dict().items()}, nmap
+
+
+@pytest.mark.parametrize("partition_id", [0, 1, 2, 3])
+def test_client_respects_its_budget_and_leaves_untrained_neurons_alone(partition_id: int) -> None:
+    config = tiny_config()
+    state, nmap = global_model(config)
+    reply = client_round(config, partition_id, 1, state, None)
+    device = config.device(partition_id)
+    budget = Budget.parse(device.budget).resolve(nmap.selectable_params)
+    head = sum(state[k].numel() for k in nmap.always_trained)
+    assert reply.device == device.name
+    assert reply.metrics["trainable-params"] - head <= budget
+    assert reply.metrics["used-initializer"] == 1  # no velocity at first participation
+
+    update = decode(reply.arrays, nmap, tensor_table(state), state)
+    new = neuron_average(state, [update], [float(reply.metrics["num-examples"])])
+    sent = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    sent[torch.as_tensor(reply.arrays["neurons"], dtype=torch.long)] = True
+    changed = 0
+    for layer in nmap.layers:
+        for key in layer.tensors:
+            rows_sent = sent[layer.slice]
+            assert torch.equal(new[key][~rows_sent], state[key][~rows_sent]), key
+            changed += int((new[key][rows_sent] != state[key][rows_sent]).any())
+    assert changed > 0, "the client's selected neurons did not train"
+    for key in nmap.always_trained:
+        assert not torch.equal(new[key], state[key])
+
+
+def test_budget_bytes_scale_with_the_device_class() -> None:
+    config = tiny_config()
+    state, _ = global_model(config)
+    by_device = {}
+    for pid in range(4):
+        reply = client_round(config, pid, 1, state, None)
+        by_device.setdefault(reply.device, []).append(reply.metrics["upload-bytes"])
+    budgets = {d.name: d.budget for d, _ in config.fleet.fleet().classes}
+    ordered = sorted(by_device, key=lambda name: budgets[name])
+    means = [sum(by_device[d]) / len(by_device[d]) for d in ordered]
+    assert means == sorted(means) and means[0] < means[-1]
+
+
+def _train_message(config: Config, state, server_round: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "config": ConfigRecord({CONFIG_KEY: config.to_json(), "server-round": server_round}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_context_state_carries_velocity_across_rounds() -> None:
+    config = tiny_config()
+    state, _ = global_model(config)
+    context = Context(1, 1, {"partition-id": 2, "num-partitions": 4}, RecordDict(), {})
+    first = app(_train_message(config, state, 1), context)
+    assert first.content["metrics"]["used-initializer"] == 1
+    kept = context.state["velocity"]
+    assert isinstance(kept, ArrayRecord) and len(kept) > 0
+    kept_bytes = sum(a.numpy().nbytes for a in kept.values())
+    assert first.content["metrics"]["state-bytes"] == kept_bytes
+    second = app(_train_message(config, state, 2), context)
+    assert second.content["metrics"]["used-initializer"] == 0  # velocity, not the initializer
+    fresh = Context(1, 1, {"partition-id": 2, "num-partitions": 4}, RecordDict(), {})
+    assert app(_train_message(config, state, 2), fresh).content["metrics"]["used-initializer"] == 1
+
+
+def test_query_reports_partition_and_device() -> None:
+    config = tiny_config()
+    msg = Message(RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})}), dst_node_id=1,
+                  message_type="query")  # fmt: skip
+    context = Context(1, 1, {"partition-id": 3, "num-partitions": 4}, RecordDict(), {})
+    reply = app(msg, context)
+    assert reply.content["metrics"]["partition-id"] == 3
+    assert reply.content["info"]["device"] == config.device(3).name
+
+
+def test_node_identity_errors_name_the_problem() -> None:
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"missing \['partition-id'\]"):
+        node_identity({"num-partitions": 4}, config)
+    with pytest.raises(ValueError, match="num-partitions=5 differs"):
+        node_identity({"partition-id": 0, "num-partitions": 5}, config)
+    _, pid, device = node_identity({"partition-id": 1, "num-partitions": 4, "budget": "0.5"}, config)
+    assert pid == 1 and device.budget == 0.5
+    changed, _, _ = node_identity({"partition-id": 1, "num-partitions": 4, "data-dir": "/data"}, config)
+    assert changed.data.root == "/data"
