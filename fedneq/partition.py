@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import datasets
@@ -209,8 +210,12 @@ def _partition_cached(
         f"(num_partitions={num_partitions}, {spec})"
     )
     try:
-        partitioner = build_partitioner(labels, num_partitions, spec, seed)
-        parts = _read_partitions(partitioner, num_partitions)
+        with warnings.catch_warnings():
+            # DirichletPartitioner warns on every redraw it makes to reach
+            # min_partition_size; a redraw is expected, and failure still raises.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            partitioner = build_partitioner(labels, num_partitions, spec, seed)
+            parts = _read_partitions(partitioner, num_partitions)
     except ValueError as error:
         raise ValueError(
             f"cannot split {labels.size} samples into {num_partitions} '{spec.kind}' "
