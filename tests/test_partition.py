@@ -185,8 +185,7 @@ def test_partitioner_failure_is_explained():
     with pytest.raises(
         ValueError, match=r"cannot split 300 samples into 9 'dirichlet'.*max number"
     ):
-        with pytest.warns(UserWarning, match="min_partition_size"):
-            partition_indices(_labels(300), 9, spec, seed=0)
+        partition_indices(_labels(300), 9, spec, seed=0)
 
 
 def test_cached_arrays_are_shared_and_read_only():
