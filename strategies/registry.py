@@ -9,6 +9,7 @@ Users add their own with the :func:`register_strategy` decorator::
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -58,6 +59,23 @@ def list_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _resolve(name: str) -> type[SparseStrategy]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise ValueError(
+            f"unknown strategy {name!r}; known: {list_strategies()} (or 'package.module:ClassName')"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load strategy {name!r}: {err}") from err
+    if not (inspect.isclass(cls) and issubclass(cls, SparseStrategy)) or inspect.isabstract(cls):
+        raise ValueError(f"strategy {name!r} is not a concrete SparseStrategy subclass")
+    return cls
+
+
 def _accepted_kwargs(cls: type) -> set[str]:
     """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up the MRO."""
     names: set[str] = set()
@@ -75,18 +93,19 @@ def _accepted_kwargs(cls: type) -> set[str]:
 
 
 def get_strategy(name: str, **cfg: Any) -> SparseStrategy:
-    """Build the strategy registered as ``name`` with keyword arguments ``cfg``.
+    """Build the strategy ``name`` with keyword arguments ``cfg``.
 
-    ``cfg`` needs at least ``neuron_map`` and ``table``.
+    ``name`` is a registered name, or ``"package.module:ClassName"`` for a
+    :class:`SparseStrategy` subclass in an importable module (importing it
+    also runs its ``@register_strategy`` decorators). ``cfg`` needs at least
+    ``neuron_map`` and ``table``.
 
     Raises
     ------
     ValueError
         If ``name`` is unknown or ``cfg`` has keys the strategy does not take.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; known: {list_strategies()}")
-    cls = _REGISTRY[name]
+    cls = _resolve(name)
     accepted = _accepted_kwargs(cls)
     unknown = sorted(set(cfg) - accepted)
     if unknown:
