@@ -6,7 +6,8 @@ see ``sims/configs/default.toml``)::
     [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
                  round_timeout_s, out_dir
     [data]       dataset, root, image_size, partition, alpha, classes_per_client,
-                 min_partition_size, probe_size, test_fraction, classes
+                 min_partition_size, probe_size, test_fraction, classes,
+                 train_limit, test_limit
     [model]      name, width_mult, checkpoint, pretrain_epochs, head
     [selection]  selector, rule, initializer, scheme, velocity_mode, mu, storage_dtype
     [train]      optimizer, lr, momentum, weight_decay
@@ -87,9 +88,13 @@ class DataConfig:
     probe_size: int = 10
     test_fraction: float = 0.1
     classes: str = "all"  # "all" | "downstream" (the second half; the first half is upstream)
+    train_limit: int = 0  # > 0: a seeded random subset of the (downstream) training pool
+    test_limit: int = 0  # > 0: a seeded random subset of the server's test set
 
     def __post_init__(self) -> None:
         _check_choice("data", "classes", self.classes, ("all", "downstream"))
+        _check_positive("data", "train_limit", self.train_limit, zero_ok=True)
+        _check_positive("data", "test_limit", self.test_limit, zero_ok=True)
         _check_positive("data", "image_size", self.image_size, zero_ok=True)
         _check_positive("data", "probe_size", self.probe_size)
         if not 0 <= self.test_fraction < 1:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedneq.config import Config
+from fedneq.config import Config, DataConfig
 from fedneq.data import ArrayDataset, Splits, class_subset, get_dataset
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
@@ -67,22 +67,35 @@ def _dataset(name: str, root: str, image_size: int, seed: int) -> Splits:
 
 
 def load_task(config: Config) -> Task:
-    d = config.data
-    splits = _dataset(d.dataset, d.root, d.image_size, config.run.seed)
+    """The task's data (cached per process: a Ray actor serves many clients)."""
+    return _load_task(config.data, config.run.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_task(d: DataConfig, seed: int) -> Task:
+    splits = _dataset(d.dataset, d.root, d.image_size, seed)
     if d.classes == "all":
         classes = tuple(range(splits.num_classes))
-        return Task(
-            splits.train, splits.test, splits.num_classes, splits.in_channels, classes, splits.num_classes
-        )
-    classes = downstream_classes(splits.num_classes)
+        train, test = splits.train, splits.test
+    else:
+        classes = downstream_classes(splits.num_classes)
+        train, test = class_subset(splits.train, classes), class_subset(splits.test, classes)
     return Task(
-        class_subset(splits.train, classes),
-        class_subset(splits.test, classes),
+        _limit(train, d.train_limit, seed, 2),
+        _limit(test, d.test_limit, seed, 3),
         len(classes),
         splits.in_channels,
         classes,
         splits.num_classes,
     )
+
+
+def _limit(data: ArrayDataset, limit: int, *seed: int) -> ArrayDataset:
+    """A seeded random subset of ``limit`` samples (all of them if ``limit`` is 0)."""
+    if not limit or limit >= len(data):
+        return data
+    keep = torch.randperm(len(data), generator=generator(*seed))[:limit].sort().values
+    return data.subset(keep)
 
 
 def build_model(config: Config, task: Task) -> tuple[nn.Module, NeuronMap]:
