@@ -4,7 +4,7 @@ A run is described by one TOML file with these tables (every key optional;
 see ``sims/configs/default.toml``)::
 
     [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
-                 round_timeout_s, out_dir
+                 round_timeout_s, out_dir, participants
     [data]       dataset, root, image_size, partition, alpha, classes_per_client,
                  min_partition_size, probe_size, test_fraction, classes,
                  train_limit, test_limit
@@ -59,6 +59,7 @@ class RunConfig:
     min_replies: int = 1  # a round with fewer replies is retried once, then skipped
     round_timeout_s: float = 600.0
     out_dir: str = "results"
+    participants: tuple[str, ...] = ()  # device classes that take part; () = all of them
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
@@ -260,12 +261,30 @@ class Config:
                 raise ValueError(f"unknown key(s) {bad} in [{name}]; known: {known}")
             if "classes" in values and name == "fleet":
                 values["classes"] = tuple(dict(c) for c in values["classes"])
+            if name == "run" and "participants" in values:
+                values["participants"] = tuple(values["participants"])
             sections[name] = section_cls(**values)
-        return cls(**sections)
+        config = cls(**sections)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Checks that span several tables."""
+        names = self.fleet.fleet().names
+        unknown = sorted(set(self.run.participants) - set(names))
+        if unknown:
+            raise ValueError(f"[run] participants {unknown} are not fleet classes {list(names)}")
+        eligible = len(self.eligible_partitions())
+        if self.run.clients_per_round > eligible:
+            raise ValueError(
+                f"[run] clients_per_round ({self.run.clients_per_round}) exceeds the {eligible} "
+                f"clients of the participating classes {list(self.run.participants) or list(names)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["fleet"]["classes"] = [dict(c) for c in self.fleet.classes]
+        out["run"]["participants"] = list(self.run.participants)
         return out
 
     def to_json(self) -> str:
@@ -283,6 +302,12 @@ class Config:
                 raise ValueError(f"unknown config table {name!r}; known: {sorted(_SECTIONS)}")
             raw[name].update(values)
         return Config.from_dict(raw)
+
+    def eligible_partitions(self) -> list[int]:
+        """Partition ids the server may sample: those of the ``[run] participants`` classes."""
+        devices = self.fleet.fleet().assign(self.run.num_clients, self.run.seed)
+        allowed = set(self.run.participants) or {d.name for d in devices}
+        return [pid for pid, d in enumerate(devices) if d.name in allowed]
 
     def device(self, partition_id: int) -> DeviceProfile:
         """The device profile of a simulated client (seeded fleet assignment)."""

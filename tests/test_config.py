@@ -1,0 +1,74 @@
+"""Run configuration: parsed once, validated, round-trips; bad input fails with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedneq.config import Config, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "sims" / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_parse_and_round_trip(path: Path) -> None:
+    config = load_config(path)
+    assert Config.from_json(config.to_json()) == config
+    assert Config.from_dict(config.to_dict()).to_json() == config.to_json()
+
+
+def test_defaults_and_replace() -> None:
+    config = Config()
+    assert (config.selection.selector, config.strategy.name) == ("velocity", "neuron-avg")
+    changed = config.replace(run={"rounds": 3}, selection={"rule": "fill"})
+    assert changed.run.rounds == 3 and changed.selection.rule == "fill"
+    assert config.run.rounds == 10  # frozen: the original is unchanged
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"runs": {}}, r"unknown config table\(s\) \['runs'\]; known: \["),
+        ({"run": {"round": 3}}, r"unknown key\(s\) \['round'\] in \[run\]; known: \['name', 'seed', 'rounds'"),
+        ({"run": {"num_clients": 5, "clients_per_round": 6}}, r"clients_per_round \(6\) should be <= num_clients \(5\)"),
+        ({"run": {"rounds": 0}}, r"\[run\] rounds should be > 0, got 0"),
+        ({"data": {"alpha": 0.0, "partition": "dirichlet"}}, r"alpha"),
+        ({"data": {"partition": "zipf"}}, r"zipf"),
+        ({"data": {"probe_size": 0}}, r"\[data\] probe_size should be > 0, got 0"),
+        ({"data": {"classes": "upstream"}}, r"\[data\] classes should be one of \('all', 'downstream'\)"),
+        ({"fleet": {"preset": "homogeneous", "budget": 1.5}}, r"budget"),
+        ({"fleet": {"preset": "homogeneous", "budget": 0}}, r"budget"),
+        ({"fleet": {"preset": "custom", "classes": [
+            {"name": "a", "share": 0.5, "budget": 0.1}, {"name": "b", "share": 0.3, "budget": 0.2}]}},
+         r"sum"),
+        ({"fleet": {"preset": "custom", "classes": [{"name": "a", "share": 1.0, "budget": 0.1, "ram": 1}]}},
+         r"ram"),
+        ({"selection": {"mu": 1.0}}, r"\[selection\] mu should be in \[0, 1\), got 1.0"),
+        ({"selection": {"rule": "greedy"}}, r"rule should be one of \('prefix', 'fill'\)"),
+        ({"train": {"optimizer": "lion"}}, r"optimizer name should be one of"),
+        ({"faults": {"crash_prob": 2}}, r"\[faults\] crash_prob should be in \[0, 1\], got 2"),
+        ({"run": {"participants": ["pc"]}}, r"participants \['pc'\] are not fleet classes"),
+        ({"run": {"num_clients": 20, "clients_per_round": 5, "participants": ["phone"]}},
+         r"clients_per_round \(5\) exceeds the 2 clients of the participating classes \['phone'\]"),
+    ],
+)  # fmt: skip
+def test_bad_config_raises_a_clear_error(raw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config.from_dict(raw)
+
+
+def test_load_config_reports_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nroundz = 3\n")
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key\(s\) \['roundz'\]"):
+        load_config(bad)
+
+
+def test_participants_restrict_the_eligible_partitions() -> None:
+    config = Config.from_dict({"run": {"num_clients": 20, "clients_per_round": 2, "participants": ["phone"]}})
+    eligible = config.eligible_partitions()
+    assert len(eligible) == 2 and all(config.device(p).name == "phone" for p in eligible)
+    assert len(Config().eligible_partitions()) == 20
