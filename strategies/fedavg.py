@@ -6,33 +6,22 @@ Decentralized Data", AISTATS 2017, https://arxiv.org/abs/1602.05629.
 
 from __future__ import annotations
 
-import torch
 from flwr.app import ConfigRecordValues
 
-from fedneq.wire import SparseUpdate
-
-from .base import SparseStrategy
-from .neuron_avg import neuron_average
+from .neuron_avg import NeuronAvg
 
 __all__ = ["DenseFedAvg"]
 
 
-class DenseFedAvg(SparseStrategy):
+class DenseFedAvg(NeuronAvg):
     """FedAvg: clients train everything, the server averages everything.
 
     The training config carries ``"full-budget": True`` so every client trains
-    (and sends) all its neurons; aggregation is :func:`neuron_average`, which
-    equals FedAvg when every row is sent. Parameters are those of
+    (and sends) all its neurons; aggregation is :class:`NeuronAvg`'s
+    :func:`~strategies.neuron_avg.neuron_average`, which equals FedAvg when
+    every row is sent. Parameters are those of
     :class:`~strategies.base.SparseStrategy`.
     """
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         return {"full-budget": True}
-
-    def aggregate(
-        self,
-        global_state: dict[str, torch.Tensor],
-        updates: list[SparseUpdate],
-        weights: list[float],
-    ) -> dict[str, torch.Tensor]:
-        return neuron_average(global_state, updates, weights)

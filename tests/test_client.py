@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedneq.client import client_round
 from fedneq.client_app import CONFIG_KEY, app, node_identity
@@ -24,12 +23,7 @@ def tiny_config(**run) -> Config:
     )
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def global_model(config: Config):

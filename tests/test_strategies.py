@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import small_cnn
 from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
@@ -34,35 +34,7 @@ from strategies.server_momentum import ServerMomentum
 # --- fixtures ------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages take run/node/task ids from the process identity a Flower runtime sets."""
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def small_cnn(seed: int = 0) -> nn.Sequential:
-    model = nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(3, 8, 3, padding=1),
-            bn1=nn.BatchNorm2d(8),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(8, 6, 3, padding=1, bias=False),
-            bn2=nn.BatchNorm2d(6),
-            relu2=nn.ReLU(),
-            pool=nn.AdaptiveAvgPool2d(1),
-            flat=nn.Flatten(),
-            head=nn.Linear(6, 4),
-        )
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for key, t in model.state_dict().items():
-            if torch.is_floating_point(t):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in key else torch.randn(t.shape, generator=g))
-    return model
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class LocalGrid(Grid):
