@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
@@ -67,6 +66,8 @@ class SmallCNN(nn.Module):
 
 
 def _mobilenet_v2(num_classes: int, width_mult: float) -> nn.Module:
+    import torchvision  # lazy: ~1.5 s of import that small-cnn runs never need
+
     return torchvision.models.mobilenet_v2(
         weights=None, num_classes=num_classes, width_mult=width_mult
     )
@@ -77,6 +78,8 @@ def _resnet18(num_classes: int, width_mult: float) -> nn.Module:
         raise ValueError(
             f"width_mult must be 1.0 for 'resnet18' (no width variants), got {width_mult}"
         )
+    import torchvision
+
     return torchvision.models.resnet18(weights=None, num_classes=num_classes)
 
 

@@ -25,16 +25,12 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-    SizePartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
+
+if TYPE_CHECKING:  # imported lazily: a SuperNode starts a fresh process per message
+    from flwr_datasets.partitioner.partitioner import Partitioner
 
 __all__ = [
     "PARTITION_KINDS",
@@ -130,6 +126,14 @@ def build_partitioner(
     format, ``order`` a seeded permutation for ``"iid"`` / ``"quantity"`` and
     ``arange`` otherwise; a partition's ``"index"`` column holds its indices.
     """
+    import datasets
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        SizePartitioner,
+    )
+
     labels = _check_labels(labels)
     _check_int("num_partitions", num_partitions, 1)
     _check_int("seed", seed, 0)
@@ -186,6 +190,12 @@ def _read_partitions(partitioner: Partitioner, num_partitions: int) -> list[np.n
     ``num_partitions`` is read); the rows are mapped through the ``"index"``
     column. ``IidPartitioner`` shards without row lists.
     """
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        PathologicalPartitioner,
+        SizePartitioner,
+    )
+
     if isinstance(partitioner, SizePartitioner):
         rows = partitioner.partition_id_to_indices
     elif isinstance(partitioner, (DirichletPartitioner, PathologicalPartitioner)):
@@ -259,6 +269,7 @@ def partition_indices(
         disjoint, each at least ``spec.min_partition_size`` long. Results are
         cached per process (the arrays are shared between calls).
     """
+
     labels = _check_labels(labels)
     _check_int("num_partitions", num_partitions, 1)
     _check_int("seed", seed, 0)
