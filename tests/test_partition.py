@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -198,13 +196,12 @@ def test_cached_arrays_are_shared_and_read_only():
 
 
 @pytest.mark.parametrize("kind", PARTITION_KINDS)
-def test_60k_samples_100_clients_under_a_second(kind):
+def test_60k_samples_100_clients_cover_every_sample_once(kind):
+    # speed is measured by sims/benchmarks/scale.py, not asserted here
     labels = _labels(60_000)
-    start = time.perf_counter()
     parts = partition_indices(labels, 100, PartitionSpec(kind=kind), seed=0)
-    elapsed = time.perf_counter() - start
     assert len(parts) == 100 and sum(p.size for p in parts) == 60_000
-    assert elapsed < 1.0, f"{kind}: {elapsed:.2f} s"
+    assert np.unique(np.concatenate(parts)).size == 60_000
 
 
 # --- client split -----------------------------------------------------------
