@@ -1,0 +1,330 @@
+"""A real Flower deployment on loopback: a SuperLink, three SuperNodes and ``flwr run``.
+
+The commands are the ones docs/DEPLOY.md gives (same flags): the SuperLink
+with ``--disable-runtime-dependency-installation``, SuperNodes whose
+``--node-config`` says which partition and device they are, a SuperLink
+connection in ``$FLWR_HOME/config.toml`` (a fresh FLWR_HOME per test), and
+``flwr run <repo> <connection> --run-config ... --stream``. Every process a
+test starts is stopped by the fixture's finalizer, on failure too; the tests
+assert that none is left, found by the test's own FLWR_HOME in their
+environment (which every descendant inherits, even once orphaned).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from fedneq.config import Config, load_config
+from fedneq.selection import Budget
+from fedneq.task import build_model, client_data, load_task
+from sims.deploy import TlsFiles, make_certificates
+from sims.results import read_csv
+from sims.server_app import config_path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "loopback"
+RUN_TIMEOUT_S = 300  # a safety net: a run takes 1-2 minutes on a loaded 2-core machine
+
+# partition id -> --node-config; devices unlike the seeded fleet's (pi-4, mcu, pi-zero)
+NODE_CONFIGS = {
+    0: "partition-id=0 num-partitions=3 device='mcu'",
+    1: "partition-id=1 num-partitions=3 device='pi-4'",
+    2: "partition-id=2 num-partitions=3 budget=0.5",
+}
+EXPECTED_DEVICE = {0: "mcu", 1: "pi-4", 2: "custom"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _live(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
+
+
+class Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, run as a user would, with their own FLWR_HOME."""
+
+    def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
+        self.root, self.tls = root, tls
+        self.home = root / "flwr-home"
+        self.home.mkdir(parents=True)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "OMP_NUM_THREADS": "1",  # 3 ClientApps share 2 contended cores
+            "FLWR_TELEMETRY_ENABLED": "0",  # no calls to flower.ai from a test
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        with open(self.root / f"{name}.log", "wb") as log:
+            self.procs[name] = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=self.root, start_new_session=True,
+            )  # fmt: skip
+
+    def start_superlink(self) -> None:
+        security = (
+            ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+             "--ssl-keyfile", str(self.tls.server_key)]
+            if self.tls else ["--insecure"]
+        )  # fmt: skip
+        self._start(
+            "superlink",
+            ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
+             "--disable-runtime-dependency-installation"],
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            assert self.procs["superlink"].poll() is None, f"the SuperLink exited:\n{self.logs()}"
+            assert time.monotonic() < deadline, (
+                f"the SuperLink did not open its port:\n{self.logs()}"
+            )
+            time.sleep(0.2)
+        connection = {"address": f"127.0.0.1:{self.port}"}
+        connection.update(
+            {"root-certificates": str(self.tls.ca_cert)} if self.tls else {"insecure": True}
+        )
+        (self.home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+        )
+
+    def start_supernode(self, name: str, node_config: str) -> None:
+        security = ["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"]
+        self._start(
+            name,
+            ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
+             "--port", str(free_port()), "--node-config", node_config],
+        )  # fmt: skip
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["flwr", *args], env=self.env, cwd=self.root, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+
+    def run_app(self, run_config: str) -> tuple[int, str]:
+        """``flwr run`` the repo's app, streaming its log until the run ends: (run id, output)."""
+        done = self.flwr("run", str(REPO), CONNECTION, "--run-config", run_config, "--stream",
+                         timeout=RUN_TIMEOUT_S)  # fmt: skip
+        output = done.stdout + done.stderr
+        found = re.search(r"Successfully started run (\d+)", output)
+        assert done.returncode == 0 and found, f"flwr run failed:\n{output}\n{self.logs()}"
+        return int(found.group(1)), output
+
+    def run_status(self, run_id: int) -> dict:
+        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        (run,) = json.loads(done.stdout[done.stdout.index("{") :])["runs"]
+        return run
+
+    def logs(self, lines: int = 25) -> str:
+        tails = []
+        for name in self.procs:
+            text = (self.root / f"{name}.log").read_text(errors="replace").splitlines()
+            tails.append(f"--- {name} ---\n" + "\n".join(text[-lines:]))
+        return "\n".join(tails)
+
+    def processes(self) -> list[int]:
+        """Live processes carrying this deployment's FLWR_HOME: what it started, and their children."""
+        marker = f"FLWR_HOME={self.home}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    environ = (entry / "environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if marker in environ and _live(int(entry.name)):
+                    found.append(int(entry.name))
+        return sorted(found)
+
+    def stop(self, grace_s: float = 10.0) -> list[int]:
+        """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors."""
+        for pid in self.processes():
+            _signal(pid, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.processes():
+            _signal(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 5
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.processes()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    deployments: list[Deployment] = []
+
+    def make(tls: TlsFiles | None = None) -> Deployment:
+        deployments.append(Deployment(tmp_path / f"deployment-{len(deployments)}", tls))
+        return deployments[-1]
+
+    yield make
+    for dep in deployments:  # on failure too
+        dep.stop()
+
+
+@pytest.fixture
+def pyproject_unchanged() -> Iterator[None]:
+    before = (REPO / "pyproject.toml").read_bytes()
+    yield
+    assert (REPO / "pyproject.toml").read_bytes() == before, "flwr run changed pyproject.toml"
+    assert not re.search(rb"^\[tool\.flwr\.federations", before, re.MULTILINE)
+
+
+def check_results(out: Path, config: Config) -> None:
+    """rounds.csv and clients.csv of the deploy-test run, checked against the node configs."""
+    rounds = read_csv(out / "rounds.csv")
+    assert [int(r["round"]) for r in rounds] == [1, 2]
+    for r in rounds:
+        assert math.isfinite(float(r["accuracy"])) and 0.0 <= float(r["accuracy"]) <= 1.0
+        assert (int(r["replied"]), int(r["failed"]), int(r["skipped"])) == (3, 0, 0)
+
+    task = load_task(config)
+    model, nmap = build_model(config, task)
+    state = model.state_dict()
+    head = sum(state[k].numel() for k in nmap.always_trained)
+    total = sum(p.numel() for p in model.parameters())
+    fleet = config.fleet.fleet()
+    clients = read_csv(out / "clients.csv")
+    assert [(int(c["round"]), int(c["partition_id"])) for c in clients] == [
+        (rnd, pid) for rnd in (1, 2) for pid in (0, 1, 2)
+    ]
+    for c in clients:
+        pid = int(c["partition_id"])
+        assert c["status"] == "ok", c
+        assert c["device"] == EXPECTED_DEVICE[pid]  # from --node-config, not the seeded fleet
+        # the partition is the node's own: its size is that of partition `pid`
+        assert int(c["num_examples"]) == len(client_data(config, pid).train)
+        budget = 0.5 if pid == 2 else fleet.by_name(EXPECTED_DEVICE[pid]).budget
+        trained = int(c["trainable_params"])
+        assert 0 <= trained - head <= Budget.parse(budget).resolve(nmap.selectable_params)
+        assert float(c["trainable_fraction"]) == pytest.approx(trained / total, rel=1e-5)
+    for rnd in (1, 2):
+        fractions = [float(c["trainable_fraction"]) for c in clients if int(c["round"]) == rnd]
+        assert fractions == sorted(fractions) and len(set(fractions)) == 3  # mcu < pi-4 < 0.5
+    # each node kept its velocity between rounds: round 2 selects by velocity, not the initializer
+    assert [int(c["used_initializer"]) for c in clients] == [1, 1, 1, 0, 0, 0]
+
+
+def run_deploy_test(dep: Deployment, out: Path) -> None:
+    dep.start_superlink()
+    for pid, node_config in NODE_CONFIGS.items():
+        dep.start_supernode(f"supernode-{pid}", node_config)
+    run_id, output = dep.run_app(f"config='deploy-test' out-dir='{out}'")
+    assert "[fedneq] round 2/2" in output, output  # the ServerApp's log reaches `flwr run --stream`
+    assert dep.run_status(run_id)["status"] == "finished:completed"
+    check_results(out, load_config(config_path("deploy-test")))
+
+
+def test_loopback_deployment_runs_two_rounds(
+    deployment, pyproject_unchanged, tmp_path: Path
+) -> None:
+    dep = deployment()
+    run_deploy_test(dep, tmp_path / "out")
+    assert dep.stop() == []
+
+
+def test_loopback_deployment_over_tls(deployment, pyproject_unchanged, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    made = subprocess.run(
+        [sys.executable, "-m", "sims.deploy", "certs", str(certs), "--host", "127.0.0.1",
+         "--host", "localhost"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    tls = TlsFiles(certs / "ca.pem", certs / "server.pem", certs / "server.key")
+    dep = deployment(tls)
+    run_deploy_test(dep, tmp_path / "out")
+    # the SuperLink really speaks TLS, with the server certificate, and nothing else
+    context = ssl.create_default_context(cafile=tls.ca_cert)
+    with socket.create_connection(("127.0.0.1", dep.port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            served = sock.getpeercert(binary_form=True)
+    assert served == ssl.PEM_cert_to_DER_cert(tls.server_cert.read_text())
+    with socket.create_connection(("127.0.0.1", dep.port), timeout=10) as plain:
+        plain.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert not plain.recv(64).startswith(b"HTTP/")
+    assert dep.stop() == []
+
+
+def test_supernode_without_partition_id_names_the_missing_key(deployment, tmp_path: Path) -> None:
+    config = load_config(config_path("deploy-test")).replace(
+        run={"num_clients": 1, "clients_per_round": 1, "min_replies": 1, "round_timeout_s": 60}
+    )
+    one_node = tmp_path / "one-node.toml"
+    one_node.write_text(tomli_w.dumps(config.to_dict()))
+    dep = deployment()
+    dep.start_superlink()
+    dep.start_supernode("supernode", "num-partitions=1 device='mcu'")
+    run_id, output = dep.run_app(f"config='{one_node}' out-dir='{tmp_path / 'out'}'")
+    status = dep.run_status(run_id)
+    assert status["status"] == "finished:failed"
+    assert "node config is missing ['partition-id']" in output, output
+    assert not (tmp_path / "out" / "rounds.csv").exists()
+    assert dep.stop() == []
+
+
+def test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    files = make_certificates(tmp_path, ["127.0.0.1", "localhost", "pi-server.local"], days=2)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "pi-server.local"]
+    cert.verify_directly_issued_by(ca)  # raises if not signed by the CA
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 2
+    assert files.server_key.stat().st_mode & 0o077 == 0  # the key is private to its owner
+    with pytest.raises(ValueError, match="hosts must be"):
+        make_certificates(tmp_path, [])
+    with pytest.raises(ValueError, match="hosts must be IP addresses or DNS names, got 'a b'"):
+        make_certificates(tmp_path, ["a b"])
+    with pytest.raises(ValueError, match="days must be an int >= 1, got 0"):
+        make_certificates(tmp_path, ["localhost"], days=0)
