@@ -7,18 +7,41 @@ The federated round on a device (DESIGN.md §2):
 3. before every local epoch: probe, compute velocity, select within the
    device's budget (no velocity yet -> the selector's initializer);
 4. train the selection (``train_masked``);
-5. reply with only what was trained (``wire.encode``), metrics, and the new
+5. reply with only what was trained (``wire.encode``), metrics (including the
+   budget it trained under, ``budget-params`` per local epoch and
+   ``local-epochs``, which the server checks the reply against), and the new
    velocity state to keep.
+
+Fault injection (``[faults]``, simulation only) is drawn from (seed,
+partition, round, attempt): a crash raises :class:`InjectedFault` after local
+training, before the reply is built; a straggler sleeps ``straggler_delay_s``
+first, and if that delay reaches ``[run] round_timeout_s`` it then gives up
+(raises) instead of training: its reply could only arrive after the server
+stopped waiting, and giving up keeps its kept state independent of timing.
+
+Kept state across a server restart (:func:`save_client_state` /
+:func:`load_client_state`): in a simulation or a single-host deployment the
+server names a folder the client can see; the client then also writes its
+velocity state there after every participation,
+``<folder>/<partition>/round-<k>.safetensors``, and a node that starts with an
+empty ``Context.state`` (a resumed simulation) reads the newest one written
+before the current round. The server removes the files newer than the
+checkpoint it resumes from (:func:`rollback_client_state`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from fedneq.config import Config
@@ -31,7 +54,17 @@ from fedneq.training import evaluate, train_masked
 from fedneq.velocity import VelocityTracker
 from fedneq.wire import encode, payload_nbytes, tensor_table
 
-__all__ = ["ClientReply", "InjectedFault", "client_round", "client_evaluate"]
+__all__ = [
+    "ClientReply",
+    "FaultDraw",
+    "InjectedFault",
+    "client_evaluate",
+    "client_round",
+    "draw_faults",
+    "load_client_state",
+    "rollback_client_state",
+    "save_client_state",
+]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -74,16 +107,34 @@ def _runtime(config_json: str) -> _Runtime:
     )
 
 
-def _inject_faults(config: Config, partition_id: int, server_round: int) -> None:
+@dataclass(frozen=True)
+class FaultDraw:
+    """What ``[faults]`` injects into one client's attempt at one round."""
+
+    crash: bool  # raise after local training
+    delay_s: float  # sleep before anything (0: no straggling)
+    gives_up: bool  # the delay reaches the round timeout: raise after sleeping
+
+
+def draw_faults(
+    config: Config, partition_id: int, server_round: int, attempt: int = 0
+) -> FaultDraw:
+    """The seeded fault draw of a client's attempt: ``derive_seed(seed, pid, round, attempt, 7)``.
+
+    Two uniforms ``(c, s)``: a crash if ``c < crash_prob``, else a straggler if
+    ``s < straggler_prob``. The attempt number makes a retried round draw anew.
+    """
     faults = config.faults
-    if faults.crash_prob == 0 and faults.straggler_prob == 0:
-        return
-    rng = np.random.default_rng(derive_seed(config.run.seed, partition_id, server_round, 7))
+    rng = np.random.default_rng(
+        derive_seed(config.run.seed, partition_id, server_round, attempt, 7)
+    )
     crash, straggle = rng.random(2)
     if crash < faults.crash_prob:
-        raise InjectedFault(f"injected crash: client {partition_id}, round {server_round}")
-    if straggle < faults.straggler_prob:
-        time.sleep(faults.straggler_delay_s)
+        return FaultDraw(crash=True, delay_s=0.0, gives_up=False)
+    if straggle < faults.straggler_prob and faults.straggler_delay_s > 0:
+        delay = faults.straggler_delay_s
+        return FaultDraw(crash=False, delay_s=delay, gives_up=delay >= config.run.round_timeout_s)
+    return FaultDraw(crash=False, delay_s=0.0, gives_up=False)
 
 
 def client_round(
@@ -95,9 +146,26 @@ def client_round(
     *,
     device: DeviceProfile | None = None,
     full_budget: bool = False,
+    attempt: int = 0,
 ) -> ClientReply:
-    """Run one client's local training round and build its sparse reply."""
-    _inject_faults(config, partition_id, server_round)
+    """Run one client's local training round and build its sparse reply.
+
+    ``attempt`` counts the server's tries at this round (0 first); it only
+    seeds the fault draw (:func:`draw_faults`).
+
+    Raises
+    ------
+    InjectedFault
+        When ``[faults]`` says this attempt crashes or gives up.
+    """
+    faults = draw_faults(config, partition_id, server_round, attempt)
+    if faults.delay_s:
+        time.sleep(faults.delay_s)
+    if faults.gives_up:
+        raise InjectedFault(
+            f"injected straggler: client {partition_id}, round {server_round}, attempt {attempt}, "
+            f"{faults.delay_s:g} s >= round timeout {config.run.round_timeout_s:g} s, gave up"
+        )
     rt = _runtime(config.to_json())
     model, neuron_map = rt.model, rt.neuron_map
     model.load_state_dict(global_state)
@@ -144,6 +212,10 @@ def client_round(
         )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0
+    if faults.crash:
+        raise InjectedFault(
+            f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"
+        )
 
     arrays = encode(model.state_dict(), neuron_map, result.mask, rt.table)
     costs = [e.cost for e in result.epochs if e.cost is not None]
@@ -159,6 +231,8 @@ def client_round(
         "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
         "state-bytes": int(state_bytes),
         "used-initializer": int(0 in initialized),
+        "budget-params": int(selector.budget),
+        "local-epochs": int(device.local_epochs),
     }
     return ClientReply(arrays, metrics, new_state, device.name)
 
@@ -174,3 +248,64 @@ def client_evaluate(
         raise ValueError(f"client {partition_id} has no local test data ([data] test_fraction = 0)")
     loss, acc = evaluate(rt.model, data.test)
     return {"num-examples": len(data.test), "loss": loss, "accuracy": acc}
+
+
+# --- kept state across a server restart (simulation / single host) ------------------
+
+_STATE_FILE = re.compile(r"round-(\d+)\.safetensors")
+
+
+def _state_files(folder: Path, partition_id: int) -> list[tuple[int, Path]]:
+    """``(round, path)`` of a partition's state files, oldest first."""
+    pdir = Path(folder) / str(partition_id)
+    if not pdir.is_dir():
+        return []
+    found = [(m, p) for p in pdir.iterdir() if (m := _STATE_FILE.fullmatch(p.name))]
+    return sorted((int(m.group(1)), p) for m, p in found)
+
+
+def save_client_state(
+    folder: Path, partition_id: int, server_round: int, state: dict[str, torch.Tensor]
+) -> Path:
+    """Write ``state`` as ``<folder>/<partition>/round-<k>.safetensors`` (write-then-rename).
+
+    Keeps the newest older file too (a server resuming from the previous
+    checkpoint needs it) and deletes the rest.
+    """
+    pdir = Path(folder) / str(partition_id)
+    pdir.mkdir(parents=True, exist_ok=True)
+    path = pdir / f"round-{server_round:05d}.safetensors"
+    tmp = pdir / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+    os.replace(tmp, path)
+    older = [p for r, p in _state_files(folder, partition_id) if r < server_round]
+    for stale in older[:-1]:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def load_client_state(
+    folder: Path, partition_id: int, before_round: int
+) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """``(round, state)`` of the newest file written for a round ``< before_round``, or None."""
+    files = [(r, p) for r, p in _state_files(folder, partition_id) if r < before_round]
+    if not files:
+        return None
+    server_round, path = files[-1]
+    return server_round, st_load(path.read_bytes())
+
+
+def rollback_client_state(folder: Path, last_round: int) -> int:
+    """Delete every partition's state files written after ``last_round``; returns how many."""
+    removed = 0
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    for pdir in root.iterdir():
+        if not (pdir.is_dir() and pdir.name.isdigit()):
+            continue
+        for server_round, path in _state_files(root, int(pdir.name)):
+            if server_round > last_round:
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed

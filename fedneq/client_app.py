@@ -9,25 +9,33 @@ class) or ``budget``, and ``data-dir`` (the dataset root on that device).
 
 The velocity state a client keeps between its participations lives in
 ``Context.state["velocity"]``; it travels with every message in simulation, so
-it is kept small (pooled mode, float16 probe outputs by default).
+it is kept small (pooled mode, float16 probe outputs by default). When the
+training config names a ``client-state-dir`` that exists on this machine
+(simulation, single-host deployment), the state is also written there after
+every participation, and read back from there when ``Context.state`` is empty
+(a simulation resumed with fresh nodes): see :func:`fedneq.client.save_client_state`.
+A folder that does not exist here (a real device) is ignored.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedneq.client import client_evaluate, client_round
+from fedneq.client import client_evaluate, client_round, load_client_state, save_client_state
 from fedneq.config import Config
 from fedneq.devices import DeviceProfile, profile_from_node_config
 from fedneq.wire import to_array_record
 
-__all__ = ["app", "CONFIG_KEY", "node_identity"]
+__all__ = ["app", "ATTEMPT_KEY", "CONFIG_KEY", "STATE_DIR_KEY", "node_identity"]
 
 CONFIG_KEY = "fedneq-config"
+ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)
+STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
 
 app = ClientApp()
 
@@ -88,19 +96,25 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     config, partition_id, device = node_identity(context.node_config, _config(msg))
     server_config = msg.content["config"]
+    server_round = int(server_config["server-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
+    named = str(server_config.get(STATE_DIR_KEY, ""))
+    state_dir = Path(named) if named and Path(named).is_dir() else None
     kept = context.state.get("velocity")
     velocity_state = kept.to_torch_state_dict() if isinstance(kept, ArrayRecord) and kept else None
+    if velocity_state is None and state_dir is not None:
+        saved = load_client_state(state_dir, partition_id, server_round)
+        velocity_state = saved[1] if saved else None
     reply = client_round(
         config,
         partition_id,
-        int(server_config["server-round"]),
+        server_round,
         global_state,
         velocity_state,
         device=device,
         full_budget=bool(server_config.get("full-budget", False)),
+        attempt=int(server_config.get(ATTEMPT_KEY, 0)),
     )
-    context.state["velocity"] = ArrayRecord(reply.velocity_state)
     content = RecordDict(
         {
             "arrays": to_array_record(reply.arrays),
@@ -108,6 +122,9 @@ def train(msg: Message, context: Context) -> Message:
             "info": ConfigRecord({"device": reply.device}),
         }
     )
+    context.state["velocity"] = ArrayRecord(reply.velocity_state)
+    if state_dir is not None and reply.velocity_state:  # last: only a round that replies keeps it
+        save_client_state(state_dir, partition_id, server_round, reply.velocity_state)
     return Message(content, reply_to=msg)
 
 

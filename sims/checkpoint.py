@@ -1,12 +1,18 @@
 """Per-round checkpoints of a federated run: safe formats, atomic, resumable.
 
 ``<results>/checkpoint/round-<k>/`` holds ``global.safetensors`` (the global
-model), ``strategy.safetensors`` (the strategy's ``state_dict``) and
-``meta.json`` (round, seed, the config it belongs to). ``checkpoint/LATEST``
-names the last complete one and is replaced atomically after the folder is
-written, so a crash at any moment leaves the previous checkpoint usable.
-Client sampling and client seeds derive from (seed, round), so the round
-number is all the random state a resume needs.
+model), ``strategy.safetensors`` (the strategy's ``state_dict``),
+``rng.safetensors`` (the server process's torch RNG state) and ``meta.json``
+(round, seed, the config it belongs to). Every file is written then renamed,
+and ``checkpoint/LATEST`` names the last complete folder and is replaced only
+after that folder is written, so a crash at any moment leaves the previous
+checkpoint usable. Client sampling, client seeds and fault draws derive from
+(seed, round), so the round number and the torch RNG state are all the random
+state a resume needs. The clients' own kept state is saved by the clients
+(:func:`fedneq.client.save_client_state`), not here.
+
+A checkpoint is resumed only with the config it was written with, except
+``[run] rounds``, which may change: a finished run can be extended.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -25,12 +32,15 @@ from sims.results import atomic_write_bytes, atomic_write_text
 
 __all__ = ["RunCheckpoint", "load_run_checkpoint", "save_run_checkpoint"]
 
+_RESUMABLE_CHANGES = frozenset({"run.rounds"})  # config keys a resume may change
+
 
 @dataclass(frozen=True)
 class RunCheckpoint:
     round: int
     global_state: dict[str, torch.Tensor]
     strategy_state: dict[str, torch.Tensor]
+    rng_state: torch.Tensor  # torch.get_rng_state() of the server after the round
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,11 +54,13 @@ def save_run_checkpoint(
     global_state: dict[str, torch.Tensor],
     strategy_state: dict[str, torch.Tensor],
 ) -> Path:
+    """Checkpoint the state after ``server_round`` (the torch RNG state is read here)."""
     root = Path(out_dir) / "checkpoint"
     folder = root / f"round-{server_round:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / "global.safetensors", st_save(_contiguous(global_state)))
     atomic_write_bytes(folder / "strategy.safetensors", st_save(_contiguous(strategy_state)))
+    atomic_write_bytes(folder / "rng.safetensors", st_save({"torch": torch.get_rng_state()}))
     meta = {"round": server_round, "seed": config.run.seed, "config": config.to_dict()}
     atomic_write_text(folder / "meta.json", json.dumps(meta, sort_keys=True))
     atomic_write_text(root / "LATEST", folder.name)
@@ -58,10 +70,25 @@ def save_run_checkpoint(
     return folder
 
 
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d
+            for key in sorted(set(a) | set(b))
+            for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        ]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
     """The last complete checkpoint in ``out_dir``, or None if there is none.
 
-    Raises ValueError if it was written by a run with a different config.
+    Raises
+    ------
+    ValueError
+        If it was written with a config that differs in more than
+        ``[run] rounds``, or it is past ``config``'s last round.
     """
     root = Path(out_dir) / "checkpoint"
     latest = root / "LATEST"
@@ -69,13 +96,20 @@ def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
         return None
     folder = root / latest.read_text().strip()
     meta = json.loads((folder / "meta.json").read_text())
-    if meta["config"] != config.to_dict():
+    changed = _differences(meta["config"], config.to_dict())
+    if set(changed) - _RESUMABLE_CHANGES:
         raise ValueError(
-            f"cannot resume {out_dir}: its checkpoint belongs to a different config "
-            "(compare its config.json with the one given)"
+            f"cannot resume {out_dir}: its checkpoint belongs to a different config (differs in "
+            f"{changed}; only {sorted(_RESUMABLE_CHANGES)} may change)"
+        )
+    if int(meta["round"]) > config.run.rounds:
+        raise ValueError(
+            f"cannot resume {out_dir}: its checkpoint is after round {meta['round']}, past "
+            f"[run] rounds={config.run.rounds}"
         )
     return RunCheckpoint(
         round=int(meta["round"]),
         global_state=st_load((folder / "global.safetensors").read_bytes()),
         strategy_state=st_load((folder / "strategy.safetensors").read_bytes()),
+        rng_state=st_load((folder / "rng.safetensors").read_bytes())["torch"],
     )

@@ -5,11 +5,36 @@ loop (rather than ``Strategy.start``) so that it can sample clients from a
 seed, record every client's reply, checkpoint after every round and resume.
 The strategy is used through Flower's strategy API: ``configure_train`` builds
 the messages, ``aggregate_train`` turns the replies into the next global model.
+
+Failures a run survives:
+
+* a client that raises: its error reply is recorded as ``failed`` with the
+  reason, the round goes on with the others;
+* a client with no reply after ``[run] round_timeout_s``: ``failed``, "no reply
+  before the round timeout" (its late reply is never read);
+* a malformed or over-budget reply: ``rejected`` by the strategy
+  (:meth:`strategies.SparseStrategy.check_reply`), the others aggregated;
+  every node a fleet class is known for is held to that class's budget
+  (:func:`budget_limits`);
+* fewer than ``[run] min_replies`` replies: the round is sent again once
+  (the training config carries ``attempt``, so injected faults draw anew),
+  then skipped, the global model unchanged (a reply counts here even if the
+  strategy then rejects it: it is recorded as ``rejected``);
+* the server itself stopping: every round ends with a checkpoint
+  (:mod:`sims.checkpoint`) and ``resume=True`` continues after the last one.
+  The clients' velocity state survives through ``<results>/client_state/``
+  (:func:`fedneq.client.save_client_state`), rolled back to the checkpoint's
+  round, so a resumed run gives the same results as an uninterrupted one.
+
+Determinism: replies are handled in partition order whatever their arrival
+order, and everything random derives from (seed, round, partition, attempt),
+so the same config gives the same rounds.csv.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,27 +47,31 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
-from fedneq.client_app import CONFIG_KEY
+from fedneq.client import rollback_client_state
+from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.config import Config
-from fedneq.task import build_model, client_data, derive_seed, load_task
+from fedneq.task import build_model, check_partitions, derive_seed, load_task
 from fedneq.training import evaluate
-from fedneq.wire import tensor_table
+from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
 from sims.results import Recorder
 from strategies import SparseStrategy, get_strategy
+from strategies.base import BudgetLimit
 
-__all__ = ["discover_nodes", "run_federation", "sample_partitions"]
+__all__ = ["budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
 
 log = logging.getLogger("fedneq")
 
-_CLIENT_METRICS = {
+DISCOVERY_TIMEOUT_S = 600.0  # waiting for nodes to connect and identify (not a round)
+ATTEMPTS = 2  # a round below min_replies is sent once more, then skipped
+
+_CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measured here)
     "num_examples": "num-examples",
     "train_loss": "train-loss",
     "trainable_params": "trainable-params",
     "trainable_fraction": "trainable-fraction",
     "selected_neurons": "selected-neurons",
-    "upload_bytes": "upload-bytes",
     "flops_saved": "flops-saved",
     "memory_estimate_bytes": "memory-estimate-bytes",
     "state_bytes": "state-bytes",
@@ -51,9 +80,14 @@ _CLIENT_METRICS = {
 
 
 def sample_partitions(config: Config, server_round: int) -> list[int]:
-    """The partition ids trained in a round: a seeded draw, the same on every rerun."""
+    """The partition ids trained in a round: a seeded draw, the same on every rerun.
+
+    Drawn from :meth:`~fedneq.config.Config.eligible_partitions` (the
+    ``[run] participants`` classes; every partition by default).
+    """
     rng = np.random.default_rng(derive_seed(config.run.seed, server_round, 1))
-    chosen = rng.choice(config.run.num_clients, size=config.run.clients_per_round, replace=False)
+    pool = np.asarray(config.eligible_partitions())
+    chosen = rng.choice(pool, size=config.run.clients_per_round, replace=False)
     return sorted(int(p) for p in chosen)
 
 
@@ -96,17 +130,71 @@ def _dense_nbytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
 
 
-def _client_row(server_round: int, msg: Message, partition_of: dict[int, int], devices: dict[int, str]) -> dict[str, Any]:
-    pid = partition_of[msg.metadata.src_node_id]
-    row: dict[str, Any] = {"round": server_round, "partition_id": pid, "device": devices[pid]}
+def budget_limits(
+    config: Config,
+    strategy: SparseStrategy,
+    server_round: int,
+    node_of: dict[int, int],
+    devices: dict[int, str],
+) -> dict[int, BudgetLimit]:
+    """``{node id: BudgetLimit}`` for the nodes whose device class the fleet knows.
+
+    A node that identified as a class of ``[fleet]`` (in simulation: its
+    seeded assignment) may declare at most that class's budget (all
+    selectable parameters when the strategy asks for full budget) and local
+    epochs; a node with its own budget from ``--node-config`` ("custom") is
+    held to its declaration only.
+    """
+    fleet = config.fleet.fleet()
+    selectable = strategy.neuron_map.selectable_params
+    full = bool(strategy.train_config(server_round).get("full-budget", False))
+    limits: dict[int, BudgetLimit] = {}
+    for pid, node in node_of.items():
+        if devices[pid] not in fleet.names:
+            continue
+        profile = fleet.by_name(devices[pid])
+        params = selectable if full else profile.budget_params(selectable)
+        limits[node] = BudgetLimit(max(1, params), profile.local_epochs)
+    return limits
+
+
+def _number(value: Any) -> int | float | str:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else ""
+
+
+def _error_reason(reason: str | None) -> str:
+    """The informative part of an error reply's reason (Flower wraps the client's exception)."""
+    lines = (reason or "").strip().splitlines()
+    text = lines[-1] if lines else ""
+    text = text.split("occurred. Message: ", 1)[-1].removesuffix("'>")
+    return text[:200]
+
+
+def _client_row(
+    server_round: int, msg: Message, pid: int, device: str, rejected: dict[int, str]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"round": server_round, "partition_id": pid, "device": device}
     if msg.has_error():
-        row.update(status="failed", reason=msg.error.reason.splitlines()[-1][:200] if msg.error.reason else "")
-        return row
-    metrics = msg.content["metrics"]
+        return row | {"status": "failed", "reason": _error_reason(msg.error.reason)}
+    if pid in rejected:  # its content is untrusted: record nothing from it
+        return row | {"status": "rejected", "reason": rejected[pid][:300]}
+    metrics = next(iter(msg.content.metric_records.values()))
     row["status"] = "ok"
     for column, key in _CLIENT_METRICS.items():
-        row[column] = metrics.get(key, "")
+        row[column] = _number(metrics.get(key, ""))
+    row["upload_bytes"] = payload_nbytes(
+        from_array_record(next(iter(msg.content.array_records.values())))
+    )
     return row
+
+
+def _numbers(rows: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key, "") != ""]
+
+
+def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | str:
+    values = _numbers(rows, key)
+    return float(np.mean(values)) if values else ""
 
 
 def _class_rows(server_round: int, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -119,18 +207,13 @@ def _class_rows(server_round: int, rows: Sequence[dict[str, Any]]) -> list[dict[
             "round": server_round,
             "device": device,
             "clients": len(g),
-            "mean_trainable_fraction": float(np.mean([r["trainable_fraction"] for r in g])),
-            "bytes_up": int(sum(r["upload_bytes"] for r in g)),
-            "mean_flops_saved": float(np.mean([r["flops_saved"] for r in g])),
-            "mean_train_loss": float(np.mean([r["train_loss"] for r in g])),
+            "mean_trainable_fraction": _mean(g, "trainable_fraction"),
+            "bytes_up": int(sum(_numbers(g, "upload_bytes"))),
+            "mean_flops_saved": _mean(g, "flops_saved"),
+            "mean_train_loss": _mean(g, "train_loss"),
         }
         for device, g in sorted(groups.items())
     ]
-
-
-def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | str:
-    values = [float(r[key]) for r in rows]
-    return float(np.mean(values)) if values else ""
 
 
 def build_strategy(config: Config, neuron_map, state: dict[str, torch.Tensor]) -> SparseStrategy:
@@ -143,64 +226,103 @@ def build_strategy(config: Config, neuron_map, state: dict[str, torch.Tensor]) -
     )
 
 
-def run_federation(grid: Grid, config: Config, out_dir: Path, *, resume: bool = False) -> list[dict[str, Any]]:
-    """Run all rounds of ``config`` on ``grid``; returns the rows of rounds.csv."""
+def _send_round(
+    grid: Grid,
+    strategy: SparseStrategy,
+    config: Config,
+    server_round: int,
+    arrays: ArrayRecord,
+    state_dir: Path,
+) -> tuple[list[Message], bool]:
+    """Send a round (twice at most); ``(replies of the last attempt, skipped)``."""
+    replies: list[Message] = []
+    for attempt in range(ATTEMPTS):
+        train_config = ConfigRecord(
+            {CONFIG_KEY: config.to_json(), ATTEMPT_KEY: attempt, STATE_DIR_KEY: str(state_dir)}
+        )
+        messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
+        ok = sum(not r.has_error() for r in replies)
+        if ok >= config.run.min_replies:
+            return replies, False
+        last = attempt + 1 == ATTEMPTS
+        log.warning(
+            "round %d, attempt %d of %d: %d of %d sampled clients replied (%d failed, %d no reply "
+            "before the %g s round timeout), fewer than [run] min_replies=%d; %s",
+            server_round, attempt + 1, ATTEMPTS, ok, len(messages), len(replies) - ok,
+            len(messages) - len(replies), config.run.round_timeout_s, config.run.min_replies,
+            "skipping the round, the global model stays as it was" if last else "sending it again",
+        )  # fmt: skip
+    return replies, True
+
+
+def run_federation(
+    grid: Grid, config: Config, out_dir: Path, *, resume: bool = False
+) -> list[dict[str, Any]]:
+    """Run all rounds of ``config`` on ``grid``; returns the rows of rounds.csv.
+
+    ``resume=True`` continues after the last checkpoint in ``out_dir`` (from
+    round 1 if there is none); the checkpoint's config must equal ``config``
+    except for ``[run] rounds``.
+    """
     out_dir = Path(out_dir)
     task = load_task(config)
-    for pid in range(config.run.num_clients):  # bad partitions fail here, before any round
-        client_data(config, pid)
+    check_partitions(config)  # bad partitions fail here, before any round
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     model.load_state_dict(state)
     strategy = build_strategy(config, neuron_map, state)
+    ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
+    state_dir = (out_dir / "client_state").resolve()
     arrays = ArrayRecord(state)
     first_round = 1
-    if resume:
-        ckpt = load_run_checkpoint(out_dir, config)
-        if ckpt is not None:
-            arrays = ArrayRecord(ckpt.global_state)
-            strategy.load_state_dict(ckpt.strategy_state)
-            first_round = ckpt.round + 1
-            recorder.resume(ckpt.round)
-            log.info("resuming %s after round %d", out_dir, ckpt.round)
+    if ckpt is not None:
+        if set(ckpt.global_state) != set(state):
+            raise ValueError(f"cannot resume {out_dir}: its checkpoint does not match the model")
+        arrays = ArrayRecord({k: ckpt.global_state[k] for k in state})  # state_dict order
+        strategy.load_state_dict(ckpt.strategy_state)
+        torch.set_rng_state(ckpt.rng_state)
+        first_round = ckpt.round + 1
+        recorder.resume(ckpt.round)
+        removed = rollback_client_state(state_dir, ckpt.round)
+        print(
+            f"[fedneq] resuming {out_dir} after round {ckpt.round} "
+            f"({removed} client state files from later rounds removed)",
+            flush=True,
+        )
+    else:
+        if resume:
+            log.warning("no checkpoint in %s: starting from round 1", out_dir)
+        for stale in (state_dir, out_dir / "checkpoint"):  # nothing left from an earlier run here
+            shutil.rmtree(stale, ignore_errors=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
     cum_up = float(recorder.rounds[-1]["cum_bytes_up"]) if recorder.rounds else 0.0
 
-    node_of, devices = discover_nodes(grid, config, timeout_s=config.run.round_timeout_s)
+    node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
     partition_of = {n: p for p, n in node_of.items()}
     total = config.run.rounds
     for rnd in range(first_round, total + 1):
         t0 = time.monotonic()
         sampled = sample_partitions(config, rnd)
         strategy.sample = lambda _grid, _round, chosen=sampled: [node_of[p] for p in chosen]
-        train_config = ConfigRecord({CONFIG_KEY: config.to_json()})
-        replies: list[Message] = []
-        for attempt in range(2):  # a round below min_replies is retried once, then skipped
-            messages = strategy.configure_train(rnd, arrays, train_config, grid)
-            replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
-            ok = [r for r in replies if not r.has_error()]
-            if len(ok) >= config.run.min_replies:
-                break
-            log.warning(
-                "round %d attempt %d: %d of %d clients replied, fewer than [run] min_replies=%d%s",
-                rnd, attempt + 1, len(ok), len(sampled), config.run.min_replies,
-                "; retrying" if attempt == 0 else "; skipping the round",
-            )  # fmt: skip
+        strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
+        replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         # aggregate in partition order: the float sums do not depend on arrival order
         replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
-        ok = [r for r in replies if not r.has_error()]
-        skipped = len(ok) < config.run.min_replies
-        rejected: dict[int, str] = {}
-        if not skipped:
+        if skipped:  # not aggregated, but still checked: an invalid reply is recorded as such
+            _, rejected_nodes = strategy.check_replies(rnd, replies)
+        else:
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            rejected = {partition_of[n]: why for n, why in strategy.last_rejected.items()}
+            rejected_nodes = strategy.last_rejected
             if new_arrays is not None:
                 arrays = new_arrays
-        client_rows = [_client_row(rnd, m, partition_of, devices) for m in replies]
-        for row in client_rows:
-            if row["partition_id"] in rejected:
-                row.update(status="rejected", reason=rejected[row["partition_id"]])
+        rejected = {partition_of[n]: why for n, why in rejected_nodes.items()}
+        client_rows = [
+            _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected)
+            for m in replies
+        ]  # fmt: skip
         answered = {r["partition_id"] for r in client_rows}
         client_rows += [
             {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed", "reason": "no reply before the round timeout"}
@@ -211,7 +333,7 @@ def run_federation(grid: Grid, config: Config, out_dir: Path, *, resume: bool = 
         accepted = [r for r in client_rows if r["status"] == "ok"]
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, task.test)
-        bytes_up = int(sum(r["upload_bytes"] for r in accepted))
+        bytes_up = int(sum(_numbers(accepted, "upload_bytes")))
         cum_up += bytes_up
         recorder.add("clients.csv", client_rows)
         recorder.add("device_classes.csv", _class_rows(rnd, accepted))
@@ -239,13 +361,15 @@ def run_federation(grid: Grid, config: Config, out_dir: Path, *, resume: bool = 
         )
         recorder.add("timing.csv", [{"round": rnd, "seconds": time.monotonic() - t0}])
         recorder.flush()
-        save_run_checkpoint(out_dir, config, rnd, arrays.to_torch_state_dict(), strategy.state_dict())
-        failed = sum(r["status"] != "ok" for r in client_rows)
+        save_run_checkpoint(
+            out_dir, config, rnd, arrays.to_torch_state_dict(), strategy.state_dict()
+        )
+        failed = len(client_rows) - len(accepted)
         print(
             f"[fedneq] round {rnd}/{total}  acc {acc:.4f}  loss {loss:.4f}  "
-            f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected  "
-            f"up {bytes_up / 1e3:.1f} kB  trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  "
-            f"{time.monotonic() - t0:.1f}s",
+            f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected"
+            f"{'  SKIPPED' if skipped else ''}  up {bytes_up / 1e3:.1f} kB  "
+            f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  {time.monotonic() - t0:.1f}s",
             flush=True,
         )
     recorder.plot()

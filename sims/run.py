@@ -3,6 +3,7 @@
     python -m sims.run sims/configs/default.toml
     python -m sims.run default --rounds 3 --out results/try
     python -m sims.run default --resume results/default-20261121-101500
+    python -m sims.run default --resume results/default-20261121-101500 --rounds 20   # extend
     python -m sims.run default --ray-address 127.0.0.1:6379   # an existing Ray cluster
 
 Writes the results folder described in sims/results.py and prints one line per
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if not saved.is_file():
             raise SystemExit(f"--resume {args.resume}: no config.json there, not a results folder")
         config = Config.from_dict(json.loads(saved.read_text()))
+        if args.rounds is not None:  # extending a run: the one change a resume accepts
+            config = config.replace(run={"rounds": args.rounds})
         out_dir = args.resume
     else:
         config = load_config(config_path(args.config))

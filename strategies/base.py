@@ -7,15 +7,24 @@ fixed key set with variable-length arrays, so Flower's consistency checks
 pass, and ``aggregate_train`` decodes them against the global model this
 strategy sent in ``configure_train`` and hands them to the pure method
 :meth:`SparseStrategy.aggregate`.
+
+Replies are untrusted. :meth:`SparseStrategy.check_reply` rejects a reply
+that is malformed (records, wire arrays, indices, dtypes, non-finite values),
+weighted wrongly (``num-examples`` not a positive integer), or that trains
+more than its device may (:func:`trained_params` against the budget the reply
+declares, and that declaration against the node's :class:`BudgetLimit` when
+the server knows it). A rejected reply is dropped and the others aggregated.
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -33,7 +42,7 @@ from flwr.supercore import log
 from fedneq.neurons import NeuronMap
 from fedneq.wire import SparseUpdate, check_compatible, decode, from_array_record, payload_nbytes
 
-__all__ = ["RoundSummary", "SparseStrategy"]
+__all__ = ["BudgetLimit", "RoundSummary", "SparseStrategy", "aggregate_metrics", "trained_params"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,134 @@ class RoundSummary:
     num_failures: int  # error replies, skipped
     num_examples: float  # sum of the aggregated replies' weights
     upload_bytes: int  # sum of payload_nbytes over the aggregated replies
+
+
+@dataclass(frozen=True)
+class BudgetLimit:
+    """The most one node may declare: its device class's budget and local epochs.
+
+    The server sets one per node in :attr:`SparseStrategy.budget_limits` when
+    it knows the node's device class (in simulation, the seeded fleet
+    assignment); a node without one is held to its own declaration only.
+    """
+
+    params: int  # budget in selectable parameters per local epoch
+    local_epochs: int
+
+    def __post_init__(self) -> None:
+        for name in ("params", "local_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BudgetLimit {name} must be an int >= 1, got {value!r}")
+
+
+def trained_params(
+    arrays: Mapping[str, np.ndarray],
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    reference_state: Mapping[str, torch.Tensor],
+) -> int:
+    """Selectable parameters a reply trained: what counts against its budget.
+
+    The cost of every sent neuron (``NeuronMap.costs``) plus, for every whole
+    tensor sent that belongs to a neuron layer, its number of elements, except
+    bias tensors (a static scheme's bias-only tensors are outside the budget).
+    The always-trained set and its modules' buffers cost nothing, as do
+    BatchNorm statistics (buffers). ``arrays`` must already be valid wire
+    arrays (:func:`fedneq.wire.decode` passed).
+
+    Raises
+    ------
+    ValueError
+        If a whole tensor is neither always-trained nor part of a neuron
+        layer: a never-trained parameter, or a buffer of a frozen module.
+    """
+    ids = torch.as_tensor(arrays["neurons"].astype(np.int64))
+    total = int(neuron_map.costs()[ids].sum())
+    layer_params = {key for layer in neuron_map.layers for key in layer.param_tensors}
+    layer_tensors = {key for layer in neuron_map.layers for key in layer.tensors}
+    always = set(neuron_map.always_trained)
+    always_modules = {key.rsplit(".", 1)[0] for key in always}
+    for i in arrays["tensors"].tolist():
+        key = table[i]
+        if key in always or key.rsplit(".", 1)[0] in always_modules:
+            continue
+        if key in layer_params:
+            total += 0 if key.endswith(".bias") else reference_state[key].numel()
+        elif key not in layer_tensors:
+            raise ValueError(
+                f"the reply sends tensor {key!r} whole, but it is never trained (neither in a "
+                "neuron layer nor in the always-trained set)"
+            )
+    return total
+
+
+def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Weighted mean of every metric over the replies that report it.
+
+    Like Flower's ``aggregate_metricrecords`` when every reply has the same
+    keys; unlike it, a key only some replies report is averaged over those
+    (weights renormalized), and a key whose replies disagree on its shape
+    (scalar vs list, or lists of different lengths) is dropped with a warning
+    rather than failing the round. ``weighting_key`` itself is left out.
+    """
+    sums: dict[str, float | list[float]] = {}
+    totals: dict[str, float] = {}
+    dropped: set[str] = set()
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        weight = float(metrics[weighting_key])  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if key == weighting_key or key in dropped:
+                continue
+            prev = sums.get(key)
+            if prev is None:
+                sums[key] = (
+                    [weight * v for v in value] if isinstance(value, list) else weight * value
+                )
+                totals[key] = weight
+            elif isinstance(prev, list) and isinstance(value, list) and len(prev) == len(value):
+                sums[key] = [p + weight * v for p, v in zip(prev, value, strict=True)]
+                totals[key] += weight
+            elif not isinstance(prev, list) and not isinstance(value, list):
+                sums[key] = prev + weight * value
+                totals[key] += weight
+            else:
+                dropped.add(key)
+    for key in sorted(dropped):
+        sums.pop(key, None)
+        log(WARNING, "metric %r has different shapes across replies: not aggregated", key)
+    return MetricRecord(
+        {
+            key: [v / totals[key] for v in value]
+            if isinstance(value, list)
+            else value / totals[key]
+            for key, value in sums.items()
+        }
+    )
+
+
+def _int_metric(metrics: MetricRecord, key: str, *, low: int, high: int | None = None) -> int:
+    """``metrics[key]`` as an int in ``[low, high]``; ValueError saying what is wrong."""
+    if key not in metrics:
+        raise ValueError(f"missing metric {key!r}")
+    value = metrics[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+        raise ValueError(f"metric {key!r} must be {allowed}, got {value!r}")
+    return value
+
+
+def _check_finite_metrics(metrics: MetricRecord) -> None:
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"metric {key!r} is not finite: {value!r}")
 
 
 class SparseStrategy(FedAvg):
@@ -60,19 +197,33 @@ class SparseStrategy(FedAvg):
         Optional initial global ``state_dict``: checked against ``neuron_map``
         and ``table`` at construction and used as the global model until
         ``configure_train`` sends one.
+    budget_key:
+        Metric in which a reply declares its budget in selectable parameters
+        per local epoch (default ``"budget-params"``, what
+        :func:`fedneq.client.client_round` sends). ``None`` turns the budget
+        check off.
+    epochs_key:
+        Metric in which a reply declares its number of local epochs
+        (default ``"local-epochs"``); a re-selection per epoch may train up to
+        ``budget * epochs`` parameters in all.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, \
-min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key, \
-train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
+min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         As in :class:`flwr.serverapp.strategy.FedAvg` (same defaults).
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
+        As in FedAvg; the default is :func:`aggregate_metrics`, which
+        tolerates replies reporting different metric keys.
 
     Notes
     -----
-    Each reply must hold exactly one ``ArrayRecord`` (the four wire arrays)
-    and one ``MetricRecord`` containing ``weighted_by_key`` (Flower's own
-    consistency rule). A malformed reply raises
-    :class:`fedneq.wire.WireFormatError`. Entries of the global
-    ``ArrayRecord`` outside the tensor table (e.g. ``num_batches_tracked``)
-    are passed through unchanged.
+    :meth:`check_reply` decides what is aggregated: exactly one
+    ``ArrayRecord`` (the four wire arrays, :func:`fedneq.wire.decode`) and one
+    ``MetricRecord`` with finite values, ``weighted_by_key`` a positive
+    integer, the declared budget an integer in ``[1, selectable params]`` and
+    local epochs an integer ``>= 1``, both within :attr:`budget_limits` for
+    the sending node if it has an entry, and :func:`trained_params` of the
+    reply at most ``min(budget * epochs, selectable params)``. Entries of the
+    global ``ArrayRecord`` outside the tensor table (e.g.
+    ``num_batches_tracked``) are passed through unchanged.
     """
 
     def __init__(
@@ -87,6 +238,8 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         weighted_by_key: str = "num-examples",
+        budget_key: str | None = "budget-params",
+        epochs_key: str = "local-epochs",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
@@ -95,8 +248,13 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
         if not isinstance(neuron_map, NeuronMap):
             raise ValueError(f"neuron_map must be a NeuronMap, got {type(neuron_map).__name__}")
         if isinstance(table, str) or not table:
-            raise ValueError(f"table must be a non-empty sequence of state_dict keys, got {table!r}")
-        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            raise ValueError(
+                f"table must be a non-empty sequence of state_dict keys, got {table!r}"
+            )
+        for name, value in (
+            ("fraction_train", fraction_train),
+            ("fraction_evaluate", fraction_evaluate),
+        ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         for name, value in (
@@ -115,9 +273,13 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
             weighted_by_key=weighted_by_key,
             arrayrecord_key=arrayrecord_key,
             configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            train_metrics_aggr_fn=train_metrics_aggr_fn or aggregate_metrics,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn or aggregate_metrics,
         )
+        self.budget_key = budget_key
+        self.epochs_key = epochs_key
+        # node id -> the most that node may declare (set by the server that knows the fleet)
+        self.budget_limits: dict[int, BudgetLimit] = {}
         self.neuron_map = neuron_map
         self.table = tuple(table)
         self.summaries: list[RoundSummary] = []
@@ -152,9 +314,7 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore :meth:`state_dict`; a stateless strategy accepts only ``{}``."""
         if state:
-            raise ValueError(
-                f"{type(self).__name__} has no state, got keys {sorted(state)}"
-            )
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
     # --- global model ---------------------------------------------------------
 
@@ -176,9 +336,14 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
     # --- Flower ---------------------------------------------------------------
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: %d neurons in %d layers, %d tensors in the table",
-            type(self).__name__, self.neuron_map.num_neurons, len(self.neuron_map.layers),
-            len(self.table))
+        log(
+            INFO,
+            "\t├──> %s: %d neurons in %d layers, %d tensors in the table",
+            type(self).__name__,
+            self.neuron_map.num_neurons,
+            len(self.neuron_map.layers),
+            len(self.table),
+        )
         super().summary()
 
     def configure_train(
@@ -196,10 +361,15 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
             return super().configure_train(server_round, arrays, merged, grid)
         merged["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: merged})
-        return self._construct_messages(record, list(self.sample(grid, server_round)), MessageType.TRAIN)
+        return self._construct_messages(
+            record, list(self.sample(grid, server_round)), MessageType.TRAIN
+        )
 
     def check_reply(self, msg: Message) -> tuple[SparseUpdate, float]:
-        """Decode one reply and its weight; raises ValueError saying what is wrong."""
+        """Decode one reply and its weight; raises ValueError saying what is wrong.
+
+        See the class notes for what is checked.
+        """
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise ValueError(
@@ -207,53 +377,88 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
                 f"and {len(content.metric_records)}"
             )
         metrics = next(iter(content.metric_records.values()))
-        if self.weighted_by_key not in metrics:
-            raise ValueError(f"missing metric {self.weighted_by_key!r}")
-        weight = metrics[self.weighted_by_key]
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight <= 0:
-            raise ValueError(f"{self.weighted_by_key} must be a positive integer, got {weight!r}")
+        weight = _int_metric(metrics, self.weighted_by_key, low=1)
+        _check_finite_metrics(metrics)
         wire = from_array_record(next(iter(content.array_records.values())))
-        return decode(wire, self.neuron_map, self.table, self.global_state), float(weight)
+        update = decode(wire, self.neuron_map, self.table, self.global_state)
+        if self.budget_key is not None:
+            self._check_budget(self.budget_key, msg.metadata.src_node_id, metrics, wire)
+        return update, float(weight)
+
+    def _check_budget(
+        self, budget_key: str, node_id: int, metrics: MetricRecord, wire: Mapping[str, np.ndarray]
+    ) -> None:
+        selectable = self.neuron_map.selectable_params
+        budget = _int_metric(metrics, budget_key, low=1, high=selectable)
+        epochs = _int_metric(metrics, self.epochs_key, low=1)
+        limit = self.budget_limits.get(node_id)
+        if limit is not None and (budget > limit.params or epochs > limit.local_epochs):
+            raise ValueError(
+                f"the reply declares {budget_key}={budget}, {self.epochs_key}={epochs}, more "
+                f"than its device is assigned ({limit.params} parameters, {limit.local_epochs} epochs)"
+            )
+        trained = trained_params(wire, self.neuron_map, self.table, self.global_state)
+        allowed = min(selectable, budget * epochs)
+        if trained > allowed:
+            raise ValueError(
+                f"the reply trains {trained} selectable parameters, more than its declared budget "
+                f"allows ({budget_key}={budget} x {self.epochs_key}={epochs}, at most "
+                f"{selectable}: {allowed})"
+            )
+
+    def check_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[tuple[Message, SparseUpdate, float]], dict[int, str]]:
+        """:meth:`check_reply` every non-error reply: ``(accepted, {node id: reason rejected})``.
+
+        ``accepted`` holds ``(reply, decoded update, weight)`` in reply order.
+        Any exception raised while checking one reply (e.g. ``EOFError`` from
+        a truncated array) rejects that reply; each rejection is logged.
+        """
+        _ = self.global_state  # no global model yet is the caller's error: raise it here
+        accepted: list[tuple[Message, SparseUpdate, float]] = []
+        rejected: dict[int, str] = {}
+        for msg in replies:
+            if msg.has_error():
+                continue
+            try:
+                update, weight = self.check_reply(msg)
+            except Exception as err:  # noqa: BLE001 - nothing in one untrusted reply may stop the round
+                node = msg.metadata.src_node_id
+                rejected[node] = f"{type(err).__name__}: {err}"
+                log(WARNING, "round %d: rejected the update of node %d: %s",
+                    server_round, node, rejected[node])  # fmt: skip
+                continue
+            accepted.append((msg, update, weight))
+        return accepted, rejected
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and check each reply, :meth:`aggregate` the good ones, average metrics.
 
-        Error replies are skipped; a reply that fails :meth:`check_reply` is
-        rejected (logged with its node and reason, kept in :attr:`last_rejected`)
-        and the others are aggregated. Returns ``(None, None)`` when nothing is
-        left to aggregate, like FedAvg.
+        Error replies are skipped; a reply that fails :meth:`check_replies` is
+        rejected (kept in :attr:`last_rejected`) and the others are
+        aggregated. Returns ``(None, None)`` when nothing is left to
+        aggregate, like FedAvg, or when the aggregate is not finite (the
+        global model then stays as it was).
         """
         replies = list(replies)
-        errors = [m for m in replies if m.has_error()]
-        self.last_rejected = {}
-        accepted: list[Message] = []
-        updates: list[SparseUpdate] = []
-        weights: list[float] = []
-        nbytes = 0
-        for msg in replies:
-            if msg.has_error():
-                continue
-            try:
-                update, weight = self.check_reply(msg)
-            except (ValueError, KeyError, TypeError) as err:
-                reason = f"{type(err).__name__}: {err}"
-                self.last_rejected[msg.metadata.src_node_id] = reason
-                log(WARNING, "round %d: rejected the update of node %d: %s",
-                    server_round, msg.metadata.src_node_id, reason)  # fmt: skip
-                continue
-            accepted.append(msg)
-            updates.append(update)
-            weights.append(weight)
-            nbytes += payload_nbytes(from_array_record(next(iter(msg.content.array_records.values()))))
-        self.summaries.append(
-            RoundSummary(server_round, len(accepted), len(errors), float(sum(weights)), nbytes)
+        checked, self.last_rejected = self.check_replies(server_round, replies)
+        weights = [weight for _, _, weight in checked]
+        nbytes = sum(
+            payload_nbytes(from_array_record(next(iter(msg.content.array_records.values()))))
+            for msg, _, _ in checked
         )
-        if not accepted:
+        num_errors = sum(m.has_error() for m in replies)
+        self.summaries.append(
+            RoundSummary(server_round, len(checked), num_errors, float(sum(weights)), nbytes)
+        )
+        if not checked:
             return None, None
 
         global_state = self.global_state
+        updates = [update for _, update, _ in checked]
         new_state = self.aggregate(dict(global_state), updates, weights)
         if set(new_state) != set(global_state):
             raise RuntimeError(
@@ -261,6 +466,17 @@ train_metrics_aggr_fn, evaluate_metrics_aggr_fn:
                 f"{sorted(set(global_state) - set(new_state))}, extra "
                 f"{sorted(set(new_state) - set(global_state))}"
             )
+        not_finite = [
+            k
+            for k, v in new_state.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if not_finite:  # finite replies can still overflow (e.g. a large server learning rate)
+            log(ERROR, "round %d: %s.aggregate gave non-finite values in %s; the global model "
+                "is left unchanged", server_round, type(self).__name__, not_finite)  # fmt: skip
+            return None, None
         arrays = ArrayRecord({k: new_state[k] for k in global_state})
-        metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(
+            [m.content for m, _, _ in checked], self.weighted_by_key
+        )
         return arrays, metrics

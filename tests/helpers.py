@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
 from torch import nn
 
 
@@ -31,3 +34,37 @@ def small_cnn(seed: int = 0) -> nn.Sequential:
             else:
                 t.fill_(7)
     return model
+
+
+class LocalGrid(Grid):
+    """A Grid over in-process nodes: ``send_and_receive`` calls ``client(message)``.
+
+    Stands in for the SuperLink, which needs a running deployment.
+    """
+
+    def __init__(self, node_ids: Iterable[int], client: Callable[[Message], Message] | None = None) -> None:
+        self.node_ids = list(node_ids)
+        self.client = client
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        assert self.client is not None
+        return [self.client(m) for m in messages]

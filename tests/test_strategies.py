@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from helpers import small_cnn
+from helpers import LocalGrid, small_cnn
 from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
@@ -35,40 +33,6 @@ from strategies.server_momentum import ServerMomentum
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-class LocalGrid(Grid):
-    """A Grid over in-process nodes: ``send_and_receive`` calls ``client(message)``.
-
-    Stands in for the SuperLink, which needs a running deployment.
-    """
-
-    def __init__(self, node_ids: Iterable[int], client: Callable[[Message], Message] | None = None) -> None:
-        self.node_ids = list(node_ids)
-        self.client = client
-
-    def set_run(self, run) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        assert self.client is not None
-        return [self.client(m) for m in messages]
 
 
 class Setup:
@@ -103,9 +67,10 @@ def train_messages(strategy: FedAvg, state: dict[str, torch.Tensor], n: int, con
 
 
 def reply(to: Message, arrays: ArrayRecord, num_examples: int, loss: float) -> Message:
-    content = RecordDict(
-        {"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples, "loss": loss})}
-    )
+    """A reply declaring the full budget (the strategies check what a reply trains against it)."""
+    full = Setup().nm.selectable_params
+    metrics = {"num-examples": num_examples, "loss": loss, "budget-params": full, "local-epochs": 1}
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=to)
 
 

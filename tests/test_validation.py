@@ -1,0 +1,479 @@
+"""Update validation: a bad reply is rejected with a reason, the good ones are still aggregated.
+
+Every case is a raw Flower reply (``Message(content, reply_to=train_msg)``)
+from one bad client next to two good ones. The bad client sends neurons no
+good client sends, with values far off; after the round those neurons must
+still hold their global values, and the new global model must be finite and
+bit-identical to aggregating the good replies alone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from helpers import LocalGrid
+from safetensors.torch import load as st_load
+from tiny_sim import tiny_config
+
+from fedneq.client import client_round
+from fedneq.client_app import app
+from fedneq.config import Config
+from fedneq.models import get_model, model_head
+from fedneq.neurons import NeuronMap, enumerate_neurons
+from fedneq.task import build_model, load_task
+from fedneq.wire import encode, tensor_table, to_array_record
+from sims.federation import budget_limits, run_federation
+from sims.results import read_csv
+from strategies.base import BudgetLimit, SparseStrategy, aggregate_metrics, trained_params
+from strategies.fedavg import DenseFedAvg
+from strategies.neuron_avg import NeuronAvg
+
+GOOD_NODES, BAD_NODE = (1, 2), 3
+
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+class Model:
+    """fedneq's small-cnn (digits: 1 channel, 10 classes) and its neuron map.
+
+    Layers: features.0.0 (neurons 0-15, cost 11), features.1.0 (16-47, cost
+    146), features.2.0 (48-111, cost 290); head always trained.
+    """
+
+    def __init__(self, never_trained: tuple[str, ...] = ()) -> None:
+        model = get_model("small-cnn", num_classes=10, in_channels=1, seed=0)
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.nm: NeuronMap = enumerate_neurons(
+            model, always_trained=(model_head("small-cnn"),), never_trained=never_trained
+        )
+        self.table = tensor_table(self.state)
+
+    def mask(self, ids: list[int]):
+        neurons = torch.zeros(self.nm.num_neurons, dtype=torch.bool)
+        neurons[ids] = True
+        return self.nm.train_mask(neurons)
+
+    def trained(self, shift: float) -> dict[str, torch.Tensor]:
+        return {k: v + shift if k in self.table else v.clone() for k, v in self.state.items()}
+
+    def cost(self, ids: list[int]) -> int:
+        return int(self.nm.costs()[ids].sum())
+
+
+@pytest.fixture(scope="module")
+def m() -> Model:
+    return Model()
+
+
+GOOD_IDS = ([0, 1, 16, 48], [1, 2, 17, 49])  # the two good clients overlap on neuron 1
+BAD_IDS = [5, 20, 60, 61]  # neurons only the bad client sends
+
+
+def strategy_for(m: Model, cls: type[SparseStrategy] = NeuronAvg) -> SparseStrategy:
+    strategy = cls(m.nm, m.table, min_train_nodes=1, min_available_nodes=1)
+    strategy.sample = lambda _grid, _round: [*GOOD_NODES, BAD_NODE]
+    return strategy
+
+
+def train_messages(strategy: SparseStrategy, m: Model) -> dict[int, Message]:
+    """The real train messages of round 1, by destination node."""
+    messages = strategy.configure_train(1, ArrayRecord(m.state), ConfigRecord(), grid=None)
+    return {msg.metadata.dst_node_id: msg for msg in messages}
+
+
+def metrics_for(m: Model, ids: list[int], num_examples: int, **extra) -> dict:
+    return {"num-examples": num_examples, "train-loss": 0.5, "budget-params": m.cost(ids),
+            "local-epochs": 1} | extra  # fmt: skip
+
+
+def reply(
+    to: Message, arrays: dict[str, np.ndarray] | ArrayRecord | None, metrics: dict | None
+) -> Message:
+    records = {}
+    if arrays is not None:
+        records["arrays"] = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays)
+    if metrics is not None:
+        records["metrics"] = MetricRecord(metrics)
+    return Message(RecordDict(records), reply_to=to)
+
+
+def good_replies(m: Model, msgs: dict[int, Message]) -> list[Message]:
+    return [
+        reply(msgs[node], encode(m.trained(0.1 * (i + 1)), m.nm, m.mask(ids), m.table), metrics_for(m, ids, 10 * (i + 1)))
+        for i, (node, ids) in enumerate(zip(GOOD_NODES, GOOD_IDS, strict=True))
+    ]  # fmt: skip
+
+
+def bad_parts(m: Model) -> tuple[dict[str, np.ndarray], dict]:
+    return encode(m.trained(100.0), m.nm, m.mask(BAD_IDS), m.table), metrics_for(
+        m, BAD_IDS, 1000, **{"train-loss": 1e6}
+    )
+
+
+def good_only(m: Model) -> dict[str, torch.Tensor]:
+    strategy = strategy_for(m)
+    msgs = train_messages(strategy, m)
+    arrays, _ = strategy.aggregate_train(1, good_replies(m, msgs))
+    return arrays.to_torch_state_dict()
+
+
+def run_round(
+    m: Model, bad: Message | Callable[[Message], Message], strategy: SparseStrategy | None = None
+):
+    strategy = strategy or strategy_for(m)
+    msgs = train_messages(strategy, m)
+    bad_msg = bad(msgs[BAD_NODE]) if callable(bad) else bad
+    arrays, metrics = strategy.aggregate_train(1, [*good_replies(m, msgs), bad_msg])
+    return strategy, arrays.to_torch_state_dict(), metrics
+
+
+def assert_only_the_good_aggregated(
+    m: Model, strategy: SparseStrategy, got: dict[str, torch.Tensor], reason: str
+) -> None:
+    ((node, why),) = strategy.last_rejected.items()
+    assert node == BAD_NODE and reason in why, why
+    assert strategy.summaries[-1].num_results == 2
+    expected = good_only(m)
+    for key, value in got.items():
+        assert torch.equal(value, expected[key]), key
+        if value.is_floating_point():
+            assert bool(torch.isfinite(value).all()), key
+    only_bad = torch.zeros(m.nm.num_neurons, dtype=torch.bool)
+    only_bad[BAD_IDS] = True
+    for layer in m.nm.layers:
+        rows = only_bad[layer.slice]
+        for key in layer.tensors:
+            assert torch.equal(got[key][rows], m.state[key][rows]), key
+
+
+# --- malformed wire arrays ---------------------------------------------------------
+
+
+def _set(key: str, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[dict], None]:
+    def mutate(arrays: dict[str, np.ndarray]) -> None:
+        arrays[key] = fn(arrays[key].copy())
+
+    return mutate
+
+
+def _poke(key: str, index: int, value) -> Callable[[dict], None]:
+    def fn(a: np.ndarray) -> np.ndarray:
+        a[index] = value
+        return a
+
+    return _set(key, fn)
+
+
+WIRE_CASES = {
+    "nan value": (_poke("neuron_values", 3, np.nan), "non-finite"),
+    "inf in a whole tensor": (_poke("tensor_values", 0, np.inf), "non-finite"),
+    "float64 values": (_set("neuron_values", lambda a: a.astype(np.float64)), "must have dtype float32"),
+    "int64 indices": (_set("neurons", lambda a: a.astype(np.int64)), "must have dtype int32"),
+    "2-D rows": (_set("neuron_values", lambda a: a.reshape(1, -1)), "must be 1-D"),
+    "row shape short by one": (_set("neuron_values", lambda a: a[:-1]), "has 744 values, expected 745"),
+    "neuron past the last layer": (_poke("neurons", -1, 112), "allowed range is [0, 112)"),
+    "negative neuron": (_poke("neurons", 0, -1), "allowed range is [0, 112)"),
+    "duplicated neuron": (_poke("neurons", 1, 5), "duplicated"),
+    "unsorted neurons": (_set("neurons", lambda a: a[::-1].copy()), "not sorted ascending"),
+    "tensor outside the table": (_set("tensors", lambda a: np.append(a, np.int32(17)).astype(np.int32)), "allowed range is [0, 17)"),
+    "missing key": (lambda a: a.pop("tensors"), "missing ['tensors']"),
+    "extra key": (lambda a: a.update(extra=np.zeros(1, np.float32)), "extra ['extra']"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(WIRE_CASES))
+def test_malformed_wire_arrays_are_rejected(m: Model, case: str) -> None:
+    mutate, reason = WIRE_CASES[case]
+    arrays, metrics = bad_parts(m)
+    mutate(arrays)
+    strategy, got, agg = run_round(m, lambda to: reply(to, arrays, metrics))
+    assert_only_the_good_aggregated(m, strategy, got, reason)
+    assert agg["train-loss"] == 0.5  # the bad reply's metrics are not averaged in
+
+
+# --- bad metrics and records ---------------------------------------------------------
+
+
+def _metric(key: str, value) -> Callable[[dict], None]:
+    return lambda metrics: metrics.update({key: value}) if value is not None else metrics.pop(key)
+
+
+METRIC_CASES = {
+    "zero examples": (_metric("num-examples", 0), "'num-examples' must be an integer >= 1"),
+    "negative examples": (_metric("num-examples", -5), "'num-examples' must be an integer >= 1"),
+    "fractional examples": (_metric("num-examples", 2.5), "'num-examples' must be an integer >= 1"),
+    "missing examples": (_metric("num-examples", None), "missing metric 'num-examples'"),
+    "nan loss": (_metric("train-loss", float("nan")), "metric 'train-loss' is not finite"),
+    "inf in a list metric": (_metric("per-epoch", [0.1, float("inf")]), "metric 'per-epoch' is not finite"),
+    "missing budget": (_metric("budget-params", None), "missing metric 'budget-params'"),
+    "fractional budget": (_metric("budget-params", 2000.0), "'budget-params' must be an integer in [1, 23408]"),
+    "budget above the model": (_metric("budget-params", 23409), "'budget-params' must be an integer in [1, 23408]"),
+    "zero epochs": (_metric("local-epochs", 0), "'local-epochs' must be an integer >= 1"),
+    # BAD_IDS cost 11 + 146 + 290 + 290 = 737 parameters
+    "one parameter over budget": (_metric("budget-params", 736), "trains 737 selectable parameters"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(METRIC_CASES))
+def test_bad_metrics_are_rejected(m: Model, case: str) -> None:
+    mutate, reason = METRIC_CASES[case]
+    arrays, metrics = bad_parts(m)
+    mutate(metrics)
+    strategy, got, agg = run_round(m, lambda to: reply(to, arrays, metrics))
+    assert_only_the_good_aggregated(m, strategy, got, reason)
+    assert agg["train-loss"] == 0.5
+
+
+def _raw(data: bytes, stype: str = "numpy.ndarray") -> Array:
+    return Array(dtype="int32", shape=(4,), stype=stype, data=data)
+
+
+def test_missing_extra_and_unreadable_records_are_rejected(m: Model) -> None:
+    arrays, metrics = bad_parts(m)
+    pickled = np.empty(4, dtype=object)
+    cases = {
+        "no arrays": (lambda to: reply(to, None, metrics), "got 0 and 1"),
+        "no metrics": (lambda to: reply(to, arrays, None), "got 1 and 0"),
+        "two metric records": (lambda to: Message(
+            RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics),
+                        "more": MetricRecord({"x": 1})}), reply_to=to), "got 1 and 2"),
+        "raw bytes": (_with(m, "neurons", _raw(b"\0" * 16, stype="raw")), "cannot be read as numpy"),
+        "truncated": (_with(m, "neurons", _raw(b"")), "EOFError"),
+        "pickled objects": (_with(m, "neurons", _raw(_npy(pickled))), "cannot be read as numpy"),
+    }  # fmt: skip
+    for bad, reason in cases.values():
+        strategy, got, _ = run_round(m, bad)
+        assert_only_the_good_aggregated(m, strategy, got, reason)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _with(m: Model, key: str, array: Array) -> Callable[[Message], Message]:
+    arrays, metrics = bad_parts(m)
+    record = to_array_record(arrays)
+    record[key] = array
+    return lambda to: reply(to, record, metrics)
+
+
+# --- budgets -------------------------------------------------------------------------
+
+
+def test_trained_params_by_hand(m: Model) -> None:
+    arrays = encode(m.state, m.nm, m.mask([0, 16, 48]), m.table)
+    assert trained_params(arrays, m.nm, m.table, m.state) == 11 + 146 + 290  # the head is outside
+    index = {k: i for i, k in enumerate(m.table)}
+    whole = ["features.1.0.weight", "features.2.1.bias", "features.2.1.running_mean", "head.weight"]
+    arrays["tensors"] = np.array(sorted(index[k] for k in whole), dtype=np.int32)
+    # a whole weight counts all its rows (32 x 144); a bias (static schemes), a buffer and the head count 0
+    assert trained_params(arrays, m.nm, m.table, m.state) == 447 + 32 * 144
+
+
+def test_a_reply_at_its_budget_is_accepted_one_over_is_not(m: Model) -> None:
+    arrays, metrics = bad_parts(m)
+    for budget, epochs, accepted in (
+        (737, 1, True),
+        (736, 1, False),
+        (369, 2, True),
+        (368, 2, False),
+    ):
+        strategy = strategy_for(m)
+        msgs = train_messages(strategy, m)
+        bad = reply(
+            msgs[BAD_NODE], arrays, metrics | {"budget-params": budget, "local-epochs": epochs}
+        )
+        strategy.aggregate_train(1, [bad])
+        assert (BAD_NODE not in strategy.last_rejected) == accepted, (budget, epochs)
+
+
+def test_a_declared_budget_beyond_the_device_class_is_rejected(m: Model) -> None:
+    arrays, metrics = bad_parts(m)  # declares exactly its 737 parameters, 1 epoch
+    for limit, reason in ((BudgetLimit(736, 1), "more than its device is assigned (736 parameters"),
+                          (BudgetLimit(737, 1), None)):  # fmt: skip
+        strategy = strategy_for(m)
+        strategy.budget_limits = {BAD_NODE: limit}
+        msgs = train_messages(strategy, m)
+        strategy.aggregate_train(1, [reply(msgs[BAD_NODE], arrays, metrics)])
+        assert (
+            (reason in strategy.last_rejected[BAD_NODE]) if reason else not strategy.last_rejected
+        )
+    strategy = strategy_for(m)
+    strategy.budget_limits = {BAD_NODE: BudgetLimit(10_000, 1)}
+    _, got, _ = run_round(m, lambda to: reply(to, arrays, metrics | {"local-epochs": 2}), strategy)
+    assert_only_the_good_aggregated(
+        m, strategy, got, "local-epochs=2, more than its device is assigned"
+    )
+
+
+def test_a_never_trained_tensor_sent_whole_is_rejected() -> None:
+    frozen = Model(never_trained=("features.0",))  # features.0.0 / .1 are never trained
+    index = {k: i for i, k in enumerate(frozen.table)}
+    for key in ("features.0.0.weight", "features.0.1.running_mean"):
+        arrays, metrics = (
+            encode(frozen.trained(100.0), frozen.nm, frozen.mask([0]), frozen.table),
+            {},
+        )
+        ids = sorted([index[key], *arrays["tensors"].tolist()])
+        arrays["tensors"] = np.array(ids, dtype=np.int32)
+        arrays["tensor_values"] = np.concatenate(
+            [frozen.trained(100.0)[frozen.table[i]].flatten().numpy() for i in ids]
+        )
+        metrics = {"num-examples": 5, "budget-params": 1000, "local-epochs": 1}
+        strategy = NeuronAvg(frozen.nm, frozen.table, reference_state=frozen.state)
+        msg = Message(RecordDict({"arrays": to_array_record(arrays), "metrics": MetricRecord(metrics)}),
+                      reply_to=train_messages(strategy_for(frozen), frozen)[BAD_NODE])  # fmt: skip
+        assert strategy.aggregate_train(1, [msg]) == (None, None)
+        assert (
+            f"sends tensor {key!r} whole, but it is never trained"
+            in strategy.last_rejected[BAD_NODE]
+        )
+
+
+def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
+    """The client's declaration and the server's count agree (velocity with 2 epochs, full budget)."""
+    config = Config().replace(
+        run={"num_clients": 4, "clients_per_round": 4},
+        data={"dataset": "digits", "classes": "all", "partition": "iid", "probe_size": 8},
+        fleet={"local_epochs": 2, "batch_size": 32},
+    )
+    torch.manual_seed(0)
+    model, nm = build_model(config, load_task(config))
+    state = model.state_dict()
+    node_of = {pid: 10 + pid for pid in range(4)}
+    devices = {pid: config.device(pid).name for pid in range(4)}
+    for cls, full in ((NeuronAvg, False), (DenseFedAvg, True)):
+        strategy = cls(nm, tensor_table(state), min_train_nodes=1, min_available_nodes=1)
+        strategy.budget_limits = budget_limits(config, strategy, 1, node_of, devices)
+        strategy.sample = lambda _grid, _round: list(node_of.values())
+        msgs = {
+            m.metadata.dst_node_id: m
+            for m in strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), None)
+        }
+        replies = []
+        for pid, node in node_of.items():
+            out = client_round(config, pid, 2, state, None, full_budget=full)
+            assert out.metrics["budget-params"] == (nm.selectable_params if full else
+                                                    config.device(pid).budget_params(nm.selectable_params))  # fmt: skip
+            assert out.metrics["local-epochs"] == 2
+            replies.append(reply(msgs[node], out.arrays, out.metrics))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert strategy.last_rejected == {} and arrays is not None, strategy.last_rejected
+        assert strategy.budget_limits[10].params == (
+            nm.selectable_params if full else replies[0].content["metrics"]["budget-params"]
+        )
+    custom = budget_limits(config, strategy, 1, {0: 10}, {0: "custom"})
+    assert custom == {}  # a node with its own --node-config budget is held to its declaration only
+
+
+# --- metric aggregation ----------------------------------------------------------------
+
+
+def test_metrics_with_different_keys_do_not_crash_the_round(m: Model) -> None:
+    strategy = strategy_for(m)
+    msgs = train_messages(strategy, m)
+    replies = good_replies(m, msgs)  # num-examples 10 and 20, train-loss 0.5 each
+    extra = [{"accuracy": 0.8, "per-class": [1.0, 2.0]}, {"per-class": [3.0, 4.0, 5.0], "speed": 2}]
+    for msg, more in zip(replies, extra, strict=True):
+        metrics = msg.content["metrics"]
+        for key, value in more.items():
+            metrics[key] = value
+    with pytest.raises(ValueError):  # what Flower's own averaging does with these replies
+        aggregate_metricrecords([r.content for r in replies], "num-examples")
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    # accuracy and speed: only one reply each; per-class: lists of different lengths -> dropped
+    assert dict(metrics) == pytest.approx(
+        {
+            "train-loss": 0.5,
+            "budget-params": 458.0,
+            "local-epochs": 1.0,
+            "accuracy": 0.8,
+            "speed": 2.0,
+        }
+    )
+
+
+def test_aggregate_metrics_by_hand_and_like_flower_on_equal_keys() -> None:
+    first = {"n": 1, "loss": 2.0, "acc": [0.0, 1.0]}
+    second = {"n": 3, "loss": 4.0, "acc": [1.0, 1.0]}
+    records = [RecordDict({"m": MetricRecord(r)}) for r in (first, second | {"only": 7})]
+    assert dict(aggregate_metrics(records, "n")) == {
+        "loss": (2 + 12) / 4,
+        "acc": [0.75, 1.0],
+        "only": 7.0,
+    }
+    same = [RecordDict({"m": MetricRecord(r)}) for r in (first, second)]
+    assert dict(aggregate_metrics(same, "n")) == dict(aggregate_metricrecords(same, "n"))
+
+
+# --- the server loop with a bad client ----------------------------------------------------
+
+
+def test_the_server_loop_survives_a_bad_client_and_records_it(tmp_path: Path) -> None:
+    """run_federation over the real ClientApp; node 100 (partition 0) corrupts every reply.
+
+    The transport is in-process (a real SuperLink needs a deployment). Round 3
+    also loses partition 2 (it raises), which puts it below min_replies=3: sent
+    twice, then skipped, and the bad reply of the skipped round is still
+    checked and recorded as rejected.
+    """
+    config = tiny_config(tmp_path, run={"num_clients": 3, "clients_per_round": 3, "min_replies": 3})
+    contexts = {
+        100 + pid: Context(
+            1, 100 + pid, {"partition-id": pid, "num-partitions": 3}, RecordDict(), {}
+        )
+        for pid in range(3)
+    }
+    corrupt = {
+        1: lambda a, m: a.update(neuron_values=np.full_like(a["neuron_values"], np.nan)),
+        2: lambda a, m: m.update({"budget-params": 1}),
+        3: lambda a, m: m.clear(),
+    }
+
+    def client(msg: Message) -> Message:
+        node, rnd = msg.metadata.dst_node_id, msg.content["config"].get("server-round", 0)
+        if node == 102 and rnd == 3:
+            return Message(Error(code=0, reason="partition 2 went away"), reply_to=msg)
+        out = app(msg, contexts[node])
+        if node != 100 or msg.metadata.message_type != "train":
+            return out
+        arrays = {k: v.numpy() for k, v in out.content["arrays"].items()}
+        metrics = dict(out.content["metrics"])
+        corrupt[rnd](arrays, metrics)
+        return reply(msg, arrays, metrics or None)
+
+    rounds = run_federation(LocalGrid(contexts, client), config, tmp_path / "run")
+    # round 3: partition 1 replied, but the round was not aggregated
+    expected = [(2, 0, 1, 0), (2, 0, 1, 0), (1, 1, 1, 1)]  # replied, failed, rejected, skipped
+    assert [(r["replied"], r["failed"], r["rejected"], r["skipped"]) for r in rounds] == expected
+    bad = [c for c in read_csv(tmp_path / "run" / "clients.csv") if c["partition_id"] == "0"]
+    assert [c["status"] for c in bad] == ["rejected"] * 3
+    for row, reason in zip(
+        bad, ("non-finite", "more than its declared budget", "got 1 and 0"), strict=True
+    ):
+        assert reason in row["reason"] and row["upload_bytes"] == "", row
+    final = st_load(
+        (tmp_path / "run" / "checkpoint" / "round-00003" / "global.safetensors").read_bytes()
+    )
+    assert all(bool(torch.isfinite(v).all()) for v in final.values() if v.is_floating_point())
+    assert rounds[2]["accuracy"] == rounds[1]["accuracy"]  # skipped: the model is unchanged
