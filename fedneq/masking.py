@@ -12,6 +12,12 @@ a row whose gradient is zero. :class:`RowFreezer` therefore
   with :meth:`RowFreezer.restore` after each optimizer step, which makes frozen
   neurons bit-identical whatever the optimizer.
 
+With ``backward="sparse"`` it also installs :class:`~fedneq.sparse_backward.SparseBackward`:
+partially selected Conv2d/Linear layers then compute the weight gradient of
+their selected rows only (no gradient hook needed for them), and frozen convs
+keep no input for the backward pass. ``grad_filter`` runs the backward of
+some convs on patch averages (:mod:`fedneq.grad_filter`).
+
 ``RowFreezer`` is to a mask what ``torch.nn.utils.prune`` is to a pruning
 mask: ``apply`` on construction, exact inverse with :meth:`remove`.
 """
@@ -21,7 +27,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedneq.costs import CostProfile
+from fedneq.grad_filter import GradFilterConfig
 from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.sparse_backward import BACKWARDS, SparseBackward
 
 __all__ = ["RowFreezer"]
 
@@ -30,16 +39,52 @@ class RowFreezer:
     """Freeze everything in ``model`` that ``mask`` does not select.
 
     Use as a context manager, or call :meth:`remove` when done.
+
+    Parameters
+    ----------
+    backward:
+        ``"masked"`` (default): the full backward pass, frozen rows' gradients
+        zeroed by hooks. ``"sparse"``: weight gradients of selected rows only
+        (:class:`~fedneq.sparse_backward.SparseBackward`); same gradients.
+    grad_filter:
+        Gradient filtering of some convs (approximate gradients), or ``None``.
+    profile, batch_size:
+        Shapes that let ``"sparse"`` skip layers too small to gain from it
+        (see :class:`~fedneq.sparse_backward.SparseBackward`).
     """
 
-    def __init__(self, model: nn.Module, neuron_map: NeuronMap, mask: TrainMask) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        neuron_map: NeuronMap,
+        mask: TrainMask,
+        *,
+        backward: str = "masked",
+        grad_filter: GradFilterConfig | None = None,
+        profile: CostProfile | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        self.ops: SparseBackward | None = None
+        if backward == "sparse" or grad_filter is not None:
+            self.ops = SparseBackward(
+                model,
+                neuron_map,
+                mask,
+                grad_filter=grad_filter,
+                budgeted=backward == "sparse",
+                profile=profile,
+                batch_size=batch_size,
+            )
+        handled = self.ops.handled if self.ops is not None else frozenset()
         self.model = model
         self.mask = mask
         state = model.state_dict(keep_vars=True)
         self.rows = neuron_map.row_masks(mask, state)
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # (tensor, frozen-row mask or None for the whole tensor, snapshot of the frozen part)
+        # (tensor, frozen-row indices or None for the whole tensor, snapshot of the frozen part)
         self._frozen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
         params = dict(model.named_parameters())
@@ -58,9 +103,9 @@ class RowFreezer:
                 tensor.requires_grad_(True)
             if bool(rows.all()):
                 continue
-            frozen = ~rows
-            self._frozen.append((tensor, frozen, tensor.detach()[frozen].clone()))
-            if is_param:
+            frozen = (~rows).nonzero().flatten()
+            self._frozen.append((tensor, frozen, tensor.detach().index_select(0, frozen)))
+            if is_param and name not in handled:  # else the op's gradient is 0 there already
                 self._handles.append(tensor.register_hook(_zero_rows_hook(frozen)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -73,10 +118,12 @@ class RowFreezer:
             if frozen is None:
                 tensor.copy_(snapshot)
             else:
-                tensor[frozen] = snapshot
+                tensor.index_copy_(0, frozen, snapshot)
 
     def remove(self) -> None:
-        """Undo: remove gradient hooks and restore ``requires_grad`` flags."""
+        """Undo: remove gradient hooks and ops, restore ``requires_grad`` flags."""
+        if self.ops is not None:
+            self.ops.remove()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -92,8 +139,6 @@ class RowFreezer:
 
 def _zero_rows_hook(frozen: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[frozen] = 0
-        return grad
+        return grad.index_fill(0, frozen, 0)  # a copy: autograd may reuse `grad`
 
     return hook

@@ -16,12 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedneq.costs import CostProfile, MaskCost, mask_cost
+from fedneq.costs import CostProfile, MaskCost, mask_cost, profile_model
 from fedneq.data import ArrayDataset
+from fedneq.grad_filter import GradFilterConfig
 from fedneq.masking import RowFreezer
 from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.sparse_backward import BACKWARDS
 
-__all__ = ["EpochStats", "OptimizerConfig", "TrainResult", "evaluate", "train_masked", "union_mask"]
+__all__ = [
+    "EpochStats",
+    "OptimizerConfig",
+    "TrainResult",
+    "evaluate",
+    "train_masked",
+    "train_step",
+    "union_mask",
+]
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -99,6 +109,8 @@ def train_masked(
     generator: torch.Generator,
     cost_profile: CostProfile | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    backward: str = "sparse",
+    grad_filter: GradFilterConfig | None = None,
 ) -> TrainResult:
     """Train only what the masks select; everything else comes out bit-identical.
 
@@ -111,9 +123,22 @@ def train_masked(
         Seeds the batch order.
     cost_profile:
         If given, each epoch's :class:`~fedneq.costs.MaskCost` is attached.
+        ``backward="sparse"`` also reads its shapes (one is profiled here if
+        none is given) to leave layers too small to gain alone.
     on_epoch_end:
         Called with each epoch's stats (e.g. to evaluate the model).
+    backward:
+        ``"sparse"`` (default): weight gradients of the selected rows only
+        (:mod:`fedneq.sparse_backward`); ``"masked"``: the full backward with
+        frozen rows' gradients zeroed. Both give the same gradients.
+    grad_filter:
+        Run the backward of some convs on patch averages
+        (:mod:`fedneq.grad_filter`, approximate gradients); ``None``: exact.
     """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward should be one of {BACKWARDS}, got {backward!r}")
+    if grad_filter is not None and not isinstance(grad_filter, GradFilterConfig):
+        raise ValueError(f"grad_filter should be a GradFilterConfig or None, got {grad_filter!r}")
     if epochs < 1:
         raise ValueError(f"epochs should be >= 1, got {epochs}")
     if batch_size < 1:
@@ -121,6 +146,10 @@ def train_masked(
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     mask_for = masks if callable(masks) else (lambda _epoch: masks)
+
+    shapes = cost_profile
+    if backward == "sparse" and shapes is None:
+        shapes = _try_profile(model, neuron_map, tuple(data.x.shape[1:]))
 
     # One optimizer over every parameter that could ever train; parameters a
     # mask freezes have requires_grad=False, hence no .grad, and are skipped.
@@ -133,7 +162,15 @@ def train_masked(
     for epoch in range(epochs):
         mask = mask_for(epoch)
         state = model.state_dict()
-        with RowFreezer(model, neuron_map, mask) as freezer:
+        with RowFreezer(
+            model,
+            neuron_map,
+            mask,
+            backward=backward,
+            grad_filter=grad_filter,
+            profile=shapes,
+            batch_size=batch_size,
+        ) as freezer:
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
             previous_rows = freezer.rows
             total_loss, seen = _run_epoch(model, data, opt, freezer, batch_size, generator)
@@ -153,6 +190,16 @@ def train_masked(
     return TrainResult(stats[-1].loss, sum(s.examples for s in stats), tuple(stats), union)
 
 
+def _try_profile(
+    model: nn.Module, neuron_map: NeuronMap, input_shape: tuple[int, ...]
+) -> CostProfile | None:
+    """The model's shapes, or None where it cannot be profiled (a layer run twice)."""
+    try:
+        return profile_model(model, neuron_map, input_shape)
+    except ValueError:
+        return None  # the sparse backward then applies to every eligible layer
+
+
 def _run_epoch(
     model: nn.Module,
     data: ArrayDataset,
@@ -165,18 +212,36 @@ def _run_epoch(
     total_loss, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        x, y = data.x[idx], data.y[idx]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss is {loss.item()} at batch starting {start}")
-        if loss.requires_grad:  # False when the mask trains nothing
-            loss.backward()
-            opt.step()
-        freezer.restore()
-        total_loss += loss.item() * len(idx)
+        loss = train_step(model, data.x[idx], data.y[idx], opt, freezer)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at batch starting {start}")
+        total_loss += loss * len(idx)
         seen += len(idx)
     return total_loss, seen
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    freezer: RowFreezer,
+) -> float:
+    """One masked step: forward, backward, optimizer step, frozen rows restored.
+
+    Returns the batch's mean loss. A non-finite loss is returned before any
+    backward or step (the caller decides what to do).
+    """
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    if loss.requires_grad:  # False when the mask trains nothing
+        loss.backward()
+        opt.step()
+    freezer.restore()
+    return value
 
 
 @torch.no_grad()
