@@ -209,6 +209,8 @@ def client_round(
             optimizer=config.train.optimizer_config(),
             generator=gen,
             cost_profile=rt.cost_profile,
+            backward=config.train.backward,
+            grad_filter=config.train.grad_filter(device.grad_filter_r),
         )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0

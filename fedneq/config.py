@@ -10,7 +10,7 @@ see ``sims/configs/default.toml``)::
                  train_limit, test_limit
     [model]      name, width_mult, checkpoint, pretrain_epochs, head
     [selection]  selector, rule, initializer, scheme, velocity_mode, mu, storage_dtype
-    [train]      optimizer, lr, momentum, weight_decay
+    [train]      optimizer, lr, momentum, weight_decay, backward, grad_filter_last_k
     [strategy]   name, options (a table passed to the strategy's constructor)
     [fleet]      preset ("default" | "homogeneous"), budget, local_epochs,
                  batch_size, classes (array of tables, see fedneq.devices)
@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from fedneq.devices import DeviceProfile, Fleet, default_fleet, homogeneous_fleet
+from fedneq.grad_filter import GradFilterConfig
 from fedneq.partition import PartitionSpec
+from fedneq.sparse_backward import BACKWARDS
 from fedneq.training import OptimizerConfig
 
 __all__ = ["Config", "load_config"]
@@ -150,12 +152,24 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    backward: str = "sparse"  # "sparse" | "masked" (fedneq.sparse_backward)
+    grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
 
     def __post_init__(self) -> None:
         self.optimizer_config()
+        _check_choice("train", "backward", self.backward, BACKWARDS)
+        _check_positive("train", "grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(self.optimizer, self.lr, self.momentum, self.weight_decay)
+
+    def grad_filter(self, r: int | None) -> GradFilterConfig | None:
+        """Gradient filtering of a device with patch size ``r`` (None or 1: exact backward)."""
+        if r is None or r == 1:
+            return None
+        if self.grad_filter_last_k == 0:
+            raise ValueError(f"the device sets grad_filter_r={r} but [train] grad_filter_last_k is 0")
+        return GradFilterConfig(r=r, last_k=self.grad_filter_last_k)
 
 
 @dataclass(frozen=True)
@@ -270,6 +284,12 @@ class Config:
 
     def check(self) -> None:
         """Checks that span several tables."""
+        filtering = [d.name for d, _ in self.fleet.fleet().classes if (d.grad_filter_r or 1) > 1]
+        if filtering and self.train.grad_filter_last_k == 0:
+            raise ValueError(
+                f"device classes {filtering} set grad_filter_r > 1: [train] grad_filter_last_k "
+                "should say how many of the last convs they filter (> 0), got 0"
+            )
         names = self.fleet.fleet().names
         unknown = sorted(set(self.run.participants) - set(names))
         if unknown:

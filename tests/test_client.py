@@ -119,3 +119,27 @@ def test_node_identity_errors_name_the_problem() -> None:
     assert pid == 1 and device.budget == 0.5
     changed, _, _ = node_identity({"partition-id": 1, "num-partitions": 4, "data-dir": "/data"}, config)
     assert changed.data.root == "/data"
+
+
+def test_a_device_with_gradient_filtering_trains_through_the_filter() -> None:
+    fleet = {"preset": "custom", "classes": [
+        {"name": "filtered", "share": 0.5, "budget": 0.5, "grad_filter_r": 2},
+        {"name": "exact", "share": 0.5, "budget": 0.5},
+    ], "local_epochs": 1}  # fmt: skip
+    base = tiny_config()
+    config = base.replace(fleet=fleet, train={"grad_filter_last_k": 1}, data={"image_size": 16})
+    state, _ = global_model(config)
+    by_device = {}
+    for pid in range(4):
+        by_device.setdefault(config.device(pid).name, pid)
+    filtered = client_round(config, by_device["filtered"], 1, state, None)
+    # the same client without the filter: same data, mask and batches, different gradients
+    exact_cfg = config.replace(train={"grad_filter_last_k": 0}, fleet={**fleet, "classes": [
+        {"name": "filtered", "share": 0.5, "budget": 0.5},
+        {"name": "exact", "share": 0.5, "budget": 0.5},
+    ]})  # fmt: skip
+    exact = client_round(exact_cfg, by_device["filtered"], 1, state, None)
+    assert (filtered.arrays["neurons"] == exact.arrays["neurons"]).all()
+    assert not (filtered.arrays["neuron_values"] == exact.arrays["neuron_values"]).all()
+    with pytest.raises(ValueError, match="grad_filter_last_k"):
+        base.replace(fleet=fleet)
