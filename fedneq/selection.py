@@ -18,14 +18,25 @@ Neurons to Update under a Budget Constraint", WACVW 2024
   ``"static"`` (a Sparse Update scheme, fixed), ``"full"`` (everything).
   Velocity selectors fall back to their initializer (``"random"`` or
   ``"static"``) when no velocity exists yet.
+* A device may also have a training-memory limit (``memory_limit_bytes``).
+  Every selector then keeps both limits: the rules walk the same order and a
+  neuron fits only if the parameter budget *and* the exact training memory of
+  the selection so far plus that neuron (:class:`MemoryMeter`, equal to
+  :func:`~fedneq.costs.mask_cost`'s ``training_memory_bytes``) stay within
+  limits. ``"velocity-per-param"`` then scores velocity per unit of combined
+  cost, ``|v_i| / (c_i / B + m_i / (M - M_0))``: the share of the parameter
+  budget ``B`` plus the share of the free memory ``M - M_0`` that the neuron
+  takes alone (``m_i``: :meth:`MemoryMeter.neuron_bytes`, its gradient and
+  optimizer state and the activations saved from its layer on).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar
@@ -33,6 +44,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedneq.costs import OPTIMIZER_STATES, CostProfile
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.sparse_update import (
     StaticScheme,
@@ -47,6 +59,8 @@ __all__ = [
     "INITIALIZERS",
     "RULES",
     "Budget",
+    "MemoryLimit",
+    "MemoryMeter",
     "Selector",
     "get_selector",
     "list_selectors",
@@ -167,7 +181,11 @@ def _check_budget(budget: int) -> None:
 
 
 def select_ordered(
-    order: torch.Tensor, costs: torch.Tensor, budget: int, rule: str = "prefix"
+    order: torch.Tensor,
+    costs: torch.Tensor,
+    budget: int,
+    rule: str = "prefix",
+    memory: MemoryLimit | None = None,
 ) -> torch.Tensor:
     """Apply ``rule`` to neurons taken in ``order``; only neurons in ``order`` can be selected.
 
@@ -181,18 +199,26 @@ def select_ordered(
         Parameters available (>= 0).
     rule:
         ``"prefix"`` (longest fitting prefix) or ``"fill"`` (skip what does not fit).
+    memory:
+        Optional training-memory limit: a neuron fits only if the selection's
+        memory (:meth:`MemoryMeter.mask_bytes`) stays within it as well.
 
     Returns
     -------
-    (N,) bool mask whose selected cost is at most ``budget``.
+    (N,) bool mask whose selected cost is at most ``budget`` (and whose memory
+    is at most ``memory.limit_bytes``).
     """
     _check_costs(costs)
     _check_budget(budget)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+    if memory is not None and rule == "fill":
+        return memory.meter.fill(order, costs, budget, memory.limit_bytes)
     mask = torch.zeros(costs.numel(), dtype=torch.bool)
     ordered = costs[order]  # (K,)
     fits = torch.cumsum(ordered, 0) <= budget  # nondecreasing cumsum: True then False
+    if memory is not None:  # memory of a growing prefix never decreases either
+        fits &= memory.meter.prefix_bytes(order) <= memory.limit_bytes
     k = int(fits.sum())
     mask[order[:k]] = True
     if rule == "fill":
@@ -231,6 +257,250 @@ def select_fill(scores: torch.Tensor, costs: torch.Tensor, budget: int) -> torch
     return select_ordered(_ranked(scores, costs), costs, budget, "fill")
 
 
+# --------------------------------------------------------------------------- memory
+
+_NEVER = 2**62  # start order when nothing trains: no saved activation is that late
+
+
+def _owner(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def _row_numel(t: torch.Tensor) -> int:
+    return t[0].numel() if t.dim() else 1
+
+
+class MemoryMeter:
+    """Training memory of neuron selections, exactly as :func:`~fedneq.costs.mask_cost` prices it.
+
+    ``training_memory_bytes`` of ``neuron_map.train_mask(neurons, extra)`` is
+    weights + gradients and optimizer state of the trained parameters + the
+    activations autograd saves. The first two are additive over neurons; the
+    saved activations are not: they are every tensor kept by a module call at or
+    after the *start* ``E`` (the execution order of the earliest trained
+    module), plus a Linear's input when that Linear trains. The meter tabulates
+    them once by start order, so any selection, every prefix of an order
+    (:meth:`prefix_bytes`, vectorized) and a greedy walk (:meth:`fill`) are
+    priced without calling :func:`~fedneq.costs.mask_cost`.
+
+    Parameters
+    ----------
+    profile:
+        :func:`~fedneq.costs.profile_model` of ``model``.
+    model:
+        The profiled model (parameter shapes).
+    batch_size, optimizer, bytes_per_value:
+        As in :func:`~fedneq.costs.mask_cost`.
+    extra:
+        Whole tensors trained with every selection besides the always-trained
+        set (a static scheme's biases): part of the fixed cost.
+    """
+
+    def __init__(
+        self,
+        profile: CostProfile,
+        model: nn.Module,
+        *,
+        batch_size: int = 32,
+        optimizer: str = "sgd-momentum",
+        bytes_per_value: int = 4,
+        extra: Iterable[str] = (),
+    ) -> None:
+        if not isinstance(profile, CostProfile):
+            raise ValueError(
+                f"profile must be a CostProfile (fedneq.costs.profile_model), got {profile!r}"
+            )
+        for arg, value in (("batch_size", batch_size), ("bytes_per_value", bytes_per_value)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if optimizer not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}"
+            )
+        neuron_map = profile.neuron_map
+        params = dict(model.named_parameters())
+        state_keys = set(model.state_dict())
+        base = frozenset(neuron_map.always_trained) | frozenset(extra)
+        unknown = sorted(base - state_keys)
+        if unknown:
+            raise ValueError(f"extra names tensors {unknown} that the model does not have")
+        self.profile = profile
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.base = base
+        per_param = bytes_per_value * (1 + OPTIMIZER_STATES[optimizer])
+
+        # weights + gradient/optimizer state: a fixed part and a per-neuron part
+        base_params = sum(params[k].numel() for k in base if k in params)
+        self._static = bytes_per_value * neuron_map.total_params + per_param * base_params
+        layer_bytes = [
+            per_param * sum(_row_numel(params[t]) for t in lay.param_tensors if t not in base)
+            for lay in neuron_map.layers
+        ]
+        self._layer_bytes = torch.tensor(layer_bytes, dtype=torch.int64)  # (L,)
+        self._layer_of = neuron_map.layer_index()  # (N,)
+        self._start = torch.tensor(  # (L,) execution order of each layer's earliest module
+            [
+                min(profile.order_of(_owner(t)) for t in lay.param_tensors)
+                for lay in neuron_map.layers
+            ],
+            dtype=torch.int64,
+        )
+        base_modules = {_owner(k) for k in base if k in params}
+        self._base_start = min((profile.order_of(m) for m in base_modules), default=_NEVER)
+
+        # saved activations: bytes of each distinct tensor, the latest order at which a
+        # module keeps it unconditionally, and the Linear modules that keep it if trained
+        value: dict[int, int] = {}
+        latest: dict[int, int] = {}
+        keepers: dict[int, set[str]] = {}
+        for act in profile.saved:
+            copies = batch_size if act.batched else 1
+            value[act.key] = copies * act.numel * (act.itemsize or bytes_per_value)
+            if act.only_if_trained:
+                keepers.setdefault(act.key, set()).add(act.module)
+            else:
+                latest[act.key] = max(latest.get(act.key, -1), act.order)
+        pairs = sorted((latest[k], value[k]) for k in latest)
+        self._order_list = [o for o, _ in pairs]  # ascending
+        self._orders = torch.tensor(self._order_list, dtype=torch.int64)
+        suffix = torch.tensor([v for _, v in pairs] + [0], dtype=torch.int64)
+        self._suffix = suffix.flip(0).cumsum(0).flip(0)  # bytes kept from each order on
+        # conditional tensors: (bytes, latest unconditional order, kept from the start?)
+        self._cond: list[tuple[int, int, bool]] = []
+        triggers: list[list[int]] = [[] for _ in neuron_map.layers]
+        for key, modules in sorted(keepers.items()):
+            c = len(self._cond)
+            self._cond.append((value[key], latest.get(key, -1), bool(modules & base_modules)))
+            for i, lay in enumerate(neuron_map.layers):
+                if modules & {_owner(t) for t in lay.param_tensors}:
+                    triggers[i].append(c)
+        self._triggers = tuple(tuple(t) for t in triggers)
+        self.fixed_bytes = self._static + self._saved(self._base_start, self._base_triggered())
+
+    def _base_triggered(self) -> tuple[bool, ...]:
+        return tuple(always for _, _, always in self._cond)
+
+    def _saved(self, start: int, triggered: Sequence[bool]) -> int:
+        """Saved-activation bytes for a start order and the conditional tensors triggered."""
+        total = int(self._suffix[bisect.bisect_left(self._order_list, start)])
+        return total + sum(
+            nbytes
+            for (nbytes, latest, _), on in zip(self._cond, triggered, strict=True)
+            if on and latest < start
+        )
+
+    def neuron_bytes(self) -> torch.Tensor:
+        """(N,) int64 bytes that selecting each neuron alone adds to :attr:`fixed_bytes`.
+
+        Its gradient and optimizer state plus every activation saved from its
+        layer on (the backward region it opens), which is what limits deep
+        versus shallow neurons; unlike
+        :func:`~fedneq.costs.neuron_memory_costs`, which charges only the
+        layer's own input.
+        """
+        base = self._base_triggered()
+        alone = []
+        for i, start in enumerate(self._start.tolist()):
+            triggered = [on or c in self._triggers[i] for c, on in enumerate(base)]
+            saved = self._saved(min(start, self._base_start), triggered)
+            alone.append(self._static + int(self._layer_bytes[i]) + saved - self.fixed_bytes)
+        return torch.tensor(alone, dtype=torch.int64)[self._layer_of]
+
+    def mask_bytes(self, neurons: torch.Tensor) -> int:
+        """``training_memory_bytes`` of ``train_mask(neurons, extra)``; ``neurons`` is (N,) bool."""
+        n = self._layer_of.numel()
+        if (
+            not isinstance(neurons, torch.Tensor)
+            or neurons.dtype != torch.bool
+            or neurons.shape != (n,)
+        ):
+            raise ValueError(
+                f"neurons must be a ({n},) bool tensor, got "
+                f"{getattr(neurons, 'dtype', type(neurons).__name__)} of shape "
+                f"{tuple(getattr(neurons, 'shape', ()))}"
+            )
+        layers = torch.unique(self._layer_of[neurons]).tolist()
+        start = min([self._base_start, *(int(self._start[i]) for i in layers)])
+        triggered = list(self._base_triggered())
+        for i in layers:
+            for c in self._triggers[i]:
+                triggered[c] = True
+        params = int(self._layer_bytes[self._layer_of[neurons]].sum())
+        return self._static + params + self._saved(start, triggered)
+
+    def prefix_bytes(self, order: torch.Tensor) -> torch.Tensor:
+        """(K,) int64: training memory of ``order[:k + 1]`` for every ``k``."""
+        layer = self._layer_of[order]  # (K,)
+        params = torch.cumsum(self._layer_bytes[layer], 0)
+        start = torch.cummin(self._start[layer], 0).values.clamp(max=self._base_start)
+        index = torch.searchsorted(self._orders, start)
+        saved = self._suffix[index]
+        for c, (nbytes, latest, always) in enumerate(self._cond):
+            if always:
+                on = torch.ones_like(layer, dtype=torch.bool)
+            else:
+                hits = torch.tensor([c in t for t in self._triggers])[layer]  # (K,)
+                on = torch.cummax(hits.to(torch.int64), 0).values.bool()
+            saved = saved + nbytes * (on & (latest < start)).to(torch.int64)
+        return self._static + params + saved
+
+    def fill(
+        self, order: torch.Tensor, costs: torch.Tensor, budget: int, limit_bytes: int
+    ) -> torch.Tensor:
+        """(N,) bool: walk ``order``, take every neuron that keeps both limits."""
+        mask = torch.zeros(costs.numel(), dtype=torch.bool)
+        start, triggered = self._base_start, self._base_triggered()
+        spent, param_bytes = 0, 0
+        saved_cache: dict[tuple[int, tuple[bool, ...]], int] = {}
+        starts, layer_bytes = self._start.tolist(), self._layer_bytes.tolist()
+        layers = self._layer_of[order].tolist()
+        for index, layer, cost in zip(order.tolist(), layers, costs[order].tolist(), strict=True):
+            if spent + cost > budget:
+                continue
+            new_start = min(start, starts[layer])
+            new_triggered = triggered
+            if self._triggers[layer]:
+                new_triggered = tuple(
+                    on or c in self._triggers[layer] for c, on in enumerate(triggered)
+                )
+            key = (new_start, new_triggered)
+            if key not in saved_cache:
+                saved_cache[key] = self._saved(new_start, new_triggered)
+            if self._static + param_bytes + layer_bytes[layer] + saved_cache[key] > limit_bytes:
+                continue
+            mask[index] = True
+            spent += cost
+            param_bytes += layer_bytes[layer]
+            start, triggered = new_start, new_triggered
+        return mask
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """A training-memory limit in bytes and the :class:`MemoryMeter` that prices selections.
+
+    Raises ``ValueError`` if the limit is below :attr:`MemoryMeter.fixed_bytes`
+    (weights + the always-trained set + the tensors every selection trains).
+    """
+
+    meter: MemoryMeter
+    limit_bytes: int
+
+    def __post_init__(self) -> None:
+        limit = self.limit_bytes
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise ValueError(f"memory_limit_bytes must be an int >= 1, got {limit!r}")
+        minimum = self.meter.fixed_bytes
+        if limit < minimum:
+            raise ValueError(
+                f"memory_limit_bytes={limit} is below the {minimum} bytes training needs before "
+                f"any neuron is selected (weights, the always-trained set and its saved "
+                f"activations; batch_size={self.meter.batch_size}, "
+                f"optimizer={self.meter.optimizer!r}); allowed: >= {minimum}"
+            )
+
+
 # --------------------------------------------------------------------------- selectors
 
 
@@ -240,18 +510,23 @@ class Selector(ABC):
     Subclasses implement :meth:`_select` (velocity already validated) and are
     registered with :func:`register_selector`; they are built by
     :func:`get_selector` with keyword arguments ``neuron_map``, ``model``,
-    ``budget`` (a :class:`Budget`), ``rule``, ``initializer`` and ``scheme``
-    (a :class:`StaticScheme` or ``None``), all validated.
+    ``budget`` (a :class:`Budget`), ``rule``, ``initializer``, ``scheme``
+    (a :class:`StaticScheme` or ``None``) and ``memory`` (a
+    :class:`_MemoryRequest` or ``None``), all validated.
     """
 
     name: ClassVar[str] = ""
     needs_velocity: ClassVar[bool] = False
     budget: int  # resolved budget in parameters
+    memory: MemoryLimit | None  # training-memory limit, if the device has one
 
-    def __init__(self, *, neuron_map: NeuronMap, rule: str, budget: int) -> None:
+    def __init__(
+        self, *, neuron_map: NeuronMap, rule: str, budget: int, memory: MemoryLimit | None = None
+    ) -> None:
         self.neuron_map = neuron_map
         self.rule = rule
         self.budget = budget
+        self.memory = memory
         self._costs = neuron_map.costs()  # (N,)
 
     def select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
@@ -271,17 +546,23 @@ class Selector(ABC):
         """:meth:`select` with ``velocity`` already checked (CPU float64) or ``None``."""
 
     def __repr__(self) -> str:
+        limit = "" if self.memory is None else f", memory_limit_bytes={self.memory.limit_bytes}"
         return (
-            f"{type(self).__name__}(name={self.name!r}, budget={self.budget}, rule={self.rule!r})"
+            f"{type(self).__name__}(name={self.name!r}, budget={self.budget}, "
+            f"rule={self.rule!r}{limit})"
         )
+
+    def _ordered(self, order: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+        """The rule on ``order`` within the budget (default: the selector's) and memory limit."""
+        budget = self.budget if budget is None else budget
+        return select_ordered(order, self._costs, budget, self.rule, self.memory)
 
     def _random(self, generator: torch.Generator) -> torch.Tensor:
         if not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"selector {self.name!r} needs a seeded torch.Generator, got {generator!r}"
             )
-        order = torch.randperm(self._costs.numel(), generator=generator)
-        return select_ordered(order, self._costs, self.budget, self.rule)
+        return self._ordered(torch.randperm(self._costs.numel(), generator=generator))
 
     def _check_velocity(self, velocity: torch.Tensor) -> torch.Tensor:
         n = self.neuron_map.num_neurons
@@ -326,6 +607,48 @@ def _parse_scheme(scheme: str | StaticScheme | None) -> StaticScheme | None:
     raise ValueError(f"scheme must be a scheme name, a StaticScheme or None, got {scheme!r}")
 
 
+@dataclass(frozen=True)
+class _MemoryRequest:
+    """What :func:`get_selector` was asked for; each selector adds its own fixed tensors."""
+
+    limit_bytes: int
+    profile: CostProfile
+    batch_size: int
+    optimizer: str
+
+    def limit(self, model: nn.Module, extra: Iterable[str] = ()) -> MemoryLimit:
+        meter = MemoryMeter(
+            self.profile, model, batch_size=self.batch_size, optimizer=self.optimizer, extra=extra
+        )
+        return MemoryLimit(meter, self.limit_bytes)
+
+
+def _memory_request(
+    neuron_map: NeuronMap,
+    memory_limit_bytes: int | None,
+    cost_profile: CostProfile | None,
+    batch_size: int,
+    optimizer: str,
+) -> _MemoryRequest | None:
+    if memory_limit_bytes is None:
+        return None
+    limit = memory_limit_bytes
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"memory_limit_bytes must be None or an int >= 1, got {limit!r}")
+    if not isinstance(cost_profile, CostProfile):
+        raise ValueError(
+            "memory_limit_bytes needs cost_profile=fedneq.costs.profile_model(model, neuron_map, "
+            f"input_shape), got cost_profile={cost_profile!r}"
+        )
+    if cost_profile.neuron_map != neuron_map:
+        raise ValueError("cost_profile was built for a different neuron map than neuron_map")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    return _MemoryRequest(int(limit), cost_profile, batch_size, optimizer)
+
+
 def get_selector(
     name: str,
     *,
@@ -335,6 +658,10 @@ def get_selector(
     rule: str = "prefix",
     initializer: str = "random",
     scheme: str | StaticScheme | None = None,
+    memory_limit_bytes: int | None = None,
+    cost_profile: CostProfile | None = None,
+    batch_size: int = 32,
+    optimizer: str = "sgd-momentum",
 ) -> Selector:
     """Build the selector called ``name``.
 
@@ -354,6 +681,21 @@ def get_selector(
         velocity selector before any velocity exists.
     scheme:
         Sparse Update scheme (name or :class:`StaticScheme`) for ``"static"``.
+    memory_limit_bytes:
+        Training-memory limit (``None``: none). Every mask then also fits
+        ``mask_cost(...).training_memory_bytes <= memory_limit_bytes``.
+    cost_profile:
+        :func:`~fedneq.costs.profile_model` of ``model``; required with a memory limit.
+    batch_size, optimizer:
+        Local training settings the memory is priced for (as in
+        :func:`~fedneq.costs.mask_cost`): ``"sgd"``, ``"sgd-momentum"`` or ``"adamw"``.
+
+    Raises
+    ------
+    ValueError
+        On a bad argument; if the memory limit is below what training needs
+        before any neuron is selected (the message names that minimum); if
+        ``"full"`` does not fit the memory limit.
     """
     if name not in _SELECTORS:
         raise ValueError(f"selector must be one of {list_selectors()}, got {name!r}")
@@ -368,6 +710,7 @@ def get_selector(
         rule=rule,
         initializer=initializer,
         scheme=_parse_scheme(scheme),
+        memory=_memory_request(neuron_map, memory_limit_bytes, cost_profile, batch_size, optimizer),
     )
 
 
@@ -375,6 +718,12 @@ def _require_scheme(scheme: StaticScheme | None, what: str) -> StaticScheme:
     if scheme is None:
         raise ValueError(f"{what} needs scheme=<name or StaticScheme>, got scheme=None")
     return scheme
+
+
+def _limit(
+    memory: _MemoryRequest | None, model: nn.Module, extra: Iterable[str] = ()
+) -> MemoryLimit | None:
+    return None if memory is None else memory.limit(model, extra)
 
 
 class _VelocitySelector(Selector):
@@ -391,17 +740,22 @@ class _VelocitySelector(Selector):
         rule: str,
         initializer: str,
         scheme: StaticScheme | None,
+        memory: _MemoryRequest | None = None,
     ) -> None:
         super().__init__(
-            neuron_map=neuron_map, rule=rule, budget=budget.resolve(neuron_map.selectable_params)
+            neuron_map=neuron_map,
+            rule=rule,
+            budget=budget.resolve(neuron_map.selectable_params),
+            memory=_limit(memory, model),
         )
         self.initializer = initializer
         self._initial: torch.Tensor | None = None
         if initializer == "static":
             scheme = _require_scheme(scheme, f"selector {self.name!r} with initializer='static'")
             index, norm = scheme_neurons(scheme, model, neuron_map)  # ascending index
-            order = index[torch.sort(norm, descending=True, stable=True).indices]
-            self._initial = select_ordered(order, self._costs, self.budget, rule)
+            self._initial = self._ordered(
+                index[torch.sort(norm, descending=True, stable=True).indices]
+            )
 
     @abstractmethod
     def scores(self, velocity: torch.Tensor) -> torch.Tensor:
@@ -411,10 +765,7 @@ class _VelocitySelector(Selector):
         if velocity is None:
             neurons = self._random(generator) if self._initial is None else self._initial.clone()
         else:
-            scores = self.scores(velocity)
-            neurons = select_ordered(
-                _ranked(scores, self._costs), self._costs, self.budget, self.rule
-            )
+            neurons = self._ordered(_ranked(self.scores(velocity), self._costs))
         return self.neuron_map.train_mask(neurons)
 
 
@@ -428,19 +779,47 @@ class VelocitySelector(_VelocitySelector):
 
 @register_selector("velocity-per-param")
 class VelocityPerParamSelector(_VelocitySelector):
-    """Score ``|v_i| / c_i``: velocity per parameter of budget spent."""
+    """Score ``|v_i| / c_i``: velocity per parameter of budget spent.
+
+    With a memory limit ``M``: ``|v_i| / (c_i / B + m_i / (M - M_0))``, velocity
+    per unit of combined cost, where ``B`` is the budget, ``M_0`` the fixed
+    memory (:attr:`MemoryMeter.fixed_bytes`) and ``m_i`` what the neuron alone
+    adds to it (:meth:`MemoryMeter.neuron_bytes`). Without a limit this ranks
+    like ``|v_i| / c_i``.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        cost = self._costs.to(torch.float64).clamp(min=1) / self.budget  # (N,) share of budget
+        if self.memory is not None:
+            meter = self.memory.meter
+            free = max(self.memory.limit_bytes - meter.fixed_bytes, 1)
+            cost = cost + meter.neuron_bytes().to(torch.float64) / free  # + share of free memory
+        self._unit_cost = cost
 
     def scores(self, velocity: torch.Tensor) -> torch.Tensor:
-        return velocity.abs() / self._costs.to(torch.float64).clamp(min=1)
+        return velocity.abs() / self._unit_cost
 
 
 @register_selector("random")
 class RandomSelector(Selector):
     """A seeded shuffle (``torch.randperm`` with the passed generator), then the rule."""
 
-    def __init__(self, *, neuron_map: NeuronMap, budget: Budget, rule: str, **_: object) -> None:
+    def __init__(
+        self,
+        *,
+        neuron_map: NeuronMap,
+        model: nn.Module,
+        budget: Budget,
+        rule: str,
+        memory: _MemoryRequest | None = None,
+        **_: object,
+    ) -> None:
         super().__init__(
-            neuron_map=neuron_map, rule=rule, budget=budget.resolve(neuron_map.selectable_params)
+            neuron_map=neuron_map,
+            rule=rule,
+            budget=budget.resolve(neuron_map.selectable_params),
+            memory=_limit(memory, model),
         )
 
     def _select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
@@ -451,10 +830,11 @@ class RandomSelector(Selector):
 class StaticSelector(Selector):
     """A Sparse Update scheme: one mask computed at construction, never changing.
 
-    Its budget is the scheme's own neuron cost. A smaller explicit budget
-    ranks the scheme's neurons by layer order, then weight-row norm, and
-    applies the rule. The scheme's bias tensors are always included
-    (bias-only, outside the budget).
+    Its budget is the scheme's own neuron cost. A smaller explicit budget, or
+    a memory limit the whole scheme does not fit, ranks the scheme's neurons
+    by layer order, then weight-row norm, and applies the rule. The scheme's
+    bias tensors are always included (bias-only, outside the budget; part of
+    the fixed memory).
     """
 
     def __init__(
@@ -465,20 +845,29 @@ class StaticSelector(Selector):
         budget: Budget,
         rule: str,
         scheme: StaticScheme | None,
+        memory: _MemoryRequest | None = None,
         **_: object,
     ) -> None:
         scheme = _require_scheme(scheme, "selector 'static'")
         requested = budget.resolve(neuron_map.selectable_params)
         full = scheme_mask(scheme, model, neuron_map)
         own = int(neuron_map.costs()[full.neurons].sum())
-        super().__init__(neuron_map=neuron_map, rule=rule, budget=min(requested, own))
+        biases = scheme_bias_tensors(scheme, model)
+        super().__init__(
+            neuron_map=neuron_map,
+            rule=rule,
+            budget=min(requested, own),
+            memory=_limit(memory, model, biases),
+        )
         self.scheme = scheme
-        if requested >= own:
+        fits = self.memory is None or self.memory.meter.mask_bytes(full.neurons) <= (
+            self.memory.limit_bytes
+        )
+        if requested >= own and fits:
             self._mask = full
         else:
-            order = scheme_neuron_order(scheme, model, neuron_map)
-            neurons = select_ordered(order, self._costs, self.budget, rule)
-            self._mask = neuron_map.train_mask(neurons, scheme_bias_tensors(scheme, model))
+            neurons = self._ordered(scheme_neuron_order(scheme, model, neuron_map))
+            self._mask = neuron_map.train_mask(neurons, biases)
 
     def _select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
         return TrainMask(self._mask.neurons.clone(), self._mask.full_tensors)
@@ -486,11 +875,36 @@ class StaticSelector(Selector):
 
 @register_selector("full")
 class FullSelector(Selector):
-    """Every neuron; the budget is all selectable parameters (a requested one is only validated)."""
+    """Every neuron; the budget is all selectable parameters (a requested one is only validated).
 
-    def __init__(self, *, neuron_map: NeuronMap, budget: Budget, rule: str, **_: object) -> None:
+    With a memory limit the whole model must fit it, or construction raises.
+    """
+
+    def __init__(
+        self,
+        *,
+        neuron_map: NeuronMap,
+        model: nn.Module,
+        budget: Budget,
+        rule: str,
+        memory: _MemoryRequest | None = None,
+        **_: object,
+    ) -> None:
         budget.resolve(neuron_map.selectable_params)  # validate the request
-        super().__init__(neuron_map=neuron_map, rule=rule, budget=neuron_map.selectable_params)
+        super().__init__(
+            neuron_map=neuron_map,
+            rule=rule,
+            budget=neuron_map.selectable_params,
+            memory=_limit(memory, model),
+        )
+        if self.memory is not None:
+            needed = self.memory.meter.mask_bytes(~neuron_map.empty_mask())
+            if needed > self.memory.limit_bytes:
+                raise ValueError(
+                    f"selector 'full' needs {needed} bytes of training memory, more than "
+                    f"memory_limit_bytes={self.memory.limit_bytes}; allowed: >= {needed}, or a "
+                    "selector that keeps the limit"
+                )
 
     def _select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
         return self.neuron_map.train_mask(torch.ones(self.neuron_map.num_neurons, dtype=torch.bool))
