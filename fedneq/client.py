@@ -181,6 +181,10 @@ def client_round(
         rule=sel.rule,
         initializer=sel.initializer,
         scheme=sel.scheme or None,
+        memory_limit_bytes=None if full_budget else device.memory_limit_bytes,
+        cost_profile=rt.cost_profile,
+        batch_size=device.batch_size,
+        optimizer=config.train.optimizer_config().cost_name,
     )
     with VelocityTracker(
         model,

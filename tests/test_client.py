@@ -143,3 +143,17 @@ def test_a_device_with_gradient_filtering_trains_through_the_filter() -> None:
     assert not (filtered.arrays["neuron_values"] == exact.arrays["neuron_values"]).all()
     with pytest.raises(ValueError, match="grad_filter_last_k"):
         base.replace(fleet=fleet)
+
+
+def test_a_device_memory_limit_bounds_its_training_memory() -> None:
+    config = tiny_config()
+    state, nmap = global_model(config)
+    free = client_round(config, 0, 1, state, None)
+    device = config.device(0)
+    limit = int(free.metrics["memory-estimate-bytes"] * 0.995)  # just below what it used
+    tight = config.replace(fleet={"preset": "custom", "local_epochs": 2, "batch_size": 32, "classes": [
+        {"name": device.name, "share": 1.0, "budget": device.budget, "memory_limit_bytes": limit},
+    ]})  # fmt: skip
+    reply = client_round(tight, 0, 1, state, None)
+    assert reply.metrics["memory-estimate-bytes"] <= limit < free.metrics["memory-estimate-bytes"]
+    assert reply.metrics["trainable-params"] <= free.metrics["trainable-params"]
