@@ -53,6 +53,7 @@ from fedneq.sparse_update import (
     scheme_mask,
     scheme_neuron_order,
     scheme_neurons,
+    tail_scheme,
 )
 
 __all__ = [
@@ -714,10 +715,11 @@ def get_selector(
     )
 
 
-def _require_scheme(scheme: StaticScheme | None, what: str) -> StaticScheme:
-    if scheme is None:
-        raise ValueError(f"{what} needs scheme=<name or StaticScheme>, got scheme=None")
-    return scheme
+def _scheme_or_tail(
+    scheme: StaticScheme | None, model: nn.Module, neuron_map: NeuronMap, budget: int
+) -> StaticScheme:
+    """The given scheme, or with none given the SU-style deepest-layers scheme (``tail_scheme``)."""
+    return scheme if scheme is not None else tail_scheme(model, neuron_map, budget)
 
 
 def _limit(
@@ -751,7 +753,7 @@ class _VelocitySelector(Selector):
         self.initializer = initializer
         self._initial: torch.Tensor | None = None
         if initializer == "static":
-            scheme = _require_scheme(scheme, f"selector {self.name!r} with initializer='static'")
+            scheme = _scheme_or_tail(scheme, model, neuron_map, self.budget)
             index, norm = scheme_neurons(scheme, model, neuron_map)  # ascending index
             self._initial = self._ordered(
                 index[torch.sort(norm, descending=True, stable=True).indices]
@@ -848,8 +850,8 @@ class StaticSelector(Selector):
         memory: _MemoryRequest | None = None,
         **_: object,
     ) -> None:
-        scheme = _require_scheme(scheme, "selector 'static'")
         requested = budget.resolve(neuron_map.selectable_params)
+        scheme = _scheme_or_tail(scheme, model, neuron_map, requested)
         full = scheme_mask(scheme, model, neuron_map)
         own = int(neuron_map.costs()[full.neurons].sum())
         biases = scheme_bias_tensors(scheme, model)

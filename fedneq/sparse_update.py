@@ -38,6 +38,7 @@ __all__ = [
     "conv_modules",
     "conv_weight_params",
     "get_scheme",
+    "tail_scheme",
     "scheme_bias_tensors",
     "scheme_channels",
     "scheme_conv_weight_params",
@@ -112,6 +113,32 @@ def get_scheme(name: str) -> StaticScheme:
     if name not in SCHEMES:
         raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {name!r}")
     return SCHEMES[name]
+
+
+def tail_scheme(model: nn.Module, neuron_map: NeuronMap, budget: int) -> StaticScheme:
+    """An SU-style scheme for any model: the deepest convs first, whole, within ``budget``.
+
+    Sparse Update's searched schemes train the last layers; for a model with
+    no shipped scheme this takes selectable convs from the last one backwards,
+    every output channel while the layer fits, then as many channels of the
+    next layer as fit, and stops (bias depth 0: a neuron's biases are in it).
+    """
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0 parameters, got {budget}")
+    selectable = {layer.name: layer for layer in neuron_map.layers}
+    weights: dict[int, float] = {}
+    remaining = budget
+    for idx, (name, _) in reversed(list(enumerate(conv_modules(model)))):
+        layer = selectable.get(name)
+        if layer is None:
+            continue
+        take = min(layer.num_neurons, remaining // layer.cost)
+        if take:
+            weights[idx] = take / layer.num_neurons
+            remaining -= take * layer.cost
+        if weights and take < layer.num_neurons:
+            break
+    return StaticScheme("SU-tail", weights, bias_depth=0)
 
 
 def conv_modules(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:

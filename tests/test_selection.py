@@ -343,10 +343,6 @@ def test_selector_errors(model, nm) -> None:
         get_selector("velocity", rule="greedy", **kw)
     with pytest.raises(ValueError, match=r"initializer must be one of \['random', 'static'\]"):
         get_selector("velocity", initializer="zeros", **kw)
-    with pytest.raises(ValueError, match="initializer='static' needs scheme="):
-        get_selector("velocity", initializer="static", **kw)
-    with pytest.raises(ValueError, match="selector 'static' needs scheme="):
-        get_selector("static", **kw)
     with pytest.raises(ValueError, match=r"scheme must be one of \['SU-1'"):
         get_selector("static", scheme="SU-9", **kw)
     with pytest.raises(ValueError, match="params=500 exceeds the 200 selectable"):
@@ -360,3 +356,27 @@ def test_selector_errors(model, nm) -> None:
         get_selector("random", **kw).select(torch.zeros(4, 4), gen(0))
     with pytest.raises(ValueError, match="needs a seeded torch.Generator, got None"):
         get_selector("random", **kw).select(None, None)
+
+
+def test_static_without_a_scheme_trains_the_deepest_convs_within_the_budget() -> None:
+    from fedneq.sparse_update import tail_scheme
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
+        nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2),
+    )  # fmt: skip
+    nmap = enumerate_neurons(model, always_trained=("7",))
+    last, middle = nmap.layer("4"), nmap.layer("2")  # costs 6+1+2 = 9 and 36+1+2 = 39
+    budget = 8 * last.cost + 2 * middle.cost + 5  # the last conv whole, 2 of the middle's 6
+    scheme = tail_scheme(model, nmap, budget)
+    assert scheme.weights == {1: 2 / 6, 2: 1.0}
+    selector = get_selector("static", neuron_map=nmap, model=model, budget=budget)
+    mask = selector.select(None, torch.Generator()).neurons
+    assert mask[last.slice].all() and int(mask[middle.slice].sum()) == 2
+    assert not mask[nmap.layer("0").slice].any()
+    chosen = mask[middle.slice].nonzero().flatten()
+    norms = model[2].weight.flatten(1).norm(dim=1)
+    assert set(chosen.tolist()) == set(norms.topk(2).indices.tolist())  # by weight magnitude
+    init = get_selector("velocity", neuron_map=nmap, model=model, budget=budget, initializer="static")
+    assert torch.equal(init.select(None, torch.Generator()).neurons, mask)
