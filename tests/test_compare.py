@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_sim import tiny_config
 
 from fedneq.config import Config
 from sims.compare import compare, method_config, summarize
@@ -41,10 +42,7 @@ def test_summarize_by_hand() -> None:
 
 
 def test_compare_two_methods_and_skip_completed_runs(tmp_path: Path, capsys) -> None:
-    config = Config().replace(
-        run={"num_clients": 4, "clients_per_round": 2, "rounds": 1, "out_dir": str(tmp_path)},
-        data={"dataset": "digits", "classes": "all", "partition": "iid", "probe_size": 8},
-    )
+    config = tiny_config(tmp_path, run={"num_clients": 4, "clients_per_round": 2, "rounds": 1})
     table = compare(config, ["velocity", "fedavg"], tmp_path / "cmp")
     assert [r["method"] for r in table] == ["velocity", "fedavg"]
     by = {r["method"]: r for r in table}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny_sim
 import torch
 
 from fedneq.config import Config
@@ -15,9 +16,10 @@ from strategies.neuron_avg import neuron_average
 
 
 def tiny_config(tmp_path: Path, **strategy) -> Config:
-    return Config().replace(
-        run={"name": "t", "num_clients": 4, "clients_per_round": 4, "rounds": 2, "out_dir": str(tmp_path)},
-        data={"dataset": "digits", "classes": "all", "partition": "iid", "probe_size": 8},
+    """4 clients of the default fleet (3 device classes), all trained, 2 rounds, 2 local epochs."""
+    return tiny_sim.tiny_config(
+        tmp_path,
+        run={"num_clients": 4, "clients_per_round": 4, "rounds": 2},
         fleet={"local_epochs": 2, "batch_size": 32},
         strategy=strategy or {"name": "neuron-avg"},
     )
