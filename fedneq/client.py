@@ -203,19 +203,23 @@ def client_round(
                 initialized.append(epoch)
             return selector.select(velocity, gen)
 
-        result = train_masked(
-            model,
-            data.train,
-            neuron_map=neuron_map,
-            masks=mask_for_epoch,
-            epochs=device.local_epochs,
-            batch_size=device.batch_size,
-            optimizer=config.train.optimizer_config(),
-            generator=gen,
-            cost_profile=rt.cost_profile,
-            backward=config.train.backward,
-            grad_filter=config.train.grad_filter(device.grad_filter_r),
-        )
+        # dropout draws from the global RNG: seed it per (client, round, attempt), so a
+        # client's training does not depend on which Ray worker serves it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.run.seed, partition_id, server_round, attempt, 13))
+            result = train_masked(
+                model,
+                data.train,
+                neuron_map=neuron_map,
+                masks=mask_for_epoch,
+                epochs=device.local_epochs,
+                batch_size=device.batch_size,
+                optimizer=config.train.optimizer_config(),
+                generator=gen,
+                cost_profile=rt.cost_profile,
+                backward=config.train.backward,
+                grad_filter=config.train.grad_filter(device.grad_filter_r),
+            )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0
     if faults.crash:

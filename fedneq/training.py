@@ -212,6 +212,8 @@ def _run_epoch(
     total_loss, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if len(idx) == 1 and len(order) > 1:
+            continue  # BatchNorm cannot train on one sample whose feature maps are 1x1
         loss = train_step(model, data.x[idx], data.y[idx], opt, freezer)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at batch starting {start}")

@@ -152,3 +152,18 @@ def test_training_reports_trainable_params_and_rejects_bad_input() -> None:
         OptimizerConfig("lion")
     loss, acc = evaluate(model, toy_data())
     assert loss > 0 and 0 <= acc <= 1
+
+
+def test_a_last_batch_of_one_sample_is_skipped_not_a_batchnorm_crash() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(  # BatchNorm on 1x1 maps, as in MobileNetV2 at 32x32
+        nn.Conv2d(1, 4, 6), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)
+    )
+    nmap = enumerate_neurons(model, always_trained=("4",))
+    mask = nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool))
+    data = toy_data(33)
+    result = train_masked(model, data, neuron_map=nmap, masks=mask, batch_size=16,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.examples == 32
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model.train()(data.x[:1])  # what the skipped batch would have raised
