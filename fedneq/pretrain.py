@@ -27,7 +27,7 @@ from torch import nn
 from fedneq.data import ArrayDataset, class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
 
-__all__ = ["checkpoint_paths", "evaluate", "load_checkpoint", "main", "pretrain"]
+__all__ = ["checkpoint_paths", "evaluate", "limit_subset", "load_checkpoint", "main", "pretrain"]
 
 FORMAT_VERSION = 1
 
@@ -79,6 +79,18 @@ def _train_epoch(
     return total / max(seen, 1)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def limit_subset(ds: ArrayDataset, limit: int, seed: int) -> ArrayDataset:
+    """A seeded random subset of ``limit`` samples, in their original order (all if 0 or >= len)."""
+    if limit <= 0 or limit >= len(ds):
+        return ds
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
+    return ds.subset(keep.sort().values)
+
+
 def _check(arg: str, value: object, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{arg} must be {allowed}, got {value!r}")
@@ -99,6 +111,8 @@ def pretrain(
     image_size: int | None = None,
     width_mult: float = 1.0,
     data_root: str | Path | None = None,
+    train_limit: int = 0,
+    test_limit: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train ``model_name`` on the upstream classes of ``dataset_name`` and save it.
@@ -114,12 +128,16 @@ def pretrain(
         SGD with momentum and weight decay over all parameters; the learning
         rate is cosine-annealed from ``lr`` to 0 over ``epochs``.
     seed:
-        Seeds model initialization, batch order (and dropout) and the
-        ``digits`` split; the global RNG state is left untouched.
+        Seeds model initialization, batch order (and dropout), the
+        ``digits`` split and the ``train_limit`` / ``test_limit`` subsets;
+        the global RNG state is left untouched.
     image_size, data_root:
         Passed to :func:`fedneq.data.get_dataset` (``image_size`` and ``root``).
     width_mult:
         Passed to :func:`fedneq.models.get_model`.
+    train_limit, test_limit:
+        ``> 0``: train / evaluate on a seeded random subset of that many
+        upstream samples (:func:`limit_subset`); 0 (default): all of them.
     log:
         Called with one progress line per epoch (e.g. ``print``).
 
@@ -136,6 +154,8 @@ def pretrain(
     )
     _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 2, "an int >= 2")
     _check("lr", lr, isinstance(lr, int | float) and lr > 0, "a number > 0")
+    for name, value in (("train_limit", train_limit), ("test_limit", test_limit)):
+        _check(name, value, _is_int(value) and value >= 0, "an int >= 0 (0: no limit)")
     model_head(model_name)  # unknown model name: fail before loading data
     splits = get_dataset(dataset_name, root=data_root, image_size=image_size, seed=seed)
     classes = list(
@@ -148,8 +168,8 @@ def pretrain(
         bool(classes) and not bad and len(set(classes)) == len(classes),
         f"distinct ints in [0, {splits.num_classes})",
     )
-    train = class_subset(splits.train, classes)
-    test = class_subset(splits.test, classes)
+    train = limit_subset(class_subset(splits.train, classes), train_limit, seed)
+    test = limit_subset(class_subset(splits.test, classes), test_limit, seed + 1)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -190,6 +210,10 @@ def pretrain(
         "dataset_num_classes": splits.num_classes,
         "upstream_classes": [int(k) for k in classes],
         "test_accuracy": history[-1]["test_accuracy"],
+        "train_samples": len(train),
+        "test_samples": len(test),
+        "train_limit": train_limit,
+        "test_limit": test_limit,
         "seed": seed,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -285,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--width-mult", type=float, default=1.0)
     p.add_argument("--root", type=Path, default=None, help="dataset folder (fashion-mnist, cifar)")
     p.add_argument(
+        "--train-limit", type=int, default=0, help="seeded subset of the upstream train set"
+    )
+    p.add_argument(
+        "--test-limit", type=int, default=0, help="seeded subset of the upstream test set"
+    )
+    p.add_argument(
         "--upstream-classes", default=None, help="comma-separated class ids (default: first half)"
     )
     p.add_argument(
@@ -320,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         image_size=args.image_size,
         width_mult=args.width_mult,
         data_root=args.root,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
         log=lambda line: print(line, flush=True),
     )
     meta = json.loads(checkpoint_paths(path)[1].read_text())

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 from fedneq.data import class_subset, get_dataset
 from fedneq.models import get_model
-from fedneq.pretrain import checkpoint_paths, evaluate, load_checkpoint, main, pretrain
+from fedneq.pretrain import (
+    checkpoint_paths,
+    evaluate,
+    limit_subset,
+    load_checkpoint,
+    main,
+    pretrain,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +109,34 @@ def test_seeded_and_leaves_global_rng_alone(tmp_path: Path) -> None:
     assert a["head.weight"].shape == (2, 64)
 
 
+def test_limit_subset_is_seeded_and_keeps_order() -> None:
+    ds = class_subset(get_dataset("digits", seed=0).train, range(5))
+    sub = limit_subset(ds, 40, seed=7)
+    assert len(sub) == 40
+    assert torch.equal(sub.x, limit_subset(ds, 40, seed=7).x)
+    assert not torch.equal(sub.x, limit_subset(ds, 40, seed=8).x)
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(7))[:40].sort().values
+    assert torch.equal(sub.x, ds.x[keep]) and torch.equal(sub.y, ds.y[keep])
+    assert limit_subset(ds, 0, seed=7) is ds and limit_subset(ds, len(ds), seed=7) is ds
+
+
+def test_train_and_test_limits(tmp_path: Path) -> None:
+    kw = {"epochs": 1, "batch_size": 32, "seed": 3, "train_limit": 100, "test_limit": 50}
+    a = load_file(str(pretrain("small-cnn", "digits", out=tmp_path / "a", **kw)))
+    b = load_file(str(pretrain("small-cnn", "digits", out=tmp_path / "b", **kw)))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "a.json").read_text())
+    assert (meta["train_samples"], meta["test_samples"]) == (100, 50)
+    assert (meta["train_limit"], meta["test_limit"]) == (100, 50)
+    # the recorded accuracy is the one on the seeded test subset (seed + 1)
+    model, _ = load_checkpoint(tmp_path / "a")
+    test = limit_subset(class_subset(get_dataset("digits", seed=3).test, range(5)), 50, seed=4)
+    assert evaluate(model, test) == pytest.approx(meta["test_accuracy"], abs=1e-12)
+    pretrain("small-cnn", "digits", out=tmp_path / "c", epochs=1)
+    unlimited = json.loads((tmp_path / "c.json").read_text())
+    assert unlimited["train_limit"] == 0 and unlimited["train_samples"] > 100
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -110,6 +145,8 @@ def test_seeded_and_leaves_global_rng_alone(tmp_path: Path) -> None:
         ({"lr": -1.0}, "lr must be a number > 0, got -1.0"),
         ({"upstream_classes": [3, 10]}, r"upstream_classes must be distinct ints in \[0, 10\)"),
         ({"upstream_classes": [3, 3]}, r"upstream_classes must be distinct ints"),
+        ({"train_limit": -1}, r"train_limit must be an int >= 0 \(0: no limit\), got -1"),
+        ({"test_limit": 2.5}, r"test_limit must be an int >= 0 \(0: no limit\), got 2.5"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -130,11 +167,13 @@ def test_checkpoint_paths_accepts_stem_or_suffix() -> None:
 
 def test_cli_in_process(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli" / "digits-small"
-    path = main(["--model", "small-cnn", "--dataset", "digits", "--epochs", "2", "--out", str(out)])
+    argv = ["--model", "small-cnn", "--dataset", "digits", "--epochs", "2", "--out", str(out)]
+    path = main([*argv, "--train-limit", "200", "--test-limit", "60"])
     printed = capsys.readouterr().out
     assert "epoch 1/2" in printed and "epoch 2/2" in printed and "saved" in printed
     assert path == out.with_name("digits-small.safetensors") and path.is_file()
-    assert json.loads(out.with_name("digits-small.json").read_text())["epochs"] == 2
+    meta = json.loads(out.with_name("digits-small.json").read_text())
+    assert (meta["epochs"], meta["train_samples"], meta["test_samples"]) == (2, 200, 60)
 
 
 def test_cli_module_entry_point(tmp_path: Path) -> None:

@@ -1,0 +1,857 @@
+"""The paper's comparison, reproduced on one device and in federated learning.
+
+    python -m sims.paper                  # full sweep (3 seeds), then docs/RESULTS.md
+    python -m sims.paper --quick          # 1 seed, 1 budget, fewer epochs/rounds
+    python -m sims.paper --report-only    # regenerate docs/RESULTS.md, run nothing
+
+Claim under test (DESIGN.md §1): at the same parameter budget, velocity-based
+selection beats random selection and matches or beats static Sparse Update,
+close to training everything. A MobileNetV2 pretrained by fedneq on the
+upstream half of Fashion-MNIST's classes is fine-tuned on the other half:
+
+1. ``single`` — one device, the whole (limited) training set: velocity,
+   velocity-per-param, random and static SU-k at each budget tier, and full;
+2. ``homogeneous`` — 50 clients, Dirichlet(1.0), 10 per round, ``neuron-avg``,
+   every client at the tier's budget, plus dense FedAvg;
+3. ``heterogeneous`` — the default mixed fleet (budgets 1 % to 100 %):
+   velocity, random, static (the scheme truncated to each device's budget),
+   everyone at the smallest budget, and FedAvg on the full-budget devices only.
+
+Budget tiers are the paper's SU-1/3/5 schemes: static trains the scheme (at
+its own budget); velocity and random get the scheme's conv-weight parameter
+count (``budget_basis="scheme"``, the paper's protocol; equal to 8.8 / 21.2 /
+30.8 % of the conv weights at width 1.0) or the paper's fraction of this
+model's conv weights (``"paper"``).
+
+Every run writes into ``<out>/<setting>/<tier>/<method>/seed<k>/``; a complete
+run is not run again and an interrupted federated run resumes from its last
+checkpoint, so an interrupted sweep continues where it stopped. The report
+(``<docs>/RESULTS.md``, ``<docs>/results/*.png`` and the compact
+``runs.csv`` / ``curves.csv`` / ``sweep.json`` it is made from) is rewritten
+from the run folders, or from those compact files when the run folders are
+gone; the hand-written reading section of RESULTS.md is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedneq.config import Config
+from fedneq.devices import default_fleet
+from fedneq.pretrain import checkpoint_paths, pretrain
+from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
+from fedneq.task import build_model, load_task
+from sims.compare import summarize
+from sims.results import atomic_write_text, csv_text, read_csv
+
+__all__ = [
+    "FULL",
+    "QUICK",
+    "Plan",
+    "Run",
+    "Tier",
+    "aggregate",
+    "expand",
+    "render_page",
+    "run_config",
+    "run_sweep",
+    "summarize_run",
+    "tier_budgets",
+    "write_report",
+]
+
+SETTINGS = ("single", "homogeneous", "heterogeneous")
+BUDGETED = ("velocity", "velocity-per-param", "random", "static")
+HETERO_METHODS = ("velocity", "random", "static", "smallest", "fedavg-phones")
+PAPER_FRACTION = {"SU-1": 0.088, "SU-3": 0.212, "SU-5": 0.308}  # of MobileNetV2's conv weights
+BASES = ("scheme", "paper")
+REPO = Path(__file__).resolve().parents[1]
+READING_START = "<!-- reading:start (hand-written; kept when the page is regenerated) -->"
+READING_END = "<!-- reading:end -->"
+
+SUMMARY_COLUMNS = (
+    "setting", "tier", "method", "seed", "final_accuracy", "best_accuracy", "steps_to_95",
+    "upload_mb", "flops_saved", "peak_memory_mb", "trainable_fraction", "failed_clients", "seconds",
+)  # fmt: skip
+METRICS = SUMMARY_COLUMNS[4:]
+CURVE_COLUMNS = ("setting", "tier", "method", "seed", "step", "accuracy", "cum_bytes_up")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a sweep runs. :data:`FULL` and :data:`QUICK` are the shipped plans.
+
+    The pretraining fields are the same in both, so ``--quick`` and the full
+    sweep share one upstream checkpoint (cached next to the output folders,
+    ``<out>/../_pretrained``). A ``*_limit`` of 0 means all the samples.
+    """
+
+    name: str = "full"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    tiers: tuple[str, ...] = ("SU-1", "SU-3", "SU-5")
+    settings: tuple[str, ...] = SETTINGS
+    budget_basis: str = "scheme"
+    epochs: int = 6  # single device
+    rounds: int = 12  # federated
+    dataset: str = "fashion-mnist"
+    image_size: int = 32
+    width_mult: float = 0.5
+    single_train_limit: int = 2010  # 10 probe + 2000 training samples
+    fed_train_limit: int = 5000  # pool split over the clients
+    test_limit: int = 1000
+    num_clients: int = 50
+    clients_per_round: int = 10
+    alpha: float = 1.0  # not 0.5: there even dense FedAvg stays at chance (BN under label skew)
+    min_partition_size: int = 15
+    probe_size: int = 10
+    batch_size: int = 32
+    local_epochs: int = 2  # federated; velocity re-selects in between, even at a first round
+    single_lr: float = 0.01
+    fed_lr: float = 0.003  # 0.005-0.01 with 2 local epochs: even dense FedAvg collapses to chance
+    hetero_scheme: str = "SU-5"
+    pretrain_epochs: int = 4
+    pretrain_train_limit: int = 0
+    pretrain_test_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds should be a non-empty tuple of ints >= 0, got {self.seeds!r}")
+        for name, values, allowed in (
+            ("tiers", self.tiers, tuple(PAPER_FRACTION)),
+            ("settings", self.settings, SETTINGS),
+        ):
+            bad = [v for v in values if v not in allowed]
+            if not values or bad:
+                raise ValueError(
+                    f"{name} should be a non-empty subset of {allowed}, got {values!r}"
+                )
+        if self.budget_basis not in BASES:
+            raise ValueError(f"budget_basis should be one of {BASES}, got {self.budget_basis!r}")
+        get_scheme(self.hetero_scheme)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if value < 0 or (value == 0 and not f.name.endswith("_limit")):
+                bound = ">= 0" if f.name.endswith("_limit") else "> 0"
+                raise ValueError(f"{f.name} should be {bound}, got {value!r}")
+
+
+FULL = Plan()
+QUICK = dataclasses.replace(
+    FULL, name="quick", seeds=(0,), tiers=("SU-1",), epochs=3, rounds=5, single_train_limit=1010
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the sweep."""
+
+    setting: str  # one of SETTINGS
+    tier: str  # "SU-1" | "SU-3" | "SU-5" | "full" | "mixed"
+    method: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Its folder under the output directory."""
+        return f"{self.setting}/{self.tier}/{self.method}/seed{self.seed}"
+
+    @property
+    def federated(self) -> bool:
+        return self.setting != "single"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A budget tier: an SU scheme and the budget velocity / random get next to it."""
+
+    name: str
+    scheme_conv_params: int  # conv weights the scheme trains (the paper's accounting)
+    conv_params: int  # all conv weights of the model
+    budget: int  # selection budget of velocity / random, in parameters (fedneq's neuron cost)
+
+    @property
+    def fraction(self) -> float:
+        """The selection budget as a fraction of the conv weights."""
+        return self.budget / self.conv_params
+
+
+def expand(plan: Plan) -> list[Run]:
+    """Every run of ``plan``, seed by seed (an interrupted sweep has whole seeds done)."""
+    runs: list[Run] = []
+    for seed in plan.seeds:
+        for setting in plan.settings:
+            if setting == "heterogeneous":
+                runs += [Run(setting, "mixed", m, seed) for m in HETERO_METHODS]
+                continue
+            for tier in plan.tiers:
+                runs += [Run(setting, tier, m, seed) for m in BUDGETED]
+            runs.append(Run(setting, "full", "full" if setting == "single" else "fedavg", seed))
+    return runs
+
+
+def tier_budgets(plan: Plan, model: torch.nn.Module) -> dict[str, Tier]:
+    """The budget of every tier of ``plan`` for ``model`` (a torchvision MobileNetV2)."""
+    total = conv_weight_params(model)
+    tiers = {}
+    for name in plan.tiers:
+        own = scheme_conv_weight_params(get_scheme(name), model)
+        budget = own if plan.budget_basis == "scheme" else int(PAPER_FRACTION[name] * total)
+        tiers[name] = Tier(name, own, total, budget)
+    return tiers
+
+
+def base_config(plan: Plan, out_dir: Path, checkpoint: str | Path = "") -> Config:
+    """The configuration every run of ``plan`` starts from (federated data limits)."""
+    return Config.from_dict({
+        "run": {"name": "paper", "rounds": plan.rounds, "num_clients": plan.num_clients,
+                "clients_per_round": plan.clients_per_round, "out_dir": str(out_dir)},
+        "data": {"dataset": plan.dataset, "image_size": plan.image_size, "classes": "downstream",
+                 "partition": "dirichlet", "alpha": plan.alpha, "probe_size": plan.probe_size,
+                 "min_partition_size": plan.min_partition_size, "test_fraction": 0.0,
+                 "train_limit": plan.fed_train_limit, "test_limit": plan.test_limit},
+        "model": {"name": "mobilenet_v2", "width_mult": plan.width_mult, "checkpoint": str(checkpoint)},
+        "selection": {"selector": "velocity", "initializer": "random"},
+        "train": {"lr": plan.fed_lr},
+        "strategy": {"name": "neuron-avg"},
+        "fleet": {"preset": "homogeneous", "budget": 1.0, "batch_size": plan.batch_size,
+                  "local_epochs": plan.local_epochs},
+    })  # fmt: skip
+
+
+def _full_budget_classes() -> list[str]:
+    return [d.name for d, _ in default_fleet().classes if d.budget == 1.0]
+
+
+def _smallest_budget() -> float:
+    return min(float(d.budget) for d, _ in default_fleet().classes)
+
+
+def run_budget(run: Run, tiers: dict[str, Tier]) -> int | float:
+    """The selection budget of a single-device or homogeneous run (1.0: the selector's own)."""
+    if run.method in BUDGETED and run.method != "static":
+        return tiers[run.tier].budget
+    return 1.0
+
+
+def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Config:
+    """The full configuration of one run (``base`` from :func:`base_config`)."""
+    run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
+    data: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    if run.setting == "single":
+        data["train_limit"] = plan.single_train_limit
+        train["lr"] = plan.single_lr
+    selection = {"selector": run.method, "scheme": ""}
+    fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
+    strategy = {"name": "neuron-avg"}
+    if run.setting == "heterogeneous":
+        fleet = {"preset": "default"}
+        if run.method == "static":
+            selection["scheme"] = plan.hetero_scheme
+        elif run.method == "smallest":
+            selection["selector"] = "velocity"
+            fleet = {"preset": "homogeneous", "budget": _smallest_budget()}
+        elif run.method == "fedavg-phones":
+            selection["selector"] = "full"
+            strategy["name"] = "fedavg"
+            phones = _full_budget_classes()
+            devices = default_fleet().assign(plan.num_clients, run.seed)
+            eligible = sum(d.name in phones for d in devices)
+            run_table |= {
+                "participants": phones,
+                "clients_per_round": min(plan.clients_per_round, eligible),
+            }
+        elif run.method not in HETERO_METHODS:
+            raise ValueError(
+                f"heterogeneous method should be one of {HETERO_METHODS}, got {run.method!r}"
+            )
+    elif run.method == "fedavg":
+        selection["selector"] = "full"
+        strategy["name"] = "fedavg"
+    elif run.method == "static":
+        selection["scheme"] = run.tier
+    elif run.method in BUDGETED:
+        fleet["budget"] = run_budget(run, tiers)
+    elif run.method != "full":
+        raise ValueError(f"method {run.method!r} is not part of setting {run.setting!r}")
+    return base.replace(
+        run=run_table, data=data, train=train, selection=selection, fleet=fleet, strategy=strategy
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+def pretrained_checkpoint(plan: Plan, cache_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """Pretrain MobileNetV2 on the upstream classes once; later sweeps reuse the file."""
+    spec = {
+        "dataset": plan.dataset, "image_size": plan.image_size, "width_mult": plan.width_mult,
+        "epochs": plan.pretrain_epochs, "train_limit": plan.pretrain_train_limit,
+        "test_limit": plan.pretrain_test_limit, "seed": 0,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / f"mobilenet_v2-{plan.dataset}-{key}"
+    weights, _ = checkpoint_paths(out)
+    if not weights.exists():
+        log(f"[paper] pretraining mobilenet_v2 on the upstream classes of {plan.dataset} -> {out}")
+        pretrain(
+            "mobilenet_v2", plan.dataset, out=out, epochs=plan.pretrain_epochs, seed=0,
+            image_size=plan.image_size, width_mult=plan.width_mult,
+            train_limit=plan.pretrain_train_limit, test_limit=plan.pretrain_test_limit,
+            log=lambda line: log(f"[paper] pretrain {line}"),
+        )  # fmt: skip
+    return weights
+
+
+def is_complete(plan: Plan, run: Run, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds all epochs / rounds of ``run``."""
+    if run.federated:
+        path = run_dir / "rounds.csv"
+        return path.exists() and len(read_csv(path)) == plan.rounds
+    path = run_dir / "single_device.csv"
+    return path.exists() and len(read_csv(path)) == plan.epochs + 1  # + epoch 0
+
+
+def _single_job(
+    config_json: str, selector: str, budget: int | float, epochs: int, run_dir: str
+) -> float:
+    """A single-device run in a worker process (1 torch thread); returns its wall seconds."""
+    from sims.single_device import run_single_device
+
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    run_single_device(
+        Config.from_json(config_json), selectors=[selector], budget=budget, epochs=epochs,
+        out_dir=Path(run_dir),
+    )  # fmt: skip
+    return time.monotonic() - t0
+
+
+def _federated_job(config: Config, run_dir: Path) -> float:
+    from sims.run import simulate
+
+    t0 = time.monotonic()
+    simulate(config, run_dir, resume=run_dir.exists())
+    for bulky in ("checkpoint", "client_state"):  # only needed to resume; the run is complete
+        shutil.rmtree(run_dir / bulky, ignore_errors=True)
+    return time.monotonic() - t0
+
+
+def run_sweep(
+    plan: Plan,
+    out_dir: Path,
+    *,
+    runs: Sequence[Run] | None = None,
+    jobs: int = 2,
+    command: str = "run_sweep()",
+    pretrained_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Run every incomplete run of ``plan`` (or of ``runs``); returns the keys of failed runs.
+
+    Single-device runs go to ``jobs`` worker processes (1 torch thread each);
+    federated runs run one after another (each uses Ray with 1 CPU per client).
+    The upstream checkpoint is cached in ``pretrained_dir`` (default
+    ``<out_dir>/../_pretrained``, shared by the sweeps next to each other).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs should be >= 1, got {jobs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    started = time.time()
+    ckpt = pretrained_checkpoint(plan, pretrained_dir or out_dir.parent / "_pretrained", log)
+    base = base_config(plan, out_dir, ckpt.resolve())
+    tiers = tier_budgets(plan, build_model(base, load_task(base))[0])
+    meta = _sweep_meta(plan, out_dir, tiers, ckpt)
+    atomic_write_text(out_dir / "sweep.json", json.dumps(meta, indent=1))  # report-only works now
+    runs = list(expand(plan) if runs is None else runs)
+    todo = [r for r in runs if not is_complete(plan, r, out_dir / r.key)]
+    log(
+        f"[paper] {len(runs) - len(todo)} of {len(runs)} runs complete in {out_dir}, {len(todo)} to run"
+    )
+    failed: list[str] = []
+    done = 0
+
+    def finished(run: Run, seconds: float | None, error: BaseException | None = None) -> None:
+        nonlocal done
+        done += 1
+        if error is not None:
+            failed.append(run.key)
+            log(f"[paper] FAILED {run.key}: {type(error).__name__}: {error}")
+            return
+        atomic_write_text(out_dir / run.key / "harness.json", json.dumps({"seconds": seconds}))
+        log(f"[paper] {done}/{len(todo)} {run.key} done in {seconds:.0f} s "
+            f"({(time.time() - started) / 60:.1f} min so far)")  # fmt: skip
+
+    singles = [r for r in todo if not r.federated]
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(
+                _single_job, run_config(plan, r, base, tiers).to_json(), r.method,
+                run_budget(r, tiers), plan.epochs, str(out_dir / r.key),
+            ): r
+            for r in singles
+        }  # fmt: skip
+        for future in cf.as_completed(futures):
+            error = future.exception()
+            finished(futures[future], None if error else future.result(), error)
+    for run in (r for r in todo if r.federated):
+        log(f"[paper] running {run.key}")
+        try:
+            finished(run, _federated_job(run_config(plan, run, base, tiers), out_dir / run.key))
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the sweep
+            finished(run, None, error)
+    meta["invocations"].append({
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1), "runs": len(todo), "failed": failed,
+        "command": command,
+    })  # fmt: skip
+    atomic_write_text(out_dir / "sweep.json", json.dumps(meta, indent=1))
+    return failed
+
+
+def _sweep_meta(plan: Plan, out_dir: Path, tiers: dict[str, Tier], ckpt: Path) -> dict[str, Any]:
+    path = out_dir / "sweep.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old and old.get("plan") != _plan_dict(plan):
+        raise ValueError(
+            f"{out_dir} holds a sweep of another plan ({old.get('plan')}); use another --out"
+        )
+    ck_meta = json.loads(checkpoint_paths(ckpt)[1].read_text())
+    return {
+        "plan": _plan_dict(plan),
+        "tiers": {n: dataclasses.asdict(t) | {"fraction": t.fraction} for n, t in tiers.items()},
+        "checkpoint": {"file": ckpt.name, "upstream_test_accuracy": ck_meta["test_accuracy"],
+                       "train_samples": ck_meta.get("train_samples")},
+        "hardware": hardware(),
+        "git": git_info(),
+        "invocations": old.get("invocations", []),
+    }  # fmt: skip
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(plan)))  # tuples -> lists, as stored
+
+
+def hardware() -> dict[str, Any]:
+    """CPU model (``/proc/cpuinfo``), cores, memory and library versions of this machine."""
+    cpu, mem = platform.processor() or "unknown", None
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    if Path("/proc/meminfo").exists():
+        line = next(
+            ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+        )
+        mem = round(int(line.split()[1]) / 2**20, 1)
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
+        "torch": torch.__version__, "flwr": metadata.version("flwr"),
+    }  # fmt: skip
+
+
+def git_info() -> dict[str, Any]:
+    """The fedneq commit and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- results
+
+
+def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(summary row, accuracy curve rows)`` of a complete run folder.
+
+    The summary reuses :func:`sims.compare.summarize` (final and best accuracy,
+    rounds to 95 % of the run's best, upload, FLOPs saved); single-device
+    epochs count as rounds (epoch 0, before training, is only on the curve).
+    """
+    ident = {"setting": run.setting, "tier": run.tier, "method": run.method, "seed": run.seed}
+    if run.federated:
+        rows = read_csv(run_dir / "rounds.csv")
+        memory = [r["memory_estimate_bytes"] for r in read_csv(run_dir / "clients.csv")]
+        curve = [(int(r["round"]), r["accuracy"], r["cum_bytes_up"]) for r in rows]
+    else:
+        epochs = read_csv(run_dir / "single_device.csv")
+        rows = [
+            {"accuracy": r["accuracy"], "cum_bytes_up": "nan", "failed": "0", "rejected": "0",
+             "mean_trainable_fraction": r["trainable_fraction"], "mean_flops_saved": r["flops_saved"]}
+            for r in epochs if int(r["epoch"]) > 0
+        ]  # fmt: skip
+        memory = [r["memory_estimate_bytes"] for r in epochs]
+        curve = [(int(r["epoch"]), r["accuracy"], "nan") for r in epochs]
+    s = summarize(run.key, rows)
+    harness = run_dir / "harness.json"
+    summary = ident | {
+        "final_accuracy": s["final_accuracy"],
+        "best_accuracy": s["best_accuracy"],
+        "steps_to_95": s["rounds_to_95pct_best"],
+        "upload_mb": s["upload_mb"],
+        "flops_saved": s["mean_flops_saved"],
+        "peak_memory_mb": max((float(m) for m in memory if m != ""), default=math.nan) / 1e6,
+        "trainable_fraction": s["mean_trainable_fraction"],
+        "failed_clients": s["failed_clients"],
+        "seconds": json.loads(harness.read_text())["seconds"] if harness.exists() else math.nan,
+    }
+    curves = [
+        ident | {"step": k, "accuracy": float(a), "cum_bytes_up": float(b)} for k, a, b in curve
+    ]
+    return summary, curves
+
+
+def aggregate(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std (ddof=1; NaN with one seed) over seeds of every metric, per method."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for s in summaries:
+        groups.setdefault((s["setting"], s["tier"], s["method"]), []).append(s)
+    table = []
+    for (setting, tier, method), rows in groups.items():
+        row: dict[str, Any] = {
+            "setting": setting,
+            "tier": tier,
+            "method": method,
+            "seeds": len(rows),
+        }
+        for m in METRICS:
+            values = np.array([float(r[m]) for r in rows], dtype=float)
+            row[f"{m}_mean"] = float(values.mean())
+            row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        table.append(row)
+    return table
+
+
+def mean_std(mean: float, std: float, *, scale: float = 1.0, digits: int = 1) -> str:
+    """``"84.3 ± 0.5"``; the mean alone when std is NaN; ``"—"`` when the mean is NaN."""
+    if math.isnan(mean):
+        return "—"
+    text = f"{mean * scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- report
+
+METHOD_LABELS = {
+    "velocity": "velocity",
+    "velocity-per-param": "velocity / param",
+    "random": "random",
+    "full": "full training",
+    "fedavg": "FedAvg (dense, full budget)",
+    "smallest": "everyone at the smallest budget (velocity)",
+    "fedavg-phones": "FedAvg, full-budget devices only",
+}
+STEP_NAMES = {"single": "epoch", "homogeneous": "round", "heterogeneous": "round"}
+TITLES = {
+    "single": "1. Single device",
+    "homogeneous": "2. Federated, homogeneous fleet",
+    "heterogeneous": "3. Federated, heterogeneous fleet",
+}
+
+
+def method_label(setting: str, tier: str, method: str, plan: dict[str, Any]) -> str:
+    if method == "static":
+        if setting == "heterogeneous":
+            return f"static {plan['hetero_scheme']} (truncated to each budget)"
+        return f"static {tier}"
+    return METHOD_LABELS.get(method, method)
+
+
+def tier_label(tier: str, tiers: dict[str, dict[str, Any]]) -> str:
+    if tier in tiers:
+        return f"{tier} ({100 * tiers[tier]['fraction']:.1f} %)"
+    return {"full": "100 %", "mixed": "mixed 1–100 %"}.get(tier, tier)
+
+
+def markdown_table(table: Sequence[dict[str, Any]], setting: str, meta: dict[str, Any]) -> str:
+    """The table of one setting: mean ± std over seeds of each metric."""
+    step = STEP_NAMES[setting]
+    columns: list[tuple[str, str, float, int]] = [  # header, metric, scale, digits
+        ("final acc. (%)", "final_accuracy", 100, 1),
+        ("best acc. (%)", "best_accuracy", 100, 1),
+        (f"{step}s to 95 % of best", "steps_to_95", 1, 1),
+        ("upload (MB)", "upload_mb", 1, 1),
+        ("FLOPs saved (%)", "flops_saved", 100, 1),
+        ("peak memory (MB)", "peak_memory_mb", 1, 1),
+        ("trained params (%)", "trainable_fraction", 100, 1),
+    ]
+    if setting == "single":
+        columns = [c for c in columns if c[1] != "upload_mb"]
+    head = ["budget", "method", *(c[0] for c in columns), "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mine = [r for r in table if r["setting"] == setting]
+    for row in mine:
+        cells = [tier_label(row["tier"], meta["tiers"]),
+                 method_label(setting, row["tier"], row["method"], meta["plan"])]  # fmt: skip
+        cells += [
+            mean_std(row[f"{m}_mean"], row[f"{m}_std"], scale=s, digits=d) for _, m, s, d in columns
+        ]
+        lines.append("| " + " | ".join([*cells, str(row["seeds"])]) + " |")
+    seconds = [r["seconds_mean"] for r in mine if not math.isnan(r["seconds_mean"])]
+    if seconds:
+        lines.append(f"\nMean wall time per run: {np.mean(seconds):.0f} s.")
+    failed = sum(r["failed_clients_mean"] * r["seeds"] for r in mine)
+    if failed:
+        lines.append(f"\nFailed or rejected client replies in this setting: {failed:.0f} in all "
+                     "(see the runs' clients.csv).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_setting(
+    curves: Sequence[dict[str, Any]], setting: str, meta: dict[str, Any], out_dir: Path
+) -> list[Path]:
+    """Accuracy vs epoch/round (and vs cumulative upload), mean ± std over seeds, one panel per tier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine = [c for c in curves if c["setting"] == setting]
+    tiers = [t for t in dict.fromkeys(c["tier"] for c in mine) if t not in ("full",)]
+    shared = [c for c in mine if c["tier"] == "full"]  # drawn in every panel
+    xs = [("step", STEP_NAMES[setting], "accuracy")]
+    if setting != "single":
+        xs.append(("cum_bytes_up", "cumulative upload (MB)", "accuracy_vs_upload"))
+    paths = []
+    for x_key, x_label, suffix in xs:
+        fig, axes = plt.subplots(
+            1, max(1, len(tiers)), figsize=(5 * max(1, len(tiers)), 3.8), squeeze=False
+        )
+        for ax, tier in zip(axes[0], tiers or ["full"], strict=False):
+            panel = [c for c in mine if c["tier"] == tier] + (shared if tier != "full" else [])
+            for (t, method), points in _by_method(panel).items():
+                x, mean, std = _curve(points, x_key)
+                label = method_label(setting, t, method, meta["plan"])
+                ax.plot(x, 100 * mean, marker="o", ms=2.5, label=label)
+                ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
+            ax.set_title(tier_label(tier, meta["tiers"]), fontsize=9)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{setting}_{suffix}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _by_method(points: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["tier"], p["method"]), []).append(p)
+    return groups
+
+
+def _curve(points: Sequence[dict[str, Any]], x_key: str) -> tuple[np.ndarray, ...]:
+    """Per step over seeds: x (step, or mean upload in MB), mean and std of the accuracy."""
+    steps = sorted({p["step"] for p in points})
+    at = [[p for p in points if p["step"] == k] for k in steps]
+    acc = [np.array([p["accuracy"] for p in group]) for group in at]
+    if x_key == "step":
+        x = np.array(steps, dtype=float)
+    else:
+        x = np.array([np.mean([p["cum_bytes_up"] for p in group]) for group in at]) / 1e6
+    return x, np.array([a.mean() for a in acc]), np.array([a.std() for a in acc])
+
+
+def render_page(
+    table: Sequence[dict[str, Any]], meta: dict[str, Any], plots: dict[str, list[str]], reading: str
+) -> str:
+    """RESULTS.md: setup, one section per setting (table + plots), the hand-written reading."""
+    plan, hw, git = meta["plan"], meta["hardware"], meta["git"]
+    quick = plan["name"] == QUICK.name
+    total = sum(i["seconds"] for i in meta.get("invocations", []))
+    commands = sorted({i["command"] for i in meta.get("invocations", [])}) or ["(unknown)"]
+    lines = [
+        "# Results: velocity-based selection vs random, static Sparse Update and full training",
+        "",
+        "<!-- Generated by `python -m sims.paper` (regenerate: `python -m sims.paper --report-only`). "
+        "Edit only the reading section at the end. -->",
+        "",
+        *(["> **Preliminary:** these are `--quick` results (one seed, one budget tier, few epochs "
+           "and rounds), not the full sweep.", ""] if quick else []),  # fmt: skip
+        f"* Command: {', '.join(f'`{c}`' for c in commands)}",
+        f"* Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB; Python {hw['python']}, "
+        f"torch {hw['torch']}, flwr {hw['flwr']}",
+        f"* fedneq commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",
+        f"* Wall time of the sweep: {total / 60:.1f} min (machine shared with other jobs: timings are pessimistic)",
+        f"* Seeds: {', '.join(map(str, plan['seeds']))}; mean ± std (ddof 1) over seeds.",
+        "",
+        "## Setup",
+        "",
+        f"MobileNetV2 (torchvision, width {plan['width_mult']}, {plan['image_size']}×{plan['image_size']} "
+        f"inputs) pretrained by fedneq on the upstream classes 0–4 of {plan['dataset']} "
+        f"({plan['pretrain_epochs']} epochs on {meta['checkpoint']['train_samples']} images, upstream test "
+        f"accuracy {100 * meta['checkpoint']['upstream_test_accuracy']:.1f} %), fine-tuned with a "
+        f"fresh head on classes 5–9 (SGD with momentum 0.9, batch {plan['batch_size']}, lr "
+        f"{plan['single_lr']} on one device, {plan['fed_lr']} in federated runs). "
+        "One upstream checkpoint serves every seed and method; the seed sets the head, the data "
+        f"subsets, the batch order and the selections. Test accuracy on {plan['test_limit']} held-out "
+        "downstream images.",
+        "",
+        f"* **Single device**: {plan['single_train_limit'] - plan['probe_size']} training images, "
+        f"{plan['probe_size']} probe images, {plan['epochs']} epochs, re-selection after every epoch.",
+        f"* **Federated**: {plan['fed_train_limit']} images over {plan['num_clients']} clients "
+        f"(Dirichlet α = {plan['alpha']}), {plan['clients_per_round']} clients per round, "
+        f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, `neuron-avg` aggregation, {plan['probe_size']} probe "
+        "images per client; velocity state kept on each client between participations.",
+        "* **Heterogeneous fleet**: fedneq's default fleet, 30 % mcu (1 %), 40 % pi-zero (5 %), "
+        "20 % pi-4 (20 %), 10 % phone (100 % of the selectable parameters), all at batch "
+        f"{plan['batch_size']}. Static: scheme {plan['hetero_scheme']} truncated to each device's "
+        "budget (its neurons in layer order, then by weight norm). FedAvg-phones: only the phones "
+        "take part, so fewer clients per round.",
+        "",
+        "Budget tiers (the paper's Sparse Update schemes). Static trains the scheme; velocity and "
+        + ("random get the scheme's conv-weight parameter count (the paper's protocol)"
+           if plan["budget_basis"] == "scheme" else "random get the paper's fraction of this model's conv weights")
+        + ". fedneq counts a neuron's BatchNorm weight and bias in its cost, so at the same budget "
+        "velocity and random train slightly fewer conv weights than that count; static also trains "
+        "its BN neurons' parameters and the biases of the last convs outside the budget (the "
+        "`trained params` column shows what each method actually trained). The classifier head "
+        "is always trained, outside every budget.",
+        "",
+        "| tier | scheme's conv weights | of all conv weights | velocity / random budget (params) | paper |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, t in meta["tiers"].items():
+        lines.append(
+            f"| {name} | {t['scheme_conv_params']:,} | {100 * t['scheme_conv_params'] / t['conv_params']:.1f} % "
+            f"| {t['budget']:,} | {100 * PAPER_FRACTION[name]:.1f} % |"
+        )
+    for setting in plan["settings"]:
+        if not any(r["setting"] == setting for r in table):
+            continue
+        lines += ["", f"## {TITLES[setting]}", "", markdown_table(table, setting, meta), ""]
+        lines += [
+            f"![{setting}: {Path(p).stem}](results/{Path(p).name})" for p in plots.get(setting, [])
+        ]
+    lines += ["", "## Reading", "", READING_START, reading.strip("\n"), READING_END, ""]
+    return "\n".join(lines)
+
+
+def existing_reading(page: Path) -> str:
+    """The hand-written reading section of an existing RESULTS.md (a placeholder if none)."""
+    text = page.read_text() if page.exists() else ""
+    if READING_START in text and READING_END in text:
+        return text.split(READING_START, 1)[1].split(READING_END, 1)[0]
+    return ("\n_To be written by hand after the full sweep: where velocity wins, ties or loses "
+            "against random, static SU and full training, compared with the paper's table._\n")  # fmt: skip
+
+
+def collect(plan: Plan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Summaries and curves of the complete runs of ``plan`` under ``out_dir``."""
+    summaries, curves = [], []
+    for run in expand(plan):
+        if is_complete(plan, run, out_dir / run.key):
+            s, c = summarize_run(run, out_dir / run.key)
+            summaries.append(s)
+            curves += c
+    return summaries, curves
+
+
+def write_report(out_dir: Path | None, docs_dir: Path) -> Path:
+    """Rewrite ``<docs>/RESULTS.md`` and ``<docs>/results/`` from the runs under ``out_dir``.
+
+    With ``out_dir`` None (or holding no sweep) the page is rebuilt from the
+    compact ``runs.csv`` / ``curves.csv`` / ``sweep.json`` already in ``<docs>/results``.
+    """
+    res = Path(docs_dir) / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None and (Path(out_dir) / "sweep.json").exists():
+        meta = json.loads((Path(out_dir) / "sweep.json").read_text())
+        plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["plan"].items()})
+        summaries, curves = collect(plan, Path(out_dir))
+        atomic_write_text(res / "runs.csv", csv_text(SUMMARY_COLUMNS, summaries))
+        atomic_write_text(res / "curves.csv", csv_text(CURVE_COLUMNS, curves))
+        atomic_write_text(res / "sweep.json", json.dumps(meta, indent=1))
+    elif (res / "sweep.json").exists():
+        meta = json.loads((res / "sweep.json").read_text())
+    else:
+        raise FileNotFoundError(f"no sweep.json in {out_dir} or {res}: run the sweep first")
+    summaries = [_numeric(r, ("seed", *METRICS)) for r in read_csv(res / "runs.csv")]
+    curves = [
+        _numeric(r, ("seed", "step", "accuracy", "cum_bytes_up"))
+        for r in read_csv(res / "curves.csv")
+    ]
+    table = aggregate(summaries)
+    plots = {s: [str(p) for p in plot_setting(curves, s, meta, res)]
+             for s in meta["plan"]["settings"] if any(c["setting"] == s for c in curves)}  # fmt: skip
+    page = Path(docs_dir) / "RESULTS.md"
+    atomic_write_text(page, render_page(table, meta, plots, existing_reading(page)))
+    return page
+
+
+def _numeric(row: dict[str, str], keys: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(row)
+    for k in keys:
+        out[k] = float(row[k]) if row[k] != "" else math.nan
+    out["seed"] = int(out["seed"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sims.paper", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="1 seed, 1 budget tier, fewer epochs/rounds"
+    )
+    p.add_argument(
+        "--out", type=Path, help="run folders (default results/paper or results/paper-quick)"
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        help="where RESULTS.md and results/ go (default docs, or <out> with --quick)",
+    )
+    p.add_argument("--report-only", action="store_true", help="regenerate the report, run nothing")
+    p.add_argument("--jobs", type=int, default=2, help="parallel single-device runs (default 2)")
+    args = p.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out = args.out or Path("results") / ("paper-quick" if args.quick else "paper")
+    docs = args.docs or (out if args.quick else Path("docs"))
+    failed: list[str] = []
+    if not args.report_only:
+        t0 = time.monotonic()
+        command = " ".join(["python -m sims.paper", *(argv if argv is not None else sys.argv[1:])])
+        failed = run_sweep(plan, out, jobs=args.jobs, command=command)
+        print(f"[paper] sweep finished in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
+    page = write_report(out, docs)
+    print(f"[paper] report: {page}", flush=True)
+    if failed:
+        print(
+            f"[paper] {len(failed)} runs failed: {', '.join(failed)}; rerun to retry them",
+            flush=True,
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
