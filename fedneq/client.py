@@ -219,6 +219,7 @@ def client_round(
                 cost_profile=rt.cost_profile,
                 backward=config.train.backward,
                 grad_filter=config.train.grad_filter(device.grad_filter_r),
+                bn_stats=config.train.bn_stats,
             )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0

@@ -10,7 +10,8 @@ see ``sims/configs/default.toml``)::
                  train_limit, test_limit
     [model]      name, width_mult, checkpoint, pretrain_epochs, head
     [selection]  selector, rule, initializer, scheme, velocity_mode, mu, storage_dtype
-    [train]      optimizer, lr, momentum, weight_decay, backward, grad_filter_last_k
+    [train]      optimizer, lr, momentum, weight_decay, backward, grad_filter_last_k,
+                 bn_stats
     [strategy]   name, options (a table passed to the strategy's constructor)
     [fleet]      preset ("default" | "homogeneous"), budget, local_epochs,
                  batch_size, classes (array of tables, see fedneq.devices)
@@ -35,7 +36,7 @@ from fedneq.devices import DeviceProfile, Fleet, default_fleet, homogeneous_flee
 from fedneq.grad_filter import GradFilterConfig
 from fedneq.partition import PartitionSpec
 from fedneq.sparse_backward import BACKWARDS
-from fedneq.training import OptimizerConfig
+from fedneq.training import BN_STATS, OptimizerConfig
 
 __all__ = ["Config", "load_config"]
 
@@ -154,10 +155,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     backward: str = "sparse"  # "sparse" | "masked" (fedneq.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
+    bn_stats: str = "selected"  # "all": every BatchNorm updates and uploads its running statistics
 
     def __post_init__(self) -> None:
         self.optimizer_config()
         _check_choice("train", "backward", self.backward, BACKWARDS)
+        _check_choice("train", "bn_stats", self.bn_stats, BN_STATS)
         _check_positive("train", "grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
 
     def optimizer_config(self) -> OptimizerConfig:

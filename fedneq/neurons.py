@@ -102,6 +102,12 @@ class NeuronMap:
                 return layer
         raise KeyError(f"no selectable layer named {name!r}; known: {[lay.name for lay in self.layers]}")
 
+    def statistic_tensors(self) -> frozenset[str]:
+        """The neuron layers' buffers (BatchNorm running statistics), keyed as in state_dict."""
+        return frozenset(
+            key for layer in self.layers for key in layer.tensors if key not in layer.param_tensors
+        )
+
     def empty_mask(self) -> torch.Tensor:
         return torch.zeros(self.num_neurons, dtype=torch.bool)
 

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
+BN_STATS = ("selected", "all")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def train_masked(
     generator: torch.Generator,
     cost_profile: CostProfile | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    bn_stats: str = "selected",
     backward: str = "sparse",
     grad_filter: GradFilterConfig | None = None,
 ) -> TrainResult:
@@ -127,6 +129,13 @@ def train_masked(
         none is given) to leave layers too small to gain alone.
     on_epoch_end:
         Called with each epoch's stats (e.g. to evaluate the model).
+    bn_stats:
+        ``"selected"`` (default): BatchNorm running statistics travel with
+        their neuron, so a frozen neuron's statistics stay bit-identical.
+        ``"all"``: every BatchNorm keeps estimating its statistics (buffers,
+        no gradient, outside any budget), and the returned mask sends them
+        whole. Frozen channels then normalize with statistics of the data
+        the model now sees instead of the upstream task's.
     backward:
         ``"sparse"`` (default): weight gradients of the selected rows only
         (:mod:`fedneq.sparse_backward`); ``"masked"``: the full backward with
@@ -145,7 +154,15 @@ def train_masked(
         raise ValueError(f"batch_size should be >= 1, got {batch_size}")
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
-    mask_for = masks if callable(masks) else (lambda _epoch: masks)
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats should be one of {BN_STATS}, got {bn_stats!r}")
+    given = masks if callable(masks) else (lambda _epoch: masks)
+    statistics = neuron_map.statistic_tensors() if bn_stats == "all" else frozenset()
+
+    def mask_for(epoch: int) -> TrainMask:
+        mask = given(epoch)
+        return TrainMask(mask.neurons, mask.full_tensors | statistics) if statistics else mask
+
 
     shapes = cost_profile
     if backward == "sparse" and shapes is None:

@@ -100,7 +100,7 @@ def run_single_device(
                 model, train, neuron_map=neuron_map, masks=mask_for_epoch, epochs=epochs,
                 batch_size=config.fleet.batch_size, optimizer=config.train.optimizer_config(),
                 generator=gen, cost_profile=profile, on_epoch_end=record,
-                backward=config.train.backward,
+                backward=config.train.backward, bn_stats=config.train.bn_stats,
             )  # fmt: skip
     if out_dir is not None:
         write_results(Path(out_dir), rows, config, budget=budget, epochs=epochs)

@@ -157,3 +157,35 @@ def test_a_device_memory_limit_bounds_its_training_memory() -> None:
     reply = client_round(tight, 0, 1, state, None)
     assert reply.metrics["memory-estimate-bytes"] <= limit < free.metrics["memory-estimate-bytes"]
     assert reply.metrics["trainable-params"] <= free.metrics["trainable-params"]
+
+
+def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_identity) -> None:
+    from flwr.app import MetricRecord
+    from helpers import LocalGrid
+
+    from fedneq.wire import to_array_record
+    from strategies import get_strategy
+
+    config = tiny_config().replace(train={"bn_stats": "all"})
+    state, nmap = global_model(config)
+    reply = client_round(config, 0, 1, state, None)
+    plain = client_round(tiny_config(), 0, 1, state, None)
+    stats = nmap.statistic_tensors()
+    table = tensor_table(state)
+    sent = {table[i] for i in reply.arrays["tensors"].tolist()}
+    assert stats <= sent and not stats & {table[i] for i in plain.arrays["tensors"].tolist()}
+    # the whole-tensor part grows by exactly the statistics (4 bytes a value, 4 an index)
+    extra = sum(state[k].numel() * 4 + 4 for k in stats)
+    whole = lambda a: a["tensors"].nbytes + a["tensor_values"].nbytes  # noqa: E731
+    assert whole(reply.arrays) == whole(plain.arrays) + extra
+
+    strategy = get_strategy("neuron-avg", neuron_map=nmap, table=table, reference_state=state,
+                            min_available_nodes=1, min_train_nodes=1)  # fmt: skip
+    (msg,) = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([5]))
+    content = RecordDict({"arrays": to_array_record(reply.arrays), "metrics": MetricRecord(reply.metrics)})
+    arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
+    assert not strategy.last_rejected
+    new = arrays.to_torch_state_dict()
+    update = decode(reply.arrays, nmap, table, state)
+    for key in stats:
+        assert torch.equal(new[key], update.values[key]) and not torch.equal(new[key], state[key])

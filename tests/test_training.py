@@ -167,3 +167,27 @@ def test_a_last_batch_of_one_sample_is_skipped_not_a_batchnorm_crash() -> None:
     assert result.examples == 32
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model.train()(data.x[:1])  # what the skipped batch would have raised
+
+
+@pytest.mark.parametrize("backward", ["masked", "sparse"])
+def test_bn_stats_all_updates_every_running_statistic_but_no_frozen_parameter(backward: str) -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    selected = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    selected[0] = True
+    before = copy.deepcopy(model.state_dict())
+    result = train_masked(model, toy_data(), neuron_map=nmap, masks=nmap.train_mask(selected),
+                          generator=torch.Generator().manual_seed(0), bn_stats="all",
+                          backward=backward)  # fmt: skip
+    after = model.state_dict()
+    stats = nmap.statistic_tensors()
+    assert stats == {f"{bn}.{s}" for bn in ("1", "4", "7") for s in ("running_mean", "running_var")}
+    assert stats <= result.mask.full_tensors  # sent whole
+    frozen_layer = nmap.layer("6")  # no neuron of the last conv is selected
+    for key in frozen_layer.tensors:
+        same = torch.equal(before[key], after[key])
+        assert same == (key in frozen_layer.param_tensors), key  # params frozen, statistics moved
+    assert result.trainable_params == 12 + (6 * 3 + 3)  # statistics are not parameters
+    with pytest.raises(ValueError, match="bn_stats should be one of"):
+        train_masked(model, toy_data(), neuron_map=nmap, masks=nmap.train_mask(selected),
+                     generator=torch.Generator(), bn_stats="some")  # fmt: skip
