@@ -130,6 +130,7 @@ class Plan:
     fed_lr: float = 0.003  # 0.005-0.01 with 2 local epochs: even dense FedAvg collapses to chance
     hetero_scheme: str = "SU-5"
     pretrain_epochs: int = 4
+    bn_stats: str = "all"  # frozen channels re-estimate their BatchNorm statistics on the new task
     pretrain_train_limit: int = 0
     pretrain_test_limit: int = 1000
 
@@ -259,7 +260,7 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     """The full configuration of one run (``base`` from :func:`base_config`)."""
     run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
     data: dict[str, Any] = {}
-    train: dict[str, Any] = {}
+    train: dict[str, Any] = {"bn_stats": plan.bn_stats}
     if run.setting == "single":
         data["train_limit"] = plan.single_train_limit
         train["lr"] = plan.single_lr
