@@ -25,7 +25,7 @@ import torch
 
 from fedneq.config import Config, load_config
 from fedneq.costs import profile_model
-from fedneq.selection import Budget, get_selector
+from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.task import build_model, generator, load_task
 from fedneq.training import EpochStats, evaluate, train_masked
 from fedneq.velocity import VelocityTracker
@@ -51,6 +51,9 @@ def run_single_device(
 ) -> list[dict[str, Any]]:
     """Fine-tune one model per selector on the whole training set; per-epoch rows."""
     Budget.parse(budget)  # fail before any training
+    unknown = [name for name in selectors if name not in list_selectors()]
+    if unknown:
+        raise ValueError(f"selector must be one of {list_selectors()}, got {unknown}")
     task = load_task(config)
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
