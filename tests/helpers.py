@@ -68,3 +68,51 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         assert self.client is not None
         return [self.client(m) for m in messages]
+
+
+class TinyCNN(nn.Module):
+    """conv1 (+BN, cost 29) -> depthwise conv2 (+BN, cost 11) -> 1x1 conv3 (bias, cost 5) -> fc.
+
+    :func:`ranked_tiny_cnn` sets weights whose row norms rank by hand.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.conv3(x).mean(dim=(2, 3)))
+
+
+def ranked_tiny_cnn() -> TinyCNN:
+    """A TinyCNN whose conv1 row norms rank 1, 2, 3, 0 and conv3's 2, 6, 3, 4, 1, 7, ..."""
+    model = TinyCNN()
+    with torch.no_grad():
+        for i, a in enumerate([0.1, 0.5, 0.3, 0.2]):
+            model.conv1.weight[i] = a  # row norms a * sqrt(27)
+        for j, b in enumerate([0.0, 0.1, 2.0, 0.3, 0.2, 0.0, 1.0, 0.05]):
+            model.conv3.weight[j] = b  # row norms 2b
+    return model
+
+
+def bn_chain() -> nn.Sequential:
+    """Conv(3->4) -> BN -> ReLU -> depthwise Conv(4) -> BN -> ReLU -> pool -> Linear(4->5)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers import bn_chain
 from torch import nn
 
 from fedneq.costs import (
@@ -20,20 +21,7 @@ from fedneq.wire import encode, payload_nbytes, tensor_table
 B = 2  # batch size of the hand computations
 
 
-def tiny() -> nn.Sequential:
-    """Conv(3->4) -> BN -> ReLU -> depthwise Conv(4) -> BN -> ReLU -> pool -> Linear(4->5)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    )
+tiny = bn_chain
 
 
 # Per sample, input 3x8x8, every conv output 4x8x8:

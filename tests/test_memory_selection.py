@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import bn_chain
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,20 +24,7 @@ from fedneq.sparse_update import StaticScheme, scheme_bias_tensors
 B = 2  # batch size of the hand computations
 
 
-def tiny() -> nn.Sequential:
-    """Conv(3->4) -> BN -> ReLU -> depthwise Conv(4) -> BN -> ReLU -> pool -> Linear(4->5)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    )
+tiny = bn_chain
 
 
 # Hand computation, input 3x8x8, batch B=2, float32, SGD with momentum (grad + 1 state = 8 B/param).

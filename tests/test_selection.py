@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ranked_tiny_cnn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -157,33 +158,9 @@ def test_rule_errors() -> None:
 # --------------------------------------------------------------------------- selectors
 
 
-class TinyCNN(nn.Module):
-    """conv1 (+BN, cost 29) -> depthwise conv2 (+BN, cost 11) -> 1x1 conv3 (bias, cost 5) -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.conv3 = nn.Conv2d(4, 8, 1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(self.conv3(x).mean(dim=(2, 3)))
-
-
 @pytest.fixture
 def model() -> nn.Module:
-    m = TinyCNN()
-    with torch.no_grad():
-        for i, a in enumerate([0.1, 0.5, 0.3, 0.2]):
-            m.conv1.weight[i] = a  # row norms a * sqrt(27): ranks 1, 2, 3, 0
-        for j, b in enumerate([0.0, 0.1, 2.0, 0.3, 0.2, 0.0, 1.0, 0.05]):
-            m.conv3.weight[j] = b  # row norms 2b: ranks 2, 6, 3, 4, 1, 7, ...
-    return m
+    return ranked_tiny_cnn()
 
 
 @pytest.fixture

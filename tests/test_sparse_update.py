@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers import ranked_tiny_cnn
 from torch import nn
 
 from fedneq.neurons import NeuronMap, enumerate_neurons
@@ -95,33 +96,9 @@ def test_channels_are_largest_weight_row_norms(mbv2: nn.Module) -> None:
             assert norms[chosen].min() >= norms[~chosen].max()
 
 
-class TinyCNN(nn.Module):
-    """conv1 (+BN) -> depthwise conv2 (+BN) -> 1x1 conv3 (with bias) -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.conv3 = nn.Conv2d(4, 8, 1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(self.conv3(x).mean(dim=(2, 3)))
-
-
 @pytest.fixture
 def tiny() -> nn.Module:
-    model = TinyCNN()
-    with torch.no_grad():
-        for i, a in enumerate([0.1, 0.5, 0.3, 0.2]):
-            model.conv1.weight[i] = a  # row norms a * sqrt(27)
-        for j, b in enumerate([0.0, 0.1, 2.0, 0.3, 0.2, 0.0, 1.0, 0.05]):
-            model.conv3.weight[j] = b  # row norms 2b
-    return model
+    return ranked_tiny_cnn()
 
 
 def test_tiny_scheme_by_hand(tiny: nn.Module) -> None:
