@@ -26,8 +26,9 @@ from torch import nn
 
 from fedneq.data import ArrayDataset, class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
+from fedneq.training import evaluate
 
-__all__ = ["checkpoint_paths", "evaluate", "limit_subset", "load_checkpoint", "main", "pretrain"]
+__all__ = ["checkpoint_paths", "limit_subset", "load_checkpoint", "main", "pretrain"]
 
 FORMAT_VERSION = 1
 
@@ -38,21 +39,6 @@ def checkpoint_paths(out: str | Path) -> tuple[Path, Path]:
     if out.suffix in (".safetensors", ".json"):
         out = out.with_suffix("")
     return Path(f"{out}.safetensors"), Path(f"{out}.json")
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, ds: ArrayDataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``ds``; 0.0 for an empty dataset."""
-    if len(ds) == 0:
-        return 0.0
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(ds), batch_size):
-        logits = model(ds.x[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == ds.y[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(ds)
 
 
 def _train_epoch(
@@ -189,7 +175,7 @@ def pretrain(
             t0 = time.perf_counter()
             loss = _train_epoch(model, train, opt, batch_size, gen)
             sched.step()
-            acc = evaluate(model, test)
+            _, acc = evaluate(model, test)
             history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": acc})
             if log is not None:
                 log(

@@ -15,12 +15,12 @@ from fedneq.data import class_subset, get_dataset
 from fedneq.models import get_model
 from fedneq.pretrain import (
     checkpoint_paths,
-    evaluate,
     limit_subset,
     load_checkpoint,
     main,
     pretrain,
 )
+from fedneq.training import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_files_and_metadata(digits_ckpt: Path) -> None:
 def test_upstream_accuracy_well_above_chance_and_recorded(digits_ckpt: Path) -> None:
     model, meta = load_checkpoint(digits_ckpt)
     test = class_subset(get_dataset("digits", seed=0).test, range(5))
-    acc = evaluate(model, test)
+    _, acc = evaluate(model, test)
     assert acc == pytest.approx(meta["test_accuracy"], abs=1e-12)
     assert acc > 0.8  # chance is 0.2
 
@@ -131,7 +131,7 @@ def test_train_and_test_limits(tmp_path: Path) -> None:
     # the recorded accuracy is the one on the seeded test subset (seed + 1)
     model, _ = load_checkpoint(tmp_path / "a")
     test = limit_subset(class_subset(get_dataset("digits", seed=3).test, range(5)), 50, seed=4)
-    assert evaluate(model, test) == pytest.approx(meta["test_accuracy"], abs=1e-12)
+    assert evaluate(model, test)[1] == pytest.approx(meta["test_accuracy"], abs=1e-12)
     pretrain("small-cnn", "digits", out=tmp_path / "c", epochs=1)
     unlimited = json.loads((tmp_path / "c.json").read_text())
     assert unlimited["train_limit"] == 0 and unlimited["train_samples"] > 100
