@@ -3,6 +3,8 @@
     python -m sims.paper                  # full sweep (3 seeds), then docs/RESULTS.md
     python -m sims.paper --quick          # 1 seed, 1 budget, fewer epochs/rounds
     python -m sims.paper --report-only    # regenerate docs/RESULTS.md, run nothing
+    python -m sims.paper --set alpha=0.5 --set settings=homogeneous --out results/paper-alpha0.5
+                                          # a variant of the plan, in its own folder and page
 
 Claim under test (DESIGN.md §1): at the same parameter budget, velocity-based
 selection beats random selection and matches or beats static Sparse Update,
@@ -72,6 +74,7 @@ __all__ = [
     "Tier",
     "aggregate",
     "expand",
+    "override",
     "render_page",
     "run_config",
     "run_sweep",
@@ -162,6 +165,36 @@ FULL = Plan()
 QUICK = dataclasses.replace(
     FULL, name="quick", seeds=(0,), tiers=("SU-1",), epochs=3, rounds=5, single_train_limit=1010
 )
+
+
+def override(plan: Plan, assignments: Sequence[str]) -> Plan:
+    """``plan`` with ``KEY=VALUE`` assignments applied (tuples comma-separated), validated."""
+    changes: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(plan)}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields or key == "name":
+            raise ValueError(
+                f"--set expects KEY=VALUE with KEY one of {sorted(fields - {'name'})}, got {item!r}"
+            )
+        default = getattr(plan, key)
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        try:
+            if isinstance(default, tuple):
+                value: Any = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+            else:
+                value = kind(text.strip())
+        except ValueError:
+            raise ValueError(f"--set {key}: {text!r} is not of type {kind.__name__}") from None
+        changes[key] = value
+    return dataclasses.replace(plan, **changes)
+
+
+def plan_changes(plan: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a stored plan that differ from the shipped plan of its name."""
+    shipped = _plan_dict(QUICK if plan.get("name") == QUICK.name else FULL)
+    return {k: v for k, v in plan.items() if k != "name" and shipped.get(k) != v}
 
 
 @dataclass(frozen=True)
@@ -690,6 +723,7 @@ def render_page(
     """RESULTS.md: setup, one section per setting (table + plots), the hand-written reading."""
     plan, hw, git = meta["plan"], meta["hardware"], meta["git"]
     quick = plan["name"] == QUICK.name
+    changes = plan_changes(plan)
     total = sum(i["seconds"] for i in meta.get("invocations", []))
     commands = sorted({i["command"] for i in meta.get("invocations", [])}) or ["(unknown)"]
     lines = [
@@ -706,6 +740,8 @@ def render_page(
         f"* fedneq commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",
         f"* Wall time of the sweep: {total / 60:.1f} min (machine shared with other jobs: timings are pessimistic)",
         f"* Seeds: {', '.join(map(str, plan['seeds']))}; mean ± std (ddof 1) over seeds.",
+        *([f"* Changed from the {'quick' if quick else 'full'} plan: "
+           + ", ".join(f"`{k} = {_plain(v)}`" for k, v in changes.items())] if changes else []),
         "",
         "## Setup",
         "",
@@ -757,6 +793,10 @@ def render_page(
         ]
     lines += ["", "## Reading", "", READING_START, reading.strip("\n"), READING_END, ""]
     return "\n".join(lines)
+
+
+def _plain(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def existing_reading(page: Path) -> str:
@@ -834,10 +874,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--report-only", action="store_true", help="regenerate the report, run nothing")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-device runs (default 2)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a field of the plan, e.g. alpha=0.5 or seeds=0,1 (repeatable); "
+        "the page lists the changes and goes to --out unless --docs is given",
+    )
     args = p.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    try:
+        plan = override(QUICK if args.quick else FULL, args.set)
+    except ValueError as error:
+        p.error(str(error))
+    if args.set and not args.out and not args.report_only:
+        p.error("--set needs --out: a variant of the plan gets its own run folders")
     out = args.out or Path("results") / ("paper-quick" if args.quick else "paper")
-    docs = args.docs or (out if args.quick else Path("docs"))
+    docs = args.docs or (out if args.quick or args.set else Path("docs"))
     failed: list[str] = []
     if not args.report_only:
         t0 = time.monotonic()

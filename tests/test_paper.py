@@ -22,7 +22,9 @@ from sims.paper import (
     aggregate,
     base_config,
     expand,
+    main,
     mean_std,
+    override,
     run_config,
     run_sweep,
     summarize_run,
@@ -68,6 +70,32 @@ def test_plan_rejects_bad_values() -> None:
     assert Plan(pretrain_train_limit=0).pretrain_train_limit == 0  # 0: all the samples
     with pytest.raises(ValueError, match="scheme must be one of"):
         Plan(hetero_scheme="SU-9")
+
+
+def test_override_applies_typed_assignments_and_rejects_bad_ones() -> None:
+    plan = override(FULL, ["alpha=0.5", "seeds=0, 1", "settings=homogeneous", "rounds=20"])
+    assert plan == dataclasses.replace(
+        FULL, alpha=0.5, seeds=(0, 1), settings=("homogeneous",), rounds=20
+    )
+    assert override(QUICK, []) == QUICK
+    with pytest.raises(ValueError, match="KEY=VALUE with KEY one of"):
+        override(FULL, ["alpah=0.5"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        override(FULL, ["name=mine"])  # the name tells full and quick plans apart
+    with pytest.raises(ValueError, match="rounds: '2.5' is not of type int"):
+        override(FULL, ["rounds=2.5"])
+    with pytest.raises(ValueError, match="settings should be a non-empty subset"):
+        override(FULL, ["settings=everything"])  # the plan's own validation still runs
+
+
+def test_cli_needs_out_for_a_changed_plan(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--set", "alpha=0.5"])
+    assert exit_info.value.code == 2
+    assert "--set needs --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--set", "alpha=half", "--out", "unused"])
+    assert "alpha: 'half' is not of type float" in capsys.readouterr().err
 
 
 def test_tier_budgets_at_width_1_are_the_papers() -> None:
@@ -252,6 +280,7 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
         in text
     )
     assert "| SU-1 | 48,348 | 7.2 % | 48,348 | 8.8 % |" in text
+    assert "* Changed from the full plan: `settings = homogeneous`" in text
     assert "Mean wall time per run: 60 s." in text
     assert "Test CPU, 2 cores" in text and "`abc123` (with uncommitted changes)" in text
     assert "`python -m sims.paper`" in text and "10.0 min" in text
