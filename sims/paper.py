@@ -738,7 +738,8 @@ def render_page(
         f"* Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB; Python {hw['python']}, "
         f"torch {hw['torch']}, flwr {hw['flwr']}",
         f"* fedneq commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",
-        f"* Wall time of the sweep: {total / 60:.1f} min (machine shared with other jobs: timings are pessimistic)",
+        f"* Wall time of the sweep: {total / 60:.1f} min over {len(meta.get('invocations', []))} "
+        "invocation(s), upstream pretraining included when it ran",
         f"* Seeds: {', '.join(map(str, plan['seeds']))}; mean ± std (ddof 1) over seeds.",
         *([f"* Changed from the {'quick' if quick else 'full'} plan: "
            + ", ".join(f"`{k} = {_plain(v)}`" for k, v in changes.items())] if changes else []),

@@ -283,7 +283,7 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     assert "* Changed from the full plan: `settings = homogeneous`" in text
     assert "Mean wall time per run: 60 s." in text
     assert "Test CPU, 2 cores" in text and "`abc123` (with uncommitted changes)" in text
-    assert "`python -m sims.paper`" in text and "10.0 min" in text
+    assert "`python -m sims.paper`" in text and "10.0 min over 1 invocation(s)" in text
     for png in ("homogeneous_accuracy.png", "homogeneous_accuracy_vs_upload.png"):
         assert f"](results/{png})" in text and (res / png).stat().st_size > 0
     assert "## 1. Single device" not in text  # no runs of that setting
