@@ -735,6 +735,7 @@ def render_page(
         *(["> **Preliminary:** these are `--quick` results (one seed, one budget tier, few epochs "
            "and rounds), not the full sweep.", ""] if quick else []),  # fmt: skip
         f"* Command: {', '.join(f'`{c}`' for c in commands)}",
+        *(f"* Invocation of {i['started']}: {i['note']}" for i in meta.get("invocations", []) if i.get("note")),
         f"* Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB; Python {hw['python']}, "
         f"torch {hw['torch']}, flwr {hw['flwr']}",
         f"* fedneq commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",

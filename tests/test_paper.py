@@ -249,7 +249,9 @@ def _sweep_meta() -> dict:
         "hardware": {"cpu": "Test CPU", "cores": 2, "memory_gib": 24.0, "python": "3.11",
                      "torch": "2", "flwr": "1.41"},
         "git": {"commit": "abc123", "dirty": True},
-        "invocations": [{"started": "t", "seconds": 600.0, "runs": 4, "failed": [],
+        "invocations": [{"started": "t", "seconds": 540.0, "runs": 4, "failed": [],
+                         "command": "python -m sims.paper", "note": "stopped by hand"},
+                        {"started": "t2", "seconds": 60.0, "runs": 0, "failed": [],
                          "command": "python -m sims.paper"}],
     }  # fmt: skip
 
@@ -283,7 +285,8 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     assert "* Changed from the full plan: `settings = homogeneous`" in text
     assert "Mean wall time per run: 60 s." in text
     assert "Test CPU, 2 cores" in text and "`abc123` (with uncommitted changes)" in text
-    assert "`python -m sims.paper`" in text and "10.0 min over 1 invocation(s)" in text
+    assert "`python -m sims.paper`" in text and "10.0 min over 2 invocation(s)" in text
+    assert "* Invocation of t: stopped by hand" in text and "Invocation of t2" not in text
     for png in ("homogeneous_accuracy.png", "homogeneous_accuracy_vs_upload.png"):
         assert f"](results/{png})" in text and (res / png).stat().st_size > 0
     assert "## 1. Single device" not in text  # no runs of that setting
