@@ -13,8 +13,8 @@ upstream half of Fashion-MNIST's classes is fine-tuned on the other half:
 
 1. ``single`` — one device, the whole (limited) training set: velocity,
    velocity-per-param, random and static SU-k at each budget tier, and full;
-2. ``homogeneous`` — 50 clients, Dirichlet(1.0), 10 per round, ``neuron-avg``,
-   every client at the tier's budget, plus dense FedAvg;
+2. ``homogeneous`` — 50 clients, Dirichlet(1.0), 10 per round, ``neuron-avg``
+   (the plan's ``strategy``), every client at the tier's budget, plus dense FedAvg;
 3. ``heterogeneous`` — the default mixed fleet (budgets 1 % to 100 %):
    velocity, random, static (the scheme truncated to each device's budget),
    everyone at the smallest budget, and FedAvg on the full-budget devices only.
@@ -64,6 +64,7 @@ from fedneq.pretrain import checkpoint_paths, pretrain
 from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
 from fedneq.task import build_model, load_task
 from sims.compare import summarize
+from strategies import list_strategies
 from sims.results import atomic_write_text, csv_text, read_csv
 
 __all__ = [
@@ -132,6 +133,7 @@ class Plan:
     single_lr: float = 0.01
     fed_lr: float = 0.01  # 0.003 left every method, dense FedAvg included, below 55 % in 12 rounds
     hetero_scheme: str = "SU-5"
+    strategy: str = "neuron-avg"  # aggregation of the budgeted runs (FedAvg runs use "fedavg")
     pretrain_epochs: int = 4
     bn_stats: str = "all"  # frozen channels re-estimate their BatchNorm statistics on the new task
     pretrain_train_limit: int = 0
@@ -152,6 +154,8 @@ class Plan:
         if self.budget_basis not in BASES:
             raise ValueError(f"budget_basis should be one of {BASES}, got {self.budget_basis!r}")
         get_scheme(self.hetero_scheme)
+        if self.strategy not in list_strategies():
+            raise ValueError(f"strategy should be one of {list_strategies()}, got {self.strategy!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or isinstance(value, bool):
@@ -268,7 +272,7 @@ def base_config(plan: Plan, out_dir: Path, checkpoint: str | Path = "") -> Confi
         "model": {"name": "mobilenet_v2", "width_mult": plan.width_mult, "checkpoint": str(checkpoint)},
         "selection": {"selector": "velocity", "initializer": "random"},
         "train": {"lr": plan.fed_lr},
-        "strategy": {"name": "neuron-avg"},
+        "strategy": {"name": plan.strategy},
         "fleet": {"preset": "homogeneous", "budget": 1.0, "batch_size": plan.batch_size,
                   "local_epochs": plan.local_epochs},
     })  # fmt: skip
@@ -299,7 +303,7 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
         train["lr"] = plan.single_lr
     selection = {"selector": run.method, "scheme": ""}
     fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
-    strategy = {"name": "neuron-avg"}
+    strategy = {"name": plan.strategy}
     if run.setting == "heterogeneous":
         fleet = {"preset": "default"}
         if run.method == "static":
@@ -470,7 +474,8 @@ def run_sweep(
 def _sweep_meta(plan: Plan, out_dir: Path, tiers: dict[str, Tier], ckpt: Path) -> dict[str, Any]:
     path = out_dir / "sweep.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    if old and old.get("plan") != _plan_dict(plan):
+    # a field added since the sweep started had its default value then
+    if old and _plan_dict(plan) != _plan_dict(Plan()) | old.get("plan", {}):
         raise ValueError(
             f"{out_dir} holds a sweep of another plan ({old.get('plan')}); use another --out"
         )
@@ -761,7 +766,7 @@ def render_page(
         f"{plan['probe_size']} probe images, {plan['epochs']} epochs, re-selection after every epoch.",
         f"* **Federated**: {plan['fed_train_limit']} images over {plan['num_clients']} clients "
         f"(Dirichlet α = {plan['alpha']}), {plan['clients_per_round']} clients per round, "
-        f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, `neuron-avg` aggregation, {plan['probe_size']} probe "
+        f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, `{plan.get('strategy', 'neuron-avg')}` aggregation, {plan['probe_size']} probe "
         "images per client; velocity state kept on each client between participations.",
         "* **Heterogeneous fleet**: fedneq's default fleet, 30 % mcu (1 %), 40 % pi-zero (5 %), "
         "20 % pi-4 (20 %), 10 % phone (100 % of the selectable parameters), all at batch "

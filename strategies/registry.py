@@ -18,6 +18,7 @@ from .base import SparseStrategy
 from .fedavg import DenseFedAvg
 from .neuron_avg import NeuronAvg
 from .server_momentum import ServerMomentum
+from .sparse_fedavg import SparseFedAvg
 
 __all__ = ["get_strategy", "list_strategies", "register_strategy"]
 
@@ -27,6 +28,7 @@ _REGISTRY: dict[str, type[SparseStrategy]] = {
     "neuron-avg": NeuronAvg,
     "fedavg": DenseFedAvg,
     "server-momentum": ServerMomentum,
+    "sparse-fedavg": SparseFedAvg,
 }
 
 

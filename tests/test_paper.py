@@ -59,6 +59,8 @@ def test_plan_rejects_bad_values() -> None:
         Plan(seeds=())
     with pytest.raises(ValueError, match=r"tiers should be a non-empty subset of \('SU-1'"):
         Plan(tiers=("SU-2",))
+    with pytest.raises(ValueError, match="strategy should be one of"):
+        Plan(strategy="no-such-rule")
     with pytest.raises(ValueError, match="settings should be"):
         Plan(settings=("cloud",))
     with pytest.raises(ValueError, match="budget_basis should be one of"):
@@ -159,6 +161,10 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     assert c.run.participants == ("phone",) and c.strategy.name == "fedavg"
     assert c.run.clients_per_round == 5  # 10 % of 50 clients are phones
     assert {c.device(p).name for p in c.eligible_partitions()} == {"phone"}
+    other = dataclasses.replace(FULL, strategy="sparse-fedavg")
+    for method, expected in (("random", "sparse-fedavg"), ("fedavg", "fedavg")):
+        c = run_config(other, Run("homogeneous", "SU-1", method, 0), base_config(other, tmp_path), tiers)
+        assert c.strategy.name == expected
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):
         cfg("heterogeneous", "mixed", "velocity-per-param")
     with pytest.raises(ValueError, match="method 'smallest' is not part of setting 'single'"):
@@ -324,3 +330,17 @@ def test_tiny_sweep_end_to_end_resumes_and_reproduces(tmp_path: Path, capsys) ->
     assert "| SU-1 (5.4 %) | velocity |" in page and "| SU-1 (5.4 %) | static SU-1 |" in page
     assert "## 2. Federated, homogeneous fleet" in page and "## 3." not in page
     assert len(read_csv(tmp_path / "docs" / "results" / "runs.csv")) == 3
+
+
+def test_a_sweep_stored_before_a_plan_field_existed_still_continues(tmp_path: Path) -> None:
+    from sims.paper import _plan_dict, _sweep_meta
+
+    ckpt = tmp_path / "up.safetensors"
+    ckpt.with_suffix(".json").write_text(json.dumps({"test_accuracy": 0.9, "train_samples": 10}))
+    stored = _plan_dict(FULL)
+    del stored["strategy"]  # a sweep.json written before Plan.strategy existed
+    (tmp_path / "sweep.json").write_text(json.dumps({"plan": stored, "invocations": [{"x": 1}]}))
+    meta = _sweep_meta(FULL, tmp_path, {}, ckpt)  # the default is what that sweep ran
+    assert meta["invocations"] == [{"x": 1}] and meta["plan"]["strategy"] == "neuron-avg"
+    with pytest.raises(ValueError, match="holds a sweep of another plan"):
+        _sweep_meta(dataclasses.replace(FULL, strategy="sparse-fedavg"), tmp_path, {}, ckpt)

@@ -28,6 +28,7 @@ from strategies.fedavg import DenseFedAvg
 from strategies.neuron_avg import NeuronAvg, average_rows, neuron_average
 from strategies.registry import get_strategy, list_strategies, register_strategy
 from strategies.server_momentum import ServerMomentum
+from strategies.sparse_fedavg import sparse_fedavg
 
 # --- fixtures ------------------------------------------------------------------
 
@@ -113,6 +114,25 @@ def test_neuron_average_disjoint_masks_and_untouched_rows() -> None:
     assert torch.equal(avg.values["a"], torch.tensor([[4.0, 4.0], [1.0, 1.0], [-1.0, 9.0]]))
     assert torch.equal(avg.values["b"], GLOBAL["b"]) and avg.values["b"] is not GLOBAL["b"]
     assert torch.equal(avg.rows["a"], torch.tensor([True, False, True])) and "b" not in avg.rows
+
+
+def test_sparse_fedavg_counts_clients_that_did_not_send_a_row_as_unchanged() -> None:
+    u1 = sparse_update(
+        {"a": [True, True, False], "b": [False, True, False]},
+        {"a": [[1, 2], [3, 4], [NAN, NAN]], "b": [NAN, 25, NAN]},
+    )
+    u2 = sparse_update({"a": [False, True, True]}, {"a": [[NAN, NAN], [7, 8], [5, 6]]})
+    out = sparse_fedavg(GLOBAL, [u1, u2], [1.0, 3.0])
+    # a row 0: (1*[1,2] + 3*[0,0]) / 4; row 1 sent by both: (1*[3,4] + 3*[7,8]) / 4 = [6, 7];
+    # row 2: (1*[2,2] + 3*[5,6]) / 4; b row 1: (1*25 + 3*20) / 4 = 21.25, rows 0, 2 untouched
+    expected_a = torch.tensor([[0.25, 0.5], [6.0, 7.0], [4.25, 5.0]])
+    assert torch.equal(out["a"], expected_a)
+    assert torch.equal(out["b"], torch.tensor([10.0, 21.25, 30.0]))
+    assert torch.equal(GLOBAL["a"], torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))  # not mutated
+    # only zero-weight clients: nothing moves
+    assert torch.equal(sparse_fedavg(GLOBAL, [u1, u2], [0.0, 0.0])["a"], GLOBAL["a"])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        sparse_fedavg(GLOBAL, [u1, u2], [1.0, -1.0])
 
 
 def test_neuron_average_zero_weight_sender_leaves_row_global() -> None:
@@ -388,10 +408,10 @@ def test_server_momentum_rejects_bad_hyperparameters(beta: float, eta: float, me
 
 
 def test_builtin_names() -> None:
-    assert {"neuron-avg", "fedavg", "server-momentum"} <= set(list_strategies())
+    assert {"neuron-avg", "fedavg", "server-momentum", "sparse-fedavg"} <= set(list_strategies())
 
 
-@pytest.mark.parametrize("name", ["neuron-avg", "fedavg", "server-momentum"])
+@pytest.mark.parametrize("name", ["neuron-avg", "fedavg", "server-momentum", "sparse-fedavg"])
 def test_every_builtin_returns_the_common_model_when_all_clients_agree(setup: Setup, name: str) -> None:
     """Contract: identical full-budget replies on round 1 give exactly that model."""
     strategy = get_strategy(name, **kwargs(setup))
