@@ -92,13 +92,18 @@ GLOBAL = {"a": torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]), "b": torch.te
 NAN = float("nan")  # values of unsent rows must be ignored
 
 
-def test_neuron_average_overlapping_masks_weighted_by_examples() -> None:
+def overlapping_updates() -> list[SparseUpdate]:
+    """Two updates of GLOBAL: u1 sends a rows 0, 1 and b row 1; u2 sends a rows 1, 2."""
     u1 = sparse_update(
         {"a": [True, True, False], "b": [False, True, False]},
         {"a": [[1, 2], [3, 4], [NAN, NAN]], "b": [NAN, 25, NAN]},
     )
     u2 = sparse_update({"a": [False, True, True]}, {"a": [[NAN, NAN], [7, 8], [5, 6]]})
-    out = neuron_average(GLOBAL, [u1, u2], [1.0, 3.0])
+    return [u1, u2]
+
+
+def test_neuron_average_overlapping_masks_weighted_by_examples() -> None:
+    out = neuron_average(GLOBAL, overlapping_updates(), [1.0, 3.0])
     # row 1 of a: (1*[3,4] + 3*[7,8]) / 4 = [6, 7]; b only from u1 on row 1
     assert torch.equal(out["a"], torch.tensor([[1.0, 2.0], [6.0, 7.0], [5.0, 6.0]]))
     assert torch.equal(out["b"], torch.tensor([10.0, 25.0, 30.0]))
@@ -117,11 +122,7 @@ def test_neuron_average_disjoint_masks_and_untouched_rows() -> None:
 
 
 def test_sparse_fedavg_counts_clients_that_did_not_send_a_row_as_unchanged() -> None:
-    u1 = sparse_update(
-        {"a": [True, True, False], "b": [False, True, False]},
-        {"a": [[1, 2], [3, 4], [NAN, NAN]], "b": [NAN, 25, NAN]},
-    )
-    u2 = sparse_update({"a": [False, True, True]}, {"a": [[NAN, NAN], [7, 8], [5, 6]]})
+    u1, u2 = overlapping_updates()
     out = sparse_fedavg(GLOBAL, [u1, u2], [1.0, 3.0])
     # a row 0: (1*[1,2] + 3*[0,0]) / 4; row 1 sent by both: (1*[3,4] + 3*[7,8]) / 4 = [6, 7];
     # row 2: (1*[2,2] + 3*[5,6]) / 4; b row 1: (1*25 + 3*20) / 4 = 21.25, rows 0, 2 untouched
