@@ -64,8 +64,8 @@ from fedneq.pretrain import checkpoint_paths, pretrain
 from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
 from fedneq.task import build_model, load_task
 from sims.compare import summarize
-from strategies import list_strategies
 from sims.results import atomic_write_text, csv_text, read_csv
+from strategies import list_strategies
 
 __all__ = [
     "FULL",
