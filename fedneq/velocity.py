@@ -40,7 +40,10 @@ layer and a step counter (:meth:`VelocityTracker.state_dict`).
 
 Outputs are stored in ``storage_dtype`` (``float16`` halves the client state);
 the current outputs are rounded the same way before comparison, and cosines
-are computed in float32.
+are computed in float32. A vector (the values one cosine compares) too large
+for ``float16`` is stored divided by a power of two (:func:`to_storage`): the
+cosine does not see the scale, so a model whose activations blew up still has
+a velocity.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from torch import nn
 
 from fedneq.neurons import NeuronLayer, NeuronMap
 
-__all__ = ["VelocityTracker", "cosine", "layer_phi", "next_velocity"]
+__all__ = ["VelocityTracker", "cosine", "layer_phi", "next_velocity", "to_storage"]
 
 MODES = ("pooled", "per-feature")
 STORAGE_DTYPES = (torch.float32, torch.float16)  # numpy (Flower records) has no bfloat16
@@ -92,6 +95,23 @@ def layer_phi(prev: torch.Tensor, cur: torch.Tensor, eps: float = 1e-8) -> torch
     raise ValueError(f"layer outputs must be (P, C) or (P, C, L), got shape {tuple(cur.shape)}")
 
 
+def to_storage(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Layer outputs ``y`` (float32, ``(P, C)`` or ``(P, C, L)``) in ``dtype``, cosines intact.
+
+    Each cosine vector (:func:`layer_phi`: a channel over the samples when
+    pooled, a sample's channel over positions per feature) whose largest
+    magnitude does not fit ``dtype`` is first divided by a power of two
+    (exact), so that it does; every other value is just cast.
+    """
+    if dtype == torch.float32:
+        return y
+    dim = 2 if y.dim() == 3 else 0
+    limit = torch.finfo(dtype).max / 2  # headroom for rounding up
+    peak = y.abs().amax(dim=dim, keepdim=True)
+    shift = torch.ceil(torch.log2(peak / limit)).clamp(min=0)  # 0 where the vector fits
+    return torch.ldexp(y, -shift).to(dtype)
+
+
 def next_velocity(
     phi: torch.Tensor, phi_prev: torch.Tensor, v_prev: torch.Tensor, mu: float
 ) -> torch.Tensor:
@@ -102,10 +122,9 @@ def next_velocity(
 class _Recorder:
     """Forward hook of one layer: reduces and keeps its output while active."""
 
-    def __init__(self, name: str, per_feature: bool, dtype: torch.dtype) -> None:
+    def __init__(self, name: str, per_feature: bool) -> None:
         self.name = name
         self.per_feature = per_feature
-        self.dtype = dtype
         self.active = False
         self.chunks: list[torch.Tensor] = []
 
@@ -119,15 +138,11 @@ class _Recorder:
             y = y if self.per_feature and y.shape[2] > 1 else y.mean(dim=2)
         else:
             y = y.reshape(b, -1, y.shape[-1]).mean(dim=1)  # (B, F)
-        stored = y.to(self.dtype)
-        if not bool(torch.isfinite(stored).all()):
-            why = (
-                f"they overflow storage_dtype={self.dtype}; use torch.float32"
-                if bool(torch.isfinite(y).all())
-                else "the model produces inf/nan"
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(
+                f"non-finite probe outputs in layer {self.name!r}: the model produces inf/nan"
             )
-            raise ValueError(f"non-finite probe outputs in layer {self.name!r}: {why}")
-        self.chunks.append(stored.cpu())
+        self.chunks.append(y.cpu())  # float32 until the whole probe ran (see to_storage)
 
 
 class VelocityTracker:
@@ -200,7 +215,7 @@ class VelocityTracker:
         self._recorders: dict[str, _Recorder] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for layer in neuron_map.layers:
-            rec = _Recorder(layer.name, mode == "per-feature", storage_dtype)
+            rec = _Recorder(layer.name, mode == "per-feature")
             self._recorders[layer.name] = rec
             self._handles.append(modules[layer.name].register_forward_hook(rec))
         self._removed = False
@@ -265,7 +280,10 @@ class VelocityTracker:
                                 f"layer {rec.name!r} ran {len(rec.chunks) - i} times in one forward "
                                 "pass; a tracked module must run exactly once per forward"
                             )
-            return {name: torch.cat(rec.chunks) for name, rec in self._recorders.items()}
+            return {
+                name: to_storage(torch.cat(rec.chunks), self.storage_dtype)
+                for name, rec in self._recorders.items()
+            }
         finally:
             for rec in self._recorders.values():
                 rec.chunks, rec.active = [], False

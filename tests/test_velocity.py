@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedneq.neurons import enumerate_neurons
-from fedneq.velocity import VelocityTracker, cosine, layer_phi, next_velocity
+from fedneq.velocity import VelocityTracker, cosine, layer_phi, next_velocity, to_storage
 
 MODES = ("pooled", "per-feature")
 approx = functools.partial(pytest.approx, abs=1e-6)  # float32 cosines
@@ -501,11 +501,40 @@ def test_float16_state_is_half_and_close_to_float32() -> None:
     assert sizes[torch.float16] * 2 == sizes[torch.float32]
 
 
-def test_float16_overflow_is_reported() -> None:
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6)])  # pooled (P, C), per-feature (P, C, L)
+def test_to_storage_scales_only_vectors_too_large_for_float16(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(shape, generator=gen)
+    assert torch.equal(to_storage(y, torch.float16), y.to(torch.float16))  # fits: a plain cast
+    assert to_storage(y, torch.float32) is y
+    dim = 2 if len(shape) == 3 else 0
+    big = y.clone()
+    big.select(1, 1).mul_(1e7)  # channel 1 far beyond float16's 65504
+    stored = to_storage(big, torch.float16)
+    assert bool(torch.isfinite(stored).all())
+    assert torch.equal(stored.select(1, 0), y.select(1, 0).to(torch.float16))  # others untouched
+    cos = torch.nn.functional.cosine_similarity
+    assert torch.allclose(cos(stored.float(), big, dim=dim), torch.ones(1), atol=1e-3)
+
+
+def test_float16_state_survives_activations_beyond_its_range() -> None:
+    velocities = {}
+    for dtype in (torch.float32, torch.float16):
+        model = tiny_model()
+        with VelocityTracker(model, enumerate_neurons(model), storage_dtype=dtype) as t:
+            for scale in (1e5, 2e5, 1e6):  # outputs up to 2e6: float16 ends at 65504
+                set_conv(model, (scale, 1.0), (0.0, -scale))
+                v = t.measure(TINY_PROBE)
+            velocities[dtype] = v
+            assert t.step == 3
+    assert torch.allclose(velocities[torch.float16], velocities[torch.float32], atol=1e-3)
+
+
+def test_inf_outputs_are_reported() -> None:
     model = tiny_model()
-    set_conv(model, (1e5, 1.0), (0.0, 0.0))
+    set_conv(model, (float("inf"), 1.0), (0.0, 0.0))
     with VelocityTracker(model, enumerate_neurons(model), storage_dtype=torch.float16) as t:
-        with pytest.raises(ValueError, match=r"layer '0'.*overflow storage_dtype=torch.float16"):
+        with pytest.raises(ValueError, match=r"layer '0'.*the model produces inf/nan"):
             t.measure(TINY_PROBE)
         assert t.step == 0
 
