@@ -514,14 +514,14 @@ def hardware() -> dict[str, Any]:
 
 
 def git_info() -> dict[str, Any]:
-    """The fedneq commit and whether tracked files differ from it."""
+    """The fedneq commit and whether tracked files outside ``docs/`` (the report) differ from it."""
 
     def git(*args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}  # fmt: skip
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"))}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- results
