@@ -722,6 +722,34 @@ def _curve(points: Sequence[dict[str, Any]], x_key: str) -> tuple[np.ndarray, ..
     return x, np.array([a.mean() for a in acc]), np.array([a.std() for a in acc])
 
 
+def setting_bullets(plan: dict[str, Any]) -> list[str]:
+    """The setup of each setting the stored ``plan`` ran, one Markdown bullet each."""
+    single = (
+        f"* **Single device**: {plan['single_train_limit'] - plan['probe_size']} training images, "
+        f"{plan['probe_size']} probe images, {plan['epochs']} epochs, re-selection after every epoch."
+    )
+    federated = (
+        f"* **Federated**: {plan['fed_train_limit']} images over {plan['num_clients']} clients "
+        f"(Dirichlet α = {plan['alpha']}), {plan['clients_per_round']} clients per round, "
+        f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, "
+        f"`{plan.get('strategy', 'neuron-avg')}` aggregation, {plan['probe_size']} probe "
+        "images per client; velocity state kept on each client between participations."
+    )
+    hetero = (
+        "* **Heterogeneous fleet**: fedneq's default fleet, 30 % mcu (1 %), 40 % pi-zero (5 %), "
+        "20 % pi-4 (20 %), 10 % phone (100 % of the selectable parameters), all at batch "
+        f"{plan['batch_size']}. Static: scheme {plan['hetero_scheme']} truncated to each device's "
+        "budget (its neurons in layer order, then by weight norm). FedAvg-phones: only the phones "
+        "take part, so fewer clients per round."
+    )
+    settings = plan["settings"]
+    return [
+        *([single] if "single" in settings else []),
+        *([federated] if set(settings) - {"single"} else []),
+        *([hetero] if "heterogeneous" in settings else []),
+    ]
+
+
 def render_page(
     table: Sequence[dict[str, Any]], meta: dict[str, Any], plots: dict[str, list[str]], reading: str
 ) -> str:
@@ -762,17 +790,7 @@ def render_page(
         f"subsets, the batch order and the selections. Test accuracy on {plan['test_limit']} held-out "
         "downstream images.",
         "",
-        f"* **Single device**: {plan['single_train_limit'] - plan['probe_size']} training images, "
-        f"{plan['probe_size']} probe images, {plan['epochs']} epochs, re-selection after every epoch.",
-        f"* **Federated**: {plan['fed_train_limit']} images over {plan['num_clients']} clients "
-        f"(Dirichlet α = {plan['alpha']}), {plan['clients_per_round']} clients per round, "
-        f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, `{plan.get('strategy', 'neuron-avg')}` aggregation, {plan['probe_size']} probe "
-        "images per client; velocity state kept on each client between participations.",
-        "* **Heterogeneous fleet**: fedneq's default fleet, 30 % mcu (1 %), 40 % pi-zero (5 %), "
-        "20 % pi-4 (20 %), 10 % phone (100 % of the selectable parameters), all at batch "
-        f"{plan['batch_size']}. Static: scheme {plan['hetero_scheme']} truncated to each device's "
-        "budget (its neurons in layer order, then by weight norm). FedAvg-phones: only the phones "
-        "take part, so fewer clients per round.",
+        *setting_bullets(plan),
         "",
         "Budget tiers (the paper's Sparse Update schemes). Static trains the scheme; velocity and "
         + ("random get the scheme's conv-weight parameter count (the paper's protocol)"

@@ -296,6 +296,8 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     for png in ("homogeneous_accuracy.png", "homogeneous_accuracy_vs_upload.png"):
         assert f"](results/{png})" in text and (res / png).stat().st_size > 0
     assert "## 1. Single device" not in text  # no runs of that setting
+    assert "* **Federated**: 5000 images" in text and "**Single device**" not in text
+    assert "**Heterogeneous fleet**" not in text  # setup only for the settings the plan ran
     mine = "\nVelocity wins at 8.8 %, by hand.\n"
     before, rest = text.split(READING_START)
     page.write_text(before + READING_START + mine + READING_END + rest.split(READING_END)[1])
