@@ -125,7 +125,7 @@ class Plan:
     test_limit: int = 1000
     num_clients: int = 50
     clients_per_round: int = 10
-    alpha: float = 1.0  # not 0.5: there even dense FedAvg stays at chance (18.5 % after 12 rounds)
+    alpha: float = 1.0  # at 0.5 dense FedAvg ends at 18.5 / 41.2 / 75.7 % (seeds 0-2): too seed-bound
     min_partition_size: int = 15
     probe_size: int = 10
     batch_size: int = 32
