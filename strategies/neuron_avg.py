@@ -34,6 +34,7 @@ class RowAverage:
 
     values: dict[str, torch.Tensor]  # the new state: every key of the global state
     rows: dict[str, torch.Tensor]  # key -> (rows,) bool, rows some client sent with weight > 0
+    weights: dict[str, torch.Tensor]  # key -> (rows,) float64, total weight of each row's senders
 
 
 def _check_weights(weights: Sequence[float], num_updates: int) -> None:
@@ -67,7 +68,8 @@ def average_rows(
         ``values`` holds a new tensor for every key of ``global_state`` (rows
         with zero total weight keep their global value, float64 accumulation,
         cast back to the global dtype); ``rows`` marks the rows that changed
-        source, for every key some update touched.
+        source and ``weights`` holds each row's total sender weight, for every
+        key some update touched.
     """
     _check_weights(weights, len(updates))
     sums: dict[str, torch.Tensor] = {}  # key -> (R, L) float64 weighted sum of sent rows
@@ -96,7 +98,7 @@ def average_rows(
         out = as_rows(new_state[key])  # view into new_state[key]
         out[hit] = (sums[key][hit] / total[hit, None]).to(out.dtype)
         changed[key] = hit
-    return RowAverage(values=new_state, rows=changed)
+    return RowAverage(values=new_state, rows=changed, weights=totals)
 
 
 def neuron_average(

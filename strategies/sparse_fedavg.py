@@ -45,10 +45,7 @@ def sparse_fedavg(
     total = float(sum(weights))
     values = average.values
     for key, hit in average.rows.items():
-        covered = torch.zeros(hit.shape, dtype=torch.float64)  # (R,) senders' weight per row
-        for update, weight in zip(updates, weights, strict=True):
-            if key in update.rows:
-                covered += weight * update.rows[key].to(torch.float64)
+        covered = average.weights[key]  # (R,) senders' weight per row
         partial = hit & (covered < total)  # rows where some client of the round did not send
         if not partial.any():
             continue

@@ -119,6 +119,7 @@ def test_neuron_average_disjoint_masks_and_untouched_rows() -> None:
     assert torch.equal(avg.values["a"], torch.tensor([[4.0, 4.0], [1.0, 1.0], [-1.0, 9.0]]))
     assert torch.equal(avg.values["b"], GLOBAL["b"]) and avg.values["b"] is not GLOBAL["b"]
     assert torch.equal(avg.rows["a"], torch.tensor([True, False, True])) and "b" not in avg.rows
+    assert torch.equal(avg.weights["a"], torch.tensor([5.0, 0.0, 1.0], dtype=torch.float64))
 
 
 def test_sparse_fedavg_counts_clients_that_did_not_send_a_row_as_unchanged() -> None:
