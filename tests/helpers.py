@@ -116,3 +116,29 @@ def bn_chain() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(4, 5),
     )
+
+
+def train_plainly(
+    model: nn.Module, data, optimizer, *, epochs: int, batch_size: int, seed: int
+) -> None:
+    """Reference training without fedneq: ``optimizer.build``, the batch order
+    ``train_masked`` draws from ``torch.Generator().manual_seed(seed)``, cross-entropy."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    optim = optimizer.build(list(model.parameters()))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=g)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            optim.zero_grad()
+            F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+            optim.step()
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    """Every ``state_dict`` entry of ``a`` and ``b`` bit-identical."""
+    other = b.state_dict()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, other[key]), key

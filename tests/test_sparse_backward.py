@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_state, train_plainly
 from torch import nn
 
 import fedneq.sparse_backward as sparse_backward
@@ -177,15 +178,8 @@ def test_all_selected_sparse_equals_plain_training() -> None:
         generator=torch.Generator().manual_seed(4),
         backward="sparse",
     )
-    optim = opt.build(list(reference.parameters()))
-    order = torch.randperm(32, generator=torch.Generator().manual_seed(4))
-    for s in range(0, 32, 16):
-        idx = order[s : s + 16]
-        optim.zero_grad()
-        F.cross_entropy(reference(data.x[idx]), data.y[idx]).backward()
-        optim.step()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+    train_plainly(reference, data, opt, epochs=1, batch_size=16, seed=4)
+    assert_same_state(reference, model)
 
 
 def _run_and_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor):

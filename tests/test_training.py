@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_same_state, train_plainly
 from torch import nn
 
 from fedneq.data import ArrayDataset
@@ -109,18 +109,8 @@ def test_all_selected_mask_equals_plain_training(opt: OptimizerConfig) -> None:
     train_masked(model, data, neuron_map=nmap, masks=mask, epochs=2, batch_size=16,
                  optimizer=opt, generator=torch.Generator().manual_seed(3))  # fmt: skip
     # plain training: same batches, same optimizer, no masking machinery
-    g = torch.Generator().manual_seed(3)
-    optim = opt.build(list(reference.parameters()))
-    reference.train()
-    for _ in range(2):
-        order = torch.randperm(len(data), generator=g)
-        for s in range(0, len(order), 16):
-            idx = order[s : s + 16]
-            optim.zero_grad()
-            F.cross_entropy(reference(data.x[idx]), data.y[idx]).backward()
-            optim.step()
-    for key, value in reference.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+    train_plainly(reference, data, opt, epochs=2, batch_size=16, seed=3)
+    assert_same_state(reference, model)
 
 
 def test_row_freezer_remove_restores_requires_grad_and_hooks() -> None:
