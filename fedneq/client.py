@@ -234,6 +234,7 @@ def client_round(
         "num-examples": len(data.train),
         "partition-id": partition_id,
         "train-loss": float(result.loss),
+        "smallest-batch": int(result.smallest_batch),
         "trainable-params": int(result.trainable_params),
         "trainable-fraction": result.trainable_params / rt.num_params,
         "selected-neurons": int(result.mask.neurons.sum()),

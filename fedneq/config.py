@@ -155,7 +155,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     backward: str = "sparse"  # "sparse" | "masked" (fedneq.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
-    bn_stats: str = "selected"  # "all": every BatchNorm updates and uploads its running statistics
+    # "selected": BatchNorm statistics train and travel with their neuron; "all": every
+    # BatchNorm updates and uploads its running statistics; "frozen": BatchNorm in eval mode
+    bn_stats: str = "selected"
 
     def __post_init__(self) -> None:
         self.optimizer_config()

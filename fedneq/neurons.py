@@ -170,6 +170,8 @@ def enumerate_neurons(
     model: nn.Module,
     always_trained: Sequence[str] = (),
     never_trained: Sequence[str] = (),
+    *,
+    statistics: bool = True,
 ) -> NeuronMap:
     """Enumerate the neurons of ``model``.
 
@@ -182,6 +184,12 @@ def enumerate_neurons(
         trained every round and are not selectable (outside the budget).
     never_trained:
         Module-name prefixes whose parameters are frozen and not selectable.
+    statistics:
+        Whether a neuron carries its BatchNorm's running statistics (rows of
+        ``running_mean`` / ``running_var``), so that they train and travel
+        with it. ``False`` for BatchNorm kept in eval mode during training
+        (``bn_stats="frozen"``): the statistics are then nobody's rows, never
+        change and are never sent.
 
     Raises
     ------
@@ -223,7 +231,7 @@ def enumerate_neurons(
                         continue
                     params.append(f"{bn_name}.{key}")
                     cost += 1
-                elif getattr(bn_module, key, None) is None:
+                elif not statistics or getattr(bn_module, key, None) is None:
                     continue
                 tensors.append(f"{bn_name}.{key}")
         layers.append(

@@ -105,7 +105,8 @@ def build_model(config: Config, task: Task) -> tuple[nn.Module, NeuronMap]:
         m.name, num_classes=task.num_classes, in_channels=task.in_channels, width_mult=m.width_mult
     )
     always = (model_head(m.name),) if m.head == "always" else ()
-    return model, enumerate_neurons(model, always_trained=always)
+    statistics = config.train.bn_stats != "frozen"  # frozen BatchNorm statistics never travel
+    return model, enumerate_neurons(model, always_trained=always, statistics=statistics)
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,6 +27,7 @@ __all__ = [
     "EpochStats",
     "OptimizerConfig",
     "TrainResult",
+    "batch_slices",
     "evaluate",
     "train_masked",
     "train_step",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
-BN_STATS = ("selected", "all")
+BN_STATS = ("selected", "all", "frozen")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class EpochStats:
     epoch: int
     loss: float  # mean training loss over the epoch's examples
     examples: int
+    smallest_batch: int  # fewest examples in one of the epoch's batches
     selected_neurons: int
     trainable_params: int  # parameters the epoch's mask trains (always-trained set included)
     cost: MaskCost | None  # cost-model figures of the epoch's mask, if a profile was given
@@ -92,6 +94,11 @@ class TrainResult:
     def trainable_params(self) -> int:
         """Largest number of parameters trained at once (the device's budget)."""
         return max(e.trainable_params for e in self.epochs)
+
+    @property
+    def smallest_batch(self) -> int:
+        """Fewest examples in one batch over all epochs."""
+        return min(e.smallest_batch for e in self.epochs)
 
 
 def union_mask(a: TrainMask, b: TrainMask) -> TrainMask:
@@ -136,6 +143,13 @@ def train_masked(
         no gradient, outside any budget), and the returned mask sends them
         whole. Frozen channels then normalize with statistics of the data
         the model now sees instead of the upstream task's.
+        ``"frozen"``: every BatchNorm runs in eval mode during training: it
+        normalizes with its running statistics, which stay untouched (build
+        the neuron map with ``statistics=False`` so they are not sent
+        either); its weight and bias still train when their neuron is
+        selected. A small, label-skewed client then cannot re-centre the
+        features with its own batch statistics, and a batch of any size is
+        safe.
     backward:
         ``"sparse"`` (default): weight gradients of the selected rows only
         (:mod:`fedneq.sparse_backward`); ``"masked"``: the full backward with
@@ -172,12 +186,12 @@ def train_masked(
     # mask freezes have requires_grad=False, hence no .grad, and are skipped.
     candidates = [p for p in model.parameters()]
     opt = optimizer.build(candidates)
-    model.train()
     stats: list[EpochStats] = []
     union: TrainMask | None = None
     previous_rows: dict[str, torch.Tensor] = {}
     for epoch in range(epochs):
-        mask = mask_for(epoch)
+        mask = mask_for(epoch)  # may probe the model in eval mode
+        _train_mode(model, bn_stats)  # every epoch: a callback may have switched modes
         state = model.state_dict()
         with RowFreezer(
             model,
@@ -190,7 +204,9 @@ def train_masked(
         ) as freezer:
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
             previous_rows = freezer.rows
-            total_loss, seen = _run_epoch(model, data, opt, freezer, batch_size, generator)
+            total_loss, seen, smallest = _run_epoch(
+                model, data, opt, freezer, batch_size, generator
+            )
         trainable = neuron_map.mask_params(mask, state, [n for n, _ in model.named_parameters()])
         cost = None
         if cost_profile is not None:
@@ -198,13 +214,24 @@ def train_masked(
                 cost_profile, mask, state, batch_size=batch_size, optimizer=optimizer.cost_name
             )
         stats.append(
-            EpochStats(epoch, total_loss / seen, seen, int(mask.neurons.sum()), trainable, cost)
+            EpochStats(
+                epoch, total_loss / seen, seen, smallest, int(mask.neurons.sum()), trainable, cost
+            )
         )
         if on_epoch_end is not None:
             on_epoch_end(stats[-1])
         union = mask if union is None else union_mask(union, mask)
     assert union is not None
     return TrainResult(stats[-1].loss, sum(s.examples for s in stats), tuple(stats), union)
+
+
+def _train_mode(model: nn.Module, bn_stats: str) -> None:
+    """Training mode; with ``bn_stats="frozen"`` every BatchNorm stays in eval mode."""
+    model.train()
+    if bn_stats == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _try_profile(
@@ -217,6 +244,31 @@ def _try_profile(
         return None  # the sparse backward then applies to every eligible layer
 
 
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """An epoch of ``n`` examples cut into ``ceil(n / batch_size)`` near-equal batches.
+
+    Sizes differ by at most one (the first ``n mod k`` batches get one more),
+    so no batch is smaller than ``floor(n / ceil(n / batch_size))``: at least
+    about half of ``batch_size`` whenever ``n >= batch_size``, and ``n``
+    otherwise. Fixed-size batches would leave a last batch of ``n mod
+    batch_size`` examples; with BatchNorm in train mode a batch of 2 on
+    MobileNetV2's 1x1 maps gives a gradient ~10^4 times a normal one and
+    explodes the client.
+    """
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"need n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    k = math.ceil(n / batch_size)
+    if k == 0:
+        return []
+    small, extra = divmod(n, k)
+    slices, start = [], 0
+    for i in range(k):
+        size = small + (i < extra)
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
 def _run_epoch(
     model: nn.Module,
     data: ArrayDataset,
@@ -224,19 +276,19 @@ def _run_epoch(
     freezer: RowFreezer,
     batch_size: int,
     generator: torch.Generator,
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
+    """``(sum of batch losses x sizes, examples seen, smallest batch)`` of one epoch."""
     order = torch.randperm(len(data), generator=generator)
-    total_loss, seen = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) == 1 and len(order) > 1:
-            continue  # BatchNorm cannot train on one sample whose feature maps are 1x1
+    total_loss, seen, smallest = 0.0, 0, len(order)
+    for batch in batch_slices(len(order), batch_size):
+        idx = order[batch]
         loss = train_step(model, data.x[idx], data.y[idx], opt, freezer)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at batch starting {start}")
+            raise FloatingPointError(f"training loss is {loss} at the batch starting at {batch.start}")
         total_loss += loss * len(idx)
         seen += len(idx)
-    return total_loss, seen
+        smallest = min(smallest, len(idx))
+    return total_loss, seen, smallest
 
 
 def train_step(

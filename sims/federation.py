@@ -12,14 +12,21 @@ Failures a run survives:
   reason, the round goes on with the others;
 * a client with no reply after ``[run] round_timeout_s``: ``failed``, "no reply
   before the round timeout" (its late reply is never read);
-* a malformed or over-budget reply: ``rejected`` by the strategy
-  (:meth:`strategies.SparseStrategy.check_reply`), the others aggregated;
+* a malformed, over-budget or exploded reply: ``rejected`` by the strategy
+  (:meth:`strategies.SparseStrategy.check_replies`), the others aggregated;
   every node a fleet class is known for is held to that class's budget
   (:func:`budget_limits`);
+* an aggregate whose evaluation loss is not finite: the round is not
+  committed (``committed`` 0 in rounds.csv), the global model and the
+  strategy's state stay as they were;
 * fewer than ``[run] min_replies`` replies: the round is sent again once
   (the training config carries ``attempt``, so injected faults draw anew),
   then skipped, the global model unchanged (a reply counts here even if the
   strategy then rejects it: it is recorded as ``rejected``);
+* a run in which no round was committed, or in which every sampled client of
+  some round failed or was rejected: it still runs every round and writes
+  every table, then :func:`run_federation` writes ``status.json`` saying so
+  and raises :class:`RunFailed` (a non-zero exit status);
 * the server itself stopping: every round ends with a checkpoint
   (:mod:`sims.checkpoint`) and ``resume=True`` continues after the last one.
   The clients' velocity state survives through ``<results>/client_state/``
@@ -33,7 +40,9 @@ so the same config gives the same rounds.csv.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import shutil
 import time
 from collections import defaultdict
@@ -55,20 +64,22 @@ from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
-from sims.results import Recorder
+from sims.results import Recorder, atomic_write_text
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
-__all__ = ["budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
+__all__ = ["RunFailed", "budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
 
 log = logging.getLogger("fedneq")
 
+STATUS_FILE = "status.json"  # {"status": "completed" | "failed", "reason": ...}
 DISCOVERY_TIMEOUT_S = 600.0  # waiting for nodes to connect and identify (not a round)
 ATTEMPTS = 2  # a round below min_replies is sent once more, then skipped
 
 _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measured here)
     "num_examples": "num-examples",
     "train_loss": "train-loss",
+    "smallest_batch": "smallest-batch",
     "trainable_params": "trainable-params",
     "trainable_fraction": "trainable-fraction",
     "selected_neurons": "selected-neurons",
@@ -77,6 +88,26 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
 }
+
+
+class RunFailed(RuntimeError):
+    """A run that went through all its rounds without learning what it should have."""
+
+
+def run_failure(rounds: Sequence[dict[str, Any]]) -> str | None:
+    """Why a finished run failed (rounds.csv rows), or None if it did not.
+
+    It failed when no round was committed, or when every sampled client of
+    some round failed or was rejected (a partial round that was skipped for
+    ``min_replies`` is not a failure of the run).
+    """
+    if not any(int(r.get("committed") or 1 - int(r["skipped"])) for r in rounds):  # older tables
+
+        return f"no round of {len(rounds)} was committed: the global model never changed"
+    empty = [int(r["round"]) for r in rounds if int(r["replied"]) == 0]
+    if empty:
+        return f"every sampled client failed or was rejected in round(s) {empty}"
+    return None
 
 
 def sample_partitions(config: Config, server_round: int) -> list[int]:
@@ -171,7 +202,12 @@ def _error_reason(reason: str | None) -> str:
 
 
 def _client_row(
-    server_round: int, msg: Message, pid: int, device: str, rejected: dict[int, str]
+    server_round: int,
+    msg: Message,
+    pid: int,
+    device: str,
+    rejected: dict[int, str],
+    update_rms: float | None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"round": server_round, "partition_id": pid, "device": device}
     if msg.has_error():
@@ -185,6 +221,7 @@ def _client_row(
     row["upload_bytes"] = payload_nbytes(
         from_array_record(next(iter(msg.content.array_records.values())))
     )
+    row["update_rms"] = "" if update_rms is None else update_rms
     return row
 
 
@@ -275,6 +312,7 @@ def run_federation(
     strategy = build_strategy(config, neuron_map, state)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
+    (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
     state_dir = (out_dir / "client_state").resolve()
     arrays = ArrayRecord(state)
     first_round = 1
@@ -311,16 +349,29 @@ def run_federation(
         replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         # aggregate in partition order: the float sums do not depend on arrival order
         replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
+        committed, note = False, "skipped: too few replies" if skipped else ""
         if skipped:  # not aggregated, but still checked: an invalid reply is recorded as such
             _, rejected_nodes = strategy.check_replies(rnd, replies)
         else:
+            before = {k: v.clone() for k, v in strategy.state_dict().items()}
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             rejected_nodes = strategy.last_rejected
-            if new_arrays is not None:
-                arrays = new_arrays
+            if new_arrays is None:
+                note = "no reply accepted"
+            else:
+                model.load_state_dict(new_arrays.to_torch_state_dict())
+                loss, acc = evaluate(model, task.test)
+                committed = math.isfinite(loss)
+                if committed:
+                    arrays = new_arrays
+                else:  # the previous global model and strategy state stay
+                    note = f"the aggregate's test loss is {loss}: not committed"
+                    log.warning("round %d: %s, the global model stays as it was", rnd, note)
+                    strategy.load_state_dict(before)
+        sizes = strategy.last_update_rms
         rejected = {partition_of[n]: why for n, why in rejected_nodes.items()}
         client_rows = [
-            _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected)
+            _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected, sizes.get(m.metadata.src_node_id))
             for m in replies
         ]  # fmt: skip
         answered = {r["partition_id"] for r in client_rows}
@@ -331,8 +382,9 @@ def run_federation(
         ]  # fmt: skip
         client_rows.sort(key=lambda r: r["partition_id"])
         accepted = [r for r in client_rows if r["status"] == "ok"]
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, task.test)
+        if not committed:  # the evaluation of the global model that stays
+            model.load_state_dict(arrays.to_torch_state_dict())
+            loss, acc = evaluate(model, task.test)
         bytes_up = int(sum(_numbers(accepted, "upload_bytes")))
         cum_up += bytes_up
         recorder.add("clients.csv", client_rows)
@@ -349,6 +401,8 @@ def run_federation(
                     "failed": sum(r["status"] == "failed" for r in client_rows),
                     "rejected": len(rejected),
                     "skipped": int(skipped),
+                    "committed": int(committed),
+                    "note": note,
                     "bytes_down": len(sampled) * _dense_nbytes(arrays),
                     "bytes_up": bytes_up,
                     "cum_bytes_up": int(cum_up),
@@ -368,11 +422,16 @@ def run_federation(
         print(
             f"[fedneq] round {rnd}/{total}  acc {acc:.4f}  loss {loss:.4f}  "
             f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected"
-            f"{'  SKIPPED' if skipped else ''}  up {bytes_up / 1e3:.1f} kB  "
+            f"{'' if committed else '  NOT COMMITTED (' + note + ')'}  up {bytes_up / 1e3:.1f} kB  "
             f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  {time.monotonic() - t0:.1f}s",
             flush=True,
         )
     recorder.plot()
+    failure = run_failure(recorder.rounds)
+    status = {"status": "failed" if failure else "completed", "reason": failure or ""}
+    atomic_write_text(out_dir / STATUS_FILE, json.dumps(status, indent=1))
+    if failure:
+        raise RunFailed(f"the run in {out_dir} failed: {failure} (see rounds.csv and clients.csv)")
     return recorder.rounds
 
 

@@ -114,6 +114,7 @@ class Plan:
     seeds: tuple[int, ...] = (0, 1, 2)
     tiers: tuple[str, ...] = ("SU-1", "SU-3", "SU-5")
     settings: tuple[str, ...] = SETTINGS
+    methods: tuple[str, ...] = ()  # () = every method of each setting; else only these
     budget_basis: str = "scheme"
     epochs: int = 6  # single device
     rounds: int = 12  # federated
@@ -151,6 +152,10 @@ class Plan:
                 raise ValueError(
                     f"{name} should be a non-empty subset of {allowed}, got {values!r}"
                 )
+        known = (*BUDGETED, "full", "fedavg", *HETERO_METHODS)
+        bad = [m for m in self.methods if m not in known]
+        if bad:
+            raise ValueError(f"methods should be a subset of {sorted(set(known))}, got {bad}")
         if self.budget_basis not in BASES:
             raise ValueError(f"budget_basis should be one of {BASES}, got {self.budget_basis!r}")
         get_scheme(self.hetero_scheme)
@@ -183,7 +188,10 @@ def override(plan: Plan, assignments: Sequence[str]) -> Plan:
                 f"--set expects KEY=VALUE with KEY one of {sorted(fields - {'name'})}, got {item!r}"
             )
         default = getattr(plan, key)
-        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        if isinstance(default, tuple):
+            kind = type(default[0]) if default else str  # an empty tuple field holds names
+        else:
+            kind = type(default)
         try:
             if isinstance(default, tuple):
                 value: Any = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
@@ -246,7 +254,7 @@ def expand(plan: Plan) -> list[Run]:
             for tier in plan.tiers:
                 runs += [Run(setting, tier, m, seed) for m in BUDGETED]
             runs.append(Run(setting, "full", "full" if setting == "single" else "fedavg", seed))
-    return runs
+    return [r for r in runs if not plan.methods or r.method in plan.methods]
 
 
 def tier_budgets(plan: Plan, model: torch.nn.Module) -> dict[str, Tier]:

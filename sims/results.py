@@ -7,6 +7,7 @@
     <results>/clients.csv         one row per sampled client per round
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round
+    <results>/status.json         written at the end: "completed", or "failed" and why
     <results>/accuracy_vs_round.png, accuracy_vs_upload.png
 """
 
@@ -23,13 +24,14 @@ from typing import Any
 __all__ = ["Recorder", "atomic_write_bytes", "atomic_write_text", "csv_text", "plot_runs", "read_csv"]
 
 ROUND_COLUMNS = (
-    "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped",
+    "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped", "committed",
     "bytes_down", "bytes_up", "cum_bytes_up", "mean_trainable_fraction", "mean_flops_saved",
-    "mean_train_loss", "mean_state_bytes",
+    "mean_train_loss", "mean_state_bytes", "note",
 )  # fmt: skip
 CLIENT_COLUMNS = (
-    "round", "partition_id", "device", "status", "reason", "num_examples", "train_loss",
-    "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "flops_saved",
+    "round", "partition_id", "device", "status", "reason", "num_examples", "smallest_batch", "train_loss",
+    "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "update_rms",
+    "flops_saved",
     "memory_estimate_bytes", "state_bytes", "used_initializer",
 )  # fmt: skip
 CLASS_COLUMNS = (

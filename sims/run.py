@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedneq.config import Config, load_config
 from fedneq.task import check_partitions
+from sims.federation import STATUS_FILE, RunFailed
 from sims.results import read_csv
 from sims.server_app import config_path, default_out_dir, make_server_app
 
@@ -56,6 +57,10 @@ def simulate(config: Config, out_dir: Path, *, resume: bool = False, verbose: bo
         backend_config=backend_config(config),
         verbose_logging=verbose,
     )
+    status_json = out_dir / STATUS_FILE
+    status = json.loads(status_json.read_text()) if status_json.exists() else {}
+    if status.get("status") == "failed":
+        raise RunFailed(f"the run in {out_dir} failed: {status['reason']}")
     rounds_csv = out_dir / "rounds.csv"
     rows = read_csv(rounds_csv) if rounds_csv.exists() else []
     if len(rows) != config.run.rounds:
@@ -98,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out or default_out_dir(config)
     print(f"[fedneq] {config.run.name}: {config.run.rounds} rounds, {config.run.num_clients} clients "
           f"({config.run.clients_per_round}/round), results in {out_dir}", flush=True)
-    simulate(config, out_dir, resume=args.resume is not None, verbose=args.verbose)
+    try:
+        simulate(config, out_dir, resume=args.resume is not None, verbose=args.verbose)
+    except RunFailed as err:
+        print(f"[fedneq] FAILED: {err}", file=sys.stderr, flush=True)
+        return 1
     print(f"[fedneq] done: {out_dir}/rounds.csv, clients.csv, accuracy_vs_round.png", flush=True)
     return 0
 

@@ -122,7 +122,10 @@ def train_plainly(
     model: nn.Module, data, optimizer, *, epochs: int, batch_size: int, seed: int
 ) -> None:
     """Reference training without fedneq: ``optimizer.build``, the batch order
-    ``train_masked`` draws from ``torch.Generator().manual_seed(seed)``, cross-entropy."""
+    ``train_masked`` draws from ``torch.Generator().manual_seed(seed)``, cut into
+    ``ceil(n / batch_size)`` near-equal batches (``torch.tensor_split``), cross-entropy."""
+    import math
+
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
@@ -130,8 +133,7 @@ def train_plainly(
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=g)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in torch.tensor_split(order, math.ceil(len(order) / batch_size)):
             optim.zero_grad()
             F.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
             optim.step()

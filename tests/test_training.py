@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_same_state, train_plainly
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from fedneq.data import ArrayDataset
 from fedneq.masking import RowFreezer
+from fedneq.models import get_model
 from fedneq.neurons import enumerate_neurons
-from fedneq.training import OptimizerConfig, evaluate, train_masked
+from fedneq.training import OptimizerConfig, batch_slices, evaluate, train_masked
+from fedneq.wire import encode, tensor_table
 
 
 def tiny_cnn() -> nn.Module:
@@ -144,19 +150,33 @@ def test_training_reports_trainable_params_and_rejects_bad_input() -> None:
     assert loss > 0 and 0 <= acc <= 1
 
 
-def test_a_last_batch_of_one_sample_is_skipped_not_a_batchnorm_crash() -> None:
+@given(n=st.integers(0, 500), batch_size=st.integers(1, 64))
+def test_batch_slices_cover_the_epoch_in_near_equal_batches(n: int, batch_size: int) -> None:
+    slices = batch_slices(n, batch_size)
+    sizes = [s.stop - s.start for s in slices]
+    assert len(slices) == math.ceil(n / batch_size)
+    assert [s.start for s in slices] == [sum(sizes[:i]) for i in range(len(sizes))]  # contiguous
+    assert sum(sizes) == n and all(0 < size <= batch_size for size in sizes)
+    if sizes:
+        assert max(sizes) - min(sizes) <= 1
+        assert min(sizes) >= min(n, batch_size // 2)  # never a degenerate last batch
+    reference = torch.tensor_split(torch.arange(n), len(slices)) if slices else ()
+    assert sizes == [len(t) for t in reference]
+
+
+def test_every_example_trains_and_no_batch_is_degenerate() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(  # BatchNorm on 1x1 maps, as in MobileNetV2 at 32x32
         nn.Conv2d(1, 4, 6), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)
     )
     nmap = enumerate_neurons(model, always_trained=("4",))
     mask = nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool))
-    data = toy_data(33)
-    result = train_masked(model, data, neuron_map=nmap, masks=mask, batch_size=16,
+    data = toy_data(34)  # fixed batches of 16 would leave a last batch of 2
+    result = train_masked(model, data, neuron_map=nmap, masks=mask, batch_size=16, epochs=2,
                           generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert result.examples == 32
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        model.train()(data.x[:1])  # what the skipped batch would have raised
+    assert result.examples == 68
+    assert [e.smallest_batch for e in result.epochs] == [11, 11]  # 12 + 11 + 11
+    assert result.smallest_batch == 11
 
 
 @pytest.mark.parametrize("backward", ["masked", "sparse"])
@@ -181,3 +201,63 @@ def test_bn_stats_all_updates_every_running_statistic_but_no_frozen_parameter(ba
     with pytest.raises(ValueError, match="bn_stats should be one of"):
         train_masked(model, toy_data(), neuron_map=nmap, masks=nmap.train_mask(selected),
                      generator=torch.Generator(), bn_stats="some")  # fmt: skip
+
+
+def _update_norm(n: int) -> float:
+    """Norm of one full-budget epoch's update of MobileNetV2 (32x32) on ``n`` examples."""
+    model = get_model("mobilenet_v2", num_classes=5, in_channels=1, width_mult=0.5, seed=0)
+    nmap = enumerate_neurons(model, always_trained=("classifier",))
+    before = copy.deepcopy(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    data = ArrayDataset(torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g))
+    train_masked(model, data, neuron_map=nmap, batch_size=32, generator=torch.Generator().manual_seed(0),
+                 masks=nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool)),
+                 optimizer=OptimizerConfig(lr=0.01))  # fmt: skip
+    after = model.state_dict()
+    return math.sqrt(sum(float(((after[k] - before[k]) ** 2).sum()) for k, _ in model.named_parameters()))
+
+
+def test_a_client_whose_size_leaves_a_remainder_of_2_does_not_explode_on_mobilenet() -> None:
+    # Why it matters: BatchNorm in train mode on MobileNetV2's 1x1 maps turns a batch of 2
+    # into a gradient thousands of times a normal batch's
+    model = get_model("mobilenet_v2", num_classes=5, in_channels=1, width_mult=0.5, seed=0).train()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(34, 1, 32, 32, generator=g), torch.randint(0, 5, (34,), generator=g)
+
+    def grad_norm(idx: slice) -> float:
+        model.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        return math.sqrt(sum(float((p.grad**2).sum()) for p in model.parameters()))
+
+    assert grad_norm(slice(32, 34)) > 100 * grad_norm(slice(0, 32))
+    # 98 = 3 x 32 + 2 examples train in batches of 25, 25, 24, 24: an update like 96's
+    normal, remainder_2 = _update_norm(96), _update_norm(98)
+    assert remainder_2 < 2 * normal, (remainder_2, normal)
+
+
+def test_bn_stats_frozen_trains_batchnorm_in_eval_mode() -> None:
+    model = tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",), statistics=False)
+    assert not nmap.statistic_tensors()  # the statistics belong to no neuron: never sent
+    selected = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    selected[[0, 5]] = True  # a neuron of the first conv and one of the depthwise conv
+    before = copy.deepcopy(model.state_dict())
+    seen_modes: list[bool] = []
+    hook = model[1].register_forward_pre_hook(lambda mod, _: seen_modes.append(mod.training))
+    result = train_masked(model, toy_data(33), neuron_map=nmap, masks=nmap.train_mask(selected),
+                          batch_size=32, generator=torch.Generator().manual_seed(0),
+                          bn_stats="frozen")  # fmt: skip
+    hook.remove()
+    assert seen_modes and not any(seen_modes)  # BatchNorm ran in eval mode throughout
+    assert model[0].training  # the rest of the model trained in train mode
+    after = model.state_dict()
+    for key in before:
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(before[key], after[key]), key  # statistics untouched
+    assert not torch.equal(before["1.weight"][0], after["1.weight"][0])  # selected BN affine trains
+    assert torch.equal(before["1.weight"][1:], after["1.weight"][1:])
+    assert not torch.equal(before["4.bias"][1], after["4.bias"][1])
+    assert result.smallest_batch == 16  # 17 + 16: even a batch of 1 would be safe in eval mode
+    # the sent rows carry no statistics either
+    arrays = encode(model.state_dict(), nmap, result.mask, tensor_table(model.state_dict()))
+    assert arrays["neuron_values"].size == (9 + 1 + 2) + (9 + 1 + 2)  # weight, bias, BN affine

@@ -10,6 +10,7 @@ bit-identical to aggregating the good replies alone.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,10 +38,17 @@ from fedneq.config import Config
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, load_task
-from fedneq.wire import encode, tensor_table, to_array_record
+from fedneq.wire import decode, encode, tensor_table, to_array_record
 from sims.federation import budget_limits, run_federation
 from sims.results import read_csv
-from strategies.base import BudgetLimit, SparseStrategy, aggregate_metrics, trained_params
+from strategies.base import (
+    BudgetLimit,
+    SparseStrategy,
+    aggregate_metrics,
+    oversized_updates,
+    trained_params,
+    update_rms,
+)
 from strategies.fedavg import DenseFedAvg
 from strategies.neuron_avg import NeuronAvg
 
@@ -477,3 +485,44 @@ def test_the_server_loop_survives_a_bad_client_and_records_it(tmp_path: Path) ->
     )
     assert all(bool(torch.isfinite(v).all()) for v in final.values() if v.is_floating_point())
     assert rounds[2]["accuracy"] == rounds[1]["accuracy"]  # skipped: the model is unchanged
+
+
+# --- exploded updates ------------------------------------------------------------------
+
+
+def test_an_exploded_but_well_formed_reply_is_rejected(m: Model) -> None:
+    """Honest metrics and budget, finite values: only the update's size gives it away."""
+    arrays, metrics = bad_parts(m)  # shifted by 100 against the good replies' 0.1 and 0.2
+    strategy, got, agg = run_round(m, lambda to: reply(to, arrays, metrics))
+    assert_only_the_good_aggregated(m, strategy, got, "more than max_update_ratio=10")
+    assert strategy.last_update_rms == pytest.approx({1: 0.1, 2: 0.2, BAD_NODE: 100.0}, rel=1e-3)
+    assert agg["train-loss"] == 0.5
+    # the same reply passes with the rule off, and an absolute bound catches it alone
+    lenient = strategy_for(m)
+    lenient.max_update_ratio = None
+    lenient.aggregate_train(1, [reply(train_messages(lenient, m)[BAD_NODE], arrays, metrics)])
+    assert not lenient.last_rejected
+    strict = strategy_for(m)
+    strict.max_update_rms = 50.0
+    strict.aggregate_train(1, [reply(train_messages(strict, m)[BAD_NODE], arrays, metrics)])
+    assert "exceeds max_update_rms=50" in strict.last_rejected[BAD_NODE]
+
+
+def test_update_size_rules_by_hand(m: Model) -> None:
+    assert oversized_updates([1.0, 1.2, 0.9, 50.0], max_ratio=10, max_size=None).keys() == {3}
+    assert oversized_updates([1.0, 1.2, 0.9, 9.9], max_ratio=10, max_size=None) == {}
+    assert oversized_updates([1.0, 1.2, 0.9, 50.0], max_ratio=None, max_size=1.1).keys() == {1, 3}
+    assert oversized_updates([1.0, 20.0], max_ratio=10, max_size=None).keys() == {1}  # 2 replies
+    assert oversized_updates([1e9], max_ratio=10, max_size=None) == {}  # nothing to compare with
+    assert oversized_updates([0.0, 0.0, 3.0], max_ratio=10, max_size=None) == {}  # reference 0
+    # update_rms: sqrt(mean of squared changes) over the parameters sent, buffers left out
+    trained = m.trained(0.0)
+    trained["features.0.0.weight"][0] += 3.0  # 9 values of neuron 0 move by 3
+    trained["features.0.1.running_mean"][0] += 1e6  # a statistic: not counted
+    arrays = encode(trained, m.nm, m.mask([0]), m.table)
+    update = decode(arrays, m.nm, m.table, m.state)
+    keys = [k for layer in m.nm.layers for k in layer.param_tensors]
+    # neuron 0 costs 11 parameters: 9 conv weights, BatchNorm weight and bias
+    assert update_rms(update, m.state, keys) == pytest.approx(math.sqrt(9 * 3.0**2 / 11))
+    with pytest.raises(ValueError, match="max_update_ratio must be a number > 0 or None"):
+        NeuronAvg(m.nm, m.table, max_update_ratio=0)
