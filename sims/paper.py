@@ -431,7 +431,7 @@ def run_sweep(
     ckpt = pretrained_checkpoint(plan, pretrained_dir or out_dir.parent / "_pretrained", log)
     base = base_config(plan, out_dir, ckpt.resolve())
     tiers = tier_budgets(plan, build_model(base, load_task(base))[0])
-    meta = _sweep_meta(plan, out_dir, tiers, ckpt)
+    meta = _sweep_meta(plan, out_dir, tiers, ckpt, base)
     atomic_write_text(out_dir / "sweep.json", json.dumps(meta, indent=1))  # report-only works now
     runs = list(expand(plan) if runs is None else runs)
     todo = [r for r in runs if not is_complete(plan, r, out_dir / r.key)]
@@ -479,7 +479,9 @@ def run_sweep(
     return failed
 
 
-def _sweep_meta(plan: Plan, out_dir: Path, tiers: dict[str, Tier], ckpt: Path) -> dict[str, Any]:
+def _sweep_meta(
+    plan: Plan, out_dir: Path, tiers: dict[str, Tier], ckpt: Path, base: Config
+) -> dict[str, Any]:
     path = out_dir / "sweep.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     # a field added since the sweep started had its default value then
@@ -493,6 +495,8 @@ def _sweep_meta(plan: Plan, out_dir: Path, tiers: dict[str, Tier], ckpt: Path) -
         "tiers": {n: dataclasses.asdict(t) | {"fraction": t.fraction} for n, t in tiers.items()},
         "checkpoint": {"file": ckpt.name, "upstream_test_accuracy": ck_meta["test_accuracy"],
                        "train_samples": ck_meta.get("train_samples")},
+        "velocity": {"mode": base.selection.velocity_mode, "mu": base.selection.mu,
+                     "storage_dtype": base.selection.storage_dtype},
         "hardware": hardware(),
         "git": git_info(),
         "invocations": old.get("invocations", []),
@@ -730,6 +734,29 @@ def _curve(points: Sequence[dict[str, Any]], x_key: str) -> tuple[np.ndarray, ..
     return x, np.array([a.mean() for a in acc]), np.array([a.std() for a in acc])
 
 
+BN_SENTENCES = {
+    "frozen": "BatchNorm layers run in eval mode during fine-tuning (`bn_stats = \"frozen\"`): "
+    "their running statistics stay the upstream ones and are never sent; their weight and bias "
+    "train with their neuron.",
+    "all": "Every BatchNorm re-estimates its running statistics on the new task "
+    "(`bn_stats = \"all\"`), frozen channels included, and sends them whole.",
+    "selected": "A BatchNorm's running statistics train and travel with their neuron "
+    "(`bn_stats = \"selected\"`).",
+}
+
+
+def velocity_sentence(velocity: dict[str, Any] | None) -> str:
+    """How velocity was measured, from the sweep's metadata (absent in older sweeps)."""
+    if not velocity:
+        return "Velocity: fedneq's defaults of the time (not recorded)."
+    mode = {"pooled": "pooled (each output averaged over space, cosine over the probe images)",
+            "per-feature": "per-feature (cosine over the spatial positions, mean over probe images)"}
+    return (
+        f"Velocity mode {mode.get(velocity['mode'], velocity['mode'])}, μ = {velocity['mu']}, probe "
+        f"outputs kept between rounds in {velocity['storage_dtype']}."
+    )  # fmt: skip
+
+
 def setting_bullets(plan: dict[str, Any]) -> list[str]:
     """The setup of each setting the stored ``plan`` ran, one Markdown bullet each."""
     single = (
@@ -796,7 +823,9 @@ def render_page(
         f"{plan['single_lr']} on one device, {plan['fed_lr']} in federated runs). "
         "One upstream checkpoint serves every seed and method; the seed sets the head, the data "
         f"subsets, the batch order and the selections. Test accuracy on {plan['test_limit']} held-out "
-        "downstream images.",
+        f"downstream images. {velocity_sentence(meta.get('velocity'))} "
+        f"{BN_SENTENCES[plan.get('bn_stats', 'all')]} Every epoch is cut into ⌈n / batch⌉ "
+        "near-equal batches (no degenerate last batch).",
         "",
         *setting_bullets(plan),
         "",

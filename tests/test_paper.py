@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedneq.config import Config
 from fedneq.models import get_model
 from sims import single_device
 from sims.paper import (
@@ -342,7 +343,18 @@ def test_a_sweep_stored_before_a_plan_field_existed_still_continues(tmp_path: Pa
     stored = _plan_dict(FULL)
     del stored["strategy"]  # a sweep.json written before Plan.strategy existed
     (tmp_path / "sweep.json").write_text(json.dumps({"plan": stored, "invocations": [{"x": 1}]}))
-    meta = _sweep_meta(FULL, tmp_path, {}, ckpt)  # the default is what that sweep ran
+    meta = _sweep_meta(FULL, tmp_path, {}, ckpt, Config())  # the default is what that sweep ran
     assert meta["invocations"] == [{"x": 1}] and meta["plan"]["strategy"] == "neuron-avg"
     with pytest.raises(ValueError, match="holds a sweep of another plan"):
-        _sweep_meta(dataclasses.replace(FULL, strategy="sparse-fedavg"), tmp_path, {}, ckpt)
+        _sweep_meta(dataclasses.replace(FULL, strategy="sparse-fedavg"), tmp_path, {}, ckpt, Config())
+
+
+def test_methods_restricts_the_runs_of_a_plan() -> None:
+    plan = override(FULL, ["methods=fedavg,velocity-per-param", "settings=homogeneous"])
+    assert plan.methods == ("fedavg", "velocity-per-param")
+    runs = expand(plan)
+    assert {r.method for r in runs} == {"fedavg", "velocity-per-param"}
+    assert len(runs) == len(plan.seeds) * (len(plan.tiers) + 1)  # one budgeted method per tier
+    assert len(expand(FULL)) > len(expand(plan))  # () keeps every method
+    with pytest.raises(ValueError, match="methods should be a subset of"):
+        override(FULL, ["methods=velocty"])
