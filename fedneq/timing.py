@@ -30,7 +30,9 @@ round actually did:
 Only Conv2d/Linear FLOPs count (the cost model's convention); the time is a
 roofline-free throughput model: no latency, no contention, no overlap of
 communication and compute, the device's throughput the same for every layer.
-Injected straggler delays (``[faults]``) are wall-clock and not part of it.
+Injected straggler delays (``[faults]``) are wall-clock and not part of it,
+and gradient filtering's cheaper backward is not counted (the cost model
+prices the exact backward).
 
 A **round** lasts as long as its slowest client that replied
 (:func:`round_duration`). With a deadline (``[run] round_deadline_s``) a

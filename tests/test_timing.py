@@ -152,7 +152,9 @@ def _run(config: Config, out: Path) -> tuple[list[dict[str, str]], list[dict[str
     """rounds.csv and clients.csv of a run over an in-process grid (no Ray)."""
     n = config.run.num_clients
     contexts = {
-        100 + pid: Context(1, 100 + pid, {"partition-id": pid, "num-partitions": n}, RecordDict(), {})
+        100 + pid: Context(
+            1, 100 + pid, {"partition-id": pid, "num-partitions": n}, RecordDict(), {}
+        )
         for pid in range(n)
     }
 
@@ -223,7 +225,9 @@ def test_hand_computed_round_time_of_a_two_client_fleet(tmp_path: Path) -> None:
             assert float(row[key]) == pytest.approx(exp[key], rel=1e-5), key
     slowest = max(e["time_s"] for e in expected.values())
     assert [float(r["round_time_s"]) for r in rounds] == pytest.approx([slowest] * 2, rel=1e-5)
-    assert [float(r["cum_time_s"]) for r in rounds] == pytest.approx([slowest, 2 * slowest], rel=1e-5)
+    assert [float(r["cum_time_s"]) for r in rounds] == pytest.approx(
+        [slowest, 2 * slowest], rel=1e-5
+    )
     assert [int(r["dropped"]) for r in rounds] == [0, 0]
     assert (tmp_path / "run" / "accuracy_vs_time.png").stat().st_size > 0
 
@@ -357,7 +361,11 @@ def test_a_csv_fleet_assigns_each_device_its_row(tmp_path: Path) -> None:
         "watch", budget=0.01, speed=0.05, download_mbps=2.0, upload_mbps=1.0,
         memory_limit_bytes=300_000, availability=0.5,
     )  # fmt: skip
-    assert (devices[1].speed, devices[1].memory_limit_bytes, devices[1].availability) == (3.5, None, 0.8)
+    assert (devices[1].speed, devices[1].memory_limit_bytes, devices[1].availability) == (
+        3.5,
+        None,
+        0.8,
+    )
     assert (devices[2].speed, devices[2].upload_mbps, devices[2].availability) == (1.5, 5.0, 1.0)
     assert devices[3].budget == 5000 and devices[3].name == "pi"
     with pytest.raises(ValueError, match="num_clients must equal the 4 devices"):
@@ -365,7 +373,9 @@ def test_a_csv_fleet_assigns_each_device_its_row(tmp_path: Path) -> None:
 
     # through the config: a relative path is the TOML file's neighbour; the rows travel in JSON
     toml = tmp_path / "run.toml"
-    toml.write_text('[run]\nnum_clients = 4\nclients_per_round = 2\n[fleet]\npreset = "csv"\ncsv = "fleet.csv"\n')
+    toml.write_text(
+        '[run]\nnum_clients = 4\nclients_per_round = 2\n[fleet]\npreset = "csv"\ncsv = "fleet.csv"\n'
+    )
     config = load_config(toml)
     assert [config.device(p) for p in range(4)] == list(devices)
     again = Config.from_json(config.to_json())
@@ -388,7 +398,9 @@ def test_a_csv_fleet_run_prices_every_device_with_its_own_row(tmp_path: Path) ->
         assert row["device"] == f"device-{row['partition_id']}"
         assert float(row["download_s"]) == pytest.approx(8 * down / (mbps * 1e6))
         assert float(row["upload_s"]) == pytest.approx(
-            8 * int(row["upload_bytes"]) / (config.device(int(row["partition_id"])).upload_mbps * 1e6)
+            8
+            * int(row["upload_bytes"])
+            / (config.device(int(row["partition_id"])).upload_mbps * 1e6)
         )
 
 
