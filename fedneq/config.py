@@ -224,7 +224,8 @@ class FleetConfig:
             )
         if (self.csv or self.devices) and self.preset != "csv":
             raise ValueError(
-                f"[fleet] `csv` is only used with preset 'csv', got preset {self.preset!r}"
+                f"[fleet] `csv` (and `devices`) are only used with preset 'csv', got preset "
+                f"{self.preset!r}"
             )
         if self.preset == "csv" and not self.devices:
             if not self.csv:
@@ -366,8 +367,11 @@ class Config:
             if name not in raw:
                 raise ValueError(f"unknown config table {name!r}; known: {sorted(_SECTIONS)}")
             raw[name].update(values)
-            if name == "fleet" and "csv" in values and "devices" not in values:
-                raw["fleet"]["devices"] = []  # read the (new) CSV again
+            if name == "fleet" and "devices" not in values:
+                if "csv" in values:
+                    raw["fleet"]["devices"] = []  # read the (new) CSV again
+                elif values.get("preset", "csv") != "csv":
+                    raw["fleet"].update(csv="", devices=[])  # leaving a CSV fleet
         return Config.from_dict(raw)
 
     def eligible_partitions(self) -> list[int]:

@@ -58,7 +58,13 @@ from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
 from sims.results import Recorder
-from sims.sim_time import apply_deadline, reachable_partitions, round_seconds, time_row
+from sims.sim_time import (
+    add_seconds,
+    apply_deadline,
+    reachable_partitions,
+    round_seconds,
+    time_row,
+)
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
@@ -356,7 +362,7 @@ def run_federation(
         client_rows.sort(key=lambda r: r["partition_id"])
         accepted = [r for r in client_rows if r["status"] == "ok"]
         round_time = round_seconds(client_rows, deadline)
-        cum_time += round_time
+        cum_time = add_seconds(cum_time, round_time)
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, task.test)
         bytes_up = int(sum(_numbers(accepted, "upload_bytes")))
@@ -385,7 +391,7 @@ def run_federation(
                     "available": len(reachable_partitions(config, rnd)),
                     "dropped": len(split.dropped),
                     "round_time_s": round_time,
-                    "cum_time_s": cum_time,
+                    "cum_time_s": repr(cum_time),  # exact: a resumed run continues from it
                 }
             ],
         )

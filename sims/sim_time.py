@@ -27,7 +27,14 @@ from flwr.app import Message
 from fedneq.config import Config
 from fedneq.timing import ClientTime, available, misses_deadline, read_client_time, round_duration
 
-__all__ = ["DeadlineSplit", "apply_deadline", "reachable_partitions", "round_seconds", "time_row"]
+__all__ = [
+    "DeadlineSplit",
+    "add_seconds",
+    "apply_deadline",
+    "reachable_partitions",
+    "round_seconds",
+    "time_row",
+]
 
 # clients.csv column -> reply metric, for a reply the deadline dropped (its times, its FLOPs)
 _TIME_COLUMNS = {
@@ -109,3 +116,13 @@ def round_seconds(client_rows: Sequence[Mapping[str, Any]], deadline_s: float) -
     ]
     missed = any(r["status"] in ("dropped", "failed") for r in client_rows)
     return round_duration(times, deadline_s, missed=missed)
+
+
+def add_seconds(cumulative: float, seconds: float) -> float:
+    """``cumulative + seconds`` to the microsecond.
+
+    rounds.csv stores the cumulative time exactly (``repr``), so a resumed
+    run, which continues from the stored value, adds up to the same figures
+    as an uninterrupted one.
+    """
+    return round(cumulative + seconds, 6)

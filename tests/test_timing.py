@@ -380,6 +380,7 @@ def test_a_csv_fleet_assigns_each_device_its_row(tmp_path: Path) -> None:
     assert [config.device(p) for p in range(4)] == list(devices)
     again = Config.from_json(config.to_json())
     assert again == config and [again.device(p) for p in range(4)] == list(devices)
+    assert config.replace(fleet={"preset": "default"}).fleet.fleet() == default_fleet()
 
 
 def test_a_csv_fleet_run_prices_every_device_with_its_own_row(tmp_path: Path) -> None:
@@ -469,3 +470,24 @@ def test_a_real_node_declares_its_bandwidth_and_availability() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="upload_mbps"):
         profile_from_node_config({"budget": 0.1, "upload-mbps": "0"}, None, seed=0)
+
+
+def test_a_resumed_run_adds_up_to_the_same_cumulative_time() -> None:
+    """What federation writes (``repr`` of :func:`add_seconds`) and reads back on resume."""
+    from sims.results import csv_text
+    from sims.sim_time import add_seconds
+
+    seconds = [3.2475613, 3.4798125, 0.1 + 0.2, 2.1e-7, 7.0000004]
+
+    def written(cum: float) -> str:  # the rounds.csv cell
+        return csv_text(["cum_time_s"], [{"cum_time_s": repr(cum)}]).splitlines()[1]
+
+    full, cells = 0.0, []
+    for s in seconds:
+        full = add_seconds(full, s)
+        cells.append(written(full))
+    resumed = float(cells[1])  # the server stopped after round 2
+    for s in seconds[2:]:
+        resumed = add_seconds(resumed, s)
+        assert written(resumed) == cells[seconds.index(s)]
+    assert resumed == full == pytest.approx(sum(seconds), abs=1e-5)
