@@ -9,8 +9,9 @@ The federated round on a device (DESIGN.md §2):
 4. train the selection (``train_masked``);
 5. reply with only what was trained (``wire.encode``), metrics (including the
    budget it trained under, ``budget-params`` per local epoch and
-   ``local-epochs``, which the server checks the reply against), and the new
-   velocity state to keep.
+   ``local-epochs``, which the server checks the reply against, and the
+   round's FLOPs and simulated seconds on the device, :mod:`fedneq.timing`),
+   and the new velocity state to keep.
 
 Fault injection (``[faults]``, simulation only) is drawn from (seed,
 partition, round, attempt): a crash raises :class:`InjectedFault` after local
@@ -50,6 +51,7 @@ from fedneq.devices import DeviceProfile
 from fedneq.neurons import NeuronMap
 from fedneq.selection import get_selector
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
+from fedneq.timing import client_time, round_flops, time_metrics
 from fedneq.training import evaluate, train_masked
 from fedneq.velocity import VelocityTracker
 from fedneq.wire import encode, payload_nbytes, tensor_table
@@ -196,9 +198,13 @@ def client_round(
         if velocity_state:
             tracker.load_state_dict(velocity_state)
         initialized: list[int] = []
+        probed: list[int] = []  # epochs before which the probe set ran (simulated time)
 
         def mask_for_epoch(epoch: int):
-            velocity = tracker.measure(data.probe.x) if selector.needs_velocity else None
+            velocity = None
+            if selector.needs_velocity:
+                velocity = tracker.measure(data.probe.x)
+                probed.append(epoch)
             if velocity is None:
                 initialized.append(epoch)
             return selector.select(velocity, gen)
@@ -246,6 +252,21 @@ def client_round(
         "budget-params": int(selector.budget),
         "local-epochs": int(device.local_epochs),
     }
+    # simulated time on the device (fedneq.timing): the cost model's FLOPs of every epoch's mask
+    flops = round_flops(
+        [(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None],
+        probe_samples=len(data.probe.x),
+        probe_measurements=len(probed),
+        fwd_flops=rt.cost_profile.fwd_flops,
+    )
+    sim_time = client_time(
+        device,
+        flops=flops.total,
+        download_bytes=sum(t.numel() * t.element_size() for t in global_state.values()),
+        upload_bytes=metrics["upload-bytes"],
+        reference_gflops=config.fleet.reference_gflops,
+    )
+    metrics |= time_metrics(flops, sim_time)
     return ClientReply(arrays, metrics, new_state, device.name)
 
 

@@ -4,7 +4,7 @@ A run is described by one TOML file with these tables (every key optional;
 see ``sims/configs/default.toml``)::
 
     [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
-                 round_timeout_s, out_dir, participants
+                 round_timeout_s, round_deadline_s, out_dir, participants
     [data]       dataset, root, image_size, partition, alpha, classes_per_client,
                  min_partition_size, probe_size, test_fraction, classes,
                  train_limit, test_limit
@@ -13,8 +13,10 @@ see ``sims/configs/default.toml``)::
     [train]      optimizer, lr, momentum, weight_decay, backward, grad_filter_last_k,
                  bn_stats
     [strategy]   name, options (a table passed to the strategy's constructor)
-    [fleet]      preset ("default" | "homogeneous"), budget, local_epochs,
-                 batch_size, classes (array of tables, see fedneq.devices)
+    [fleet]      preset ("default" | "homogeneous" | "custom" | "csv"), budget,
+                 local_epochs, batch_size, classes (array of tables, see
+                 fedneq.devices), csv (per-device CSV, fedneq.devices.read_fleet_csv),
+                 reference_gflops (fedneq.timing)
     [faults]     crash_prob, straggler_prob, straggler_delay_s
     [simulation] cpus_per_client, ray_address
 
@@ -27,15 +29,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedneq.devices import DeviceProfile, Fleet, default_fleet, homogeneous_fleet
+from fedneq.devices import (
+    DeviceProfile,
+    Fleet,
+    default_fleet,
+    homogeneous_fleet,
+    read_fleet_csv,
+)
 from fedneq.grad_filter import GradFilterConfig
 from fedneq.partition import PartitionSpec
 from fedneq.sparse_backward import BACKWARDS
+from fedneq.timing import REFERENCE_GFLOPS
 from fedneq.training import BN_STATS, OptimizerConfig
 
 __all__ = ["Config", "load_config"]
@@ -61,6 +71,7 @@ class RunConfig:
     clients_per_round: int = 10
     min_replies: int = 1  # a round with fewer replies is retried once, then skipped
     round_timeout_s: float = 600.0
+    round_deadline_s: float = 0.0  # simulated seconds (fedneq.timing); 0 = no deadline
     out_dir: str = "results"
     participants: tuple[str, ...] = ()  # device classes that take part; () = all of them
 
@@ -68,6 +79,11 @@ class RunConfig:
         for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
             _check_positive("run", name, getattr(self, name))
         _check_positive("run", "round_timeout_s", self.round_timeout_s)
+        if not math.isfinite(self.round_deadline_s) or self.round_deadline_s < 0:
+            raise ValueError(
+                "[run] round_deadline_s should be a finite number of simulated seconds >= 0 "
+                f"(0: no deadline), got {self.round_deadline_s!r}"
+            )
         if self.clients_per_round > self.num_clients:
             raise ValueError(
                 f"[run] clients_per_round ({self.clients_per_round}) should be <= "
@@ -185,26 +201,46 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    preset: str = "default"  # "default" | "homogeneous" | "custom" (given by `classes`)
-    budget: float = 0.1  # homogeneous preset only
+    preset: str = "default"  # "default" | "homogeneous" | "custom" (`classes`) | "csv" (`csv`)
+    budget: float = 0.1  # homogeneous preset; csv preset: rows without a budget
     local_epochs: int = 0  # > 0 overrides every device class's own
     batch_size: int = 0  # > 0 overrides every device class's own
     classes: tuple[dict[str, Any], ...] = ()
+    csv: str = ""  # csv preset: one row of capabilities per device (fedneq.devices.read_fleet_csv)
+    devices: tuple[dict[str, Any], ...] = ()  # csv preset: the CSV's rows, read once at parsing
+    reference_gflops: float = REFERENCE_GFLOPS  # throughput of speed 1.0 (fedneq.timing)
 
     def __post_init__(self) -> None:
-        _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom"))
+        _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom", "csv"))
         _check_positive("fleet", "local_epochs", self.local_epochs, zero_ok=True)
         _check_positive("fleet", "batch_size", self.batch_size, zero_ok=True)
+        if not math.isfinite(self.reference_gflops) or self.reference_gflops <= 0:
+            raise ValueError(
+                f"[fleet] reference_gflops should be a finite number > 0, got {self.reference_gflops!r}"
+            )
         if self.preset == "custom" and not self.classes:
             raise ValueError("[fleet] preset 'custom' needs a non-empty `classes` list")
         if self.classes and self.preset != "custom":
             raise ValueError(
                 f"[fleet] `classes` is only used with preset 'custom', got preset {self.preset!r}"
             )
+        if (self.csv or self.devices) and self.preset != "csv":
+            raise ValueError(
+                f"[fleet] `csv` (and `devices`) are only used with preset 'csv', got preset "
+                f"{self.preset!r}"
+            )
+        if self.preset == "csv" and not self.devices:
+            if not self.csv:
+                raise ValueError("[fleet] preset 'csv' needs `csv`, the path of a per-device CSV")
+            fleet = read_fleet_csv(self.csv, defaults={"budget": self.budget})
+            rows = tuple(dataclasses.asdict(d) for d in fleet.devices)
+            object.__setattr__(self, "devices", rows)
         self.fleet()  # validates shares and budgets
 
     def fleet(self) -> Fleet:
-        if self.preset == "custom":
+        if self.preset == "csv":
+            fleet = Fleet.listed([DeviceProfile(**d) for d in self.devices])
+        elif self.preset == "custom":
             fleet = Fleet.from_dicts(list(self.classes))
         elif self.preset == "homogeneous":
             fleet = homogeneous_fleet(self.budget)
@@ -213,9 +249,7 @@ class FleetConfig:
         overrides = {
             k: v for k, v in (("local_epochs", self.local_epochs), ("batch_size", self.batch_size)) if v
         }
-        if not overrides:
-            return fleet
-        return Fleet(tuple((dataclasses.replace(d, **overrides), share) for d, share in fleet.classes))
+        return fleet.replace_all(**overrides) if overrides else fleet
 
 
 @dataclass(frozen=True)
@@ -278,8 +312,10 @@ class Config:
             bad = sorted(set(values) - set(known))
             if bad:
                 raise ValueError(f"unknown key(s) {bad} in [{name}]; known: {known}")
-            if "classes" in values and name == "fleet":
-                values["classes"] = tuple(dict(c) for c in values["classes"])
+            if name == "fleet":
+                for key in ("classes", "devices"):
+                    if key in values:
+                        values[key] = tuple(dict(c) for c in values[key])
             if name == "run" and "participants" in values:
                 values["participants"] = tuple(values["participants"])
             sections[name] = section_cls(**values)
@@ -295,7 +331,13 @@ class Config:
                 f"device classes {filtering} set grad_filter_r > 1: [train] grad_filter_last_k "
                 "should say how many of the last convs they filter (> 0), got 0"
             )
-        names = self.fleet.fleet().names
+        fleet = self.fleet.fleet()
+        if fleet.is_listed and len(fleet.devices) != self.run.num_clients:
+            raise ValueError(
+                f"[run] num_clients ({self.run.num_clients}) should equal the "
+                f"{len(fleet.devices)} devices of [fleet] csv {self.fleet.csv!r} (one per row)"
+            )
+        names = fleet.names
         unknown = sorted(set(self.run.participants) - set(names))
         if unknown:
             raise ValueError(f"[run] participants {unknown} are not fleet classes {list(names)}")
@@ -309,6 +351,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["fleet"]["classes"] = [dict(c) for c in self.fleet.classes]
+        out["fleet"]["devices"] = [dict(d) for d in self.fleet.devices]
         out["run"]["participants"] = list(self.run.participants)
         return out
 
@@ -326,6 +369,11 @@ class Config:
             if name not in raw:
                 raise ValueError(f"unknown config table {name!r}; known: {sorted(_SECTIONS)}")
             raw[name].update(values)
+            if name == "fleet" and "devices" not in values:
+                if "csv" in values:
+                    raw["fleet"]["devices"] = []  # read the (new) CSV again
+                elif values.get("preset", "csv") != "csv":
+                    raw["fleet"].update(csv="", devices=[])  # leaving a CSV fleet
         return Config.from_dict(raw)
 
     def eligible_partitions(self) -> list[int]:
@@ -340,12 +388,19 @@ class Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Parse and validate a TOML run configuration."""
+    """Parse and validate a TOML run configuration.
+
+    A relative ``[fleet] csv`` path is taken relative to the TOML file's folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with path.open("rb") as f:
         raw = tomllib.load(f)
+    fleet = raw.get("fleet")
+    if isinstance(fleet, dict) and isinstance(fleet.get("csv"), str) and fleet["csv"]:
+        csv_path = Path(fleet["csv"]).expanduser()  # relative to the TOML file's folder
+        fleet["csv"] = str(csv_path if csv_path.is_absolute() else path.parent / csv_path)
     try:
         return Config.from_dict(raw)
     except (TypeError, ValueError) as err:

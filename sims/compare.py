@@ -8,7 +8,9 @@ A method is ``<selector>[@<strategy>]`` (strategy defaults to the config's), or
 own simulation into ``<out>/<method>/``; a method whose results are already
 complete there is not run again, so an interrupted comparison continues where
 it stopped. Prints a table and writes ``comparison.csv`` and the accuracy plots
-(vs round and vs cumulative upload) to ``<out>/``.
+(vs round, vs cumulative upload and vs simulated device time) to ``<out>/``.
+"Time to 95 %" is the simulated time (:mod:`fedneq.timing`) at the end of the
+first round that reaches 95 % of the run's best accuracy.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ __all__ = ["compare", "method_config", "summarize"]
 
 COLUMNS = (
     "method", "final_accuracy", "best_accuracy", "rounds_to_95pct_best", "upload_mb",
-    "mean_trainable_fraction", "mean_flops_saved", "failed_clients",
+    "mean_trainable_fraction", "mean_flops_saved", "failed_clients", "time_to_95pct_best_s",
+    "total_time_s",
 )  # fmt: skip
 
 
@@ -62,7 +65,22 @@ def summarize(method: str, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
         "mean_trainable_fraction": _mean(rows, "mean_trainable_fraction"),
         "mean_flops_saved": _mean(rows, "mean_flops_saved"),
         "failed_clients": sum(int(r["failed"]) + int(r["rejected"]) for r in rows),
+        # simulated device time (fedneq.timing); nan for results without it
+        "time_to_95pct_best_s": _float(rows[reach - 1].get("cum_time_s", "")),
+        "total_time_s": _float(rows[-1].get("cum_time_s", "")),
     }
+
+
+def _float(value: str | None) -> float:
+    return float(value) if value not in ("", None) else float("nan")
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "-"
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
 
 
 def _mean(rows: Sequence[dict[str, str]], key: str) -> float:
@@ -91,12 +109,13 @@ def compare(config: Config, methods: Sequence[str], out_dir: Path) -> list[dict[
 
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
-    head = f"{'method':<28} {'final acc':>9} {'best acc':>9} {'rounds→95%':>10} {'upload MB':>10} {'trainable':>9} {'FLOPs saved':>11}"
+    head = f"{'method':<28} {'final acc':>9} {'best acc':>9} {'rounds→95%':>10} {'time→95%':>10} {'upload MB':>10} {'trainable':>9} {'FLOPs saved':>11}"
     lines = [head, "-" * len(head)]
     for r in table:
         lines.append(
             f"{r['method']:<28} {r['final_accuracy']:>9.4f} {r['best_accuracy']:>9.4f} "
-            f"{r['rounds_to_95pct_best']:>10d} {r['upload_mb']:>10.3f} "
+            f"{r['rounds_to_95pct_best']:>10d} {_fmt_time(r['time_to_95pct_best_s']):>10} "
+            f"{r['upload_mb']:>10.3f} "
             f"{100 * r['mean_trainable_fraction']:>8.1f}% {100 * r['mean_flops_saved']:>10.1f}%"
         )
     return "\n".join(lines)

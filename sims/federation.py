@@ -19,6 +19,8 @@ Failures a run survives:
 * an aggregate whose evaluation loss is not finite: the round is not
   committed (``committed`` 0 in rounds.csv), the global model and the
   strategy's state stay as they were;
+* a reply whose simulated time on its device exceeds ``[run] round_deadline_s``
+  (:mod:`fedneq.timing`, :mod:`sims.sim_time`): ``dropped``, not aggregated;
 * fewer than ``[run] min_replies`` replies: the round is sent again once
   (the training config carries ``attempt``, so injected faults draw anew),
   then skipped, the global model unchanged (a reply counts here even if the
@@ -65,6 +67,13 @@ from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
 from sims.results import Recorder, atomic_write_text
+from sims.sim_time import (
+    add_seconds,
+    apply_deadline,
+    reachable_partitions,
+    round_seconds,
+    time_row,
+)
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
@@ -87,6 +96,11 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "memory_estimate_bytes": "memory-estimate-bytes",
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
+    "train_flops": "train-flops",  # simulated time (fedneq.timing)
+    "probe_flops": "probe-flops",
+    "download_s": "download-s",
+    "compute_s": "compute-s",
+    "upload_s": "upload-s",
 }
 
 
@@ -114,11 +128,15 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
     """The partition ids trained in a round: a seeded draw, the same on every rerun.
 
     Drawn from :meth:`~fedneq.config.Config.eligible_partitions` (the
-    ``[run] participants`` classes; every partition by default).
+    ``[run] participants`` classes; every partition by default) that are
+    reachable in the round (:func:`sims.sim_time.reachable_partitions`; all of
+    them unless a device class has ``availability`` < 1); all of those if
+    fewer than ``[run] clients_per_round`` are.
     """
     rng = np.random.default_rng(derive_seed(config.run.seed, server_round, 1))
-    pool = np.asarray(config.eligible_partitions())
-    chosen = rng.choice(pool, size=config.run.clients_per_round, replace=False)
+    pool = np.asarray(reachable_partitions(config, server_round), dtype=np.int64)
+    size = min(config.run.clients_per_round, len(pool))
+    chosen = rng.choice(pool, size=size, replace=False)
     return sorted(int(p) for p in chosen)
 
 
@@ -337,6 +355,8 @@ def run_federation(
             shutil.rmtree(stale, ignore_errors=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     cum_up = float(recorder.rounds[-1]["cum_bytes_up"]) if recorder.rounds else 0.0
+    cum_time = float(recorder.rounds[-1].get("cum_time_s") or 0.0) if recorder.rounds else 0.0
+    deadline = config.run.round_deadline_s
 
     node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
     partition_of = {n: p for p, n in node_of.items()}
@@ -349,6 +369,15 @@ def run_federation(
         replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         # aggregate in partition order: the float sums do not depend on arrival order
         replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
+        split = apply_deadline(rnd, replies, partition_of, devices, deadline)
+        replies = split.on_time  # the dropped ones are neither aggregated nor checked
+        if not skipped and sum(not r.has_error() for r in replies) < config.run.min_replies:
+            skipped = True  # a retry would miss the deadline again: same simulated times
+            log.warning(
+                "round %d: %d replies missed the %g s round deadline, fewer than [run] "
+                "min_replies=%d left; skipping the round", rnd, len(split.dropped), deadline,
+                config.run.min_replies,
+            )  # fmt: skip
         committed, note = False, "skipped: too few replies" if skipped else ""
         if skipped:  # not aggregated, but still checked: an invalid reply is recorded as such
             _, rejected_nodes = strategy.check_replies(rnd, replies)
@@ -374,14 +403,17 @@ def run_federation(
             _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected, sizes.get(m.metadata.src_node_id))
             for m in replies
         ]  # fmt: skip
-        answered = {r["partition_id"] for r in client_rows}
+        answered = {r["partition_id"] for r in client_rows + split.dropped}
         client_rows += [
             {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed", "reason": "no reply before the round timeout"}
             for p in sampled
             if p not in answered
         ]  # fmt: skip
+        client_rows = [time_row(r) for r in client_rows] + split.dropped
         client_rows.sort(key=lambda r: r["partition_id"])
         accepted = [r for r in client_rows if r["status"] == "ok"]
+        round_time = round_seconds(client_rows, deadline)
+        cum_time = add_seconds(cum_time, round_time)
         if not committed:  # the evaluation of the global model that stays
             model.load_state_dict(arrays.to_torch_state_dict())
             loss, acc = evaluate(model, task.test)
@@ -410,6 +442,10 @@ def run_federation(
                     "mean_flops_saved": _mean(accepted, "flops_saved"),
                     "mean_train_loss": _mean(accepted, "train_loss"),
                     "mean_state_bytes": _mean(accepted, "state_bytes"),
+                    "available": len(reachable_partitions(config, rnd)),
+                    "dropped": len(split.dropped),
+                    "round_time_s": round_time,
+                    "cum_time_s": repr(cum_time),  # exact: a resumed run continues from it
                 }
             ],
         )
@@ -421,9 +457,10 @@ def run_federation(
         failed = len(client_rows) - len(accepted)
         print(
             f"[fedneq] round {rnd}/{total}  acc {acc:.4f}  loss {loss:.4f}  "
-            f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected"
+            f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected/dropped"
             f"{'' if committed else '  NOT COMMITTED (' + note + ')'}  up {bytes_up / 1e3:.1f} kB  "
-            f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  {time.monotonic() - t0:.1f}s",
+            f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  "
+            f"sim {_fmt_seconds(round_time)}  {time.monotonic() - t0:.1f}s",
             flush=True,
         )
     recorder.plot()
@@ -433,6 +470,13 @@ def run_federation(
     if failure:
         raise RunFailed(f"the run in {out_dir} failed: {failure} (see rounds.csv and clients.csv)")
     return recorder.rounds
+
+
+def _fmt_seconds(seconds: float) -> str:
+    """Simulated seconds for the round log line: 12.3s, 4.5min, 2.1h."""
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 60:.1f}min" if seconds >= 120 else f"{seconds:.1f}s"
 
 
 def _fmt_pct(value: float | str) -> str:

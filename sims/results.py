@@ -8,7 +8,7 @@
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round
     <results>/status.json         written at the end: "completed", or "failed" and why
-    <results>/accuracy_vs_round.png, accuracy_vs_upload.png
+    <results>/accuracy_vs_round.png, accuracy_vs_upload.png, accuracy_vs_time.png
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ ROUND_COLUMNS = (
     "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped", "committed",
     "bytes_down", "bytes_up", "cum_bytes_up", "mean_trainable_fraction", "mean_flops_saved",
     "mean_train_loss", "mean_state_bytes", "note",
+    "available", "dropped", "round_time_s", "cum_time_s",  # simulated time (fedneq.timing)
 )  # fmt: skip
 CLIENT_COLUMNS = (
     "round", "partition_id", "device", "status", "reason", "num_examples", "smallest_batch", "train_loss",
     "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "update_rms",
     "flops_saved",
     "memory_estimate_bytes", "state_bytes", "used_initializer",
+    "train_flops", "probe_flops", "download_s", "compute_s", "upload_s", "time_s",
 )  # fmt: skip
 CLASS_COLUMNS = (
     "round", "device", "clients", "mean_trainable_fraction", "bytes_up", "mean_flops_saved",
@@ -110,8 +112,23 @@ class Recorder:
         return plot_runs({self.out_dir.name: self.out_dir / "rounds.csv"}, self.out_dir)
 
 
+def _time_axis(tables: Mapping[str, list[dict[str, str]]]) -> tuple[float, str]:
+    """(divisor, label) of the simulated-time axis: seconds, minutes or hours."""
+    longest = max(
+        (float(r["cum_time_s"]) for rows in tables.values() for r in rows if r.get("cum_time_s")),
+        default=0.0,
+    )
+    if longest >= 7200:
+        return 3600.0, "simulated time (h)"
+    return (60.0, "simulated time (min)") if longest >= 120 else (1.0, "simulated time (s)")
+
+
 def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
-    """Accuracy vs round and vs cumulative upload bytes, one line per run."""
+    """Accuracy vs round, vs cumulative upload bytes and vs simulated time, one line per run.
+
+    The time plot is drawn from the runs whose rounds.csv has ``cum_time_s``
+    (older results folders have none).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,19 +136,24 @@ def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
 
     tables = {label: read_csv(Path(p)) for label, p in runs.items()}
     paths = []
-    for x_key, x_label, fname in (
-        ("round", "round", "accuracy_vs_round.png"),
-        ("cum_bytes_up", "cumulative upload (MB)", "accuracy_vs_upload.png"),
+    time_unit, time_label = _time_axis(tables)
+    for x_key, x_label, fname, unit in (
+        ("round", "round", "accuracy_vs_round.png", 1.0),
+        ("cum_bytes_up", "cumulative upload (MB)", "accuracy_vs_upload.png", 1e6),
+        ("cum_time_s", time_label, "accuracy_vs_time.png", time_unit),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, rows in tables.items():
-            rows = [r for r in rows if r["accuracy"] != ""]
-            xs = [float(r[x_key]) / (1e6 if x_key == "cum_bytes_up" else 1) for r in rows]
+            rows = [r for r in rows if r["accuracy"] != "" and r.get(x_key, "") != ""]
+            if not rows:
+                continue
+            xs = [float(r[x_key]) / unit for r in rows]
             ax.plot(xs, [float(r["accuracy"]) for r in rows], marker="o", ms=3, label=label)
         ax.set_xlabel(x_label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(out_dir) / fname
         fig.savefig(path, dpi=110)

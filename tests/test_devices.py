@@ -101,7 +101,10 @@ def test_default_fleet_is_as_documented():
     assert fleet.names == ("mcu", "pi-zero", "pi-4", "phone")
     assert [s for _, s in fleet.classes] == [0.3, 0.4, 0.2, 0.1]
     assert [p.budget for p, _ in fleet.classes] == [0.01, 0.05, 0.2, 1.0]
-    assert [p.speed for p, _ in fleet.classes] == [0.1, 0.25, 1.0, 2.0]
+    assert [p.speed for p, _ in fleet.classes] == [0.02, 0.25, 1.0, 4.0]
+    assert [p.download_mbps for p, _ in fleet.classes] == [0.25, 20.0, 100.0, 50.0]
+    assert [p.upload_mbps for p, _ in fleet.classes] == [0.25, 20.0, 100.0, 10.0]
+    assert [p.availability for p, _ in fleet.classes] == [1.0] * 4
 
 
 def test_largest_remainder_counts_hand_computed():

@@ -49,8 +49,17 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
 
     classes = read_csv(out / "device_classes.csv")
     assert {c["device"] for c in classes} == set(expected_devices.values())
-    for name in ("config.json", "rounds.csv", "accuracy_vs_round.png", "accuracy_vs_upload.png"):
+    for name in ("config.json", "rounds.csv", "accuracy_vs_round.png", "accuracy_vs_upload.png",
+                 "accuracy_vs_time.png"):
         assert (out / name).stat().st_size > 0
+    # simulated time: every client priced on its device, a round lasts its slowest client
+    assert all(float(c["compute_s"]) > 0 and float(c["time_s"]) > 0 for c in clients)
+    for r in rounds:
+        slowest = max(float(c["time_s"]) for c in clients if c["round"] == r["round"])
+        assert float(r["round_time_s"]) == pytest.approx(slowest, rel=1e-5)
+    assert float(rounds[1]["cum_time_s"]) == pytest.approx(
+        sum(float(r["round_time_s"]) for r in rounds), rel=1e-5
+    )
     assert Config.from_json((out / "config.json").read_text()) == config
 
 
