@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -94,8 +95,9 @@ READING_START = "<!-- reading:start (hand-written; kept when the page is regener
 READING_END = "<!-- reading:end -->"
 
 SUMMARY_COLUMNS = (
-    "setting", "tier", "method", "seed", "final_accuracy", "best_accuracy", "steps_to_95",
-    "upload_mb", "flops_saved", "peak_memory_mb", "trainable_fraction", "failed_clients", "seconds",
+    "setting", "tier", "method", "seed", "final_accuracy", "best_accuracy", "worst_drop",
+    "steps_to_95", "time_to_95_s", "upload_mb", "flops_saved", "peak_memory_mb",
+    "trainable_fraction", "failed_clients", "seconds",
 )  # fmt: skip
 METRICS = SUMMARY_COLUMNS[4:]
 CURVE_COLUMNS = ("setting", "tier", "method", "seed", "step", "accuracy", "cum_bytes_up")
@@ -565,7 +567,9 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
     summary = ident | {
         "final_accuracy": s["final_accuracy"],
         "best_accuracy": s["best_accuracy"],
+        "worst_drop": worst_drop([float(r["accuracy"]) for r in rows]),
         "steps_to_95": s["rounds_to_95pct_best"],
+        "time_to_95_s": s["time_to_95pct_best_s"],
         "upload_mb": s["upload_mb"],
         "flops_saved": s["mean_flops_saved"],
         "peak_memory_mb": max((float(m) for m in memory if m != ""), default=math.nan) / 1e6,
@@ -577,6 +581,11 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
         ident | {"step": k, "accuracy": float(a), "cum_bytes_up": float(b)} for k, a, b in curve
     ]
     return summary, curves
+
+
+def worst_drop(accuracies: Sequence[float]) -> float:
+    """The largest fall of accuracy from one step to the next (0.0 if it never falls)."""
+    return max([0.0, *(a - b for a, b in itertools.pairwise(accuracies))])
 
 
 def aggregate(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -647,14 +656,16 @@ def markdown_table(table: Sequence[dict[str, Any]], setting: str, meta: dict[str
     columns: list[tuple[str, str, float, int]] = [  # header, metric, scale, digits
         ("final acc. (%)", "final_accuracy", 100, 1),
         ("best acc. (%)", "best_accuracy", 100, 1),
+        ("worst one-step drop (pts)", "worst_drop", 100, 1),
         (f"{step}s to 95 % of best", "steps_to_95", 1, 1),
+        ("simulated time to 95 % (min)", "time_to_95_s", 1 / 60, 1),
         ("upload (MB)", "upload_mb", 1, 1),
         ("FLOPs saved (%)", "flops_saved", 100, 1),
         ("peak memory (MB)", "peak_memory_mb", 1, 1),
         ("trained params (%)", "trainable_fraction", 100, 1),
     ]
     if setting == "single":
-        columns = [c for c in columns if c[1] != "upload_mb"]
+        columns = [c for c in columns if c[1] not in ("upload_mb", "time_to_95_s")]
     head = ["budget", "method", *(c[0] for c in columns), "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mine = [r for r in table if r["setting"] == setting]

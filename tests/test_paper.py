@@ -220,7 +220,7 @@ def test_summarize_federated_run_by_hand(tmp_path: Path) -> None:
 
 def _summary(method: str, seed: int, acc: float, **extra) -> dict:
     row = {"setting": "homogeneous", "tier": "SU-1", "method": method, "seed": seed,
-           "final_accuracy": acc, "best_accuracy": acc, "steps_to_95": 3, "upload_mb": 2.0,
+           "final_accuracy": acc, "best_accuracy": acc, "worst_drop": 0.0, "steps_to_95": 3, "time_to_95_s": 90.0, "upload_mb": 2.0,
            "flops_saved": 0.25, "peak_memory_mb": 4.0, "trainable_fraction": 0.05,
            "failed_clients": 0, "seconds": 60.0}  # fmt: skip
     return row | extra
@@ -281,11 +281,11 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     page = write_report(None, tmp_path / "docs")
     text = page.read_text()
     assert (
-        "| SU-1 (7.2 %) | velocity | 82.0 ± 2.0 | 82.0 ± 2.0 | 3.0 ± 0.0 | 2.0 ± 0.0 | 25.0 ± 0.0 | 4.0 ± 0.0 | 5.0 ± 0.0 | 3 |"
+        "| SU-1 (7.2 %) | velocity | 82.0 ± 2.0 | 82.0 ± 2.0 | 0.0 ± 0.0 | 3.0 ± 0.0 | 1.5 ± 0.0 | 2.0 ± 0.0 | 25.0 ± 0.0 | 4.0 ± 0.0 | 5.0 ± 0.0 | 3 |"
         in text
     )
     assert (
-        "| 100 % | FedAvg (dense, full budget) | 90.0 | 90.0 | 3.0 | 30.0 | 25.0 | 4.0 | 5.0 | 1 |"
+        "| 100 % | FedAvg (dense, full budget) | 90.0 | 90.0 | 0.0 | 3.0 | 1.5 | 30.0 | 25.0 | 4.0 | 5.0 | 1 |"
         in text
     )
     assert "| SU-1 | 48,348 | 7.2 % | 48,348 | 8.8 % |" in text
@@ -358,3 +358,10 @@ def test_methods_restricts_the_runs_of_a_plan() -> None:
     assert len(expand(FULL)) > len(expand(plan))  # () keeps every method
     with pytest.raises(ValueError, match="methods should be a subset of"):
         override(FULL, ["methods=velocty"])
+
+
+def test_worst_drop_is_the_largest_fall_between_consecutive_steps() -> None:
+    from sims.paper import worst_drop
+
+    assert worst_drop([0.5, 0.7, 0.4, 0.6, 0.55]) == pytest.approx(0.3)
+    assert worst_drop([0.5, 0.6, 0.7]) == 0.0 and worst_drop([0.5]) == 0.0
