@@ -26,7 +26,7 @@ from torch import nn
 
 from fedneq.data import ArrayDataset, class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
-from fedneq.training import evaluate
+from fedneq.training import batch_slices, evaluate
 
 __all__ = ["checkpoint_paths", "limit_subset", "load_checkpoint", "main", "pretrain"]
 
@@ -48,13 +48,13 @@ def _train_epoch(
     batch_size: int,
     generator: torch.Generator,
 ) -> float:
-    """One shuffled epoch over ``ds``; returns the mean training loss."""
+    """One shuffled epoch over ``ds`` in near-equal batches; returns the mean training loss."""
     model.train()
     order = torch.randperm(len(ds), generator=generator)
     total, seen = 0.0, 0
-    for start in range(0, len(ds), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on a single sample
+    for batch in batch_slices(len(ds), batch_size):  # no degenerate last batch
+        idx = order[batch]
+        if len(idx) < 2:  # BatchNorm cannot train on a single sample (a 1-sample dataset)
             continue
         loss = F.cross_entropy(model(ds.x[idx]), ds.y[idx])
         opt.zero_grad(set_to_none=True)
