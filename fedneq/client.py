@@ -226,6 +226,7 @@ def client_round(
                 backward=config.train.backward,
                 grad_filter=config.train.grad_filter(device.grad_filter_r),
                 bn_stats=config.train.bn_stats,
+                loss=config.train.loss,
             )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0

@@ -46,7 +46,7 @@ from fedneq.grad_filter import GradFilterConfig
 from fedneq.partition import PartitionSpec
 from fedneq.sparse_backward import BACKWARDS
 from fedneq.timing import REFERENCE_GFLOPS
-from fedneq.training import BN_STATS, OptimizerConfig
+from fedneq.training import BN_STATS, LOSSES, OptimizerConfig
 
 __all__ = ["Config", "load_config"]
 
@@ -174,9 +174,11 @@ class TrainConfig:
     # "selected": BatchNorm statistics train and travel with their neuron; "all": every
     # BatchNorm updates and uploads its running statistics; "frozen": BatchNorm in eval mode
     bn_stats: str = "selected"
+    loss: str = "cross-entropy"  # "balanced-softmax": the client's label prior added to its logits
 
     def __post_init__(self) -> None:
         self.optimizer_config()
+        _check_choice("train", "loss", self.loss, LOSSES)
         _check_choice("train", "backward", self.backward, BACKWARDS)
         _check_choice("train", "bn_stats", self.bn_stats, BN_STATS)
         _check_positive("train", "grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)

@@ -29,6 +29,7 @@ __all__ = [
     "TrainResult",
     "batch_slices",
     "evaluate",
+    "label_log_prior",
     "train_masked",
     "train_step",
     "union_mask",
@@ -36,6 +37,7 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_STATS = ("selected", "all", "frozen")
+LOSSES = ("cross-entropy", "balanced-softmax")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ def train_masked(
     bn_stats: str = "selected",
     backward: str = "sparse",
     grad_filter: GradFilterConfig | None = None,
+    loss: str = "cross-entropy",
 ) -> TrainResult:
     """Train only what the masks select; everything else comes out bit-identical.
 
@@ -157,6 +160,17 @@ def train_masked(
     grad_filter:
         Run the backward of some convs on patch averages
         (:mod:`fedneq.grad_filter`, approximate gradients); ``None``: exact.
+    loss:
+        ``"cross-entropy"`` (default), or ``"balanced-softmax"``: cross-entropy
+        of the logits plus the log of the training set's class counts
+        (:func:`label_log_prior`; Ren et al., "Balanced Meta-Softmax",
+        NeurIPS 2020, https://arxiv.org/abs/2007.10740; in federated learning
+        the logit calibration of FedLC, Zhang et al., ICML 2022,
+        https://arxiv.org/abs/2209.00189). On a client with label skew the
+        classes it lacks are left out of its softmax, so local training stops
+        pushing their logits down: the model is trained as if the client's
+        data were balanced. On balanced data it equals cross-entropy (a
+        constant added to every logit). Evaluation always uses plain logits.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward should be one of {BACKWARDS}, got {backward!r}")
@@ -170,6 +184,9 @@ def train_masked(
         raise ValueError("cannot train on an empty dataset")
     if bn_stats not in BN_STATS:
         raise ValueError(f"bn_stats should be one of {BN_STATS}, got {bn_stats!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss should be one of {LOSSES}, got {loss!r}")
+    prior = label_log_prior(data.y) if loss == "balanced-softmax" else None
     given = masks if callable(masks) else (lambda _epoch: masks)
     statistics = neuron_map.statistic_tensors() if bn_stats == "all" else frozenset()
 
@@ -205,7 +222,7 @@ def train_masked(
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
             previous_rows = freezer.rows
             total_loss, seen, smallest = _run_epoch(
-                model, data, opt, freezer, batch_size, generator
+                model, data, opt, freezer, batch_size, generator, prior
             )
         trainable = neuron_map.mask_params(mask, state, [n for n, _ in model.named_parameters()])
         cost = None
@@ -244,6 +261,16 @@ def _try_profile(
         return None  # the sparse backward then applies to every eligible layer
 
 
+def label_log_prior(labels: torch.Tensor) -> torch.Tensor:
+    """(C,) log of each class's count in ``labels`` (``-inf`` for an absent class).
+
+    ``C`` is ``labels.max() + 1``; :func:`train_step` pads it with ``-inf``
+    to the model's number of outputs.
+    """
+    counts = torch.bincount(labels.long()).to(torch.float32)  # (C,)
+    return torch.log(counts)  # log 0 = -inf: the class leaves the softmax
+
+
 def batch_slices(n: int, batch_size: int) -> list[slice]:
     """An epoch of ``n`` examples cut into ``ceil(n / batch_size)`` near-equal batches.
 
@@ -276,13 +303,14 @@ def _run_epoch(
     freezer: RowFreezer,
     batch_size: int,
     generator: torch.Generator,
+    logit_offset: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """``(sum of batch losses x sizes, examples seen, smallest batch)`` of one epoch."""
     order = torch.randperm(len(data), generator=generator)
     total_loss, seen, smallest = 0.0, 0, len(order)
     for batch in batch_slices(len(order), batch_size):
         idx = order[batch]
-        loss = train_step(model, data.x[idx], data.y[idx], opt, freezer)
+        loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at the batch starting at {batch.start}")
         total_loss += loss * len(idx)
@@ -297,14 +325,21 @@ def train_step(
     y: torch.Tensor,
     opt: torch.optim.Optimizer,
     freezer: RowFreezer,
+    logit_offset: torch.Tensor | None = None,
 ) -> float:
     """One masked step: forward, backward, optimizer step, frozen rows restored.
 
-    Returns the batch's mean loss. A non-finite loss is returned before any
-    backward or step (the caller decides what to do).
+    ``logit_offset`` (C,) is added to the logits before the cross-entropy
+    (:func:`label_log_prior` for the balanced softmax; classes past its end
+    get ``-inf``). Returns the batch's mean loss. A non-finite loss is
+    returned before any backward or step (the caller decides what to do).
     """
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    logits = model(x)  # (B, C)
+    if logit_offset is not None:
+        pad = logits.shape[1] - logit_offset.shape[0]
+        logits = logits + F.pad(logit_offset, (0, pad), value=-math.inf)
+    loss = F.cross_entropy(logits, y)
     value = loss.item()
     if not math.isfinite(value):
         return value

@@ -139,6 +139,7 @@ class Plan:
     strategy: str = "neuron-avg"  # aggregation of the budgeted runs (FedAvg runs use "fedavg")
     pretrain_epochs: int = 4
     bn_stats: str = "all"  # frozen channels re-estimate their BatchNorm statistics on the new task
+    loss: str = "cross-entropy"
     pretrain_train_limit: int = 0
     pretrain_test_limit: int = 1000
 
@@ -307,7 +308,7 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     """The full configuration of one run (``base`` from :func:`base_config`)."""
     run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
     data: dict[str, Any] = {}
-    train: dict[str, Any] = {"bn_stats": plan.bn_stats}
+    train: dict[str, Any] = {"bn_stats": plan.bn_stats, "loss": plan.loss}
     if run.setting == "single":
         data["train_limit"] = plan.single_train_limit
         train["lr"] = plan.single_lr

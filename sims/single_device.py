@@ -104,6 +104,7 @@ def run_single_device(
                 batch_size=config.fleet.batch_size, optimizer=config.train.optimizer_config(),
                 generator=gen, cost_profile=profile, on_epoch_end=record,
                 backward=config.train.backward, bn_stats=config.train.bn_stats,
+                loss=config.train.loss,
             )  # fmt: skip
     if out_dir is not None:
         write_results(Path(out_dir), rows, config, budget=budget, epochs=epochs)
