@@ -17,7 +17,13 @@ from fedneq.data import ArrayDataset
 from fedneq.masking import RowFreezer
 from fedneq.models import get_model
 from fedneq.neurons import enumerate_neurons
-from fedneq.training import OptimizerConfig, batch_slices, evaluate, train_masked
+from fedneq.training import (
+    OptimizerConfig,
+    batch_slices,
+    evaluate,
+    label_log_prior,
+    train_masked,
+)
 from fedneq.wire import encode, tensor_table
 
 
@@ -261,3 +267,25 @@ def test_bn_stats_frozen_trains_batchnorm_in_eval_mode() -> None:
     # the sent rows carry no statistics either
     arrays = encode(model.state_dict(), nmap, result.mask, tensor_table(model.state_dict()))
     assert arrays["neuron_values"].size == (9 + 1 + 2) + (9 + 1 + 2)  # weight, bias, BN affine
+
+
+def test_balanced_softmax_leaves_the_classes_a_client_lacks_alone() -> None:
+    assert torch.equal(label_log_prior(torch.tensor([0, 0, 2, 2, 2])),
+                       torch.tensor([math.log(2), -math.inf, math.log(3)]))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    data = ArrayDataset(torch.randn(40, 1, 6, 6, generator=g), torch.tensor([0, 2] * 20))
+    heads = {}
+    for loss in ("cross-entropy", "balanced-softmax"):
+        model = tiny_cnn()
+        nmap = enumerate_neurons(model, always_trained=("11",))
+        before = model[11].bias.detach().clone()
+        result = train_masked(model, data, neuron_map=nmap, batch_size=8, loss=loss,
+                              masks=nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool)),
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert math.isfinite(result.loss)
+        heads[loss] = model[11].bias.detach() - before
+    assert heads["cross-entropy"][1] < 0  # plain cross-entropy pushes the absent class down
+    assert heads["balanced-softmax"][1] == 0  # the balanced softmax does not touch it
+    with pytest.raises(ValueError, match="loss should be one of"):
+        train_masked(tiny_cnn(), data, neuron_map=nmap, masks=nmap.train_mask(nmap.empty_mask()),
+                     generator=torch.Generator(), loss="focal")  # fmt: skip
