@@ -171,10 +171,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     backward: str = "sparse"  # "sparse" | "masked" (fedneq.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
-    # "selected": BatchNorm statistics train and travel with their neuron; "all": every
-    # BatchNorm updates and uploads its running statistics; "frozen": BatchNorm in eval mode
-    bn_stats: str = "selected"
-    loss: str = "cross-entropy"  # "balanced-softmax": the client's label prior added to its logits
+    # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
+    # "selected": statistics train and travel with their neuron; "all": every BatchNorm
+    # updates and uploads its running statistics (README, "Federated fine-tuning that learns")
+    bn_stats: str = "frozen"
+    # "balanced-softmax" (default): the client's log label counts added to its logits;
+    # "cross-entropy": plain
+    loss: str = "balanced-softmax"
 
     def __post_init__(self) -> None:
         self.optimizer_config()
