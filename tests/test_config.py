@@ -46,7 +46,7 @@ def test_defaults_and_replace() -> None:
          r"ram"),
         ({"selection": {"mu": 1.0}}, r"\[selection\] mu should be in \[0, 1\), got 1.0"),
         ({"selection": {"rule": "greedy"}}, r"rule should be one of \('prefix', 'fill'\)"),
-        ({"train": {"optimizer": "lion"}}, r"optimizer name should be one of"),
+        ({"train": {"optimizer": "lion"}}, r"\[train\] optimizer should be one of \(.sgd., .adamw.\), got .lion."),
         ({"faults": {"crash_prob": 2}}, r"\[faults\] crash_prob should be in \[0, 1\], got 2"),
         ({"run": {"participants": ["pc"]}}, r"participants \['pc'\] are not fleet classes"),
         ({"run": {"num_clients": 20, "clients_per_round": 5, "participants": ["phone"]}},
