@@ -22,6 +22,9 @@ Failures a run survives:
   strategy then rejects it: it is recorded as ``rejected``);
 * the server itself stopping: every round ends with a checkpoint
   (:mod:`sims.checkpoint`) and ``resume=True`` continues after the last one.
+  :func:`request_stop` (``sims.run``'s Ctrl-C) ends the run early and cleanly:
+  the round in flight is abandoned (neither recorded nor checkpointed), the
+  last committed round's checkpoint stays, and ``run_federation`` returns.
   The clients' velocity state survives through ``<results>/client_state/``
   (:func:`fedneq.client.save_client_state`), rolled back to the checkpoint's
   round, so a resumed run gives the same results as an uninterrupted one.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -59,12 +63,34 @@ from sims.results import Recorder
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
-__all__ = ["budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
+__all__ = [
+    "budget_limits", "discover_nodes", "request_stop", "run_federation", "sample_partitions",
+    "stop_requested",
+]  # fmt: skip
 
 log = logging.getLogger("fedneq")
 
 DISCOVERY_TIMEOUT_S = 600.0  # waiting for nodes to connect and identify (not a round)
 ATTEMPTS = 2  # a round below min_replies is sent once more, then skipped
+
+_STOP = threading.Event()  # set by request_stop(), from another thread or a signal handler
+
+
+def request_stop(stop: bool = True) -> None:
+    """Ask :func:`run_federation` to stop before its next round (``False``: clear the request).
+
+    The round in flight when the request arrives is abandoned: not recorded,
+    not checkpointed, so a resume runs it again exactly as it would have run.
+    """
+    if stop:
+        _STOP.set()
+    else:
+        _STOP.clear()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
 
 _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measured here)
     "num_examples": "num-examples",
@@ -300,15 +326,23 @@ def run_federation(
     state_dir.mkdir(parents=True, exist_ok=True)
     cum_up = float(recorder.rounds[-1]["cum_bytes_up"]) if recorder.rounds else 0.0
 
+    if _STOP.is_set():
+        return recorder.rounds
     node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
     partition_of = {n: p for p, n in node_of.items()}
     total = config.run.rounds
+    loop_t0 = time.monotonic()
     for rnd in range(first_round, total + 1):
+        if _STOP.is_set():
+            break
         t0 = time.monotonic()
         sampled = sample_partitions(config, rnd)
         strategy.sample = lambda _grid, _round, chosen=sampled: [node_of[p] for p in chosen]
         strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
         replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
+        if _STOP.is_set():  # interrupted: this round is not committed
+            print(f"[fedneq] round {rnd} abandoned (interrupted)", flush=True)
+            break
         # aggregate in partition order: the float sums do not depend on arrival order
         replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
         if skipped:  # not aggregated, but still checked: an invalid reply is recorded as such
@@ -369,11 +403,17 @@ def run_federation(
             f"[fedneq] round {rnd}/{total}  acc {acc:.4f}  loss {loss:.4f}  "
             f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected"
             f"{'  SKIPPED' if skipped else ''}  up {bytes_up / 1e3:.1f} kB  "
-            f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  {time.monotonic() - t0:.1f}s",
+            f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  {time.monotonic() - t0:.1f}s"
+            f"  eta {_eta((time.monotonic() - loop_t0) / (rnd - first_round + 1) * (total - rnd))}",
             flush=True,
         )
     recorder.plot()
     return recorder.rounds
+
+
+def _eta(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def _fmt_pct(value: float | str) -> str:

@@ -2,12 +2,16 @@
 
     python -m sims.run sims/configs/default.toml
     python -m sims.run default --rounds 3 --out results/try
-    python -m sims.run default --resume results/default-20261121-101500
-    python -m sims.run default --resume results/default-20261121-101500 --rounds 20   # extend
+    python -m sims.run default --set train.lr=0.003 --set fleet.local_epochs=1
+    python -m sims.run --resume results/default-20261121-101500
+    python -m sims.run --resume results/default-20261121-101500 --rounds 20   # extend
     python -m sims.run default --ray-address 127.0.0.1:6379   # an existing Ray cluster
 
 Writes the results folder described in sims/results.py and prints one line per
 round. ``RAY_ADDRESS`` in the environment attaches to a running cluster too.
+Every name and value is checked before Ray starts; an existing ``--out`` is
+refused unless ``--overwrite``; the first Ctrl-C abandons the round in flight,
+keeps the last round's checkpoint and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -16,92 +20,265 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from fedneq.config import Config, load_config
-from fedneq.task import check_partitions
+from fedneq.config import Config
+from fedneq.task import build_model, check_partitions, load_task
+from sims.checkpoint import load_run_checkpoint
+from sims.cli import (
+    UserError,
+    add_common_arguments,
+    claim_out_dir,
+    load_cli_config,
+    run_command,
+    unique_dir,
+)
+from sims.federation import build_strategy, request_stop, stop_requested
 from sims.results import read_csv
-from sims.server_app import config_path, default_out_dir, make_server_app
+from sims.server_app import default_out_dir, make_server_app
 
-__all__ = ["main", "simulate"]
+__all__ = ["RunInterrupted", "check_runnable", "main", "simulate"]
 
 
-def backend_config(config: Config) -> dict:
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C after its last committed round; it can be resumed."""
+
+    def __init__(self, out_dir: Path, rounds_done: int, rounds: int) -> None:
+        self.out_dir, self.rounds_done, self.rounds = Path(out_dir), rounds_done, rounds
+        super().__init__(
+            f"interrupted after round {rounds_done} of {rounds}; results and checkpoint in "
+            f"{out_dir}. Resume with: python -m sims.run --resume {out_dir}"
+        )
+
+
+def backend_config(config: Config, *, verbose: bool = False) -> dict:
     """Ray backend settings: 1 CPU per client actor by default, local or attached."""
     address = config.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
     init_args: dict = {"address": address} if address else {"address": "local"}
     init_args["include_dashboard"] = False
+    if not verbose:  # the actors' own log lines ("Manually terminating ClientAppActor") stay there
+        init_args["log_to_driver"] = False
+        init_args["logging_level"] = logging.ERROR
     return {
         "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
         "init_args": init_args,
     }
 
 
-def simulate(config: Config, out_dir: Path, *, resume: bool = False, verbose: bool = False) -> list[dict[str, str]]:
-    """Run ``config`` to completion; returns rounds.csv's rows. Raises if rounds are missing."""
+def check_runnable(config: Config) -> None:
+    """Everything a run needs that can fail, checked before Ray starts: every client's
+    data split, the model and the strategy built with the config's options."""
+    import torch
+
+    check_partitions(config)
+    task = load_task(config)
+    with torch.random.fork_rng():
+        model, neuron_map = build_model(config, task)
+    try:
+        build_strategy(config, neuron_map, model.state_dict())
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"[strategy] {config.strategy.name!r} with options {config.strategy.options}: {err}"
+        ) from err
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    """Flower 1.41 warns on every ``run_simulation`` call; its replacement, ``flwr run``,
+    cannot take an in-process ServerApp, so fedneq keeps the call and drops that one banner."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith("DEPRECATED FEATURE")
+            and "run_simulation" in " ".join(map(str, record.args or ()))
+        )
+
+
+@contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Flower's INFO log and Ray's warnings off unless ``verbose``."""
+    flwr_log = logging.getLogger("flwr")
+    banner = _DropRunSimulationDeprecation()
+    flwr_log.addFilter(banner)
+    level = flwr_log.level
+    if not verbose:
+        flwr_log.setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a Ray FutureWarning
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        flwr_log.removeFilter(banner)
+        flwr_log.setLevel(level)
+
+
+@contextmanager
+def _stop_on_ctrl_c(out_dir: Path) -> Iterator[None]:
+    """First SIGINT: ask the round loop to stop (the round in flight is abandoned); second:
+    leave at once (the last checkpoint is complete on disk: checkpoints are atomic)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if stop_requested():
+            print(
+                f"\n[fedneq] stopped. Resume with: python -m sims.run --resume {out_dir}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            os._exit(130)
+        request_stop()
+        print(
+            "\n[fedneq] Ctrl-C: stopping after the round in flight is abandoned "
+            "(Ctrl-C again to quit at once)",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+
+    request_stop(False)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def simulate(
+    config: Config,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
+    check: bool = True,
+) -> list[dict[str, str]]:
+    """Run ``config`` to completion; returns rounds.csv's rows.
+
+    ``check=False`` skips :func:`check_runnable` (the caller ran it).
+
+    Raises
+    ------
+    RunInterrupted
+        If Ctrl-C stopped the run (its last round's checkpoint is kept).
+    RuntimeError
+        If rounds are missing at the end.
+    """
     from flwr.simulation import run_simulation
 
     from fedneq.client_app import app as client_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray FutureWarning
     out_dir = Path(out_dir)
-    check_partitions(config)  # fail on bad data before Ray starts
-    run_simulation(
-        server_app=make_server_app(config, out_dir, resume=resume),
-        client_app=client_app,
-        num_supernodes=config.run.num_clients,
-        backend_config=backend_config(config),
-        verbose_logging=verbose,
-    )
+    if check:
+        check_runnable(config)  # fail on bad data, model or strategy options before Ray starts
+    with _quiet(verbose), _stop_on_ctrl_c(out_dir):
+        run_simulation(
+            server_app=make_server_app(config, out_dir, resume=resume),
+            client_app=client_app,
+            num_supernodes=config.run.num_clients,
+            backend_config=backend_config(config, verbose=verbose),
+            verbose_logging=verbose,
+        )
+        interrupted = stop_requested()
     rounds_csv = out_dir / "rounds.csv"
     rows = read_csv(rounds_csv) if rounds_csv.exists() else []
+    if interrupted and len(rows) < config.run.rounds:
+        raise RunInterrupted(out_dir, len(rows), config.run.rounds)
     if len(rows) != config.run.rounds:
         raise RuntimeError(
             f"the simulation stopped after {len(rows)} of {config.run.rounds} rounds; see the log "
-            f"above. Continue it with: python -m sims.run <config> --resume {out_dir}"
+            f"above. Continue it with: python -m sims.run --resume {out_dir}"
         )
     return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sims.run", description=__doc__.split("\n")[0])
-    p.add_argument("config", nargs="?", default="default", help="TOML file or a name in sims/configs/")
+    p.add_argument(
+        "config", nargs="?", help="TOML file or a name in sims/configs/ (default: default)"
+    )
     p.add_argument("--out", type=Path, help="results folder (default: <out_dir>/<name>-<time>)")
     p.add_argument("--resume", type=Path, help="continue the run in this results folder")
-    p.add_argument("--rounds", type=int, help="override [run] rounds")
+    p.add_argument("--rounds", type=int, help="override [run] rounds (with --resume: extend)")
     p.add_argument("--seed", type=int, help="override [run] seed")
     p.add_argument("--ray-address", help="attach to a running Ray cluster (or set RAY_ADDRESS)")
-    p.add_argument("--verbose", action="store_true", help="show Flower's own log")
+    add_common_arguments(p)
     return p.parse_args(argv)
+
+
+def _resumed_config(args: argparse.Namespace) -> Config:
+    """The saved config of ``--resume DIR``; arguments that would change it are refused."""
+    conflicts = [
+        flag for flag, given in (
+            (f"config {args.config!r}", args.config is not None), ("--seed", args.seed is not None),
+            ("--set", bool(args.assignments)), ("--out", args.out is not None),
+            ("--overwrite", args.overwrite),
+        ) if given
+    ]  # fmt: skip
+    if conflicts:
+        raise UserError(
+            f"--resume {args.resume} continues that run with its own config.json; it cannot take "
+            f"{', '.join(conflicts)} (only --rounds, to extend it). Start a new run with --out instead"
+        )
+    saved = args.resume / "config.json"
+    if not saved.is_file():
+        raise UserError(f"--resume {args.resume}: no config.json there, not a results folder")
+    config = Config.from_dict(json.loads(saved.read_text()))
+    if args.rounds is not None:  # extending a run: the one change a resume accepts
+        config = config.replace(run={"rounds": args.rounds})
+    return config
+
+
+def _rounds_done(out_dir: Path) -> int:
+    """The last round both recorded and checkpointed in a results folder (0: none)."""
+    latest = out_dir / "checkpoint" / "LATEST"
+    rounds_csv = out_dir / "rounds.csv"
+    if not (latest.exists() and rounds_csv.exists()):
+        return 0
+    return min(int(latest.read_text().strip().removeprefix("round-")), len(read_csv(rounds_csv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.resume is not None:
-        saved = args.resume / "config.json"
-        if not saved.is_file():
-            raise SystemExit(f"--resume {args.resume}: no config.json there, not a results folder")
-        config = Config.from_dict(json.loads(saved.read_text()))
-        if args.rounds is not None:  # extending a run: the one change a resume accepts
-            config = config.replace(run={"rounds": args.rounds})
+    resume = args.resume is not None
+    if resume:
+        config = _resumed_config(args)
         out_dir = args.resume
-    else:
-        config = load_config(config_path(args.config))
-        run = {k: v for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None}
-        if run:
-            config = config.replace(run=run)
+        load_run_checkpoint(out_dir, config)  # refuses a checkpoint past --rounds, before Ray
+        done = _rounds_done(out_dir)
+        if done >= config.run.rounds:
+            print(
+                f"[fedneq] {out_dir} is already complete ({done} of {config.run.rounds} rounds); "
+                f"nothing to run. Extend it with --rounds N",
+                flush=True,
+            )
+            return 0
         if args.ray_address:
-            config = config.replace(simulation={"ray_address": args.ray_address})
-        out_dir = args.out or default_out_dir(config)
-    print(f"[fedneq] {config.run.name}: {config.run.rounds} rounds, {config.run.num_clients} clients "
-          f"({config.run.clients_per_round}/round), results in {out_dir}", flush=True)
-    simulate(config, out_dir, resume=args.resume is not None, verbose=args.verbose)
+            os.environ["RAY_ADDRESS"] = args.ray_address
+    else:
+        assignments = list(args.assignments)
+        assignments += [f"run.{k}={v}" for k, v in (("rounds", args.rounds), ("seed", args.seed)) if v is not None]
+        if args.ray_address:
+            assignments.append(f"simulation.ray_address={json.dumps(args.ray_address)}")
+        config = load_cli_config(args.config or "default", assignments)
+        if args.out is not None:
+            out_dir = claim_out_dir(args.out, overwrite=args.overwrite)
+        else:
+            out_dir = unique_dir(default_out_dir(config))
+    check_runnable(config)
+    print(
+        f"[fedneq] {config.run.name}: {config.run.rounds} rounds, {config.run.num_clients} clients "
+        f"({config.run.clients_per_round}/round), results in {out_dir}",
+        flush=True,
+    )
+    simulate(config, out_dir, resume=resume, verbose=args.verbose, check=False)  # Ctrl-C: RunInterrupted
     print(f"[fedneq] done: {out_dir}/rounds.csv, clients.csv, accuracy_vs_round.png", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, None, "sims.run"))
