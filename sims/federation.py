@@ -71,6 +71,7 @@ __all__ = [
 log = logging.getLogger("fedneq")
 
 DISCOVERY_TIMEOUT_S = 600.0  # waiting for nodes to connect and identify (not a round)
+DISCOVERY_SETTLE_S = 10.0  # no new node for this long: the missing ones are not coming
 ATTEMPTS = 2  # a round below min_replies is sent once more, then skipped
 
 _STOP = threading.Event()  # set by request_stop(), from another thread or a signal handler
@@ -118,18 +119,29 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
 
 
 def discover_nodes(
-    grid: Grid, config: Config, *, timeout_s: float = 600.0
+    grid: Grid, config: Config, *, timeout_s: float = 600.0, settle_s: float = 10.0
 ) -> tuple[dict[int, int], dict[int, str]]:
-    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``."""
+    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``.
+
+    Waits for ``[run] num_clients`` nodes; fails once no new node has connected
+    for ``settle_s`` seconds (or after ``timeout_s``), naming the count needed.
+    """
+    needed = config.run.num_clients
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
-    while len(node_ids) < config.run.num_clients and time.monotonic() < deadline:
+    last_change = time.monotonic()
+    while len(node_ids) < needed and time.monotonic() < min(deadline, last_change + settle_s):
         time.sleep(0.5)
-        node_ids = list(grid.get_node_ids())
-    if len(node_ids) < config.run.num_clients:
+        now = list(grid.get_node_ids())
+        if len(now) != len(node_ids):
+            last_change = time.monotonic()
+        node_ids = now
+    if len(node_ids) < needed:
         raise RuntimeError(
-            f"only {len(node_ids)} nodes connected, the run needs [run] num_clients="
-            f"{config.run.num_clients}"
+            f"only {len(node_ids)} SuperNodes connected (none new for {settle_s:g} s); the run "
+            f"needs [run] num_clients={needed}: start {needed - len(node_ids)} more (with "
+            f"`flwr run` on the local simulation runtime: flwr federation simulation-config "
+            f"--num-supernodes {needed})"
         )
     content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
@@ -328,7 +340,9 @@ def run_federation(
 
     if _STOP.is_set():
         return recorder.rounds
-    node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
+    node_of, devices = discover_nodes(
+        grid, config, timeout_s=DISCOVERY_TIMEOUT_S, settle_s=DISCOVERY_SETTLE_S
+    )
     partition_of = {n: p for p, n in node_of.items()}
     total = config.run.rounds
     loop_t0 = time.monotonic()
