@@ -168,3 +168,21 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_resume_hint(tmp_path: Path) -> Non
     )
     assert complete.returncode == 0 and "already complete" in complete.stdout, complete.stderr
     assert seconds < 10 and not (out / "checkpoint" / "round-00001").exists()
+
+
+def test_flwr_run_config_keys_set_the_common_fields() -> None:
+    from sims.server_app import config_from_run_config
+
+    base = {"config": "default", "out-dir": "", "resume": False, "rounds": 0, "seed": -1,
+            "selector": "", "strategy": "", "budget": 0.0, "set": ""}  # pyproject's defaults
+    assert config_from_run_config(base) == config_from_run_config({"config": "default"})
+    config = config_from_run_config(
+        base | {"rounds": 3, "seed": 7, "selector": "random", "strategy": "sparse-fedavg",
+                "budget": 0.25, "set": "fleet.preset=homogeneous train.lr=0.003"}
+    )  # fmt: skip
+    assert (config.run.rounds, config.run.seed, config.selection.selector) == (3, 7, "random")
+    assert (config.strategy.name, config.fleet.budget, config.train.lr) == ("sparse-fedavg", 0.25, 0.003)
+    with pytest.raises(ValueError, match=r"\[fleet\] budget = 0.25 has no effect"):
+        config_from_run_config(base | {"budget": 0.25})  # the default preset has its own budgets
+    with pytest.raises(ValueError, match=r"unknown run-config key\(s\) \['round'\].*did you mean 'rounds'"):
+        config_from_run_config(base | {"round": 3})
