@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,19 +41,20 @@ from sims.cli import (
 )
 from sims.federation import build_strategy, request_stop, stop_requested
 from sims.results import read_csv
-from sims.server_app import default_out_dir, make_server_app
+from sims.server_app import RunSpec, default_out_dir, make_sequence_app
 
-__all__ = ["RunInterrupted", "check_runnable", "main", "simulate"]
+__all__ = ["RunInterrupted", "check_runnable", "main", "simulate", "simulate_many"]
 
 
 class RunInterrupted(KeyboardInterrupt):
     """The run was stopped by Ctrl-C after its last committed round; it can be resumed."""
 
-    def __init__(self, out_dir: Path, rounds_done: int, rounds: int) -> None:
+    def __init__(self, out_dir: Path, rounds_done: int, rounds: int, resume_command: str = "") -> None:
         self.out_dir, self.rounds_done, self.rounds = Path(out_dir), rounds_done, rounds
+        command = resume_command or f"python -m sims.run --resume {out_dir}"
         super().__init__(
             f"interrupted after round {rounds_done} of {rounds}; results and checkpoint in "
-            f"{out_dir}. Resume with: python -m sims.run --resume {out_dir}"
+            f"{out_dir}. Resume with: {command}"
         )
 
 
@@ -120,7 +121,7 @@ def _quiet(verbose: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _stop_on_ctrl_c(out_dir: Path) -> Iterator[None]:
+def _stop_on_ctrl_c(resume_command: str) -> Iterator[None]:
     """First SIGINT: ask the round loop to stop (the round in flight is abandoned); second:
     leave at once (the last checkpoint is complete on disk: checkpoints are atomic)."""
     if threading.current_thread() is not threading.main_thread():
@@ -130,7 +131,7 @@ def _stop_on_ctrl_c(out_dir: Path) -> Iterator[None]:
     def on_sigint(signum, frame) -> None:
         if stop_requested():
             print(
-                f"\n[fedneq] stopped. Resume with: python -m sims.run --resume {out_dir}",
+                f"\n[fedneq] stopped. Resume with: {resume_command}",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
             os._exit(130)
@@ -168,32 +169,59 @@ def simulate(
     RuntimeError
         If rounds are missing at the end.
     """
+    return simulate_many([RunSpec(config, Path(out_dir), resume)], verbose=verbose, check=check)[0]
+
+
+def simulate_many(
+    runs: Sequence[RunSpec],
+    *,
+    verbose: bool = False,
+    check: bool = True,
+    resume_command: str = "",
+) -> list[list[dict[str, str]]]:
+    """Run several configs one after the other in one simulation engine (Ray starts once).
+
+    They must have the same ``[run] num_clients`` and ``[simulation]`` table;
+    Ray's settings are the first one's. Returns each run's rounds.csv rows.
+    ``resume_command`` is what an interruption tells the user to run (default:
+    ``sims.run --resume`` of the interrupted folder). Raises as :func:`simulate`.
+    """
     from flwr.simulation import run_simulation
 
     from fedneq.client_app import app as client_app
 
-    out_dir = Path(out_dir)
+    first = runs[0].config
+    for spec in runs[1:]:
+        if (spec.config.run.num_clients, spec.config.simulation) != (first.run.num_clients, first.simulation):
+            raise ValueError(
+                "runs sharing one engine need the same [run] num_clients and [simulation] table"
+            )
     if check:
-        check_runnable(config)  # fail on bad data, model or strategy options before Ray starts
-    with _quiet(verbose), _stop_on_ctrl_c(out_dir):
+        for spec in runs:  # bad data, model or strategy options fail before Ray starts
+            check_runnable(spec.config)
+    with _quiet(verbose), _stop_on_ctrl_c(resume_command or f"python -m sims.run --resume {runs[0].out_dir}"):
         run_simulation(
-            server_app=make_server_app(config, out_dir, resume=resume),
+            server_app=make_sequence_app(runs),
             client_app=client_app,
-            num_supernodes=config.run.num_clients,
-            backend_config=backend_config(config, verbose=verbose),
+            num_supernodes=first.run.num_clients,
+            backend_config=backend_config(first, verbose=verbose),
             verbose_logging=verbose,
         )
         interrupted = stop_requested()
-    rounds_csv = out_dir / "rounds.csv"
-    rows = read_csv(rounds_csv) if rounds_csv.exists() else []
-    if interrupted and len(rows) < config.run.rounds:
-        raise RunInterrupted(out_dir, len(rows), config.run.rounds)
-    if len(rows) != config.run.rounds:
-        raise RuntimeError(
-            f"the simulation stopped after {len(rows)} of {config.run.rounds} rounds; see the log "
-            f"above. Continue it with: python -m sims.run --resume {out_dir}"
-        )
-    return rows
+    results = []
+    for spec in runs:
+        rounds_csv = spec.out_dir / "rounds.csv"
+        rows = read_csv(rounds_csv) if rounds_csv.exists() else []
+        if len(rows) != spec.config.run.rounds:
+            if interrupted:
+                raise RunInterrupted(spec.out_dir, len(rows), spec.config.run.rounds, resume_command)
+            raise RuntimeError(
+                f"the simulation of {spec.out_dir} stopped after {len(rows)} of "
+                f"{spec.config.run.rounds} rounds; see the log above. Continue it with: "
+                f"{resume_command or f'python -m sims.run --resume {spec.out_dir}'}"
+            )
+        results.append(rows)
+    return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

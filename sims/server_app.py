@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
@@ -25,11 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedneq.config import Config, did_you_mean
 from sims.cli import CONFIG_DIR, claim_out_dir, config_path, load_cli_config
-from sims.federation import run_federation
+from sims.federation import run_federation, stop_requested
 
 __all__ = [
-    "CONFIG_DIR", "app", "config_from_run_config", "config_path", "default_out_dir",
-    "make_server_app",
+    "CONFIG_DIR", "RunSpec", "app", "config_from_run_config", "config_path", "default_out_dir",
+    "make_sequence_app", "make_server_app",
 ]  # fmt: skip
 
 # run-config key -> (config key it sets, the value that means "keep the config's")
@@ -48,12 +50,33 @@ def default_out_dir(config: Config) -> Path:
     return Path(config.run.out_dir) / f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One federated run of a sequence that shares one simulation engine."""
+
+    config: Config
+    out_dir: Path
+    resume: bool = False
+    label: str = ""  # printed before the run starts when not empty
+
+
 def make_server_app(config: Config, out_dir: Path, *, resume: bool = False) -> ServerApp:
+    return make_sequence_app([RunSpec(config, Path(out_dir), resume)])
+
+
+def make_sequence_app(runs: Sequence[RunSpec]) -> ServerApp:
+    """A ServerApp that runs ``runs`` one after the other on the same nodes (``sims.compare``:
+    Ray and the client actors start once). A stop request ends the sequence too."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, config, out_dir, resume=resume)
+        for spec in runs:
+            if stop_requested():
+                return
+            if spec.label:
+                print(f"[fedneq] {spec.label}: running into {spec.out_dir}", flush=True)
+            run_federation(grid, spec.config, spec.out_dir, resume=spec.resume)
 
     return server_app
 
