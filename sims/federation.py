@@ -59,7 +59,7 @@ from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
-from sims.results import Recorder
+from sims.results import Recorder, write_initial
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
@@ -335,6 +335,8 @@ def run_federation(
             log.warning("no checkpoint in %s: starting from round 1", out_dir)
         for stale in (state_dir, out_dir / "checkpoint"):  # nothing left from an earlier run here
             shutil.rmtree(stale, ignore_errors=True)
+        loss0, acc0 = evaluate(model, task.test)
+        write_initial(out_dir, acc0, loss0)  # the plots' round-0 point
     state_dir.mkdir(parents=True, exist_ok=True)
     cum_up = float(recorder.rounds[-1]["cum_bytes_up"]) if recorder.rounds else 0.0
 
@@ -421,7 +423,7 @@ def run_federation(
             f"  eta {_eta((time.monotonic() - loop_t0) / (rnd - first_round + 1) * (total - rnd))}",
             flush=True,
         )
-    recorder.plot()
+    recorder.plot(f"{config.selection.selector} ({config.strategy.name})")
     return recorder.rounds
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
     assert {c["device"] for c in classes} == set(expected_devices.values())
     for name in ("config.json", "rounds.csv", "accuracy_vs_round.png", "accuracy_vs_upload.png"):
         assert (out / name).stat().st_size > 0
+    initial = json.loads((out / "initial.json").read_text())  # the plots' round-0 point
+    assert 0 <= initial["accuracy"] <= 1 and initial["accuracy"] != accuracy[0]
     assert Config.from_json((out / "config.json").read_text()) == config
 
 
