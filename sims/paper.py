@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedneq.config import Config
+from fedneq.config import Config, did_you_mean
 from fedneq.devices import default_fleet
 from fedneq.pretrain import checkpoint_paths, pretrain
 from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
@@ -181,6 +181,7 @@ def override(plan: Plan, assignments: Sequence[str]) -> Plan:
         if not sep or key not in fields or key == "name":
             raise ValueError(
                 f"--set expects KEY=VALUE with KEY one of {sorted(fields - {'name'})}, got {item!r}"
+                + did_you_mean(key, sorted(fields - {"name"}))
             )
         default = getattr(plan, key)
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
@@ -898,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where RESULTS.md and results/ go (default docs, or <out> with --quick)",
     )
     p.add_argument("--report-only", action="store_true", help="regenerate the report, run nothing")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-device runs (default 2)")
     p.add_argument(
         "--set",
@@ -933,4 +935,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sims.cli import run_command
+
+    sys.exit(run_command(main, None, "sims.paper"))
