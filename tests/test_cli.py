@@ -186,3 +186,15 @@ def test_flwr_run_config_keys_set_the_common_fields() -> None:
         config_from_run_config(base | {"budget": 0.25})  # the default preset has its own budgets
     with pytest.raises(ValueError, match=r"unknown run-config key\(s\) \['round'\].*did you mean 'rounds'"):
         config_from_run_config(base | {"round": 3})
+
+
+def test_a_benchmark_writes_its_table_to_csv(tmp_path: Path) -> None:
+    done, _ = fedneq(
+        "sims.benchmarks.grad_filter", "--quick", "--csv", str(tmp_path / "gf.csv"), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "gf.csv").read_text().splitlines()
+    assert rows[0] == "shape,variant,cpu_s,wall_s,saved_bytes"
+    printed = [line for line in done.stdout.splitlines() if line.startswith("stem 3x3")]
+    assert len(rows) - 1 >= len(printed) > 0  # every printed measurement, one row each
+    assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
