@@ -25,7 +25,14 @@ from typing import Any
 
 from fedneq.config import Config, did_you_mean
 from fedneq.selection import list_selectors
-from sims.cli import UserError, add_common_arguments, load_cli_config, run_command, unique_dir
+from sims.cli import (
+    UserError,
+    add_common_arguments,
+    exit_now,
+    load_cli_config,
+    run_command,
+    unique_dir,
+)
 from sims.results import atomic_write_text, csv_text, plot_runs, read_csv
 from sims.run import check_runnable, simulate_many
 from sims.server_app import RunSpec
@@ -184,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, None, "sims.compare"))
+    exit_now(run_command(main, None, "sims.compare"))

@@ -423,7 +423,8 @@ def run_federation(
             f"  eta {_eta((time.monotonic() - loop_t0) / (rnd - first_round + 1) * (total - rnd))}",
             flush=True,
         )
-    recorder.plot(f"{config.selection.selector} ({config.strategy.name})")
+    if not _STOP.is_set():  # an interrupted run is plotted when it completes
+        recorder.plot(f"{config.selection.selector} ({config.strategy.name})")
     return recorder.rounds
 
 

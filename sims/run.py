@@ -35,6 +35,7 @@ from sims.cli import (
     UserError,
     add_common_arguments,
     claim_out_dir,
+    exit_now,
     load_cli_config,
     run_command,
     unique_dir,
@@ -120,27 +121,49 @@ def _quiet(verbose: bool) -> Iterator[None]:
         flwr_log.setLevel(level)
 
 
+STOP_GRACE_S = 5.0  # after the first Ctrl-C: longer than this in the round in flight -> leave
+
+
+def _leave_now(resume_command: str) -> None:
+    """Exit at once, Ray's processes shut down first (for 5 s at most). Safe for the results:
+    a round is committed before its checkpoint is written, each file atomically."""
+    print(f"\n[fedneq] stopped. Resume with: {resume_command}", file=sys.stderr, flush=True)
+
+    def shutdown() -> None:
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:  # leaving anyway
+            pass
+
+    closing = threading.Thread(target=shutdown, daemon=True)
+    closing.start()
+    closing.join(timeout=5.0)
+    os._exit(130)
+
+
 @contextmanager
 def _stop_on_ctrl_c(resume_command: str) -> Iterator[None]:
-    """First SIGINT: ask the round loop to stop (the round in flight is abandoned); second:
-    leave at once (the last checkpoint is complete on disk: checkpoints are atomic)."""
+    """First SIGINT: ask the round loop to stop (the round in flight is abandoned), and leave
+    anyway if that takes more than :data:`STOP_GRACE_S`; a second SIGINT: leave at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    timer: list[threading.Timer] = []
 
     def on_sigint(signum, frame) -> None:
         if stop_requested():
-            print(
-                f"\n[fedneq] stopped. Resume with: {resume_command}",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-            os._exit(130)
+            _leave_now(resume_command)
         request_stop()
         print(
-            "\n[fedneq] Ctrl-C: stopping after the round in flight is abandoned "
+            "\n[fedneq] Ctrl-C: abandoning the round in flight, keeping the last checkpoint "
             "(Ctrl-C again to quit at once)",
             file=sys.stderr, flush=True,
         )  # fmt: skip
+        timer.append(threading.Timer(STOP_GRACE_S, _leave_now, args=(resume_command,)))
+        timer[-1].daemon = True
+        timer[-1].start()
 
     request_stop(False)
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -148,6 +171,8 @@ def _stop_on_ctrl_c(resume_command: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        for t in timer:
+            t.cancel()
 
 
 def simulate(
@@ -309,4 +334,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, None, "sims.run"))
+    exit_now(run_command(main, None, "sims.run"))
