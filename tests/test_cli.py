@@ -198,3 +198,20 @@ def test_a_benchmark_writes_its_table_to_csv(tmp_path: Path) -> None:
     printed = [line for line in done.stdout.splitlines() if line.startswith("stem 3x3")]
     assert len(rows) - 1 >= len(printed) > 0  # every printed measurement, one row each
     assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
+
+
+def test_a_run_that_fails_after_starting_exits_non_zero_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "boom_strategy.py").write_text(
+        "from strategies.neuron_avg import NeuronAvg\n\n\n"
+        "class Boom(NeuronAvg):\n"
+        "    def aggregate(self, global_state, updates, weights):\n"
+        "        raise RuntimeError('boom in aggregate')\n"
+    )
+    config = tmp_path / "boom.toml"
+    config.write_text(SIGINT_RUN.replace("rounds = 500", "rounds = 2") + '[strategy]\nname = "boom_strategy:Boom"\n')
+    done, _ = fedneq("sims.run", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "sims.run: error: RuntimeError: boom in aggregate (--debug shows the traceback)"
+    ]
+    assert "Traceback" not in done.stdout
