@@ -359,6 +359,13 @@ class Config:
 
     def check(self) -> None:
         """Checks that span several tables."""
+        m = self.model
+        if m.pretrain_epochs > 0 and not m.checkpoint and self.data.classes != "downstream":
+            raise ValueError(
+                f"[model] pretrain_epochs = {m.pretrain_epochs} pretrains on the first half of the "
+                'classes and fine-tunes on the second: it needs [data] classes = "downstream", '
+                f"got {self.data.classes!r} (or set pretrain_epochs = 0)"
+            )
         filtering = [d.name for d, _ in self.fleet.fleet().classes if (d.grad_filter_r or 1) > 1]
         if filtering and self.train.grad_filter_last_k == 0:
             raise ValueError(

@@ -78,6 +78,8 @@ def check_runnable(config: Config) -> None:
     data split, the model and the strategy built with the config's options."""
     import torch
 
+    if config.model.checkpoint and not Path(config.model.checkpoint).is_file():
+        raise FileNotFoundError(f"[model] checkpoint {config.model.checkpoint!r} does not exist")
     check_partitions(config)
     task = load_task(config)
     with torch.random.fork_rng():
