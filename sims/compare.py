@@ -106,6 +106,7 @@ def compare(
     *,
     verbose: bool = False,
     resume_command: str = "",
+    tensorboard: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run every method (those not complete in ``out_dir`` yet) in one engine; the table."""
     if len(set(methods)) != len(methods) or not methods:
@@ -122,7 +123,9 @@ def compare(
         else:
             todo.append(RunSpec(cfg, run_dir, resume=run_dir.exists(), label=method))
     if todo:
-        simulate_many(todo, verbose=verbose, check=False, resume_command=resume_command)
+        simulate_many(
+            todo, verbose=verbose, check=False, resume_command=resume_command, tensorboard=tensorboard
+        )
     table = [summarize(m, read_csv(out_dir / m / "rounds.csv")) for m in methods]
     atomic_write_text(out_dir / "comparison.csv", csv_text(COLUMNS, table))
     plot_runs({label(m, configs[m]): out_dir / m / "rounds.csv" for m in methods}, out_dir)
@@ -165,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         help="output folder (default: <out_dir>/compare-<name>-<time>); an existing one "
         "continues the comparison there if its config is the same",
     )  # fmt: skip
+    p.add_argument(
+        "--tensorboard", type=Path, metavar="LOG_DIR",
+        help="also log each method's per-round metrics to TensorBoard in LOG_DIR/<method>",
+    )  # fmt: skip
     add_common_arguments(p)
     args = p.parse_args(argv)
+    if args.tensorboard is not None:
+        from sims.tracking import check_tensorboard
+
+        check_tensorboard()
     assignments = [*args.assignments, *([f"run.rounds={args.rounds}"] if args.rounds is not None else [])]
     config = load_cli_config(args.config, assignments)
     if args.out is not None:
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --out {out}"
     compare(
         config, args.methods.split(","), out, verbose=args.verbose,
-        resume_command=command.replace(" --overwrite", ""),
+        resume_command=command.replace(" --overwrite", ""), tensorboard=args.tensorboard,
     )  # fmt: skip
     print(f"[fedneq] comparison in {out}/comparison.csv", flush=True)
     return 0

@@ -25,7 +25,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from fedneq.config import Config
@@ -184,10 +184,12 @@ def simulate(
     resume: bool = False,
     verbose: bool = False,
     check: bool = True,
+    tensorboard: Path | None = None,
 ) -> list[dict[str, str]]:
     """Run ``config`` to completion; returns rounds.csv's rows.
 
-    ``check=False`` skips :func:`check_runnable` (the caller ran it).
+    ``check=False`` skips :func:`check_runnable` (the caller ran it);
+    ``tensorboard``: see :func:`simulate_many`.
 
     Raises
     ------
@@ -196,7 +198,9 @@ def simulate(
     RuntimeError
         If rounds are missing at the end.
     """
-    return simulate_many([RunSpec(config, Path(out_dir), resume)], verbose=verbose, check=check)[0]
+    return simulate_many(
+        [RunSpec(config, Path(out_dir), resume)], verbose=verbose, check=check, tensorboard=tensorboard
+    )[0]
 
 
 def simulate_many(
@@ -205,13 +209,16 @@ def simulate_many(
     verbose: bool = False,
     check: bool = True,
     resume_command: str = "",
+    tensorboard: Path | None = None,
 ) -> list[list[dict[str, str]]]:
     """Run several configs one after the other in one simulation engine (Ray starts once).
 
     They must have the same ``[run] num_clients`` and ``[simulation]`` table;
     Ray's settings are the first one's. Returns each run's rounds.csv rows.
     ``resume_command`` is what an interruption tells the user to run (default:
-    ``sims.run --resume`` of the interrupted folder). Raises as :func:`simulate`.
+    ``sims.run --resume`` of the interrupted folder). ``tensorboard``: a log folder
+    that receives every run's per-round metrics as they come (:mod:`sims.tracking`).
+    Raises as :func:`simulate`.
     """
     from flwr.simulation import run_simulation
 
@@ -226,7 +233,14 @@ def simulate_many(
     if check:
         for spec in runs:  # bad data, model or strategy options fail before Ray starts
             check_runnable(spec.config)
-    with _quiet(verbose), _stop_on_ctrl_c(resume_command or f"python -m sims.run --resume {runs[0].out_dir}"):
+    tracking: AbstractContextManager = nullcontext()
+    if tensorboard is not None:
+        from sims.tracking import TensorBoardLog, check_tensorboard
+
+        check_tensorboard()
+        tracking = TensorBoardLog(tensorboard, {s.label or s.out_dir.name: s.out_dir for s in runs})
+    resume = resume_command or f"python -m sims.run --resume {runs[0].out_dir}"
+    with _quiet(verbose), _stop_on_ctrl_c(resume), tracking:
         run_simulation(
             server_app=make_sequence_app(runs),
             client_app=client_app,
@@ -261,6 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="override [run] rounds (with --resume: extend)")
     p.add_argument("--seed", type=int, help="override [run] seed")
     p.add_argument("--ray-address", help="attach to a running Ray cluster (or set RAY_ADDRESS)")
+    p.add_argument(
+        "--tensorboard", type=Path, metavar="LOG_DIR",
+        help="also log the per-round metrics to TensorBoard in LOG_DIR/<results folder name>",
+    )  # fmt: skip
     add_common_arguments(p)
     return p.parse_args(argv)
 
@@ -325,12 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out_dir = unique_dir(default_out_dir(config))
     check_runnable(config)
+    if args.tensorboard is not None:
+        from sims.tracking import check_tensorboard
+
+        check_tensorboard()
     print(
         f"[fedneq] {config.run.name}: {config.run.rounds} rounds, {config.run.num_clients} clients "
         f"({config.run.clients_per_round}/round), results in {out_dir}",
         flush=True,
     )
-    simulate(config, out_dir, resume=resume, verbose=args.verbose, check=False)  # Ctrl-C: RunInterrupted
+    simulate(  # Ctrl-C: RunInterrupted
+        config, out_dir, resume=resume, verbose=args.verbose, check=False, tensorboard=args.tensorboard
+    )
     print(f"[fedneq] done: {out_dir}/rounds.csv, clients.csv, accuracy_vs_round.png", flush=True)
     return 0
 
