@@ -55,7 +55,7 @@ def run_single_device(
     unknown = [name for name in selectors if name not in list_selectors()]
     if unknown:
         raise ValueError(
-            f"--selectors: {unknown} are not selectors; known: {list_selectors()}"
+            f"selector must be one of {list_selectors()}, got {unknown}"
             + did_you_mean(unknown[0], list_selectors())
         )
     task = load_task(config)
