@@ -26,12 +26,14 @@ from strategies.registry import check_strategy
 
 __all__ = [
     "CONFIG_DIR",
+    "Parser",
     "UserError",
     "add_common_arguments",
     "claim_out_dir",
     "config_path",
     "exit_now",
     "load_cli_config",
+    "positive_int",
     "run_command",
     "unique_dir",
 ]
@@ -68,6 +70,24 @@ def load_cli_config(name_or_path: str, assignments: Sequence[str] = ()) -> Confi
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return config
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ... (see --help)``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``--rounds 0`` is refused as the flag's own error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be an integer >= 1, got {value}")
+    return value
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, overwrite: bool = True) -> None:

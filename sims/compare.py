@@ -15,7 +15,6 @@ cumulative upload) to ``<out>/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,10 +25,12 @@ from typing import Any
 from fedneq.config import Config, did_you_mean
 from fedneq.selection import list_selectors
 from sims.cli import (
+    Parser,
     UserError,
     add_common_arguments,
     exit_now,
     load_cli_config,
+    positive_int,
     run_command,
     unique_dir,
 )
@@ -159,10 +160,10 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.compare", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sims.compare", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="default")
     p.add_argument("--methods", default="velocity,random,fedavg")
-    p.add_argument("--rounds", type=int, help="override [run] rounds")
+    p.add_argument("--rounds", type=positive_int, help="override [run] rounds")
     p.add_argument(
         "--out", type=Path,
         help="output folder (default: <out_dir>/compare-<name>-<time>); an existing one "

@@ -886,7 +886,9 @@ def _numeric(row: dict[str, str], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.paper", description=__doc__.split("\n")[0])
+    from sims.cli import Parser
+
+    p = Parser(prog="python -m sims.paper", description=__doc__.split("\n")[0])
     p.add_argument(
         "--quick", action="store_true", help="1 seed, 1 budget tier, fewer epochs/rounds"
     )

@@ -32,11 +32,13 @@ from fedneq.config import Config
 from fedneq.task import build_model, check_partitions, load_task
 from sims.checkpoint import load_run_checkpoint
 from sims.cli import (
+    Parser,
     UserError,
     add_common_arguments,
     claim_out_dir,
     exit_now,
     load_cli_config,
+    positive_int,
     run_command,
     unique_dir,
 )
@@ -266,13 +268,13 @@ def simulate_many(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sims.run", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sims.run", description=__doc__.split("\n")[0])
     p.add_argument(
         "config", nargs="?", help="TOML file or a name in sims/configs/ (default: default)"
     )
     p.add_argument("--out", type=Path, help="results folder (default: <out_dir>/<name>-<time>)")
     p.add_argument("--resume", type=Path, help="continue the run in this results folder")
-    p.add_argument("--rounds", type=int, help="override [run] rounds (with --resume: extend)")
+    p.add_argument("--rounds", type=positive_int, help="override [run] rounds (with --resume: extend)")
     p.add_argument("--seed", type=int, help="override [run] seed")
     p.add_argument("--ray-address", help="attach to a running Ray cluster (or set RAY_ADDRESS)")
     p.add_argument(

@@ -14,7 +14,6 @@ plot of accuracy per epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -144,19 +143,24 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sims.cli import add_common_arguments, claim_out_dir, load_cli_config, unique_dir
+    from sims.cli import (
+        Parser,
+        add_common_arguments,
+        claim_out_dir,
+        load_cli_config,
+        positive_int,
+        unique_dir,
+    )
 
-    p = argparse.ArgumentParser(prog="python -m sims.single_device", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sims.single_device", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="default")
     p.add_argument("--budget", default="0.1", help="fraction (0.1), percent (10%%) or parameters (5000)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS))
     p.add_argument("--out", type=Path, help="output folder (default: <out_dir>/single-<name>-<time>)")
     add_common_arguments(p)
     args = p.parse_args(argv)
     config = load_cli_config(args.config, args.assignments)
-    if args.epochs < 1:
-        raise ValueError(f"--epochs should be >= 1, got {args.epochs}")
     budget: float | int | str = args.budget
     Budget.parse(budget)
     selectors = args.selectors.split(",")

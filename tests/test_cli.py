@@ -215,3 +215,8 @@ def test_a_run_that_fails_after_starting_exits_non_zero_in_one_line(tmp_path: Pa
         "sims.run: error: RuntimeError: boom in aggregate (--debug shows the traceback)"
     ]
     assert "Traceback" not in done.stdout
+
+
+def test_a_bad_flag_value_is_one_line_too(tmp_path: Path) -> None:
+    done, _ = fedneq("sims.run", "default", "--rounds", "0", cwd=tmp_path)
+    assert_one_line_error(done, "--rounds", "should be an integer >= 1, got 0")
