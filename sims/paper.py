@@ -36,7 +36,6 @@ gone; the hand-written reading section of RESULTS.md is kept.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import dataclasses
 import hashlib
