@@ -29,7 +29,7 @@ into the base's key by key. ``overrides`` (``--set section.key=value``) are
 applied last. A key that the file or an override sets but that has no effect
 under the chosen settings (``[fleet] budget`` without the ``homogeneous``
 preset, ``[data] alpha`` under an ``iid`` partition, ...) is an error, not
-silence. Without ``extends`` a file starts from the code defaults below.
+silence (unless it is set to its default value). Without ``extends`` a file starts from the code defaults below.
 
 The resolved config is plain JSON (``Config.to_dict``): the server sends it to every client
 with the first message, so a ClientApp needs no other configuration source.
@@ -492,10 +492,12 @@ _EFFECTIVE = {
 
 
 def _check_effective(config: Config, explicit: Iterable[tuple[str, str]]) -> None:
+    """A key set to something other than its default that has no effect is an error (a file
+    that lists every key at its default, e.g. a dumped config, is fine)."""
     for section, key in explicit:
         rule = _EFFECTIVE.get((section, key))
-        if rule is not None and not rule[0](config):
-            value = getattr(getattr(config, section), key)
+        value = getattr(getattr(config, section), key)
+        if rule is not None and not rule[0](config) and value != getattr(_SECTIONS[section](), key):
             raise ValueError(f"[{section}] {key} = {value!r} has no effect: {rule[1]}")
 
 
