@@ -344,6 +344,6 @@ def test_too_few_supernodes_fail_fast_with_the_count_needed(deployment, tmp_path
     run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))
     assert dep.run_status(run_id)["status"] == "finished:failed"
     assert "only 1 SuperNodes connected" in output and "num_clients=3" in output, output
-    assert seconds < 60, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
+    assert seconds < 120, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
     assert not (tmp_path / "out" / "rounds.csv").exists()
     assert dep.stop() == []
