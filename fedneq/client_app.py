@@ -14,7 +14,10 @@ training config names a ``client-state-dir`` that exists on this machine
 (simulation, single-host deployment), the state is also written there after
 every participation, and read back from there when ``Context.state`` is empty
 (a simulation resumed with fresh nodes): see :func:`fedneq.client.save_client_state`.
-A folder that does not exist here (a real device) is ignored.
+A folder that does not exist here (a real device) is ignored. The kept state
+is tagged with that folder's name (``Context.state["velocity-run"]``): a node
+that serves several runs in one engine (``sims.compare``) never carries one
+run's velocity into another.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = ["app", "ATTEMPT_KEY", "CONFIG_KEY", "STATE_DIR_KEY", "node_identity"]
 CONFIG_KEY = "fedneq-config"
 ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)
 STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
+STATE_RUN_KEY = "velocity-run"  # Context.state: the STATE_DIR_KEY the kept velocity belongs to
 
 app = ClientApp()
 
@@ -101,7 +105,11 @@ def train(msg: Message, context: Context) -> Message:
     named = str(server_config.get(STATE_DIR_KEY, ""))
     state_dir = Path(named) if named and Path(named).is_dir() else None
     kept = context.state.get("velocity")
-    velocity_state = kept.to_torch_state_dict() if isinstance(kept, ArrayRecord) and kept else None
+    owner = context.state.get(STATE_RUN_KEY)
+    same_run = isinstance(owner, ConfigRecord) and owner.get("dir", "") == named
+    velocity_state = (
+        kept.to_torch_state_dict() if same_run and isinstance(kept, ArrayRecord) and kept else None
+    )
     if velocity_state is None and state_dir is not None:
         saved = load_client_state(state_dir, partition_id, server_round)
         velocity_state = saved[1] if saved else None
@@ -123,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     context.state["velocity"] = ArrayRecord(reply.velocity_state)
+    context.state[STATE_RUN_KEY] = ConfigRecord({"dir": named})
     if state_dir is not None and reply.velocity_state:  # last: only a round that replies keeps it
         save_client_state(state_dir, partition_id, server_round, reply.velocity_state)
     return Message(content, reply_to=msg)

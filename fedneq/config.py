@@ -20,21 +20,36 @@ see ``sims/configs/default.toml``)::
     [faults]     crash_prob, straggler_prob, straggler_delay_s
     [simulation] cpus_per_client, ray_address
 
-Unknown tables or keys are rejected with the list of known ones. The resolved
-config is plain JSON (``Config.to_dict``): the server sends it to every client
+Unknown tables or keys, names that no registry knows (selector, dataset,
+model, scheme) and values of the wrong type are rejected in one line naming the
+table, key, value and what is allowed, with a "did you mean" for near misses.
+
+Composition: a file may start from another with a top-level
+``extends = "default"`` (a file path relative to it, or a name searched in
+``search_dirs``: ``sims`` passes ``sims/configs/``); its own tables are merged
+into the base's key by key. ``overrides`` (``--set section.key=value``) are
+applied last. A key that the file or an override sets but that has no effect
+under the chosen settings (``[fleet] budget`` without the ``homogeneous``
+preset, ``[data] alpha`` under an ``iid`` partition, ...) is an error, not
+silence (unless it is set to its default value). Without ``extends`` a file starts from the code defaults below.
+
+The resolved config is plain JSON (``Config.to_dict``): the server sends it to every client
 with the first message, so a ClientApp needs no other configuration source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedneq.data import list_datasets
 from fedneq.devices import (
     DeviceProfile,
     Fleet,
@@ -43,17 +58,38 @@ from fedneq.devices import (
     read_fleet_csv,
 )
 from fedneq.grad_filter import GradFilterConfig
-from fedneq.partition import PartitionSpec
+from fedneq.models import list_models
+from fedneq.partition import PARTITION_KINDS, PartitionSpec
+from fedneq.selection import list_selectors
 from fedneq.sparse_backward import BACKWARDS
+from fedneq.sparse_update import SCHEMES
 from fedneq.timing import REFERENCE_GFLOPS
-from fedneq.training import BN_STATS, LOSSES, OptimizerConfig
+from fedneq.training import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig
 
-__all__ = ["Config", "load_config"]
+__all__ = ["Config", "apply_overrides", "did_you_mean", "load_config", "parse_assignment"]
 
 
-def _check_choice(section: str, name: str, value: object, allowed: tuple) -> None:
+def did_you_mean(value: object, allowed: Iterable[object]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of ``value`` among ``allowed``, else ``""``."""
+    names = [str(a) for a in allowed]
+    text = str(value)
+    # an abbreviation ("fmnist" -> "fashion-mnist"): its letters in order in one name
+    spelled_out = [n for n in names if len(text) > 2 and _in_order(text, n)]
+    close = difflib.get_close_matches(text, spelled_out or names, n=1, cutoff=0.6 if not spelled_out else 0)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _in_order(short: str, name: str) -> bool:
+    rest = iter(name)
+    return all(char in rest for char in short)
+
+
+def _check_choice(section: str, name: str, value: object, allowed: Sequence) -> None:
     if value not in allowed:
-        raise ValueError(f"[{section}] {name} should be one of {allowed}, got {value!r}")
+        raise ValueError(
+            f"[{section}] {name} should be one of {tuple(allowed)}, got {value!r}"
+            + did_you_mean(value, allowed)
+        )
 
 
 def _check_positive(section: str, name: str, value: float, *, zero_ok: bool = False) -> None:
@@ -112,6 +148,8 @@ class DataConfig:
     test_limit: int = 0  # > 0: a seeded random subset of the server's test set
 
     def __post_init__(self) -> None:
+        _check_choice("data", "dataset", self.dataset, tuple(list_datasets()))
+        _check_choice("data", "partition", self.partition, PARTITION_KINDS)
         _check_choice("data", "classes", self.classes, ("all", "downstream"))
         _check_positive("data", "train_limit", self.train_limit, zero_ok=True)
         _check_positive("data", "test_limit", self.test_limit, zero_ok=True)
@@ -139,6 +177,7 @@ class ModelConfig:
     head: str = "always"  # "always": the head is trained every round, outside the budget
 
     def __post_init__(self) -> None:
+        _check_choice("model", "name", self.name, tuple(list_models()))
         _check_choice("model", "head", self.head, ("always", "selectable"))
         _check_positive("model", "width_mult", self.width_mult)
         _check_positive("model", "pretrain_epochs", self.pretrain_epochs, zero_ok=True)
@@ -155,6 +194,9 @@ class SelectionConfig:
     storage_dtype: str = "float16"  # precision of the probe outputs a client keeps between rounds
 
     def __post_init__(self) -> None:
+        _check_choice("selection", "selector", self.selector, tuple(list_selectors()))
+        if self.scheme:
+            _check_choice("selection", "scheme", self.scheme, tuple(sorted(SCHEMES)))
         _check_choice("selection", "rule", self.rule, ("prefix", "fill"))
         _check_choice("selection", "initializer", self.initializer, ("random", "static"))
         _check_choice("selection", "velocity_mode", self.velocity_mode, ("pooled", "per-feature"))
@@ -180,6 +222,7 @@ class TrainConfig:
     loss: str = "balanced-softmax"
 
     def __post_init__(self) -> None:
+        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         self.optimizer_config()
         _check_choice("train", "loss", self.loss, LOSSES)
         _check_choice("train", "backward", self.backward, BACKWARDS)
@@ -280,6 +323,26 @@ class SimulationConfig:
         _check_positive("simulation", "cpus_per_client", self.cpus_per_client)
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_CONTAINERS = {"tuple[str, ...]": (list, tuple), "tuple[dict[str, Any], ...]": (list, tuple),
+               "dict[str, Any]": (dict,)}  # fmt: skip
+
+
+def _check_types(section: str, section_cls: type, values: dict[str, Any]) -> None:
+    """``[section] key should be a float, got 'abc'`` before any range check runs."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(section_cls)}
+    for key, value in values.items():
+        kind = types[key]
+        if kind in _SCALARS:
+            ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+        else:
+            ok = isinstance(value, _CONTAINERS.get(kind, (object,)))
+        if not ok:
+            name = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+            want = name.get(kind, "an array" if "tuple" in kind else "a table")
+            raise ValueError(f"[{section}] {key} should be {want}, got {value!r}")
+
+
 _SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -309,14 +372,23 @@ class Config:
     def from_dict(cls, raw: dict[str, Any]) -> Config:
         unknown = sorted(set(raw) - set(_SECTIONS))
         if unknown:
-            raise ValueError(f"unknown config table(s) {unknown}; known: {sorted(_SECTIONS)}")
+            raise ValueError(
+                f"unknown config table(s) {unknown}; known: {sorted(_SECTIONS)}"
+                + did_you_mean(unknown[0], _SECTIONS)
+            )
         sections = {}
         for name, section_cls in _SECTIONS.items():
-            values = dict(raw.get(name, {}))
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"[{name}] should be a table, got {values!r}")
+            values = dict(values)
             known = [f.name for f in dataclasses.fields(section_cls)]
             bad = sorted(set(values) - set(known))
             if bad:
-                raise ValueError(f"unknown key(s) {bad} in [{name}]; known: {known}")
+                raise ValueError(
+                    f"unknown key(s) {bad} in [{name}]; known: {known}" + did_you_mean(bad[0], known)
+                )
+            _check_types(name, section_cls, values)
             if name == "fleet":
                 for key in ("classes", "devices"):
                     if key in values:
@@ -330,6 +402,13 @@ class Config:
 
     def check(self) -> None:
         """Checks that span several tables."""
+        m = self.model
+        if m.pretrain_epochs > 0 and not m.checkpoint and self.data.classes != "downstream":
+            raise ValueError(
+                f"[model] pretrain_epochs = {m.pretrain_epochs} pretrains on the first half of the "
+                'classes and fine-tunes on the second: it needs [data] classes = "downstream", '
+                f"got {self.data.classes!r} (or set pretrain_epochs = 0)"
+            )
         filtering = [d.name for d, _ in self.fleet.fleet().classes if (d.grad_filter_r or 1) > 1]
         if filtering and self.train.grad_filter_last_k == 0:
             raise ValueError(
@@ -392,21 +471,189 @@ class Config:
         return self.fleet.fleet().profile(partition_id, self.run.num_clients, self.run.seed)
 
 
-def load_config(path: str | Path) -> Config:
-    """Parse and validate a TOML run configuration.
+def parse_assignment(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.003"`` -> ``(["train", "lr"], 0.003)``; the value is read as TOML,
+    and as a plain string when it is not TOML (``selection.selector=random``)."""
+    key, sep, value_text = text.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or len(path) < 2 or not all(path):
+        raise ValueError(
+            f"--set expects SECTION.KEY=VALUE (e.g. train.lr=0.003), got {text!r}"
+        )
+    try:
+        value = tomllib.loads(f"value = {value_text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return path, value
 
-    A relative ``[fleet] csv`` path is taken relative to the TOML file's folder.
+
+def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """``raw`` (a config as nested dicts) with ``--set`` assignments applied (a copy).
+
+    Raises
+    ------
+    ValueError
+        If an assignment is malformed or names a table or key that does not exist.
     """
-    path = Path(path)
+    raw = json.loads(json.dumps(raw))  # a deep copy
+    for text in assignments:
+        path, value = parse_assignment(text)
+        section, key = path[0], path[1]
+        if section not in _SECTIONS:
+            raise ValueError(
+                f"--set {text}: unknown table [{section}]; known: {sorted(_SECTIONS)}"
+                + did_you_mean(section, _SECTIONS)
+            )
+        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in known:
+            raise ValueError(
+                f"--set {text}: unknown key {key!r} in [{section}]; known: {known}"
+                + did_you_mean(key, known)
+            )
+        if len(path) > 2 and (section, key) != ("strategy", "options"):
+            raise ValueError(f"--set {text}: [{section}] {key} has no sub-keys")
+        target = raw.setdefault(section, {})
+        for part in path[1:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return raw
+
+
+# Keys that do nothing unless another key has a certain value: (table, key) ->
+# (does it take effect?, what it needs). Checked on the keys a user sets.
+_EFFECTIVE = {
+    ("fleet", "budget"): (
+        lambda c: c.fleet.preset == "homogeneous",
+        "only preset 'homogeneous' uses it (the other presets' device classes have their own "
+        "budgets; a custom fleet sets them in [[fleet.classes]])",
+    ),
+    ("data", "alpha"): (
+        lambda c: c.data.partition in ("dirichlet", "quantity"),
+        "only partition 'dirichlet' or 'quantity' uses it",
+    ),
+    ("data", "classes_per_client"): (
+        lambda c: c.data.partition == "pathological",
+        "only partition 'pathological' uses it",
+    ),
+    ("selection", "scheme"): (
+        lambda c: "static" in (c.selection.selector, c.selection.initializer),
+        "only selector or initializer 'static' uses it",
+    ),
+    ("train", "momentum"): (
+        lambda c: c.train.optimizer == "sgd",
+        "only optimizer 'sgd' uses it",
+    ),
+}
+
+
+def _check_effective(config: Config, explicit: Iterable[tuple[str, str]]) -> None:
+    """A key set to something other than its default that has no effect is an error (a file
+    that lists every key at its default, e.g. a dumped config, is fine)."""
+    for section, key in explicit:
+        rule = _EFFECTIVE.get((section, key))
+        value = getattr(getattr(config, section), key)
+        if rule is not None and not rule[0](config) and value != getattr(_SECTIONS[section](), key):
+            raise ValueError(f"[{section}] {key} = {value!r} has no effect: {rule[1]}")
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Tables merged key by key; a child that names another strategy drops the base's options."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for name, table in child.items():
+        if not isinstance(table, dict) or not isinstance(out.get(name), dict):
+            out[name] = table
+            continue
+        if name == "strategy" and table.get("name", out[name].get("name")) != out[name].get("name"):
+            out[name].pop("options", None)
+        out[name].update(table)
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    with path.open("rb") as f:
-        raw = tomllib.load(f)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from None
+
+
+def _find_base(name: str, parent: Path, search_dirs: Sequence[Path]) -> Path:
+    candidates = [parent.parent / name]
+    file_name = name if name.endswith(".toml") else f"{name}.toml"
+    candidates += [Path(d) / file_name for d in (parent.parent, *search_dirs)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for d in search_dirs for p in Path(d).glob("*.toml")})
+    raise FileNotFoundError(
+        f"{parent}: extends = {name!r} is neither a file next to it nor one of {known}"
+        + did_you_mean(name, known)
+    )
+
+
+def _read_layers(path: Path, search_dirs: Sequence[Path], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's tables on top of those of the files it ``extends``."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ValueError(f"{path}: extends forms a cycle: {chain}")
+    raw = _read_toml(path)
     fleet = raw.get("fleet")
     if isinstance(fleet, dict) and isinstance(fleet.get("csv"), str) and fleet["csv"]:
         csv_path = Path(fleet["csv"]).expanduser()  # relative to the TOML file's folder
         fleet["csv"] = str(csv_path if csv_path.is_absolute() else path.parent / csv_path)
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{path}: extends should be a config name or a file path, got {base_name!r}")
+    base = _read_layers(_find_base(base_name, path, search_dirs), search_dirs, (*seen, path.resolve()))
+    return _merge(base, raw)
+
+
+def load_config(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    search_dirs: Sequence[str | Path] = (),
+) -> Config:
+    """Parse and validate a TOML run configuration.
+
+    Parameters
+    ----------
+    path:
+        The TOML file.
+    overrides:
+        ``SECTION.KEY=VALUE`` assignments applied after the file (``--set``).
+    search_dirs:
+        Folders where ``extends = "<name>"`` finds ``<name>.toml``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file (or a file it extends) does not exist.
+    ValueError
+        One line naming the file, the table, key and value and what is allowed.
+    """
+    path = Path(path)
+    dirs = tuple(Path(d) for d in search_dirs)
+    own = _read_toml(path)
     try:
-        return Config.from_dict(raw)
+        raw = _read_layers(path, dirs)
+        raw = apply_overrides(raw, overrides)
+        config = Config.from_dict(raw)
+        explicit = {
+            (section, key)
+            for section, table in own.items()
+            if isinstance(table, dict)
+            for key in table
+        }
+        explicit |= {tuple(parse_assignment(a)[0][:2]) for a in overrides}
+        _check_effective(config, explicit)
+        return config
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from err
+        message = str(err)
+        if message.startswith((str(path), "--set")):
+            raise
+        raise ValueError(f"{path}: {message}") from err

@@ -171,6 +171,7 @@ def pretrain(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         gen = torch.Generator().manual_seed(seed)
         history = []
+        elapsed = 0.0
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             loss = _train_epoch(model, train, opt, batch_size, gen)
@@ -178,9 +179,12 @@ def pretrain(
             _, acc = evaluate(model, test)
             history.append({"epoch": epoch, "train_loss": loss, "test_accuracy": acc})
             if log is not None:
+                seconds = time.perf_counter() - t0
+                elapsed += seconds
+                eta = round(elapsed / epoch * (epochs - epoch))
                 log(
                     f"epoch {epoch}/{epochs}  loss {loss:.4f}  upstream test acc {acc:.4f}  "
-                    f"({time.perf_counter() - t0:.1f} s)"
+                    f"({seconds:.1f} s, eta {eta // 60}:{eta % 60:02d})"
                 )
 
     c, h, w = splits.image_shape

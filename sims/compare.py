@@ -4,29 +4,41 @@
     python -m sims.compare default --methods velocity,velocity@server-momentum
 
 A method is ``<selector>[@<strategy>]`` (strategy defaults to the config's), or
-``fedavg`` (dense FedAvg: every client at full budget). Each method runs as its
-own simulation into ``<out>/<method>/``; a method whose results are already
-complete there is not run again, so an interrupted comparison continues where
-it stopped. Prints a table and writes ``comparison.csv`` and the accuracy plots
-(vs round, vs cumulative upload and vs simulated device time) to ``<out>/``.
-"Time to 95 %" is the simulated time (:mod:`fedneq.timing`) at the end of the
-first round that reaches 95 % of the run's best accuracy.
+``fedavg`` (dense FedAvg: every client at full budget). All methods run one
+after the other in one simulation engine (Ray and the client actors start
+once), each into ``<out>/<method>/``; a method whose results are already
+complete there (same config) is not run again, so an interrupted comparison
+continues where it stopped when run again with the same ``--out``. Prints a
+table and writes ``comparison.csv`` and the accuracy plots (vs round, vs
+cumulative upload and vs simulated device time) to ``<out>/``. "Time to 95 %"
+is the simulated time (:mod:`fedneq.timing`) at the end of the first round
+that reaches 95 % of the run's best accuracy.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedneq.config import Config, load_config
+from fedneq.config import Config, did_you_mean
 from fedneq.selection import list_selectors
+from sims.cli import (
+    Parser,
+    UserError,
+    add_common_arguments,
+    exit_now,
+    load_cli_config,
+    positive_int,
+    run_command,
+    unique_dir,
+)
 from sims.results import atomic_write_text, csv_text, plot_runs, read_csv
-from sims.run import simulate
-from sims.server_app import config_path
+from sims.run import check_runnable, simulate_many
+from sims.server_app import RunSpec
 from strategies import list_strategies
 
 __all__ = ["compare", "method_config", "summarize"]
@@ -44,9 +56,15 @@ def method_config(config: Config, method: str) -> Config:
         return config.replace(strategy={"name": "fedavg"})
     selector, _, strategy = method.partition("@")
     if selector not in list_selectors():
-        raise ValueError(f"method {method!r}: selector {selector!r} is not one of {list_selectors()}")
+        raise ValueError(
+            f"method {method!r}: selector {selector!r} is not one of {list_selectors()} (or 'fedavg')"
+            + did_you_mean(selector, [*list_selectors(), "fedavg"])
+        )
     if strategy and strategy not in list_strategies():
-        raise ValueError(f"method {method!r}: strategy {strategy!r} is not one of {list_strategies()}")
+        raise ValueError(
+            f"method {method!r}: strategy {strategy!r} is not one of {list_strategies()}"
+            + did_you_mean(strategy, list_strategies())
+        )
     changed = config.replace(selection={"selector": selector})
     return changed.replace(strategy={"name": strategy}) if strategy else changed
 
@@ -88,24 +106,63 @@ def _mean(rows: Sequence[dict[str, str]], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def compare(config: Config, methods: Sequence[str], out_dir: Path) -> list[dict[str, Any]]:
+def _complete(run_dir: Path, config: Config) -> bool:
+    """``run_dir`` holds every round of exactly ``config``; a different run there is refused."""
+    saved, done = run_dir / "config.json", run_dir / "rounds.csv"
+    if not saved.exists():
+        return False
+    if Config.from_dict(json.loads(saved.read_text())).replace(run={"rounds": config.run.rounds}) != config:
+        raise UserError(
+            f"{run_dir} holds a run of another config; use another --out (or --overwrite)"
+        )
+    return done.exists() and len(read_csv(done)) == config.run.rounds
+
+
+def compare(
+    config: Config,
+    methods: Sequence[str],
+    out_dir: Path,
+    *,
+    verbose: bool = False,
+    resume_command: str = "",
+    tensorboard: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Run every method (those not complete in ``out_dir`` yet) in one engine; the table."""
+    if len(set(methods)) != len(methods) or not methods:
+        raise ValueError(f"--methods should name each method once, got {list(methods)}")
     configs = {m: method_config(config, m) for m in methods}  # validate all before running any
+    for cfg in configs.values():
+        check_runnable(cfg)
     out_dir = Path(out_dir)
-    table = []
+    todo = []
     for method, cfg in configs.items():
         run_dir = out_dir / method
-        done = run_dir / "rounds.csv"
-        if done.exists() and len(read_csv(done)) == cfg.run.rounds:
+        if _complete(run_dir, cfg):
             print(f"[fedneq] {method}: complete in {run_dir}, not run again", flush=True)
-            rows = read_csv(done)
         else:
-            print(f"[fedneq] {method}: running into {run_dir}", flush=True)
-            rows = simulate(cfg, run_dir, resume=run_dir.exists())
-        table.append(summarize(method, rows))
+            todo.append(RunSpec(cfg, run_dir, resume=run_dir.exists(), label=method))
+    if todo:
+        simulate_many(
+            todo, verbose=verbose, check=False, resume_command=resume_command, tensorboard=tensorboard
+        )
+    table = [summarize(m, read_csv(out_dir / m / "rounds.csv")) for m in methods]
     atomic_write_text(out_dir / "comparison.csv", csv_text(COLUMNS, table))
-    plot_runs({m: out_dir / m / "rounds.csv" for m in methods}, out_dir)
+    plot_runs({label(m, configs[m]): out_dir / m / "rounds.csv" for m in methods}, out_dir)
     print(format_table(table), flush=True)
     return table
+
+
+def label(method: str, config: Config) -> str:
+    """A plot legend: the method and its budget ("velocity, default fleet (1-100 %)")."""
+    if method == "fedavg":
+        return "fedavg (full budget)"
+    if config.fleet.preset == "homogeneous":
+        budget = config.fleet.budget
+        return f"{method}, budget {budget:.0%}" if budget <= 1 else f"{method}, budget {budget:g} params"
+    fleet = config.fleet.fleet()
+    budgets = sorted({float(d.budget) for d, _ in fleet.classes if isinstance(d.budget, float)})
+    span = f"{budgets[0]:.0%}-{budgets[-1]:.0%}" if budgets else "per class"
+    return f"{method}, {config.fleet.preset} fleet ({span})"
 
 
 def format_table(table: Sequence[dict[str, Any]]) -> str:
@@ -122,20 +179,47 @@ def format_table(table: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.compare", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sims.compare", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="default")
     p.add_argument("--methods", default="velocity,random,fedavg")
-    p.add_argument("--rounds", type=int, help="override [run] rounds")
-    p.add_argument("--out", type=Path, help="output folder (default: <out_dir>/compare-<name>-<time>)")
+    p.add_argument("--rounds", type=positive_int, help="override [run] rounds")
+    p.add_argument(
+        "--out", type=Path,
+        help="output folder (default: <out_dir>/compare-<name>-<time>); an existing one "
+        "continues the comparison there if its config is the same",
+    )  # fmt: skip
+    p.add_argument(
+        "--tensorboard", type=Path, metavar="LOG_DIR",
+        help="also log each method's per-round metrics to TensorBoard in LOG_DIR/<method>",
+    )  # fmt: skip
+    add_common_arguments(p)
     args = p.parse_args(argv)
-    config = load_config(config_path(args.config))
-    if args.rounds:
-        config = config.replace(run={"rounds": args.rounds})
-    out = args.out or Path(config.run.out_dir) / f"compare-{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    compare(config, args.methods.split(","), out)
+    if args.tensorboard is not None:
+        from sims.tracking import check_tensorboard
+
+        check_tensorboard()
+    assignments = [*args.assignments, *([f"run.rounds={args.rounds}"] if args.rounds is not None else [])]
+    config = load_cli_config(args.config, assignments)
+    if args.out is not None:
+        out = args.out
+        if args.overwrite and out.exists():
+            from sims.cli import claim_out_dir
+
+            claim_out_dir(out, overwrite=True)
+    else:
+        out = unique_dir(
+            Path(config.run.out_dir) / f"compare-{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    command = " ".join(["python -m sims.compare", *(argv if argv is not None else sys.argv[1:])])
+    if args.out is None:
+        command += f" --out {out}"
+    compare(
+        config, args.methods.split(","), out, verbose=args.verbose,
+        resume_command=command.replace(" --overwrite", ""), tensorboard=args.tensorboard,
+    )  # fmt: skip
     print(f"[fedneq] comparison in {out}/comparison.csv", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(run_command(main, None, "sims.compare"))

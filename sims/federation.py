@@ -31,6 +31,9 @@ Failures a run survives:
   and raises :class:`RunFailed` (a non-zero exit status);
 * the server itself stopping: every round ends with a checkpoint
   (:mod:`sims.checkpoint`) and ``resume=True`` continues after the last one.
+  :func:`request_stop` (``sims.run``'s Ctrl-C) ends the run early and cleanly:
+  the round in flight is abandoned (neither recorded nor checkpointed), the
+  last committed round's checkpoint stays, and ``run_federation`` returns.
   The clients' velocity state survives through ``<results>/client_state/``
   (:func:`fedneq.client.save_client_state`), rolled back to the checkpoint's
   round, so a resumed run gives the same results as an uninterrupted one.
@@ -46,6 +49,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -66,7 +70,7 @@ from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
-from sims.results import Recorder, atomic_write_text
+from sims.results import Recorder, atomic_write_text, write_initial
 from sims.sim_time import (
     add_seconds,
     apply_deadline,
@@ -77,13 +81,36 @@ from sims.sim_time import (
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
-__all__ = ["RunFailed", "budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
+__all__ = [
+    "RunFailed", "budget_limits", "discover_nodes", "request_stop", "run_federation",
+    "sample_partitions", "stop_requested",
+]  # fmt: skip
 
 log = logging.getLogger("fedneq")
 
 STATUS_FILE = "status.json"  # {"status": "completed" | "failed", "reason": ...}
 DISCOVERY_TIMEOUT_S = 600.0  # waiting for nodes to connect and identify (not a round)
+DISCOVERY_SETTLE_S = 10.0  # no new node for this long: the missing ones are not coming
 ATTEMPTS = 2  # a round below min_replies is sent once more, then skipped
+
+_STOP = threading.Event()  # set by request_stop(), from another thread or a signal handler
+
+
+def request_stop(stop: bool = True) -> None:
+    """Ask :func:`run_federation` to stop before its next round (``False``: clear the request).
+
+    The round in flight when the request arrives is abandoned: not recorded,
+    not checkpointed, so a resume runs it again exactly as it would have run.
+    """
+    if stop:
+        _STOP.set()
+    else:
+        _STOP.clear()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
 
 _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measured here)
     "num_examples": "num-examples",
@@ -141,18 +168,29 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
 
 
 def discover_nodes(
-    grid: Grid, config: Config, *, timeout_s: float = 600.0
+    grid: Grid, config: Config, *, timeout_s: float = 600.0, settle_s: float = 10.0
 ) -> tuple[dict[int, int], dict[int, str]]:
-    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``."""
+    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``.
+
+    Waits for ``[run] num_clients`` nodes; fails once no new node has connected
+    for ``settle_s`` seconds (or after ``timeout_s``), naming the count needed.
+    """
+    needed = config.run.num_clients
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
-    while len(node_ids) < config.run.num_clients and time.monotonic() < deadline:
+    last_change = time.monotonic()
+    while len(node_ids) < needed and time.monotonic() < min(deadline, last_change + settle_s):
         time.sleep(0.5)
-        node_ids = list(grid.get_node_ids())
-    if len(node_ids) < config.run.num_clients:
+        now = list(grid.get_node_ids())
+        if len(now) != len(node_ids):
+            last_change = time.monotonic()
+        node_ids = now
+    if len(node_ids) < needed:
         raise RuntimeError(
-            f"only {len(node_ids)} nodes connected, the run needs [run] num_clients="
-            f"{config.run.num_clients}"
+            f"only {len(node_ids)} SuperNodes connected (none new for {settle_s:g} s); the run "
+            f"needs [run] num_clients={needed}: start {needed - len(node_ids)} more (with "
+            f"`flwr run` on the local simulation runtime: flwr federation simulation-config "
+            f"--num-supernodes {needed})"
         )
     content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
@@ -353,20 +391,32 @@ def run_federation(
             log.warning("no checkpoint in %s: starting from round 1", out_dir)
         for stale in (state_dir, out_dir / "checkpoint"):  # nothing left from an earlier run here
             shutil.rmtree(stale, ignore_errors=True)
+        loss0, acc0 = evaluate(model, task.test)
+        write_initial(out_dir, acc0, loss0)  # the plots' round-0 point
     state_dir.mkdir(parents=True, exist_ok=True)
     cum_up = float(recorder.rounds[-1]["cum_bytes_up"]) if recorder.rounds else 0.0
     cum_time = float(recorder.rounds[-1].get("cum_time_s") or 0.0) if recorder.rounds else 0.0
     deadline = config.run.round_deadline_s
 
-    node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
+    if _STOP.is_set():
+        return recorder.rounds
+    node_of, devices = discover_nodes(
+        grid, config, timeout_s=DISCOVERY_TIMEOUT_S, settle_s=DISCOVERY_SETTLE_S
+    )
     partition_of = {n: p for p, n in node_of.items()}
     total = config.run.rounds
+    loop_t0 = time.monotonic()
     for rnd in range(first_round, total + 1):
+        if _STOP.is_set():
+            break
         t0 = time.monotonic()
         sampled = sample_partitions(config, rnd)
         strategy.sample = lambda _grid, _round, chosen=sampled: [node_of[p] for p in chosen]
         strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
         replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
+        if _STOP.is_set():  # interrupted: this round is not committed
+            print(f"[fedneq] round {rnd} abandoned (interrupted)", flush=True)
+            break
         # aggregate in partition order: the float sums do not depend on arrival order
         replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
         split = apply_deadline(rnd, replies, partition_of, devices, deadline)
@@ -460,10 +510,14 @@ def run_federation(
             f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected/dropped"
             f"{'' if committed else '  NOT COMMITTED (' + note + ')'}  up {bytes_up / 1e3:.1f} kB  "
             f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  "
-            f"sim {_fmt_seconds(round_time)}  {time.monotonic() - t0:.1f}s",
+            f"sim {_fmt_seconds(round_time)}  {time.monotonic() - t0:.1f}s"
+            f"  eta {_eta((time.monotonic() - loop_t0) / (rnd - first_round + 1) * (total - rnd))}",
             flush=True,
         )
-    recorder.plot()
+    if _STOP.is_set():  # interrupted: not plotted nor judged until it completes (--resume)
+        atomic_write_text(out_dir / STATUS_FILE, json.dumps({"status": "interrupted", "reason": ""}))
+        return recorder.rounds
+    recorder.plot(f"{config.selection.selector} ({config.strategy.name})")
     failure = run_failure(recorder.rounds)
     status = {"status": "failed" if failure else "completed", "reason": failure or ""}
     atomic_write_text(out_dir / STATUS_FILE, json.dumps(status, indent=1))
@@ -477,6 +531,11 @@ def _fmt_seconds(seconds: float) -> str:
     if seconds >= 7200:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 60:.1f}min" if seconds >= 120 else f"{seconds:.1f}s"
+
+
+def _eta(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def _fmt_pct(value: float | str) -> str:

@@ -45,6 +45,7 @@ def upstream_checkpoint(config: Config, num_dataset_classes: int, cache_dir: Pat
             width_mult=m.width_mult,
             data_root=d.root or None,
             out=out,
+            log=lambda line: print(f"[fedneq] pretraining {line}", flush=True),
         )
     return out.with_suffix(".safetensors")
 

@@ -36,7 +36,6 @@ gone; the hand-written reading section of RESULTS.md is kept.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import dataclasses
 import hashlib
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedneq.config import Config
+from fedneq.config import Config, did_you_mean
 from fedneq.devices import default_fleet
 from fedneq.pretrain import checkpoint_paths, pretrain
 from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
@@ -197,6 +196,7 @@ def override(plan: Plan, assignments: Sequence[str]) -> Plan:
         if not sep or key not in fields or key == "name":
             raise ValueError(
                 f"--set expects KEY=VALUE with KEY one of {sorted(fields - {'name'})}, got {item!r}"
+                + did_you_mean(key, sorted(fields - {"name"}))
             )
         default = getattr(plan, key)
         if isinstance(default, tuple):
@@ -959,7 +959,9 @@ def _numeric(row: dict[str, str], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sims.paper", description=__doc__.split("\n")[0])
+    from sims.cli import Parser
+
+    p = Parser(prog="python -m sims.paper", description=__doc__.split("\n")[0])
     p.add_argument(
         "--quick", action="store_true", help="1 seed, 1 budget tier, fewer epochs/rounds"
     )
@@ -972,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         help="where RESULTS.md and results/ go (default docs, or <out> with --quick)",
     )
     p.add_argument("--report-only", action="store_true", help="regenerate the report, run nothing")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-device runs (default 2)")
     p.add_argument(
         "--set",
@@ -1007,4 +1010,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sims.cli import run_command
+
+    sys.exit(run_command(main, None, "sims.paper"))

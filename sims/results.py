@@ -8,6 +8,7 @@
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round
     <results>/status.json         written at the end: "completed", or "failed" and why
+    <results>/initial.json        the global model's test accuracy and loss before round 1
     <results>/accuracy_vs_round.png, accuracy_vs_upload.png, accuracy_vs_time.png
 """
 
@@ -21,7 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Recorder", "atomic_write_bytes", "atomic_write_text", "csv_text", "plot_runs", "read_csv"]
+__all__ = [
+    "Recorder", "atomic_write_bytes", "atomic_write_text", "csv_text", "plot_runs", "read_csv",
+    "write_initial",
+]  # fmt: skip
 
 ROUND_COLUMNS = (
     "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped", "committed",
@@ -41,6 +45,7 @@ CLASS_COLUMNS = (
     "mean_train_loss",
 )  # fmt: skip
 TIMING_COLUMNS = ("round", "seconds")
+INITIAL = "initial.json"  # round 0: the model every client starts from, evaluated once
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -73,6 +78,16 @@ def _fmt(value: Any) -> Any:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def write_initial(out_dir: Path, accuracy: float, loss: float) -> None:
+    """Record the starting model's test accuracy and loss: the round-0 point of the plots."""
+    atomic_write_text(Path(out_dir) / INITIAL, json.dumps({"accuracy": accuracy, "loss": loss}))
+
+
+def _initial_accuracy(rounds_csv: Path) -> float | None:
+    path = Path(rounds_csv).parent / INITIAL
+    return float(json.loads(path.read_text())["accuracy"]) if path.exists() else None
 
 
 class Recorder:
@@ -108,8 +123,8 @@ class Recorder:
         for name, (columns, rows) in self.tables.items():
             atomic_write_text(self.out_dir / name, csv_text(columns, rows))
 
-    def plot(self) -> list[Path]:
-        return plot_runs({self.out_dir.name: self.out_dir / "rounds.csv"}, self.out_dir)
+    def plot(self, label: str = "") -> list[Path]:
+        return plot_runs({label or self.out_dir.name: self.out_dir / "rounds.csv"}, self.out_dir)
 
 
 def _time_axis(tables: Mapping[str, list[dict[str, str]]]) -> tuple[float, str]:
@@ -124,7 +139,8 @@ def _time_axis(tables: Mapping[str, list[dict[str, str]]]) -> tuple[float, str]:
 
 
 def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
-    """Accuracy vs round, vs cumulative upload bytes and vs simulated time, one line per run.
+    """Accuracy vs round (integer ticks), vs cumulative upload bytes and vs simulated time, one
+    line per run labelled by its key, starting from the round-0 point where ``initial.json`` has it.
 
     The time plot is drawn from the runs whose rounds.csv has ``cum_time_s``
     (older results folders have none).
@@ -133,6 +149,7 @@ def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tables = {label: read_csv(Path(p)) for label, p in runs.items()}
     paths = []
@@ -148,7 +165,13 @@ def plot_runs(runs: Mapping[str, Path], out_dir: Path) -> list[Path]:
             if not rows:
                 continue
             xs = [float(r[x_key]) / unit for r in rows]
-            ax.plot(xs, [float(r["accuracy"]) for r in rows], marker="o", ms=3, label=label)
+            ys = [float(r["accuracy"]) for r in rows]
+            start = _initial_accuracy(Path(runs[label]))
+            if start is not None:  # round 0: nothing trained, uploaded or spent
+                xs, ys = [0.0, *xs], [start, *ys]
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        if x_key == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x_label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

@@ -2,6 +2,7 @@
 
     python -m sims.single_device default --budget 0.1 --epochs 5
     python -m sims.single_device default --selectors velocity,random,static,full
+    python -m sims.single_device default --set train.lr=0.01 --out results/single-lr
 
 For each selector: start from the same (pretrained) model, take the initial
 mask (no velocity yet -> the initializer), then repeat: train an epoch, probe,
@@ -13,7 +14,6 @@ plot of accuracy per epoch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedneq.config import Config, load_config
+from fedneq.config import Config, did_you_mean
 from fedneq.costs import profile_model
 from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.task import build_model, generator, load_task
@@ -53,7 +53,10 @@ def run_single_device(
     Budget.parse(budget)  # fail before any training
     unknown = [name for name in selectors if name not in list_selectors()]
     if unknown:
-        raise ValueError(f"selector must be one of {list_selectors()}, got {unknown}")
+        raise ValueError(
+            f"selector must be one of {list_selectors()}, got {unknown}"
+            + did_you_mean(unknown[0], list_selectors())
+        )
     task = load_task(config)
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
@@ -141,24 +144,45 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sims.server_app import config_path
+    from sims.cli import (
+        Parser,
+        add_common_arguments,
+        claim_out_dir,
+        load_cli_config,
+        positive_int,
+        unique_dir,
+    )
 
-    p = argparse.ArgumentParser(prog="python -m sims.single_device", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m sims.single_device", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="default")
     p.add_argument("--budget", default="0.1", help="fraction (0.1), percent (10%%) or parameters (5000)")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=positive_int, default=5)
     p.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS))
     p.add_argument("--out", type=Path, help="output folder (default: <out_dir>/single-<name>-<time>)")
+    add_common_arguments(p)
     args = p.parse_args(argv)
-    config = load_config(config_path(args.config))
+    config = load_cli_config(args.config, args.assignments)
     budget: float | int | str = args.budget
-    out = args.out or Path(config.run.out_dir) / f"single-{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_single_device(
-        config, selectors=args.selectors.split(","), budget=budget, epochs=args.epochs, out_dir=out
-    )
+    Budget.parse(budget)
+    selectors = args.selectors.split(",")
+    unknown = [name for name in selectors if name not in list_selectors()]
+    if unknown:
+        raise ValueError(
+            f"--selectors: {unknown} are not selectors; known: {list_selectors()}"
+            + did_you_mean(unknown[0], list_selectors())
+        )
+    if args.out is not None:
+        out = claim_out_dir(args.out, overwrite=args.overwrite, resume_hint=False)
+    else:
+        out = unique_dir(
+            Path(config.run.out_dir) / f"single-{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    run_single_device(config, selectors=selectors, budget=budget, epochs=args.epochs, out_dir=out)
     print(f"[fedneq] results in {out}/single_device.csv", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sims.cli import run_command
+
+    sys.exit(run_command(main, None, "sims.single_device"))

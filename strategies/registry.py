@@ -5,14 +5,23 @@ Users add their own with the :func:`register_strategy` decorator::
     @register_strategy("my-rule")
     class MyRule(SparseStrategy):
         def aggregate(self, global_state, updates, weights): ...
+
+and select it as ``"my-rule"`` once its module is imported, or from a config
+as ``"my_module:my-rule"`` / ``"my_module:MyRule"`` (the module is imported).
+A strategy's *options* are the keyword arguments of its own constructor(s),
+not :class:`SparseStrategy`'s plumbing (``neuron_map``, ``table``, ...):
+:func:`check_strategy` checks a config's name and options without building
+anything.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+
+from fedneq.config import did_you_mean
 
 from .base import SparseStrategy
 from .fedavg import DenseFedAvg
@@ -20,7 +29,7 @@ from .neuron_avg import NeuronAvg
 from .server_momentum import ServerMomentum
 from .sparse_fedavg import SparseFedAvg
 
-__all__ = ["get_strategy", "list_strategies", "register_strategy"]
+__all__ = ["check_strategy", "get_strategy", "list_strategies", "register_strategy", "strategy_options"]
 
 S = TypeVar("S", bound=type[SparseStrategy])
 
@@ -68,11 +77,17 @@ def _resolve(name: str) -> type[SparseStrategy]:
     if not sep:
         raise ValueError(
             f"unknown strategy {name!r}; known: {list_strategies()} (or 'package.module:ClassName')"
+            + did_you_mean(name, list_strategies())
         )
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
         raise ValueError(f"cannot load strategy {name!r}: {err}") from err
+    if attr in _REGISTRY and not hasattr(module, attr):  # a name the module registered
+        return _REGISTRY[attr]
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"cannot load strategy {name!r}: module {module_name!r} has no {attr!r}")
     if not (inspect.isclass(cls) and issubclass(cls, SparseStrategy)) or inspect.isabstract(cls):
         raise ValueError(f"strategy {name!r} is not a concrete SparseStrategy subclass")
     return cls
@@ -94,6 +109,33 @@ def _accepted_kwargs(cls: type) -> set[str]:
     return names
 
 
+_PLUMBING = _accepted_kwargs(SparseStrategy)  # set by the server, not by a config
+
+
+def strategy_options(name: str) -> list[str]:
+    """The options (constructor keywords a config may set) of strategy ``name``, sorted."""
+    return sorted(_accepted_kwargs(_resolve(name)) - _PLUMBING)
+
+
+def check_strategy(name: str, options: Mapping[str, Any]) -> None:
+    """Check a config's ``[strategy] name`` and ``options`` keys, building nothing.
+
+    Raises
+    ------
+    ValueError
+        One line naming the unknown strategy or options, what is allowed and a
+        "did you mean" for a near miss.
+    """
+    accepted = strategy_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"it takes {accepted}" if accepted else "it takes no options"
+        raise ValueError(
+            f"[strategy] options {unknown} are not options of strategy {name!r}: {takes}"
+            + did_you_mean(unknown[0], accepted)
+        )
+
+
 def get_strategy(name: str, **cfg: Any) -> SparseStrategy:
     """Build the strategy ``name`` with keyword arguments ``cfg``.
 
@@ -112,6 +154,7 @@ def get_strategy(name: str, **cfg: Any) -> SparseStrategy:
     unknown = sorted(set(cfg) - accepted)
     if unknown:
         raise ValueError(
-            f"strategy {name!r} got unknown options {unknown}; accepted: {sorted(accepted)}"
+            f"strategy {name!r} got unknown options {unknown}; its options: "
+            f"{sorted(accepted - _PLUMBING)}" + did_you_mean(unknown[0], accepted - _PLUMBING)
         )
     return cls(**cfg)

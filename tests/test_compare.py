@@ -9,7 +9,8 @@ import pytest
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
-from sims.compare import compare, method_config, summarize
+from sims.cli import UserError
+from sims.compare import compare, label, method_config, summarize
 from sims.results import read_csv
 
 
@@ -57,18 +58,36 @@ def test_summarize_reports_simulated_time_to_95pct_of_best() -> None:
     assert math.isnan(older["time_to_95pct_best_s"])  # results from before the time model
 
 
-def test_compare_two_methods_and_skip_completed_runs(tmp_path: Path, capsys) -> None:
-    config = tiny_config(tmp_path, run={"num_clients": 4, "clients_per_round": 2, "rounds": 1})
-    table = compare(config, ["velocity", "fedavg"], tmp_path / "cmp")
-    assert [r["method"] for r in table] == ["velocity", "fedavg"]
+def test_compare_methods_in_one_engine_and_skip_completed_runs(tmp_path: Path, capsys) -> None:
+    config = tiny_config(  # 2 local epochs: a client has a velocity after one round
+        tmp_path, run={"num_clients": 4, "clients_per_round": 2, "rounds": 1},
+        fleet={"local_epochs": 2, "batch_size": 32},
+    )  # fmt: skip
+    methods = ["velocity", "velocity@sparse-fedavg", "fedavg"]
+    table = compare(config, methods, tmp_path / "cmp")
+    assert [r["method"] for r in table] == methods
     by = {r["method"]: r for r in table}
     assert by["fedavg"]["mean_trainable_fraction"] == pytest.approx(1.0)
     assert by["velocity"]["upload_mb"] < by["fedavg"]["upload_mb"]
-    assert len(read_csv(tmp_path / "cmp" / "comparison.csv")) == 2
+    assert len(read_csv(tmp_path / "cmp" / "comparison.csv")) == 3
     assert (tmp_path / "cmp" / "accuracy_vs_upload.png").stat().st_size > 0
     assert (tmp_path / "cmp" / "accuracy_vs_time.png").stat().st_size > 0
     assert all(r["time_to_95pct_best_s"] > 0 for r in table)
+    # the same nodes served every method: none carried the first method's velocity into
+    # the second, whose first round starts from the initializer as a fresh run does
+    last = read_csv(tmp_path / "cmp" / "velocity@sparse-fedavg" / "clients.csv")
+    assert [c["used_initializer"] for c in last] == ["1", "1"]
     capsys.readouterr()
-    again = compare(config, ["velocity", "fedavg"], tmp_path / "cmp")
-    assert "not run again" in capsys.readouterr().out
+    again = compare(config, methods, tmp_path / "cmp")
+    assert capsys.readouterr().out.count("not run again") == 3
     assert again == table
+    with pytest.raises(UserError, match="holds a run of another config"):
+        compare(config.replace(train={"lr": 0.01}), methods, tmp_path / "cmp")
+
+
+def test_legends_name_the_method_and_its_budget() -> None:
+    base = Config()
+    assert label("velocity", base) == "velocity, default fleet (1%-100%)"
+    homogeneous = base.replace(fleet={"preset": "homogeneous", "budget": 0.05})
+    assert label("random@sparse-fedavg", homogeneous) == "random@sparse-fedavg, budget 5%"
+    assert label("fedavg", base) == "fedavg (full budget)"

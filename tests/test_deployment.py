@@ -328,3 +328,22 @@ def test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path: Path) -> None
         make_certificates(tmp_path, ["a b"])
     with pytest.raises(ValueError, match="days must be an int >= 1, got 0"):
         make_certificates(tmp_path, ["localhost"], days=0)
+
+
+def test_too_few_supernodes_fail_fast_with_the_count_needed(deployment, tmp_path: Path) -> None:
+    dep = deployment()
+    dep.start_superlink()
+    dep.start_supernode("supernode", NODE_CONFIGS[0])  # deploy-test needs 3
+    t0 = time.monotonic()
+    done = dep.flwr(
+        "run", str(REPO), CONNECTION, "--run-config",
+        f"config='deploy-test' out-dir='{tmp_path / 'out'}'", "--stream", timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    output = done.stdout + done.stderr
+    run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))
+    assert dep.run_status(run_id)["status"] == "finished:failed"
+    assert "only 1 SuperNodes connected" in output and "num_clients=3" in output, output
+    assert seconds < 120, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
+    assert not (tmp_path / "out" / "rounds.csv").exists()
+    assert dep.stop() == []

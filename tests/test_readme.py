@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from fedneq.neurons import enumerate_neurons
 from fedneq.wire import decode, encode, tensor_table
 from strategies import get_strategy
 from strategies.neuron_avg import neuron_average
+from strategies.registry import check_strategy
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -39,6 +41,12 @@ def test_readme_strategy_example_loads_by_class_path_and_aggregates() -> None:
                                reference_state=state, step=0.25)  # fmt: skip
         by_name = get_strategy("damped-neuron-avg", neuron_map=nmap, table=table, reference_state=state)
         assert type(by_path) is type(by_name) and by_path.step == 0.25 and by_name.step == 0.5
+        # from a config: the registered name through its module, options checked up front
+        in_module = get_strategy("readme_strategies:damped-neuron-avg", neuron_map=nmap, table=table)
+        assert type(in_module) is type(by_name)
+        check_strategy("readme_strategies:damped-neuron-avg", {"step": 0.3})
+        with pytest.raises(ValueError, match=r"\['stpe'\].*it takes \['step'\] \(did you mean 'step'\?\)"):
+            check_strategy("readme_strategies:DampedNeuronAvg", {"stpe": 0.3})
 
         with torch.no_grad():
             for p in model.parameters():

@@ -110,7 +110,8 @@ def test_sims_run_exits_non_zero_when_every_client_fails(tmp_path: Path) -> None
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "FAILED" in proc.stderr and "no round of 2 was committed" in proc.stderr
+    assert "RunFailed" in proc.stderr and "no round of 2 was committed" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line, not a traceback
     assert "done:" not in proc.stdout
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,8 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
     assert float(rounds[1]["cum_time_s"]) == pytest.approx(
         sum(float(r["round_time_s"]) for r in rounds), rel=1e-5
     )
+    initial = json.loads((out / "initial.json").read_text())  # the plots' round-0 point
+    assert 0 <= initial["accuracy"] <= 1 and initial["accuracy"] != accuracy[0]
     assert Config.from_json((out / "config.json").read_text()) == config
 
 

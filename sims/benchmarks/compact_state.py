@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.selection import get_selector
 from fedneq.training import OptimizerConfig, train_masked
 from fedneq.velocity import VelocityTracker
+from sims.benchmarks import default_csv, write_table
 
 __all__ = ["VARIANTS", "Variant", "main", "trajectory_velocities"]
 
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, default=5, help="SGD steps (batch 32) between measures")
     p.add_argument("--models", nargs="+", default=["small-cnn", "mobilenet_v2"])
+    p.add_argument("--csv", type=Path, default=default_csv("compact_state"), help="the table as CSV")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(
@@ -179,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         "10%-budget overlap",
     )
     print(" | ".join(header))
+    table = []
     for name in args.models:
         for row in run(name, args.measures, args.steps):
+            table.append(row)
             print(
                 " | ".join(
                     [
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 )
             )
+    write_table(table, args.csv)
     return 0
 
 

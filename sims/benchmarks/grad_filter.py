@@ -21,11 +21,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fedneq.sparse_backward import budgeted_conv2d
+from sims.benchmarks import default_csv, write_table
 
 __all__ = ["SHAPES", "ConvShape", "Result", "main", "measure_shape"]
 
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--quick", action="store_true", help="batch 4, 3 repeats")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--csv", type=Path, default=default_csv("grad_filter"), help="the table as CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     batch_size, repeats = (4, 3) if args.quick else (args.batch_size, args.repeats)
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {batch_size}, "
         f"median of {repeats} backward passes"
     )
+    write_table(results, args.csv)
     return results
 
 

@@ -50,6 +50,7 @@ from fedneq.config import Config, load_config
 from fedneq.task import build_model, load_task
 from fedneq.training import evaluate
 from fedneq.wire import decode, tensor_table
+from sims.benchmarks import default_csv, write_table
 from sims.federation import build_strategy, sample_partitions
 from sims.initial import initial_state
 from sims.results import read_csv
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--csv", type=Path, default=default_csv("scale"), help="the table as CSV")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one scale, JSON out
     p.add_argument("--mode", choices=("sim", "plain"), default="sim", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -417,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     _print_table(results)
+    write_table(results, args.csv)
     return 0
 
 

@@ -33,6 +33,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 from fedneq.selection import get_selector
 from fedneq.training import OptimizerConfig, train_step
 from fedneq.velocity import VelocityTracker
+from sims.benchmarks import default_csv, write_table
 
 __all__ = ["Row", "main", "measure_model", "velocity_of"]
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--csv", type=Path, default=default_csv("step_cost"), help="the table as CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, "
         f"median of {steps} steps after {warmup} warm-up"
     )
+    write_table(rows, args.csv)
     return rows
 
 
