@@ -144,7 +144,7 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
         "homogeneous",
         tiers["SU-1"].budget,
         5000,
-        "neuron-avg",
+        FULL.strategy,
     )
     c = cfg("homogeneous", "SU-5", "static")
     assert (c.selection.selector, c.selection.scheme, c.fleet.budget) == ("static", "SU-5", 1.0)
@@ -344,9 +344,9 @@ def test_a_sweep_stored_before_a_plan_field_existed_still_continues(tmp_path: Pa
     del stored["strategy"]  # a sweep.json written before Plan.strategy existed
     (tmp_path / "sweep.json").write_text(json.dumps({"plan": stored, "invocations": [{"x": 1}]}))
     meta = _sweep_meta(FULL, tmp_path, {}, ckpt, Config())  # the default is what that sweep ran
-    assert meta["invocations"] == [{"x": 1}] and meta["plan"]["strategy"] == "neuron-avg"
+    assert meta["invocations"] == [{"x": 1}] and meta["plan"]["strategy"] == FULL.strategy
     with pytest.raises(ValueError, match="holds a sweep of another plan"):
-        _sweep_meta(dataclasses.replace(FULL, strategy="sparse-fedavg"), tmp_path, {}, ckpt, Config())
+        _sweep_meta(dataclasses.replace(FULL, strategy="neuron-avg"), tmp_path, {}, ckpt, Config())
 
 
 def test_methods_restricts_the_runs_of_a_plan() -> None:
