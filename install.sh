@@ -14,5 +14,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,tracking]"
 .venv/bin/python -c "import fedneq, strategies, sims, torchvision, flwr; print('fedneq installed: torch', __import__('torch').__version__, '| flwr', flwr.__version__)"
