@@ -12,6 +12,14 @@ Failures a run survives:
   reason, the round goes on with the others;
 * a client with no reply after ``[run] round_timeout_s``: ``failed``, "no reply
   before the round timeout" (its late reply is never read);
+* a lost node (a SuperNode killed, a device gone): the SuperLink answers for it
+  with an error reply from its *own* node id; replies are attributed to the
+  node each message was sent to (``reply_to_message_id``), so the loss is a
+  ``failed`` row with Flower's reason. A sampled partition whose node the
+  SuperLink no longer lists is not sent and is ``failed`` ("no live node");
+* a restarted SuperNode (a new node id): before every round the server asks
+  the nodes it does not know yet who they are (:func:`rediscover_nodes`), and
+  the newest node of a partition takes it over;
 * a malformed, over-budget or exploded reply: ``rejected`` by the strategy
   (:meth:`strategies.SparseStrategy.check_replies`), the others aggregated;
   every node a fleet class is known for is held to that class's budget
@@ -77,7 +85,14 @@ from sims.sim_time import (
 from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
-__all__ = ["RunFailed", "budget_limits", "discover_nodes", "run_federation", "sample_partitions"]
+__all__ = [
+    "RunFailed",
+    "budget_limits",
+    "discover_nodes",
+    "rediscover_nodes",
+    "run_federation",
+    "sample_partitions",
+]
 
 log = logging.getLogger("fedneq")
 
@@ -154,25 +169,97 @@ def discover_nodes(
             f"only {len(node_ids)} nodes connected, the run needs [run] num_clients="
             f"{config.run.num_clients}"
         )
-    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     by_partition: dict[int, int] = {}
     devices: dict[int, str] = {}
-    for reply in replies:
-        if reply.has_error():
-            raise RuntimeError(
-                f"node {reply.metadata.src_node_id} failed to identify itself: {reply.error.reason}"
-            )
-        pid = int(reply.content["metrics"]["partition-id"])
+    for node, answer in _identify(grid, config, node_ids, timeout_s).items():
+        if isinstance(answer, str):
+            raise RuntimeError(f"node {node} failed to identify itself: {answer}")
+        pid, device = answer
         if pid in by_partition:
             raise RuntimeError(f"two nodes claim partition-id {pid}")
-        by_partition[pid] = reply.metadata.src_node_id
-        devices[pid] = str(reply.content["info"]["device"])
+        by_partition[pid] = node
+        devices[pid] = device
     missing = sorted(set(range(config.run.num_clients)) - set(by_partition))
     if missing:
         raise RuntimeError(f"no node answered for partition ids {missing}")
     return by_partition, devices
+
+
+def _identify(
+    grid: Grid, config: Config, node_ids: Sequence[int], timeout_s: float
+) -> dict[int, tuple[int, str] | str]:
+    """Send ``node_ids`` a query: ``{node id: (partition id, device) or why it did not say}``.
+
+    A reply is attributed to the node the query was sent to (``reply_to_message_id``),
+    not to its ``src_node_id``: the SuperLink answers for a node it lost with an
+    error reply from its own node id.
+    """
+    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    answers: dict[int, tuple[int, str] | str] = {}  # a node without a reply is left out
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if node not in node_ids:
+            continue
+        if reply.has_error():
+            answers[node] = _error_reason(reply.error.reason) or "error reply"
+            continue
+        try:
+            pid = reply.content["metrics"]["partition-id"]
+            device = reply.content["info"]["device"]
+        except KeyError as err:
+            answers[node] = f"malformed identity reply: missing {err}"
+            continue
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < config.run.num_clients:
+            answers[node] = (
+                f"partition-id {pid!r} is not an int in [0, {config.run.num_clients - 1}]"
+            )
+            continue
+        answers[node] = (pid, str(device))
+    return answers
+
+
+def rediscover_nodes(
+    grid: Grid,
+    config: Config,
+    node_of: dict[int, int],
+    devices: dict[int, str],
+    partition_of: dict[int, int],
+    *,
+    timeout_s: float,
+) -> set[int]:
+    """Learn the nodes that connected since discovery; returns the live node ids.
+
+    A SuperNode that restarts registers under a new node id: every connected
+    node the server does not know yet is asked who it is, and one that names a
+    partition takes it over (the newest node of a partition is the one sent to;
+    its old node id, if still listed, is a SuperNode that is gone). A node that
+    does not answer or names no valid partition is ignored, with a warning: it
+    cannot stop the run. ``node_of``, ``devices`` and ``partition_of`` (every
+    node id ever known -> its partition) are updated in place.
+    """
+    live = set(grid.get_node_ids())
+    new = sorted(live - set(partition_of))
+    if not new:
+        return live
+    answers = _identify(grid, config, new, timeout_s)
+    for node in new:
+        answer = answers.get(node, "no reply")
+        if isinstance(answer, str):
+            log.warning("node %d did not identify itself (%s): not sampled", node, answer)
+            continue
+        pid, device = answer
+        partition_of[node] = pid
+        if node_of.get(pid) != node:
+            log.warning(
+                "partition %d is now node %d (was node %d, %s), device %r", pid, node,
+                node_of.get(pid, -1), "still listed" if node_of.get(pid) in live else "gone", device,
+            )  # fmt: skip
+        node_of[pid] = node
+        devices[pid] = device
+    return live
 
 
 def _dense_nbytes(arrays: ArrayRecord) -> int:
@@ -288,18 +375,23 @@ def _send_round(
     server_round: int,
     arrays: ArrayRecord,
     state_dir: Path,
-) -> tuple[list[Message], bool]:
-    """Send a round (twice at most); ``(replies of the last attempt, skipped)``."""
+) -> tuple[list[Message], bool, dict[str, int]]:
+    """Send a round (twice at most).
+
+    Returns ``(replies of the last attempt, skipped, {message id: node id it was sent to})``.
+    """
     replies: list[Message] = []
+    sent_to: dict[str, int] = {}
     for attempt in range(ATTEMPTS):
         train_config = ConfigRecord(
             {CONFIG_KEY: config.to_json(), ATTEMPT_KEY: attempt, STATE_DIR_KEY: str(state_dir)}
         )
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         ok = sum(not r.has_error() for r in replies)
         if ok >= config.run.min_replies:
-            return replies, False
+            return replies, False, sent_to
         last = attempt + 1 == ATTEMPTS
         log.warning(
             "round %d, attempt %d of %d: %d of %d sampled clients replied (%d failed, %d no reply "
@@ -308,7 +400,26 @@ def _send_round(
             len(messages) - len(replies), config.run.round_timeout_s, config.run.min_replies,
             "skipping the round, the global model stays as it was" if last else "sending it again",
         )  # fmt: skip
-    return replies, True
+    return replies, True, sent_to
+
+
+def _attributed(
+    replies: Sequence[Message], sent_to: dict[str, int], partition_of: dict[int, int]
+) -> list[tuple[Message, int]]:
+    """``(reply, node id it answers for)``, in partition order; replies of no known node dropped.
+
+    The node is the one the answered message was sent to: for a node it lost,
+    the SuperLink replies with an error whose ``src_node_id`` is its own.
+    """
+    out = []
+    for msg in replies:
+        node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        if node not in partition_of:
+            log.warning("a reply from unknown node %d ignored", node)
+            continue
+        out.append((msg, node))
+    # aggregate in partition order: the float sums do not depend on arrival order
+    return sorted(out, key=lambda pair: partition_of[pair[1]])
 
 
 def run_federation(
@@ -359,17 +470,23 @@ def run_federation(
     deadline = config.run.round_deadline_s
 
     node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
-    partition_of = {n: p for p, n in node_of.items()}
+    partition_of = {n: p for p, n in node_of.items()}  # every node id ever known
     total = config.run.rounds
     for rnd in range(first_round, total + 1):
         t0 = time.monotonic()
+        live = rediscover_nodes(
+            grid, config, node_of, devices, partition_of, timeout_s=config.run.round_timeout_s
+        )
         sampled = sample_partitions(config, rnd)
-        strategy.sample = lambda _grid, _round, chosen=sampled: [node_of[p] for p in chosen]
+        gone = [p for p in sampled if node_of[p] not in live]  # not sent: recorded as failed
+        strategy.sample = lambda _grid, _round, chosen=sampled, skip=set(gone): [
+            node_of[p] for p in chosen if p not in skip
+        ]
         strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
-        replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
-        # aggregate in partition order: the float sums do not depend on arrival order
-        replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
-        split = apply_deadline(rnd, replies, partition_of, devices, deadline)
+        raw_replies, skipped, sent_to = _send_round(grid, strategy, config, rnd, arrays, state_dir)
+        pairs = _attributed(raw_replies, sent_to, partition_of)
+        pid_of = {id(m): partition_of[n] for m, n in pairs}
+        split = apply_deadline(rnd, [m for m, _ in pairs], partition_of, devices, deadline)
         replies = split.on_time  # the dropped ones are neither aggregated nor checked
         if not skipped and sum(not r.has_error() for r in replies) < config.run.min_replies:
             skipped = True  # a retry would miss the deadline again: same simulated times
@@ -400,12 +517,14 @@ def run_federation(
         sizes = strategy.last_update_rms
         rejected = {partition_of[n]: why for n, why in rejected_nodes.items()}
         client_rows = [
-            _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected, sizes.get(m.metadata.src_node_id))
+            _client_row(rnd, m, pid_of[id(m)], devices[pid_of[id(m)]], rejected, sizes.get(m.metadata.src_node_id))
             for m in replies
         ]  # fmt: skip
         answered = {r["partition_id"] for r in client_rows + split.dropped}
         client_rows += [
-            {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed", "reason": "no reply before the round timeout"}
+            {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed",
+             "reason": "no live node: its SuperNode is gone (not sent)" if p in gone
+             else "no reply before the round timeout"}
             for p in sampled
             if p not in answered
         ]  # fmt: skip
