@@ -22,8 +22,11 @@ Failures a run survives:
   the newest node of a partition takes it over;
 * a malformed, over-budget or exploded reply: ``rejected`` by the strategy
   (:meth:`strategies.SparseStrategy.check_replies`), the others aggregated;
-  every node a fleet class is known for is held to that class's budget
-  (:func:`budget_limits`);
+  every node is held to what the *server* knows of it, never to what it
+  declares (:func:`set_server_knowledge`): its device's budget and local
+  epochs (the seeded fleet assignment, or the operator's table in deployment,
+  :func:`read_device_table`), its device class, and at most its partition's
+  size as ``num-examples``;
 * an aggregate whose evaluation loss is not finite: the round is not
   committed (``committed`` 0 in rounds.csv), the global model and the
   strategy's state stay as they were;
@@ -50,13 +53,14 @@ so the same config gives the same rounds.csv.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +73,8 @@ from flwr.serverapp import Grid
 from fedneq.client import rollback_client_state
 from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.config import Config
-from fedneq.task import build_model, check_partitions, derive_seed, load_task
+from fedneq.devices import DeviceProfile
+from fedneq.task import build_model, check_partitions, client_data, derive_seed, load_task
 from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
@@ -89,9 +94,12 @@ __all__ = [
     "RunFailed",
     "budget_limits",
     "discover_nodes",
+    "free_tensors",
+    "read_device_table",
     "rediscover_nodes",
     "run_federation",
     "sample_partitions",
+    "set_server_knowledge",
 ]
 
 log = logging.getLogger("fedneq")
@@ -197,7 +205,7 @@ def _identify(
     content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
     answers: dict[int, tuple[int, str] | str] = {}  # a node without a reply is left out
     for reply in replies:
         node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -266,32 +274,118 @@ def _dense_nbytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
 
 
+def read_device_table(path: str | Path, config: Config) -> dict[int, DeviceProfile]:
+    """The operator's device table: a CSV ``partition_id,device``, one row per partition.
+
+    ``device`` is a class of the run's ``[fleet]`` or a budget (a fraction in
+    (0, 1] or a parameter count: a ``"custom"`` device with that budget, as
+    ``--node-config "budget=..."`` gives). Every partition
+    ``0 .. [run] num_clients - 1`` must have exactly one row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"run config devices={str(path)!r}: no such file on the server")
+    fleet = config.fleet.fleet()
+    table: dict[int, DeviceProfile] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != ["partition_id", "device"]:
+            raise ValueError(
+                f"{path}: the header should be 'partition_id,device', got {reader.fieldnames}"
+            )
+        for line, row in enumerate(reader, start=2):
+            pid_text, device = (row["partition_id"] or "").strip(), (row["device"] or "").strip()
+            if not pid_text.isdigit() or int(pid_text) >= config.run.num_clients:
+                raise ValueError(
+                    f"{path}:{line}: partition_id {pid_text!r} should be an integer in "
+                    f"[0, {config.run.num_clients - 1}]"
+                )
+            pid = int(pid_text)
+            if pid in table:
+                raise ValueError(f"{path}:{line}: partition_id {pid} appears twice")
+            if device in fleet.names:
+                table[pid] = fleet.by_name(device)
+                continue
+            try:
+                budget = float(device) if "." in device or "e" in device else int(device)
+                table[pid] = DeviceProfile("custom", budget=budget)
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}:{line}: device {device!r} should be one of {list(fleet.names)} or a "
+                    f"budget (a fraction in (0, 1] or a parameter count): {err}"
+                ) from None
+    missing = sorted(set(range(config.run.num_clients)) - set(table))
+    if missing:
+        raise ValueError(f"{path}: no row for partition ids {missing}")
+    return table
+
+
 def budget_limits(
     config: Config,
     strategy: SparseStrategy,
     server_round: int,
     node_of: dict[int, int],
-    devices: dict[int, str],
+    profiles: Mapping[int, DeviceProfile],
 ) -> dict[int, BudgetLimit]:
-    """``{node id: BudgetLimit}`` for the nodes whose device class the fleet knows.
+    """``{node id: BudgetLimit}``: what each node's device, as the server knows it, may train.
 
-    A node that identified as a class of ``[fleet]`` (in simulation: its
-    seeded assignment) may declare at most that class's budget (all
-    selectable parameters when the strategy asks for full budget) and local
-    epochs; a node with its own budget from ``--node-config`` ("custom") is
-    held to its declaration only.
+    ``profiles`` is the server's ``{partition id: device}`` (the seeded fleet
+    assignment, or the operator's table, :func:`read_device_table`), never
+    what the node declares: a node may declare at most its device's budget
+    (all selectable parameters when the strategy asks for full budget) and
+    local epochs.
     """
-    fleet = config.fleet.fleet()
     selectable = strategy.neuron_map.selectable_params
     full = bool(strategy.train_config(server_round).get("full-budget", False))
     limits: dict[int, BudgetLimit] = {}
     for pid, node in node_of.items():
-        if devices[pid] not in fleet.names:
-            continue
-        profile = fleet.by_name(devices[pid])
+        profile = profiles[pid]
         params = selectable if full else profile.budget_params(selectable)
         limits[node] = BudgetLimit(max(1, params), profile.local_epochs)
     return limits
+
+
+def free_tensors(config: Config, model: torch.nn.Module, neuron_map) -> frozenset[str]:
+    """Whole tensors this run's clients train outside their budget (:func:`strategies.base.trained_params`).
+
+    A static selector or initializer: the neuron layers' bias-only tensors (a
+    Sparse Update scheme's bias depth); ``[train] bn_stats = "all"``: every
+    BatchNorm's running statistics.
+    """
+    free: set[str] = set()
+    if "static" in (config.selection.selector, config.selection.initializer):
+        free |= {k for layer in neuron_map.layers for k in layer.param_tensors if k.endswith(".bias")}
+    if config.train.bn_stats == "all":
+        free |= set(neuron_map.statistic_tensors())
+    return frozenset(free)
+
+
+def set_server_knowledge(
+    strategy: SparseStrategy,
+    config: Config,
+    server_round: int,
+    node_of: dict[int, int],
+    profiles: Mapping[int, DeviceProfile],
+    examples: Mapping[int, int],
+) -> None:
+    """Tell the strategy what the server knows of each node (it then checks replies against it).
+
+    Budget limits from the node's device (:func:`budget_limits`), the device
+    class it must declare, and at most ``examples[pid]`` (its partition's
+    training examples, computed on the server from the seed) as its weight.
+    """
+    strategy.budget_limits = budget_limits(config, strategy, server_round, node_of, profiles)
+    strategy.device_classes = {node: profiles[pid].name for pid, node in node_of.items()}
+    strategy.max_examples = {node: examples[pid] for pid, node in node_of.items()}
+
+
+def _warn_declared(declared: Mapping[int, str], devices: Mapping[int, str]) -> None:
+    for pid, name in sorted(declared.items()):
+        if name != devices[pid]:
+            log.warning(
+                "partition %d declares device %r, the server's table gives it %r: its replies "
+                "will be rejected", pid, name, devices[pid],
+            )  # fmt: skip
 
 
 def _number(value: Any) -> int | float | str:
@@ -388,7 +482,7 @@ def _send_round(
         )
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok = sum(not r.has_error() for r in replies)
         if ok >= config.run.min_replies:
             return replies, False, sent_to
@@ -423,22 +517,35 @@ def _attributed(
 
 
 def run_federation(
-    grid: Grid, config: Config, out_dir: Path, *, resume: bool = False
+    grid: Grid,
+    config: Config,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    devices: Mapping[int, DeviceProfile] | None = None,
 ) -> list[dict[str, Any]]:
     """Run all rounds of ``config`` on ``grid``; returns the rows of rounds.csv.
 
     ``resume=True`` continues after the last checkpoint in ``out_dir`` (from
     round 1 if there is none); the checkpoint's config must equal ``config``
-    except for ``[run] rounds``.
+    except for ``[run] rounds``. ``devices`` is the operator's
+    ``{partition id: device}`` (:func:`read_device_table`); by default the
+    seeded fleet assignment, as in simulation. A node is held to that device,
+    whatever it declares.
     """
     out_dir = Path(out_dir)
     task = load_task(config)
     check_partitions(config)  # bad partitions fail here, before any round
+    profiles = dict(devices) if devices is not None else {
+        pid: config.device(pid) for pid in range(config.run.num_clients)
+    }
+    examples = {pid: len(client_data(config, pid).train) for pid in range(config.run.num_clients)}
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     model.load_state_dict(state)
     strategy = build_strategy(config, neuron_map, state)
+    strategy.free_tensors = free_tensors(config, model, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
@@ -469,20 +576,22 @@ def run_federation(
     cum_time = float(recorder.rounds[-1].get("cum_time_s") or 0.0) if recorder.rounds else 0.0
     deadline = config.run.round_deadline_s
 
-    node_of, devices = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
+    node_of, declared = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
+    devices = {pid: profile.name for pid, profile in profiles.items()}  # the server's, not the node's
+    _warn_declared(declared, devices)
     partition_of = {n: p for p, n in node_of.items()}  # every node id ever known
     total = config.run.rounds
     for rnd in range(first_round, total + 1):
         t0 = time.monotonic()
         live = rediscover_nodes(
-            grid, config, node_of, devices, partition_of, timeout_s=config.run.round_timeout_s
+            grid, config, node_of, declared, partition_of, timeout_s=config.run.round_timeout_s
         )
         sampled = sample_partitions(config, rnd)
         gone = [p for p in sampled if node_of[p] not in live]  # not sent: recorded as failed
         strategy.sample = lambda _grid, _round, chosen=sampled, skip=set(gone): [
             node_of[p] for p in chosen if p not in skip
         ]
-        strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
+        set_server_knowledge(strategy, config, rnd, node_of, profiles, examples)
         raw_replies, skipped, sent_to = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         pairs = _attributed(raw_replies, sent_to, partition_of)
         pid_of = {id(m): partition_of[n] for m, n in pairs}
