@@ -51,6 +51,32 @@ from fedneq.training import BN_STATS, OptimizerConfig
 __all__ = ["Config", "load_config"]
 
 
+_KINDS = {  # annotation -> (accepts, what is allowed): an int is a number, a bool is neither
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple[str, ...]": (
+        lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a list of strings"
+    ),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a table"),
+    "tuple[dict[str, Any], ...]": (
+        lambda v: isinstance(v, tuple) and all(isinstance(x, dict) for x in v), "a list of tables"
+    ),
+}
+
+
+def _check_types(section: str, obj: object) -> None:
+    """Every field of a config table has its annotated type (2.5 and "2" are not integers)."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        kind = _KINDS.get(str(f.type))
+        value = getattr(obj, f.name)
+        if kind is not None and not kind[0](value):
+            raise ValueError(
+                f"[{section}] {f.name} should be {kind[1]}, got {value!r} ({type(value).__name__})"
+            )
+
+
 def _check_choice(section: str, name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"[{section}] {name} should be one of {allowed}, got {value!r}")
@@ -76,6 +102,7 @@ class RunConfig:
     participants: tuple[str, ...] = ()  # device classes that take part; () = all of them
 
     def __post_init__(self) -> None:
+        _check_types("run", self)
         for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
             _check_positive("run", name, getattr(self, name))
         _check_positive("run", "round_timeout_s", self.round_timeout_s)
@@ -112,6 +139,7 @@ class DataConfig:
     test_limit: int = 0  # > 0: a seeded random subset of the server's test set
 
     def __post_init__(self) -> None:
+        _check_types("data", self)
         _check_choice("data", "classes", self.classes, ("all", "downstream"))
         _check_positive("data", "train_limit", self.train_limit, zero_ok=True)
         _check_positive("data", "test_limit", self.test_limit, zero_ok=True)
@@ -139,6 +167,7 @@ class ModelConfig:
     head: str = "always"  # "always": the head is trained every round, outside the budget
 
     def __post_init__(self) -> None:
+        _check_types("model", self)
         _check_choice("model", "head", self.head, ("always", "selectable"))
         _check_positive("model", "width_mult", self.width_mult)
         _check_positive("model", "pretrain_epochs", self.pretrain_epochs, zero_ok=True)
@@ -155,6 +184,7 @@ class SelectionConfig:
     storage_dtype: str = "float16"  # precision of the probe outputs a client keeps between rounds
 
     def __post_init__(self) -> None:
+        _check_types("selection", self)
         _check_choice("selection", "rule", self.rule, ("prefix", "fill"))
         _check_choice("selection", "initializer", self.initializer, ("random", "static"))
         _check_choice("selection", "velocity_mode", self.velocity_mode, ("pooled", "per-feature"))
@@ -176,6 +206,7 @@ class TrainConfig:
     bn_stats: str = "selected"
 
     def __post_init__(self) -> None:
+        _check_types("train", self)
         self.optimizer_config()
         _check_choice("train", "backward", self.backward, BACKWARDS)
         _check_choice("train", "bn_stats", self.bn_stats, BN_STATS)
@@ -198,6 +229,9 @@ class StrategyConfig:
     name: str = "neuron-avg"
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_types("strategy", self)
+
 
 @dataclass(frozen=True)
 class FleetConfig:
@@ -211,6 +245,7 @@ class FleetConfig:
     reference_gflops: float = REFERENCE_GFLOPS  # throughput of speed 1.0 (fedneq.timing)
 
     def __post_init__(self) -> None:
+        _check_types("fleet", self)
         _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom", "csv"))
         _check_positive("fleet", "local_epochs", self.local_epochs, zero_ok=True)
         _check_positive("fleet", "batch_size", self.batch_size, zero_ok=True)
@@ -259,6 +294,7 @@ class FaultConfig:
     straggler_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types("faults", self)
         for name in ("crash_prob", "straggler_prob"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
@@ -272,6 +308,7 @@ class SimulationConfig:
     ray_address: str = ""  # "" = RAY_ADDRESS if set, else a local Ray instance
 
     def __post_init__(self) -> None:
+        _check_types("simulation", self)
         _check_positive("simulation", "cpus_per_client", self.cpus_per_client)
 
 
@@ -307,16 +344,20 @@ class Config:
             raise ValueError(f"unknown config table(s) {unknown}; known: {sorted(_SECTIONS)}")
         sections = {}
         for name, section_cls in _SECTIONS.items():
+            if not isinstance(raw.get(name, {}), dict):
+                raise ValueError(f"[{name}] should be a table, got {raw[name]!r}")
             values = dict(raw.get(name, {}))
             known = [f.name for f in dataclasses.fields(section_cls)]
             bad = sorted(set(values) - set(known))
             if bad:
                 raise ValueError(f"unknown key(s) {bad} in [{name}]; known: {known}")
-            if name == "fleet":
+            if name == "fleet":  # lists become tuples; anything else is left to _check_types
                 for key in ("classes", "devices"):
-                    if key in values:
-                        values[key] = tuple(dict(c) for c in values[key])
-            if name == "run" and "participants" in values:
+                    if isinstance(values.get(key), list | tuple):
+                        values[key] = tuple(
+                            dict(c) if isinstance(c, dict) else c for c in values[key]
+                        )
+            if name == "run" and isinstance(values.get("participants"), list | tuple):
                 values["participants"] = tuple(values["participants"])
             sections[name] = section_cls(**values)
         config = cls(**sections)
@@ -391,6 +432,8 @@ def load_config(path: str | Path) -> Config:
     """Parse and validate a TOML run configuration.
 
     A relative ``[fleet] csv`` path is taken relative to the TOML file's folder.
+    ``[data] root`` and ``[model] checkpoint``, when given, must exist (on
+    the machine that loads the file: the server).
     """
     path = Path(path)
     if not path.is_file():
@@ -402,6 +445,13 @@ def load_config(path: str | Path) -> Config:
         csv_path = Path(fleet["csv"]).expanduser()  # relative to the TOML file's folder
         fleet["csv"] = str(csv_path if csv_path.is_absolute() else path.parent / csv_path)
     try:
-        return Config.from_dict(raw)
+        config = Config.from_dict(raw)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: {err}") from err
+    for section, key, value in (
+        ("data", "root", config.data.root),
+        ("model", "checkpoint", config.model.checkpoint),
+    ):
+        if value and not Path(value).expanduser().exists():
+            raise ValueError(f"{path}: [{section}] {key} {value!r} does not exist")
+    return config
