@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from fedneq.client import client_evaluate, client_round, load_client_state, save_client_state
 from fedneq.config import Config
+from fedneq.device_data import PartitionFile, check_partition_file, read_partition_file
 from fedneq.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
 from fedneq.wire import to_array_record
 
@@ -43,6 +44,7 @@ __all__ = [
     "CONFIG_KEY",
     "NODE_CONFIG_KEYS",
     "STATE_DIR_KEY",
+    "device_partition",
     "device_state_dir",
     "node_identity",
 ]
@@ -122,8 +124,21 @@ def node_identity(
     if data_dir is not None:
         config = config.replace(data={"root": str(data_dir)})
     _node_path(node_config, "state-dir", must_exist=False)
+    _node_path(node_config, "data-file", must_exist=True)
     device = profile_from_node_config(node_config, config.fleet.fleet(), config.run.seed)
     return config, partition_id, device
+
+
+def device_partition(
+    node_config: Mapping[str, object], config: Config, partition_id: int
+) -> PartitionFile | None:
+    """The node's own partition file (``data-file``), checked against the run; None if none."""
+    path = _node_path(node_config, "data-file", must_exist=True)
+    if path is None:
+        return None
+    local = read_partition_file(path)
+    check_partition_file(local, config, partition_id, path)
+    return local
 
 
 def device_state_dir(
@@ -188,6 +203,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         full_budget=bool(server_config.get("full-budget", False)),
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
+        local=device_partition(context.node_config, config, partition_id),
     )
     content = RecordDict(
         {
@@ -206,5 +222,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on the client's local test split."""
     config, partition_id, _ = node_identity(context.node_config, _config(msg))
-    metrics = client_evaluate(config, partition_id, msg.content["arrays"].to_torch_state_dict())
+    local = device_partition(context.node_config, config, partition_id)
+    metrics = client_evaluate(config, partition_id, msg.content["arrays"].to_torch_state_dict(), local)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
