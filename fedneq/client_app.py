@@ -26,6 +26,7 @@ unknown keys, a ``partition-id`` that is not an integer in range, a
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -43,11 +44,49 @@ __all__ = [
     "ATTEMPT_KEY",
     "CONFIG_KEY",
     "NODE_CONFIG_KEYS",
+    "NO_DYNAMO_ENV",
     "STATE_DIR_KEY",
     "device_partition",
     "device_state_dir",
     "node_identity",
+    "skip_torch_dynamo",
 ]
+
+NO_DYNAMO_ENV = "FEDNEQ_NO_DYNAMO"  # "1": a small device's ClientApp process skips torch._dynamo
+
+
+def skip_torch_dynamo() -> bool:
+    """Stand a no-op ``torch._dynamo`` in for the real one, in this process; True if it did.
+
+    ``torch.optim`` imports ``torch._dynamo`` (~70 MB of resident memory with
+    the CPU wheel) on an optimizer's first step, only to call
+    ``graph_break()`` and ``disable(fn)``, which do nothing outside
+    ``torch.compile``. fedneq never compiles, so on a device short of memory
+    (``FEDNEQ_NO_DYNAMO=1`` in the SuperNode's environment, docs/DEPLOY.md)
+    the ClientApp process uses a stub with those two functions instead.
+    ``torch.compile`` is then unavailable in that process. Does nothing if
+    ``torch._dynamo`` is already imported.
+    """
+    import sys
+    import types
+
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        return False
+    stub = types.ModuleType("torch._dynamo")
+    stub.graph_break = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    stub.disable = lambda fn=None, recursive=True, **kwargs: (  # type: ignore[attr-defined]
+        fn if fn is not None else (lambda f: f)
+    )
+    stub.is_compiling = lambda: False  # type: ignore[attr-defined]
+    sys.modules["torch._dynamo"] = stub
+    torch._dynamo = stub  # type: ignore[attr-defined]
+    return True
+
+
+if os.environ.get(NO_DYNAMO_ENV) == "1":
+    skip_torch_dynamo()
 
 CONFIG_KEY = "fedneq-config"
 ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)

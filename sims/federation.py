@@ -61,6 +61,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
 __all__ = [
+    "DeviceTable",
     "RunFailed",
     "budget_limits",
     "discover_nodes",
@@ -164,9 +166,17 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
 
 
 def discover_nodes(
-    grid: Grid, config: Config, *, timeout_s: float = 600.0
+    grid: Grid,
+    config: Config,
+    *,
+    timeout_s: float = 600.0,
+    allowed: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, int], dict[int, str]]:
-    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``."""
+    """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``.
+
+    ``allowed`` (``{partition id: node id}``, the operator's table): a node
+    that claims a partition given to another node id is ignored, with a warning.
+    """
     deadline = time.monotonic() + timeout_s
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < config.run.num_clients and time.monotonic() < deadline:
@@ -183,6 +193,8 @@ def discover_nodes(
         if isinstance(answer, str):
             raise RuntimeError(f"node {node} failed to identify itself: {answer}")
         pid, device = answer
+        if not _allowed(allowed, pid, node):
+            continue
         if pid in by_partition:
             raise RuntimeError(f"two nodes claim partition-id {pid}")
         by_partition[pid] = node
@@ -191,6 +203,16 @@ def discover_nodes(
     if missing:
         raise RuntimeError(f"no node answered for partition ids {missing}")
     return by_partition, devices
+
+
+def _allowed(allowed: Mapping[int, int] | None, pid: int, node: int) -> bool:
+    if not allowed or allowed.get(pid, node) == node:
+        return True
+    log.warning(
+        "node %d claims partition-id %d, which the operator's table gives node %d: ignored",
+        node, pid, allowed[pid],
+    )  # fmt: skip
+    return False
 
 
 def _identify(
@@ -237,6 +259,7 @@ def rediscover_nodes(
     partition_of: dict[int, int],
     *,
     timeout_s: float,
+    allowed: Mapping[int, int] | None = None,
 ) -> set[int]:
     """Learn the nodes that connected since discovery; returns the live node ids.
 
@@ -259,6 +282,8 @@ def rediscover_nodes(
             log.warning("node %d did not identify itself (%s): not sampled", node, answer)
             continue
         pid, device = answer
+        if not _allowed(allowed, pid, node):
+            continue
         partition_of[node] = pid
         if node_of.get(pid) != node:
             log.warning(
@@ -274,24 +299,37 @@ def _dense_nbytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
 
 
-def read_device_table(path: str | Path, config: Config) -> dict[int, DeviceProfile]:
-    """The operator's device table: a CSV ``partition_id,device``, one row per partition.
+@dataclass(frozen=True)
+class DeviceTable:
+    """The operator's table: each partition's device, and optionally the node allowed to be it."""
+
+    profiles: dict[int, DeviceProfile]
+    node_ids: dict[int, int]  # partition id -> the only node id that may claim it; {}: any
+
+
+def read_device_table(path: str | Path, config: Config) -> DeviceTable:
+    """The operator's device table: a CSV ``partition_id,device[,node_id]``, one row per partition.
 
     ``device`` is a class of the run's ``[fleet]`` or a budget (a fraction in
     (0, 1] or a parameter count: a ``"custom"`` device with that budget, as
-    ``--node-config "budget=..."`` gives). Every partition
-    ``0 .. [run] num_clients - 1`` must have exactly one row.
+    ``--node-config "budget=..."`` gives). ``node_id`` (optional column) is the
+    Flower node id that alone may claim the partition: with SuperNode
+    authentication a registered key keeps its node id (``flwr supernode
+    list``), so a node that claims another device's partition is ignored.
+    Every partition ``0 .. [run] num_clients - 1`` must have exactly one row.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"run config devices={str(path)!r}: no such file on the server")
     fleet = config.fleet.fleet()
     table: dict[int, DeviceProfile] = {}
+    node_ids: dict[int, int] = {}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != ["partition_id", "device"]:
+        if reader.fieldnames not in (["partition_id", "device"], ["partition_id", "device", "node_id"]):
             raise ValueError(
-                f"{path}: the header should be 'partition_id,device', got {reader.fieldnames}"
+                f"{path}: the header should be 'partition_id,device' or "
+                f"'partition_id,device,node_id', got {reader.fieldnames}"
             )
         for line, row in enumerate(reader, start=2):
             pid_text, device = (row["partition_id"] or "").strip(), (row["device"] or "").strip()
@@ -303,6 +341,11 @@ def read_device_table(path: str | Path, config: Config) -> dict[int, DeviceProfi
             pid = int(pid_text)
             if pid in table:
                 raise ValueError(f"{path}:{line}: partition_id {pid} appears twice")
+            node_text = (row.get("node_id") or "").strip()
+            if node_text:
+                if not node_text.isdigit():
+                    raise ValueError(f"{path}:{line}: node_id {node_text!r} should be an integer")
+                node_ids[pid] = int(node_text)
             if device in fleet.names:
                 table[pid] = fleet.by_name(device)
                 continue
@@ -317,7 +360,7 @@ def read_device_table(path: str | Path, config: Config) -> dict[int, DeviceProfi
     missing = sorted(set(range(config.run.num_clients)) - set(table))
     if missing:
         raise ValueError(f"{path}: no row for partition ids {missing}")
-    return table
+    return DeviceTable(table, node_ids)
 
 
 def budget_limits(
@@ -522,20 +565,23 @@ def run_federation(
     out_dir: Path,
     *,
     resume: bool = False,
-    devices: Mapping[int, DeviceProfile] | None = None,
+    devices: DeviceTable | Mapping[int, DeviceProfile] | None = None,
 ) -> list[dict[str, Any]]:
     """Run all rounds of ``config`` on ``grid``; returns the rows of rounds.csv.
 
     ``resume=True`` continues after the last checkpoint in ``out_dir`` (from
     round 1 if there is none); the checkpoint's config must equal ``config``
-    except for ``[run] rounds``. ``devices`` is the operator's
-    ``{partition id: device}`` (:func:`read_device_table`); by default the
-    seeded fleet assignment, as in simulation. A node is held to that device,
-    whatever it declares.
+    except for ``[run] rounds``. ``devices`` is the operator's table
+    (:func:`read_device_table`, or just ``{partition id: device}``); by
+    default the seeded fleet assignment, as in simulation. A node is held to
+    that device, whatever it declares.
     """
     out_dir = Path(out_dir)
     task = load_task(config)
     check_partitions(config)  # bad partitions fail here, before any round
+    allowed = devices.node_ids if isinstance(devices, DeviceTable) else {}
+    if isinstance(devices, DeviceTable):
+        devices = devices.profiles
     profiles = dict(devices) if devices is not None else {
         pid: config.device(pid) for pid in range(config.run.num_clients)
     }
@@ -576,7 +622,9 @@ def run_federation(
     cum_time = float(recorder.rounds[-1].get("cum_time_s") or 0.0) if recorder.rounds else 0.0
     deadline = config.run.round_deadline_s
 
-    node_of, declared = discover_nodes(grid, config, timeout_s=DISCOVERY_TIMEOUT_S)
+    node_of, declared = discover_nodes(
+        grid, config, timeout_s=DISCOVERY_TIMEOUT_S, allowed=allowed
+    )
     devices = {pid: profile.name for pid, profile in profiles.items()}  # the server's, not the node's
     _warn_declared(declared, devices)
     partition_of = {n: p for p, n in node_of.items()}  # every node id ever known
@@ -584,7 +632,8 @@ def run_federation(
     for rnd in range(first_round, total + 1):
         t0 = time.monotonic()
         live = rediscover_nodes(
-            grid, config, node_of, declared, partition_of, timeout_s=config.run.round_timeout_s
+            grid, config, node_of, declared, partition_of, timeout_s=config.run.round_timeout_s,
+            allowed=allowed,
         )
         sampled = sample_partitions(config, rnd)
         gone = [p for p in sampled if node_of[p] not in live]  # not sent: recorded as failed

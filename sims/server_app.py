@@ -19,8 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedneq.config import Config, load_config
-from fedneq.devices import DeviceProfile
-from sims.federation import read_device_table, run_federation
+from sims.federation import DeviceTable, read_device_table, run_federation
 
 __all__ = ["app", "config_path", "default_out_dir", "make_server_app", "parse_run_config"]
 
@@ -59,13 +58,13 @@ RUN_CONFIG_KEYS: dict[str, tuple[type, str]] = {
     "config": (str, "a config file path on the server, or the name of a file in sims/configs/"),
     "out-dir": (str, "a folder on the server ('' = <[run] out_dir>/<name>-<timestamp>)"),
     "resume": (bool, "true or false (no quotes)"),
-    "devices": (str, "'' or the path of the operator's device table (partition_id,device CSV)"),
+    "devices": (str, "'' or the path of the operator's device table (partition_id,device[,node_id] CSV)"),
 }
 
 
 def parse_run_config(
     run_config: Mapping[str, object],
-) -> tuple[Config, Path, bool, dict[int, DeviceProfile] | None]:
+) -> tuple[Config, Path, bool, DeviceTable | None]:
     """``(config, out dir, resume, device table or None)`` from ``flwr run --run-config``.
 
     Raises ``ValueError`` (or ``FileNotFoundError``) naming the key, the bad

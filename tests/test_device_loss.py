@@ -23,7 +23,7 @@ from helpers import LocalGrid
 from tiny_sim import tiny_config
 
 from fedneq.client_app import app
-from sims.federation import run_federation
+from sims.federation import DeviceTable, run_federation
 from sims.results import read_csv
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -113,3 +113,19 @@ def test_a_sampled_partition_without_a_live_node_is_recorded_not_sent(tmp_path: 
     assert (2, 101) not in grid.sent and (1, 101) in grid.sent
     (row,) = [c for c in read_csv(out / "clients.csv") if c["round"] == "2" and c["partition_id"] == "1"]
     assert row["status"] == "failed" and "no live node" in row["reason"], row
+
+
+def test_a_node_claiming_a_partition_the_table_gives_another_node_is_ignored(tmp_path: Path) -> None:
+    """With SuperNode authentication node ids are the operator's: the table pins them."""
+    config = _config(tmp_path, 2)
+    contexts = {100 + p: _context(100 + p, p, 3) for p in range(3)}
+    contexts[300] = _context(300, 1, 3, budget=1.0)  # claims partition 1, at a full budget
+    profiles = {p: config.device(p) for p in range(3)}
+    grid = SuperLinkLikeGrid(contexts)
+    rounds = run_federation(
+        grid, config, tmp_path / "run", devices=DeviceTable(profiles, {0: 100, 1: 101, 2: 102})
+    )
+    assert [r["replied"] for r in rounds] == [3, 3]
+    assert not [n for _, n in grid.sent if n == 300]  # never trained
+    with pytest.raises(RuntimeError, match="two nodes claim partition-id 1"):  # without the ids
+        run_federation(SuperLinkLikeGrid(contexts), config, tmp_path / "run2")

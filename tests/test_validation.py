@@ -641,14 +641,17 @@ def test_the_device_table_is_read_and_checked(tmp_path: Path) -> None:
     good = tmp_path / "devices.csv"
     good.write_text("partition_id,device\n0,mcu\n1,pi-4\n2,0.5\n")
     table = read_device_table(good, config)
-    assert [table[p].name for p in range(3)] == ["mcu", "pi-4", "custom"]
-    assert table[2].budget == 0.5
+    assert [table.profiles[p].name for p in range(3)] == ["mcu", "pi-4", "custom"]
+    assert table.profiles[2].budget == 0.5 and table.node_ids == {}
+    good.write_text("partition_id,device,node_id\n0,mcu,11\n1,pi-4,\n2,0.5,13\n")
+    assert read_device_table(good, config).node_ids == {0: 11, 2: 13}
     for text, message in (
         ("partition_id,device\n0,mcu\n1,pi-4\n", "no row for partition ids [2]"),
         ("partition_id,device\n0,mcu\n0,pi-4\n2,mcu\n", "partition_id 0 appears twice"),
         ("partition_id,device\n0,mcu\n1,toaster\n2,mcu\n", "device 'toaster' should be one of"),
         ("partition_id,device\n0,mcu\n1,mcu\n3,mcu\n", "partition_id '3' should be an integer in [0, 2]"),
         ("pid,device\n", "the header should be 'partition_id,device'"),
+        ("partition_id,device,node_id\n0,mcu,x\n", "node_id 'x' should be an integer"),
     ):  # fmt: skip
         good.write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):

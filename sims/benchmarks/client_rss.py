@@ -92,6 +92,7 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
     from fedneq.device_data import read_partition_file
 
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the global model sent: the same in every measurement
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     config = load_config(config_path)
     data_file = Path(parts) / f"partition-{partition_id}.safetensors"
@@ -121,6 +122,7 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
         "blocked": sorted(blocker.names),
         "blocked_loaded": blocker.loaded(),
         "unimportable": sorted(n for n in blocker.names if not _importable(n)),
+        "dynamo_stub": getattr(sys.modules.get("torch._dynamo"), "__file__", None) is None,
     }
     print(json.dumps(result), flush=True)
     return result
