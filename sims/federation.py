@@ -79,6 +79,7 @@ from fedneq.client import rollback_client_state
 from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.config import Config
 from fedneq.devices import DeviceProfile
+from fedneq.neurons import NeuronMap
 from fedneq.task import build_model, check_partitions, client_data, derive_seed, load_task
 from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
@@ -415,7 +416,7 @@ def budget_limits(
     return limits
 
 
-def free_tensors(config: Config, model: torch.nn.Module, neuron_map) -> frozenset[str]:
+def free_tensors(config: Config, neuron_map: NeuronMap) -> frozenset[str]:
     """Whole tensors this run's clients train outside their budget (:func:`strategies.base.trained_params`).
 
     A static selector or initializer: the neuron layers' bias-only tensors (a
@@ -618,7 +619,7 @@ def run_federation(
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     model.load_state_dict(state)
     strategy = build_strategy(config, neuron_map, state)
-    strategy.free_tensors = free_tensors(config, model, neuron_map)
+    strategy.free_tensors = free_tensors(config, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends

@@ -122,8 +122,8 @@ def trained_params(
     ValueError
         If a whole tensor is neither always-trained nor part of a neuron
         layer (a never-trained parameter, a buffer of a frozen module), or is
-        a running statistic outside ``free``: statistics travel only with
-        their neuron.
+        a running statistic outside ``free`` of a layer not every neuron of
+        which the reply trains: statistics travel only with their neuron.
     """
     ids = arrays["neurons"].astype(np.int64)
     total = int(neuron_map.costs()[torch.as_tensor(ids)].sum())
@@ -133,8 +133,15 @@ def trained_params(
     always = set(neuron_map.always_trained)
     always_modules = {key.rsplit(".", 1)[0] for key in always}
     free = set(free)
-    for i in arrays["tensors"].tolist():
-        key = table[i]
+    whole = [table[i] for i in arrays["tensors"].tolist()]
+    # layers every neuron of which the reply trains: sent as neurons, or a parameter sent whole
+    covered = {
+        layer.name
+        for layer in neuron_map.layers
+        if sent[layer.offset : layer.offset + layer.num_neurons].all()
+        or any(key in layer.param_tensors for key in whole)
+    }
+    for key in whole:
         if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
             continue
         layer = layer_of.get(key)
@@ -144,9 +151,12 @@ def trained_params(
                 "neuron layer nor in the always-trained set)"
             )
         if key not in layer.param_tensors:
+            if layer.name in covered:
+                continue  # running statistics of neurons it trains: no parameters
             raise ValueError(
-                f"the reply sends the running statistic {key!r} whole: statistics travel only "
-                "with their neuron (or every one with [train] bn_stats = 'all')"
+                f"the reply sends the running statistic {key!r} whole without training every "
+                "neuron of its layer: statistics travel only with their neuron (or every one "
+                "with [train] bn_stats = 'all')"
             )
         tensor = reference_state[key]
         unsent = int((~sent[layer.offset : layer.offset + layer.num_neurons]).sum())
