@@ -47,6 +47,7 @@ from torch import nn
 
 from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
+from fedneq.device_data import PartitionFile
 from fedneq.devices import DeviceProfile
 from fedneq.neurons import NeuronMap
 from fedneq.selection import get_selector
@@ -94,12 +95,26 @@ class _Runtime:
     num_params: int
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What building the model needs to know of the task (``build_model`` reads these two)."""
+
+    num_classes: int
+    in_channels: int
+
+
 @functools.lru_cache(maxsize=2)
-def _runtime(config_json: str) -> _Runtime:
+def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = None) -> _Runtime:
+    """``local``: ``(num_classes, in_channels, input shape)`` of a device partition file
+    (:mod:`fedneq.device_data`); the dataset is then never loaded."""
     config = Config.from_json(config_json)
-    task = load_task(config)
-    model, neuron_map = build_model(config, task)
-    shape = tuple(task.train.x.shape[1:])
+    if local is None:
+        task = load_task(config)
+        model, neuron_map = build_model(config, task)
+        shape = tuple(task.train.x.shape[1:])
+    else:
+        model, neuron_map = build_model(config, _Shape(local[0], local[1]))  # type: ignore[arg-type]
+        shape = local[2]
     return _Runtime(
         model=model,
         neuron_map=neuron_map,
@@ -107,6 +122,10 @@ def _runtime(config_json: str) -> _Runtime:
         cost_profile=profile_model(model, neuron_map, shape),
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def _local_key(local: PartitionFile | None) -> tuple[int, int, tuple[int, ...]] | None:
+    return None if local is None else (local.num_classes, local.in_channels, local.shape)
 
 
 @dataclass(frozen=True)
@@ -149,11 +168,14 @@ def client_round(
     device: DeviceProfile | None = None,
     full_budget: bool = False,
     attempt: int = 0,
+    local: PartitionFile | None = None,
 ) -> ClientReply:
     """Run one client's local training round and build its sparse reply.
 
     ``attempt`` counts the server's tries at this round (0 first); it only
-    seeds the fault draw (:func:`draw_faults`).
+    seeds the fault draw (:func:`draw_faults`). ``local`` is the device's own
+    partition file (:mod:`fedneq.device_data`): its data is used and the
+    dataset is never loaded.
 
     Raises
     ------
@@ -168,11 +190,11 @@ def client_round(
             f"injected straggler: client {partition_id}, round {server_round}, attempt {attempt}, "
             f"{faults.delay_s:g} s >= round timeout {config.run.round_timeout_s:g} s, gave up"
         )
-    rt = _runtime(config.to_json())
+    rt = _runtime(config.to_json(), _local_key(local))
     model, neuron_map = rt.model, rt.neuron_map
     model.load_state_dict(global_state)
     device = device or config.device(partition_id)
-    data = client_data(config, partition_id)
+    data = local.data if local is not None else client_data(config, partition_id)
     gen = generator(config.run.seed, partition_id, server_round)
     sel = config.selection
     selector = get_selector(
@@ -272,12 +294,15 @@ def client_round(
 
 
 def client_evaluate(
-    config: Config, partition_id: int, global_state: dict[str, torch.Tensor]
+    config: Config,
+    partition_id: int,
+    global_state: dict[str, torch.Tensor],
+    local: PartitionFile | None = None,
 ) -> dict[str, int | float]:
     """Loss and accuracy of the global model on the client's local test split."""
-    rt = _runtime(config.to_json())
+    rt = _runtime(config.to_json(), _local_key(local))
     rt.model.load_state_dict(global_state)
-    data = client_data(config, partition_id)
+    data = local.data if local is not None else client_data(config, partition_id)
     if len(data.test) == 0:
         raise ValueError(f"client {partition_id} has no local test data ([data] test_fraction = 0)")
     loss, acc = evaluate(rt.model, data.test)

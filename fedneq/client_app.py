@@ -9,20 +9,27 @@ class) or ``budget``, and ``data-dir`` (the dataset root on that device).
 
 The velocity state a client keeps between its participations lives in
 ``Context.state["velocity"]``; it travels with every message in simulation, so
-it is kept small (pooled mode, float16 probe outputs by default). When the
-training config names a ``client-state-dir`` that exists on this machine
-(simulation, single-host deployment), the state is also written there after
-every participation, and read back from there when ``Context.state`` is empty
-(a simulation resumed with fresh nodes): see :func:`fedneq.client.save_client_state`.
-A folder that does not exist here (a real device) is ignored. The kept state
-is tagged with that folder's name (``Context.state["velocity-run"]``): a node
-that serves several runs in one engine (``sims.compare``) never carries one
-run's velocity into another.
+it is kept small (pooled mode, float16 probe outputs by default). It is also
+written to a folder after every participation and read back from there when
+``Context.state`` is empty (a restarted SuperNode, a resumed simulation): the
+node's own ``state-dir`` when its node config names one (a real device: the
+state stays on the device and survives a SuperNode restart), else the
+training config's ``client-state-dir`` if that folder exists on this machine
+(simulation, single-host deployment). See :func:`device_state_dir` and
+:func:`fedneq.client.save_client_state`. The state kept in ``Context.state`` is
+tagged with the server's ``client-state-dir`` name (``Context.state["velocity-run"]``):
+a node that serves several runs in one engine (``sims.compare``) never carries
+one run's velocity into another.
+
+The node config is checked before anything runs (:func:`node_identity`):
+unknown keys, a ``partition-id`` that is not an integer in range, a
+``data-dir`` that does not exist are errors naming the key and the value.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,11 +37,59 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedneq.client import client_evaluate, client_round, load_client_state, save_client_state
-from fedneq.config import Config
-from fedneq.devices import DeviceProfile, profile_from_node_config
+from fedneq.config import Config, did_you_mean
+from fedneq.device_data import PartitionFile, check_partition_file, read_partition_file
+from fedneq.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
 from fedneq.wire import to_array_record
 
-__all__ = ["app", "ATTEMPT_KEY", "CONFIG_KEY", "STATE_DIR_KEY", "node_identity"]
+__all__ = [
+    "app",
+    "ATTEMPT_KEY",
+    "CONFIG_KEY",
+    "NODE_CONFIG_KEYS",
+    "NO_DYNAMO_ENV",
+    "STATE_DIR_KEY",
+    "device_partition",
+    "device_state_dir",
+    "node_identity",
+    "skip_torch_dynamo",
+]
+
+NO_DYNAMO_ENV = "FEDNEQ_NO_DYNAMO"  # "1": a small device's ClientApp process skips torch._dynamo
+
+
+def skip_torch_dynamo() -> bool:
+    """Stand a no-op ``torch._dynamo`` in for the real one, in this process; True if it did.
+
+    ``torch.optim`` imports ``torch._dynamo`` (~70 MB of resident memory with
+    the CPU wheel) on an optimizer's first step, only to call
+    ``graph_break()`` and ``disable(fn)``, which do nothing outside
+    ``torch.compile``. fedneq never compiles, so on a device short of memory
+    (``FEDNEQ_NO_DYNAMO=1`` in the SuperNode's environment, docs/DEPLOY.md)
+    the ClientApp process uses a stub with those two functions instead.
+    ``torch.compile`` is then unavailable in that process. Does nothing if
+    ``torch._dynamo`` is already imported.
+    """
+    import sys
+    import types
+
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        return False
+    stub = types.ModuleType("torch._dynamo")
+    stub.graph_break = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    stub.disable = lambda fn=None, recursive=True, **kwargs: (  # type: ignore[attr-defined]
+        fn if fn is not None else (lambda f: f)
+    )
+    stub.is_compiling = lambda: False  # type: ignore[attr-defined]
+    sys.modules["torch._dynamo"] = stub
+    torch._dynamo = stub  # type: ignore[attr-defined]
+    return True
+
+
+if os.environ.get(NO_DYNAMO_ENV) == "1":
+    skip_torch_dynamo()
 
 CONFIG_KEY = "fedneq-config"
 ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)
@@ -49,10 +104,43 @@ def _parse(config_json: str) -> Config:
     return Config.from_json(config_json)
 
 
+NODE_CONFIG_KEYS = (
+    "partition-id", "num-partitions", "device", "budget", "data-dir", "data-file", "state-dir",
+    *NODE_DEVICE_KEYS,
+)  # fmt: skip
+
+
+def _node_int(node_config: Mapping[str, object], key: str) -> int:
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"node config {key}={value!r} ({type(value).__name__}) must be an integer, "
+            f'e.g. --node-config "{key}=0" (no quotes around the number)'
+        )
+    return value
+
+
+def _node_path(node_config: Mapping[str, object], key: str, *, must_exist: bool) -> Path | None:
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"node config {key}={value!r} must be a non-empty path in quotes, e.g. {key}='/home/pi/data'"
+        )
+    path = Path(value).expanduser()
+    if must_exist and not path.exists():
+        raise ValueError(f"node config {key}={value!r}: no such file or folder on this device")
+    return path
+
+
 def node_identity(
     node_config: Mapping[str, object], config: Config
 ) -> tuple[Config, int, DeviceProfile]:
-    """(config adapted to this node, partition id, device profile) of a node."""
+    """(config adapted to this node, partition id, device profile) of a node.
+
+    Raises ``ValueError`` naming the key, the bad value and what is allowed.
+    """
     missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
     if missing:
         raise ValueError(
@@ -60,17 +148,61 @@ def node_identity(
             '--node-config "partition-id=<i> num-partitions=<n> [device=<class>|budget=<b>] '
             f'[data-dir=<path>]"; got keys {sorted(node_config)}'
         )
-    partition_id = int(node_config["partition-id"])  # type: ignore[arg-type]
-    num_partitions = int(node_config["num-partitions"])  # type: ignore[arg-type]
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown node config key(s) {unknown}; known: {list(NODE_CONFIG_KEYS)}"
+            + did_you_mean(unknown[0], NODE_CONFIG_KEYS)
+        )
+    partition_id = _node_int(node_config, "partition-id")
+    num_partitions = _node_int(node_config, "num-partitions")
     if num_partitions != config.run.num_clients:
         raise ValueError(
             f"node config num-partitions={num_partitions} differs from the run's "
             f"[run] num_clients={config.run.num_clients}"
         )
-    if "data-dir" in node_config:
-        config = config.replace(data={"root": str(node_config["data-dir"])})
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"node config partition-id={partition_id} must be in [0, {num_partitions - 1}] "
+            f"(num-partitions={num_partitions})"
+        )
+    data_dir = _node_path(node_config, "data-dir", must_exist=True)
+    if data_dir is not None:
+        config = config.replace(data={"root": str(data_dir)})
+    _node_path(node_config, "state-dir", must_exist=False)
+    _node_path(node_config, "data-file", must_exist=True)
     device = profile_from_node_config(node_config, config.fleet.fleet(), config.run.seed)
     return config, partition_id, device
+
+
+def device_partition(
+    node_config: Mapping[str, object], config: Config, partition_id: int
+) -> PartitionFile | None:
+    """The node's own partition file (``data-file``), checked against the run; None if none."""
+    path = _node_path(node_config, "data-file", must_exist=True)
+    if path is None:
+        return None
+    local = read_partition_file(path)
+    check_partition_file(local, config, partition_id, path)
+    return local
+
+
+def device_state_dir(
+    node_config: Mapping[str, object], server_config: Mapping[str, object]
+) -> Path | None:
+    """Where this node keeps its velocity state across a restart, or None.
+
+    The node's own ``state-dir`` (created if missing) when its node config
+    names one: the state then lives on the device only, and the folder the
+    server names is ignored. Otherwise the server's ``client-state-dir`` if it
+    exists on this machine (simulation, single-host deployment).
+    """
+    own = _node_path(node_config, "state-dir", must_exist=False)
+    if own is not None:
+        own.mkdir(parents=True, exist_ok=True)
+        return own
+    named = str(server_config.get(STATE_DIR_KEY, ""))
+    return Path(named) if named and Path(named).is_dir() else None
 
 
 def _config(msg: Message) -> Config:
@@ -102,8 +234,8 @@ def train(msg: Message, context: Context) -> Message:
     server_config = msg.content["config"]
     server_round = int(server_config["server-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
-    named = str(server_config.get(STATE_DIR_KEY, ""))
-    state_dir = Path(named) if named and Path(named).is_dir() else None
+    state_dir = device_state_dir(context.node_config, server_config)
+    named = str(server_config.get(STATE_DIR_KEY, ""))  # the run the kept velocity belongs to
     kept = context.state.get("velocity")
     owner = context.state.get(STATE_RUN_KEY)
     same_run = isinstance(owner, ConfigRecord) and owner.get("dir", "") == named
@@ -122,6 +254,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         full_budget=bool(server_config.get("full-budget", False)),
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
+        local=device_partition(context.node_config, config, partition_id),
     )
     content = RecordDict(
         {
@@ -141,5 +274,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on the client's local test split."""
     config, partition_id, _ = node_identity(context.node_config, _config(msg))
-    metrics = client_evaluate(config, partition_id, msg.content["arrays"].to_torch_state_dict())
+    local = device_partition(context.node_config, config, partition_id)
+    metrics = client_evaluate(config, partition_id, msg.content["arrays"].to_torch_state_dict(), local)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

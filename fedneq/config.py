@@ -324,23 +324,36 @@ class SimulationConfig:
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-_CONTAINERS = {"tuple[str, ...]": (list, tuple), "tuple[dict[str, Any], ...]": (list, tuple),
-               "dict[str, Any]": (dict,)}  # fmt: skip
+_CONTAINERS = {  # annotation -> (containers, element type or None, what is allowed)
+    "tuple[str, ...]": ((list, tuple), str, "a list of strings"),
+    "tuple[dict[str, Any], ...]": ((list, tuple), dict, "a list of tables"),
+    "dict[str, Any]": ((dict,), None, "a table"),
+}
+_SCALAR_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 def _check_types(section: str, section_cls: type, values: dict[str, Any]) -> None:
-    """``[section] key should be a float, got 'abc'`` before any range check runs."""
+    """``[section] key should be a number, got 'abc' (str)`` before any range check runs.
+
+    An int is a number; a bool is neither (2.5 and "2" are not integers either).
+    """
     types = {f.name: str(f.type) for f in dataclasses.fields(section_cls)}
     for key, value in values.items():
         kind = types[key]
         if kind in _SCALARS:
             ok = isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+            want = _SCALAR_NAMES[kind]
+        elif kind in _CONTAINERS:
+            containers, element, want = _CONTAINERS[kind]
+            ok = isinstance(value, containers) and (
+                element is None or all(isinstance(x, element) for x in value)
+            )
         else:
-            ok = isinstance(value, _CONTAINERS.get(kind, (object,)))
+            continue
         if not ok:
-            name = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-            want = name.get(kind, "an array" if "tuple" in kind else "a table")
-            raise ValueError(f"[{section}] {key} should be {want}, got {value!r}")
+            raise ValueError(
+                f"[{section}] {key} should be {want}, got {value!r} ({type(value).__name__})"
+            )
 
 
 _SECTIONS: dict[str, type] = {
@@ -620,6 +633,10 @@ def load_config(
 ) -> Config:
     """Parse and validate a TOML run configuration.
 
+    A relative ``[fleet] csv`` path is taken relative to the TOML file's folder.
+    ``[data] root`` and ``[model] checkpoint``, when given, must exist (on the
+    machine that loads the file: the server).
+
     Parameters
     ----------
     path:
@@ -651,6 +668,12 @@ def load_config(
         }
         explicit |= {tuple(parse_assignment(a)[0][:2]) for a in overrides}
         _check_effective(config, explicit)
+        for section, key, value in (
+            ("data", "root", config.data.root),
+            ("model", "checkpoint", config.model.checkpoint),
+        ):  # on the machine that loads the file: the server
+            if value and not Path(value).expanduser().exists():
+                raise ValueError(f"[{section}] {key} {value!r} does not exist")
         return config
     except (TypeError, ValueError) as err:
         message = str(err)

@@ -431,6 +431,7 @@ _NODE_CONFIG_FIELDS = {
     "upload-mbps": "upload_mbps",
     "availability": "availability",
 }
+NODE_DEVICE_KEYS = tuple(_NODE_CONFIG_FIELDS)  # what --node-config may set next to `budget`
 _FLOAT_FIELDS = ("speed", "download_mbps", "upload_mbps", "availability")
 
 

@@ -12,10 +12,21 @@ Failures a run survives:
   reason, the round goes on with the others;
 * a client with no reply after ``[run] round_timeout_s``: ``failed``, "no reply
   before the round timeout" (its late reply is never read);
+* a lost node (a SuperNode killed, a device gone): the SuperLink answers for it
+  with an error reply from its *own* node id; replies are attributed to the
+  node each message was sent to (``reply_to_message_id``), so the loss is a
+  ``failed`` row with Flower's reason. A sampled partition whose node the
+  SuperLink no longer lists is not sent and is ``failed`` ("no live node");
+* a restarted SuperNode (a new node id): before every round the server asks
+  the nodes it does not know yet who they are (:func:`rediscover_nodes`), and
+  the newest node of a partition takes it over;
 * a malformed, over-budget or exploded reply: ``rejected`` by the strategy
   (:meth:`strategies.SparseStrategy.check_replies`), the others aggregated;
-  every node a fleet class is known for is held to that class's budget
-  (:func:`budget_limits`);
+  every node is held to what the *server* knows of it, never to what it
+  declares (:func:`set_server_knowledge`): its device's budget and local
+  epochs (the seeded fleet assignment, or the operator's table in deployment,
+  :func:`read_device_table`), its device class, and at most its partition's
+  size as ``num-examples``;
 * an aggregate whose evaluation loss is not finite: the round is not
   committed (``committed`` 0 in rounds.csv), the global model and the
   strategy's state stay as they were;
@@ -45,6 +56,7 @@ so the same config gives the same rounds.csv.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -52,7 +64,8 @@ import shutil
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +78,9 @@ from flwr.serverapp import Grid
 from fedneq.client import rollback_client_state
 from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.config import Config
-from fedneq.task import build_model, check_partitions, derive_seed, load_task
+from fedneq.devices import DeviceProfile
+from fedneq.neurons import NeuronMap
+from fedneq.task import build_model, check_partitions, client_data, derive_seed, load_task
 from fedneq.training import evaluate
 from fedneq.wire import from_array_record, payload_nbytes, tensor_table
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
@@ -82,8 +97,9 @@ from strategies import SparseStrategy, get_strategy
 from strategies.base import BudgetLimit
 
 __all__ = [
-    "RunFailed", "budget_limits", "discover_nodes", "request_stop", "run_federation",
-    "sample_partitions", "stop_requested",
+    "DeviceTable", "RunFailed", "budget_limits", "discover_nodes", "free_tensors",
+    "read_device_table", "rediscover_nodes", "request_stop", "run_federation",
+    "sample_partitions", "set_server_knowledge", "stop_requested",
 ]  # fmt: skip
 
 log = logging.getLogger("fedneq")
@@ -168,12 +184,19 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
 
 
 def discover_nodes(
-    grid: Grid, config: Config, *, timeout_s: float = 600.0, settle_s: float = 10.0
+    grid: Grid,
+    config: Config,
+    *,
+    timeout_s: float = 600.0,
+    settle_s: float = 10.0,
+    allowed: Mapping[int, int] | None = None,
 ) -> tuple[dict[int, int], dict[int, str]]:
     """Ask every node who it is: ``{partition id: node id}`` and ``{partition id: device}``.
 
     Waits for ``[run] num_clients`` nodes; fails once no new node has connected
     for ``settle_s`` seconds (or after ``timeout_s``), naming the count needed.
+    ``allowed`` (``{partition id: node id}``, the operator's table): a node
+    that claims a partition given to another node id is ignored, with a warning.
     """
     needed = config.run.num_clients
     deadline = time.monotonic() + timeout_s
@@ -192,29 +215,180 @@ def discover_nodes(
             f"`flwr run` on the local simulation runtime: flwr federation simulation-config "
             f"--num-supernodes {needed})"
         )
-    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
     by_partition: dict[int, int] = {}
     devices: dict[int, str] = {}
-    for reply in replies:
-        if reply.has_error():
-            raise RuntimeError(
-                f"node {reply.metadata.src_node_id} failed to identify itself: {reply.error.reason}"
-            )
-        pid = int(reply.content["metrics"]["partition-id"])
+    for node, answer in _identify(grid, config, node_ids, timeout_s).items():
+        if isinstance(answer, str):
+            raise RuntimeError(f"node {node} failed to identify itself: {answer}")
+        pid, device = answer
+        if not _allowed(allowed, pid, node):
+            continue
         if pid in by_partition:
             raise RuntimeError(f"two nodes claim partition-id {pid}")
-        by_partition[pid] = reply.metadata.src_node_id
-        devices[pid] = str(reply.content["info"]["device"])
+        by_partition[pid] = node
+        devices[pid] = device
     missing = sorted(set(range(config.run.num_clients)) - set(by_partition))
     if missing:
         raise RuntimeError(f"no node answered for partition ids {missing}")
     return by_partition, devices
 
 
+def _allowed(allowed: Mapping[int, int] | None, pid: int, node: int) -> bool:
+    if not allowed or allowed.get(pid, node) == node:
+        return True
+    log.warning(
+        "node %d claims partition-id %d, which the operator's table gives node %d: ignored",
+        node, pid, allowed[pid],
+    )  # fmt: skip
+    return False
+
+
+def _identify(
+    grid: Grid, config: Config, node_ids: Sequence[int], timeout_s: float
+) -> dict[int, tuple[int, str] | str]:
+    """Send ``node_ids`` a query: ``{node id: (partition id, device) or why it did not say}``.
+
+    A reply is attributed to the node the query was sent to (``reply_to_message_id``),
+    not to its ``src_node_id``: the SuperLink answers for a node it lost with an
+    error reply from its own node id.
+    """
+    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config.to_json()})})
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+    answers: dict[int, tuple[int, str] | str] = {}  # a node without a reply is left out
+    for reply in replies:
+        node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if node not in node_ids:
+            continue
+        if reply.has_error():
+            answers[node] = _error_reason(reply.error.reason) or "error reply"
+            continue
+        try:
+            pid = reply.content["metrics"]["partition-id"]
+            device = reply.content["info"]["device"]
+        except KeyError as err:
+            answers[node] = f"malformed identity reply: missing {err}"
+            continue
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < config.run.num_clients:
+            answers[node] = (
+                f"partition-id {pid!r} is not an int in [0, {config.run.num_clients - 1}]"
+            )
+            continue
+        answers[node] = (pid, str(device))
+    return answers
+
+
+def rediscover_nodes(
+    grid: Grid,
+    config: Config,
+    node_of: dict[int, int],
+    devices: dict[int, str],
+    partition_of: dict[int, int],
+    *,
+    timeout_s: float,
+    allowed: Mapping[int, int] | None = None,
+) -> set[int]:
+    """Learn the nodes that connected since discovery; returns the live node ids.
+
+    A SuperNode that restarts registers under a new node id: every connected
+    node the server does not know yet is asked who it is, and one that names a
+    partition takes it over (the newest node of a partition is the one sent to;
+    its old node id, if still listed, is a SuperNode that is gone). A node that
+    does not answer or names no valid partition is ignored, with a warning: it
+    cannot stop the run. ``node_of``, ``devices`` and ``partition_of`` (every
+    node id ever known -> its partition) are updated in place.
+    """
+    live = set(grid.get_node_ids())
+    new = sorted(live - set(partition_of))
+    if not new:
+        return live
+    answers = _identify(grid, config, new, timeout_s)
+    for node in new:
+        answer = answers.get(node, "no reply")
+        if isinstance(answer, str):
+            log.warning("node %d did not identify itself (%s): not sampled", node, answer)
+            continue
+        pid, device = answer
+        if not _allowed(allowed, pid, node):
+            continue
+        partition_of[node] = pid
+        if node_of.get(pid) != node:
+            log.warning(
+                "partition %d is now node %d (was node %d, %s), device %r", pid, node,
+                node_of.get(pid, -1), "still listed" if node_of.get(pid) in live else "gone", device,
+            )  # fmt: skip
+        node_of[pid] = node
+        devices[pid] = device
+    return live
+
+
 def _dense_nbytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
+
+
+@dataclass(frozen=True)
+class DeviceTable:
+    """The operator's table: each partition's device, and optionally the node allowed to be it."""
+
+    profiles: dict[int, DeviceProfile]
+    node_ids: dict[int, int]  # partition id -> the only node id that may claim it; {}: any
+
+
+def read_device_table(path: str | Path, config: Config) -> DeviceTable:
+    """The operator's device table: a CSV ``partition_id,device[,node_id]``, one row per partition.
+
+    ``device`` is a class of the run's ``[fleet]`` or a budget (a fraction in
+    (0, 1] or a parameter count: a ``"custom"`` device with that budget, as
+    ``--node-config "budget=..."`` gives). ``node_id`` (optional column) is the
+    Flower node id that alone may claim the partition: with SuperNode
+    authentication a registered key keeps its node id (``flwr supernode
+    list``), so a node that claims another device's partition is ignored.
+    Every partition ``0 .. [run] num_clients - 1`` must have exactly one row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"run config devices={str(path)!r}: no such file on the server")
+    fleet = config.fleet.fleet()
+    table: dict[int, DeviceProfile] = {}
+    node_ids: dict[int, int] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames not in (["partition_id", "device"], ["partition_id", "device", "node_id"]):
+            raise ValueError(
+                f"{path}: the header should be 'partition_id,device' or "
+                f"'partition_id,device,node_id', got {reader.fieldnames}"
+            )
+        for line, row in enumerate(reader, start=2):
+            pid_text, device = (row["partition_id"] or "").strip(), (row["device"] or "").strip()
+            if not pid_text.isdigit() or int(pid_text) >= config.run.num_clients:
+                raise ValueError(
+                    f"{path}:{line}: partition_id {pid_text!r} should be an integer in "
+                    f"[0, {config.run.num_clients - 1}]"
+                )
+            pid = int(pid_text)
+            if pid in table:
+                raise ValueError(f"{path}:{line}: partition_id {pid} appears twice")
+            node_text = (row.get("node_id") or "").strip()
+            if node_text:
+                if not node_text.isdigit():
+                    raise ValueError(f"{path}:{line}: node_id {node_text!r} should be an integer")
+                node_ids[pid] = int(node_text)
+            if device in fleet.names:
+                table[pid] = fleet.by_name(device)
+                continue
+            try:
+                budget = float(device) if "." in device or "e" in device else int(device)
+                table[pid] = DeviceProfile("custom", budget=budget)
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}:{line}: device {device!r} should be one of {list(fleet.names)} or a "
+                    f"budget (a fraction in (0, 1] or a parameter count): {err}"
+                ) from None
+    missing = sorted(set(range(config.run.num_clients)) - set(table))
+    if missing:
+        raise ValueError(f"{path}: no row for partition ids {missing}")
+    return DeviceTable(table, node_ids)
 
 
 def budget_limits(
@@ -222,27 +396,67 @@ def budget_limits(
     strategy: SparseStrategy,
     server_round: int,
     node_of: dict[int, int],
-    devices: dict[int, str],
+    profiles: Mapping[int, DeviceProfile],
 ) -> dict[int, BudgetLimit]:
-    """``{node id: BudgetLimit}`` for the nodes whose device class the fleet knows.
+    """``{node id: BudgetLimit}``: what each node's device, as the server knows it, may train.
 
-    A node that identified as a class of ``[fleet]`` (in simulation: its
-    seeded assignment) may declare at most that class's budget (all
-    selectable parameters when the strategy asks for full budget) and local
-    epochs; a node with its own budget from ``--node-config`` ("custom") is
-    held to its declaration only.
+    ``profiles`` is the server's ``{partition id: device}`` (the seeded fleet
+    assignment, or the operator's table, :func:`read_device_table`), never
+    what the node declares: a node may declare at most its device's budget
+    (all selectable parameters when the strategy asks for full budget) and
+    local epochs.
     """
-    fleet = config.fleet.fleet()
     selectable = strategy.neuron_map.selectable_params
     full = bool(strategy.train_config(server_round).get("full-budget", False))
     limits: dict[int, BudgetLimit] = {}
     for pid, node in node_of.items():
-        if devices[pid] not in fleet.names:
-            continue
-        profile = fleet.by_name(devices[pid])
+        profile = profiles[pid]
         params = selectable if full else profile.budget_params(selectable)
         limits[node] = BudgetLimit(max(1, params), profile.local_epochs)
     return limits
+
+
+def free_tensors(config: Config, neuron_map: NeuronMap) -> frozenset[str]:
+    """Whole tensors this run's clients train outside their budget (:func:`strategies.base.trained_params`).
+
+    A static selector or initializer: the neuron layers' bias-only tensors (a
+    Sparse Update scheme's bias depth); ``[train] bn_stats = "all"``: every
+    BatchNorm's running statistics.
+    """
+    free: set[str] = set()
+    if "static" in (config.selection.selector, config.selection.initializer):
+        free |= {k for layer in neuron_map.layers for k in layer.param_tensors if k.endswith(".bias")}
+    if config.train.bn_stats == "all":
+        free |= set(neuron_map.statistic_tensors())
+    return frozenset(free)
+
+
+def set_server_knowledge(
+    strategy: SparseStrategy,
+    config: Config,
+    server_round: int,
+    node_of: dict[int, int],
+    profiles: Mapping[int, DeviceProfile],
+    examples: Mapping[int, int],
+) -> None:
+    """Tell the strategy what the server knows of each node (it then checks replies against it).
+
+    Budget limits from the node's device (:func:`budget_limits`), the device
+    class it must declare, and at most ``examples[pid]`` (its partition's
+    training examples, computed on the server from the seed) as its weight.
+    """
+    strategy.budget_limits = budget_limits(config, strategy, server_round, node_of, profiles)
+    strategy.device_classes = {node: profiles[pid].name for pid, node in node_of.items()}
+    strategy.max_examples = {node: examples[pid] for pid, node in node_of.items()}
+
+
+def _warn_declared(declared: Mapping[int, str], devices: Mapping[int, str]) -> None:
+    for pid, name in sorted(declared.items()):
+        if name != devices[pid]:
+            log.warning(
+                "partition %d declares device %r, the server's table gives it %r: its replies "
+                "will be rejected", pid, name, devices[pid],
+            )  # fmt: skip
 
 
 def _number(value: Any) -> int | float | str:
@@ -326,18 +540,23 @@ def _send_round(
     server_round: int,
     arrays: ArrayRecord,
     state_dir: Path,
-) -> tuple[list[Message], bool]:
-    """Send a round (twice at most); ``(replies of the last attempt, skipped)``."""
+) -> tuple[list[Message], bool, dict[str, int]]:
+    """Send a round (twice at most).
+
+    Returns ``(replies of the last attempt, skipped, {message id: node id it was sent to})``.
+    """
     replies: list[Message] = []
+    sent_to: dict[str, int] = {}
     for attempt in range(ATTEMPTS):
         train_config = ConfigRecord(
             {CONFIG_KEY: config.to_json(), ATTEMPT_KEY: attempt, STATE_DIR_KEY: str(state_dir)}
         )
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
         replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok = sum(not r.has_error() for r in replies)
         if ok >= config.run.min_replies:
-            return replies, False
+            return replies, False, sent_to
         last = attempt + 1 == ATTEMPTS
         log.warning(
             "round %d, attempt %d of %d: %d of %d sampled clients replied (%d failed, %d no reply "
@@ -346,26 +565,61 @@ def _send_round(
             len(messages) - len(replies), config.run.round_timeout_s, config.run.min_replies,
             "skipping the round, the global model stays as it was" if last else "sending it again",
         )  # fmt: skip
-    return replies, True
+    return replies, True, sent_to
+
+
+def _attributed(
+    replies: Sequence[Message], sent_to: dict[str, int], partition_of: dict[int, int]
+) -> list[tuple[Message, int]]:
+    """``(reply, node id it answers for)``, in partition order; replies of no known node dropped.
+
+    The node is the one the answered message was sent to: for a node it lost,
+    the SuperLink replies with an error whose ``src_node_id`` is its own.
+    """
+    out = []
+    for msg in replies:
+        node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        if node not in partition_of:
+            log.warning("a reply from unknown node %d ignored", node)
+            continue
+        out.append((msg, node))
+    # aggregate in partition order: the float sums do not depend on arrival order
+    return sorted(out, key=lambda pair: partition_of[pair[1]])
 
 
 def run_federation(
-    grid: Grid, config: Config, out_dir: Path, *, resume: bool = False
+    grid: Grid,
+    config: Config,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    devices: DeviceTable | Mapping[int, DeviceProfile] | None = None,
 ) -> list[dict[str, Any]]:
     """Run all rounds of ``config`` on ``grid``; returns the rows of rounds.csv.
 
     ``resume=True`` continues after the last checkpoint in ``out_dir`` (from
     round 1 if there is none); the checkpoint's config must equal ``config``
-    except for ``[run] rounds``.
+    except for ``[run] rounds``. ``devices`` is the operator's table
+    (:func:`read_device_table`, or just ``{partition id: device}``); by
+    default the seeded fleet assignment, as in simulation. A node is held to
+    that device, whatever it declares.
     """
     out_dir = Path(out_dir)
     task = load_task(config)
     check_partitions(config)  # bad partitions fail here, before any round
+    allowed = devices.node_ids if isinstance(devices, DeviceTable) else {}
+    if isinstance(devices, DeviceTable):
+        devices = devices.profiles
+    profiles = dict(devices) if devices is not None else {
+        pid: config.device(pid) for pid in range(config.run.num_clients)
+    }
+    examples = {pid: len(client_data(config, pid).train) for pid in range(config.run.num_clients)}
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     model.load_state_dict(state)
     strategy = build_strategy(config, neuron_map, state)
+    strategy.free_tensors = free_tensors(config, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
@@ -400,26 +654,35 @@ def run_federation(
 
     if _STOP.is_set():
         return recorder.rounds
-    node_of, devices = discover_nodes(
-        grid, config, timeout_s=DISCOVERY_TIMEOUT_S, settle_s=DISCOVERY_SETTLE_S
+    node_of, declared = discover_nodes(
+        grid, config, timeout_s=DISCOVERY_TIMEOUT_S, settle_s=DISCOVERY_SETTLE_S, allowed=allowed
     )
-    partition_of = {n: p for p, n in node_of.items()}
+    devices = {pid: profile.name for pid, profile in profiles.items()}  # the server's, not the node's
+    _warn_declared(declared, devices)
+    partition_of = {n: p for p, n in node_of.items()}  # every node id ever known
     total = config.run.rounds
     loop_t0 = time.monotonic()
     for rnd in range(first_round, total + 1):
         if _STOP.is_set():
             break
         t0 = time.monotonic()
+        live = rediscover_nodes(
+            grid, config, node_of, declared, partition_of, timeout_s=config.run.round_timeout_s,
+            allowed=allowed,
+        )
         sampled = sample_partitions(config, rnd)
-        strategy.sample = lambda _grid, _round, chosen=sampled: [node_of[p] for p in chosen]
-        strategy.budget_limits = budget_limits(config, strategy, rnd, node_of, devices)
-        replies, skipped = _send_round(grid, strategy, config, rnd, arrays, state_dir)
+        gone = [p for p in sampled if node_of[p] not in live]  # not sent: recorded as failed
+        strategy.sample = lambda _grid, _round, chosen=sampled, skip=set(gone): [
+            node_of[p] for p in chosen if p not in skip
+        ]
+        set_server_knowledge(strategy, config, rnd, node_of, profiles, examples)
+        raw_replies, skipped, sent_to = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         if _STOP.is_set():  # interrupted: this round is not committed
             print(f"[fedneq] round {rnd} abandoned (interrupted)", flush=True)
             break
-        # aggregate in partition order: the float sums do not depend on arrival order
-        replies.sort(key=lambda m: partition_of[m.metadata.src_node_id])
-        split = apply_deadline(rnd, replies, partition_of, devices, deadline)
+        pairs = _attributed(raw_replies, sent_to, partition_of)
+        pid_of = {id(m): partition_of[n] for m, n in pairs}
+        split = apply_deadline(rnd, [m for m, _ in pairs], partition_of, devices, deadline)
         replies = split.on_time  # the dropped ones are neither aggregated nor checked
         if not skipped and sum(not r.has_error() for r in replies) < config.run.min_replies:
             skipped = True  # a retry would miss the deadline again: same simulated times
@@ -450,12 +713,14 @@ def run_federation(
         sizes = strategy.last_update_rms
         rejected = {partition_of[n]: why for n, why in rejected_nodes.items()}
         client_rows = [
-            _client_row(rnd, m, partition_of[m.metadata.src_node_id], devices[partition_of[m.metadata.src_node_id]], rejected, sizes.get(m.metadata.src_node_id))
+            _client_row(rnd, m, pid_of[id(m)], devices[pid_of[id(m)]], rejected, sizes.get(m.metadata.src_node_id))
             for m in replies
         ]  # fmt: skip
         answered = {r["partition_id"] for r in client_rows + split.dropped}
         client_rows += [
-            {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed", "reason": "no reply before the round timeout"}
+            {"round": rnd, "partition_id": p, "device": devices[p], "status": "failed",
+             "reason": "no live node: its SuperNode is gone (not sent)" if p in gone
+             else "no reply before the round timeout"}
             for p in sampled
             if p not in answered
         ]  # fmt: skip

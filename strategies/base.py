@@ -10,10 +10,14 @@ strategy sent in ``configure_train`` and hands them to the pure method
 
 Replies are untrusted. :meth:`SparseStrategy.check_reply` rejects a reply
 that is malformed (records, wire arrays, indices, dtypes, non-finite values),
-weighted wrongly (``num-examples`` not a positive integer), or that trains
-more than its device may (:func:`trained_params` against the budget the reply
-declares, and that declaration against the node's :class:`BudgetLimit` when
-the server knows it). :meth:`SparseStrategy.check_replies` then rejects an
+weighted wrongly (``num-examples`` not a positive integer, or more than the
+node's partition holds, :attr:`SparseStrategy.max_examples`), of a device
+class other than the one the operator gave the node
+(:attr:`SparseStrategy.device_classes`), with a value beyond
+``max_abs_value``, or that trains more than its device may
+(:func:`trained_params`, which counts every sent tensor as the client-side
+cost model does, against the budget the reply declares, and that declaration
+against the node's :class:`BudgetLimit` when the server knows it). :meth:`SparseStrategy.check_replies` then rejects an
 exploded update: one whose size (:func:`update_rms`) exceeds
 ``max_update_ratio`` times the median size of the round's other replies, or
 ``max_update_rms``. A rejected reply is dropped and the others aggregated.
@@ -98,39 +102,65 @@ def trained_params(
     neuron_map: NeuronMap,
     table: Sequence[str],
     reference_state: Mapping[str, torch.Tensor],
+    free: Iterable[str] = (),
 ) -> int:
     """Selectable parameters a reply trained: what counts against its budget.
 
-    The cost of every sent neuron (``NeuronMap.costs``) plus, for every whole
-    tensor sent that belongs to a neuron layer, its number of elements, except
-    bias tensors (a static scheme's bias-only tensors are outside the budget).
-    The always-trained set and its modules' buffers cost nothing, as do
-    BatchNorm statistics (buffers). ``arrays`` must already be valid wire
-    arrays (:func:`fedneq.wire.decode` passed).
+    Counted as the client-side cost model counts them: the cost of every
+    sent neuron (``NeuronMap.costs``: its weight row, bias and BatchNorm
+    affine parameters), plus, for every parameter tensor sent whole, the
+    elements of its rows whose neuron was not sent (a whole ``.bias`` or
+    BatchNorm weight is that part of every neuron of its layer). The
+    always-trained set and its modules' buffers cost nothing, nor do the
+    tensors in ``free`` (what the run's configuration trains outside the
+    budget: a static scheme's bias-only tensors, every BatchNorm's running
+    statistics under ``[train] bn_stats = "all"``). ``arrays`` must already
+    be valid wire arrays (:func:`fedneq.wire.decode` passed).
 
     Raises
     ------
     ValueError
         If a whole tensor is neither always-trained nor part of a neuron
-        layer: a never-trained parameter, or a buffer of a frozen module.
+        layer (a never-trained parameter, a buffer of a frozen module), or is
+        a running statistic outside ``free`` of a layer not every neuron of
+        which the reply trains: statistics travel only with their neuron.
     """
-    ids = torch.as_tensor(arrays["neurons"].astype(np.int64))
-    total = int(neuron_map.costs()[ids].sum())
-    layer_params = {key for layer in neuron_map.layers for key in layer.param_tensors}
-    layer_tensors = {key for layer in neuron_map.layers for key in layer.tensors}
+    ids = arrays["neurons"].astype(np.int64)
+    total = int(neuron_map.costs()[torch.as_tensor(ids)].sum())
+    sent = np.zeros(neuron_map.num_neurons, dtype=bool)
+    sent[ids] = True
+    layer_of = {key: layer for layer in neuron_map.layers for key in layer.tensors}
     always = set(neuron_map.always_trained)
     always_modules = {key.rsplit(".", 1)[0] for key in always}
-    for i in arrays["tensors"].tolist():
-        key = table[i]
-        if key in always or key.rsplit(".", 1)[0] in always_modules:
+    free = set(free)
+    whole = [table[i] for i in arrays["tensors"].tolist()]
+    # layers every neuron of which the reply trains: sent as neurons, or a parameter sent whole
+    covered = {
+        layer.name
+        for layer in neuron_map.layers
+        if sent[layer.offset : layer.offset + layer.num_neurons].all()
+        or any(key in layer.param_tensors for key in whole)
+    }
+    for key in whole:
+        if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
             continue
-        if key in layer_params:
-            total += 0 if key.endswith(".bias") else reference_state[key].numel()
-        elif key not in layer_tensors:
+        layer = layer_of.get(key)
+        if layer is None:
             raise ValueError(
                 f"the reply sends tensor {key!r} whole, but it is never trained (neither in a "
                 "neuron layer nor in the always-trained set)"
             )
+        if key not in layer.param_tensors:
+            if layer.name in covered:
+                continue  # running statistics of neurons it trains: no parameters
+            raise ValueError(
+                f"the reply sends the running statistic {key!r} whole without training every "
+                "neuron of its layer: statistics travel only with their neuron (or every one "
+                "with [train] bn_stats = 'all')"
+            )
+        tensor = reference_state[key]
+        unsent = int((~sent[layer.offset : layer.offset + layer.num_neurons]).sum())
+        total += tensor.numel() // tensor.shape[0] * unsent
     return total
 
 
@@ -284,6 +314,11 @@ class SparseStrategy(FedAvg):
     max_update_rms:
         Reject a reply whose :func:`update_rms` exceeds this absolute bound
         (default ``None``: off).
+    max_abs_value:
+        Reject a reply that sends any value (parameters and running
+        statistics alike) of magnitude above this (default ``1e6``; ``None``:
+        off): the bound on a single reply's values that holds even in a round
+        with no other reply to compare its update size with.
     fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, \
 min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         As in :class:`flwr.serverapp.strategy.FedAvg` (same defaults).
@@ -320,6 +355,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         epochs_key: str = "local-epochs",
         max_update_ratio: float | None = 10.0,
         max_update_rms: float | None = None,
+        max_abs_value: float | None = 1e6,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
@@ -337,7 +373,11 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name, value in (("max_update_ratio", max_update_ratio), ("max_update_rms", max_update_rms)):
+        for name, value in (
+            ("max_update_ratio", max_update_ratio),
+            ("max_update_rms", max_update_rms),
+            ("max_abs_value", max_abs_value),
+        ):
             if value is not None and not (
                 isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             ):
@@ -365,12 +405,20 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         self.epochs_key = epochs_key
         self.max_update_ratio = None if max_update_ratio is None else float(max_update_ratio)
         self.max_update_rms = None if max_update_rms is None else float(max_update_rms)
+        self.max_abs_value = None if max_abs_value is None else float(max_abs_value)
         # parameters whose change measures an update's size (buffers left out)
         self._size_keys = tuple(
             key for layer in neuron_map.layers for key in layer.param_tensors
         ) + tuple(neuron_map.always_trained)
-        # node id -> the most that node may declare (set by the server that knows the fleet)
+        # what the server knows about each node, set by the server that knows the fleet
+        # (none of it is taken from the node): node id -> the most that node may declare,
         self.budget_limits: dict[int, BudgetLimit] = {}
+        # ... the most examples it may weigh its reply with (its partition's size),
+        self.max_examples: dict[int, int] = {}
+        # ... and the device class the operator gave it (the reply's info["device"] must match)
+        self.device_classes: dict[int, str] = {}
+        # whole tensors the run trains outside the budget (trained_params' `free`)
+        self.free_tensors: frozenset[str] = frozenset()
         self.neuron_map = neuron_map
         self.table = tuple(table)
         self.summaries: list[RoundSummary] = []
@@ -468,13 +516,38 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
                 f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} "
                 f"and {len(content.metric_records)}"
             )
+        node = msg.metadata.src_node_id
         metrics = next(iter(content.metric_records.values()))
         weight = _int_metric(metrics, self.weighted_by_key, low=1)
+        most = self.max_examples.get(node)
+        if most is not None and weight > most:
+            raise ValueError(
+                f"the reply declares {self.weighted_by_key}={weight}, more than the {most} "
+                "examples the server knows its partition holds"
+            )
         _check_finite_metrics(metrics)
         wire = from_array_record(next(iter(content.array_records.values())))
         update = decode(wire, self.neuron_map, self.table, self.global_state)
+        if self.max_abs_value is not None:
+            for key in ("neuron_values", "tensor_values"):
+                values = wire[key]
+                peak = float(np.abs(values).max()) if values.size else 0.0
+                if peak > self.max_abs_value:
+                    raise ValueError(
+                        f"the reply sends a value of magnitude {peak:.4g} in {key!r}, more than "
+                        f"max_abs_value={self.max_abs_value:g}"
+                    )
         if self.budget_key is not None:
-            self._check_budget(self.budget_key, msg.metadata.src_node_id, metrics, wire)
+            self._check_budget(self.budget_key, node, metrics, wire)
+        expected = self.device_classes.get(node)
+        if expected is not None:
+            info = content.config_records.get("info")
+            declared = info.get("device") if info is not None else None
+            if declared != expected:
+                raise ValueError(
+                    f"the reply declares device {declared!r}, but the operator's table gives "
+                    f"this node the device class {expected!r}"
+                )
         return update, float(weight)
 
     def _check_budget(
@@ -489,7 +562,9 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
                 f"the reply declares {budget_key}={budget}, {self.epochs_key}={epochs}, more "
                 f"than its device is assigned ({limit.params} parameters, {limit.local_epochs} epochs)"
             )
-        trained = trained_params(wire, self.neuron_map, self.table, self.global_state)
+        trained = trained_params(
+            wire, self.neuron_map, self.table, self.global_state, self.free_tensors
+        )
         allowed = min(selectable, budget * epochs)
         if trained > allowed:
             raise ValueError(

@@ -171,7 +171,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_resume_hint(tmp_path: Path) -> Non
 
 
 def test_flwr_run_config_keys_set_the_common_fields() -> None:
-    from sims.server_app import config_from_run_config
+    from sims.server_app import parse_run_config
+
+    def config_from_run_config(run_config: dict):  # the config part of the one parser
+        return parse_run_config(run_config).config
 
     base = {"config": "default", "out-dir": "", "resume": False, "rounds": 0, "seed": -1,
             "selector": "", "strategy": "", "budget": 0.0, "set": ""}  # pyproject's defaults

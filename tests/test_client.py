@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -109,7 +111,7 @@ def test_query_reports_partition_and_device() -> None:
     assert reply.content["info"]["device"] == config.device(3).name
 
 
-def test_node_identity_errors_name_the_problem() -> None:
+def test_node_identity_errors_name_the_problem(tmp_path: Path) -> None:
     config = tiny_config()
     with pytest.raises(ValueError, match=r"missing \['partition-id'\]"):
         node_identity({"num-partitions": 4}, config)
@@ -117,8 +119,10 @@ def test_node_identity_errors_name_the_problem() -> None:
         node_identity({"partition-id": 0, "num-partitions": 5}, config)
     _, pid, device = node_identity({"partition-id": 1, "num-partitions": 4, "budget": "0.5"}, config)
     assert pid == 1 and device.budget == 0.5
-    changed, _, _ = node_identity({"partition-id": 1, "num-partitions": 4, "data-dir": "/data"}, config)
-    assert changed.data.root == "/data"
+    changed, _, _ = node_identity({"partition-id": 1, "num-partitions": 4, "data-dir": str(tmp_path)}, config)
+    assert changed.data.root == str(tmp_path)
+    with pytest.raises(ValueError, match="data-dir='/no/data': no such file or folder on this device"):
+        node_identity({"partition-id": 1, "num-partitions": 4, "data-dir": "/no/data"}, config)
 
 
 def test_a_device_with_gradient_filtering_trains_through_the_filter() -> None:
@@ -164,6 +168,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
     from helpers import LocalGrid
 
     from fedneq.wire import to_array_record
+    from sims.federation import free_tensors
     from strategies import get_strategy
 
     config = tiny_config().replace(train={"bn_stats": "all"})
@@ -183,6 +188,10 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
                             min_available_nodes=1, min_train_nodes=1)  # fmt: skip
     (msg,) = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([5]))
     content = RecordDict({"arrays": to_array_record(reply.arrays), "metrics": MetricRecord(reply.metrics)})
+    arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
+    # statistics sent whole without their neurons: only a run with bn_stats = "all" allows it
+    assert "running statistic" in strategy.last_rejected[5]
+    strategy.free_tensors = free_tensors(config, nmap)  # what the server of this run sets
     arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     assert not strategy.last_rejected
     new = arrays.to_torch_state_dict()

@@ -95,3 +95,83 @@ def test_extends_set_and_keys_without_effect(tmp_path: Path) -> None:
         load_config(mine, ["trian.lr=1"], search_dirs=[configs])
     with pytest.raises(ValueError, match=r"\[run\] rounds should be an integer, got 'abc'"):
         load_config(dumped, ["run.rounds=abc"])
+
+
+# --- types and values, named before anything starts ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("[run]\nrounds = 2.5\n", "[run] rounds should be an integer, got 2.5 (float)"),
+        ('[run]\nrounds = "2"\n', "[run] rounds should be an integer, got '2' (str)"),
+        ("[run]\nname = 5\n", "[run] name should be a string, got 5 (int)"),
+        ("[run]\nseed = true\n", "[run] seed should be an integer, got True (bool)"),
+        ("[data]\nprobe_size = 8.5\n", "[data] probe_size should be an integer, got 8.5 (float)"),
+        ('[train]\nlr = "fast"\n', "[train] lr should be a number, got 'fast' (str)"),
+        ("[train]\nlr = true\n", "[train] lr should be a number, got True (bool)"),
+        ('[run]\nparticipants = "mcu"\n', "[run] participants should be a list of strings"),
+        ("[strategy]\noptions = 3\n", "[strategy] options should be a table, got 3 (int)"),
+        ("run = 3\n", "[run] should be a table, got 3"),
+        ('[data]\nroot = "/no/such/folder"\n', "[data] root '/no/such/folder' does not exist"),
+        ('[model]\ncheckpoint = "/no/ckpt"\n', "[model] checkpoint '/no/ckpt' does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_types_name_the_key_and_value(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ValueError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert message in text and "\n" not in text, text  # one line, naming key and value
+
+
+def test_a_float_field_takes_an_int() -> None:
+    config = Config.from_dict({"train": {"lr": 1}, "run": {"round_timeout_s": 60}})
+    assert (config.train.lr, config.run.round_timeout_s) == (1, 60)
+
+
+# --- node config and run config ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "node_config,message",
+    [
+        ({"partition-id": 1, "num-partitions": 1}, "partition-id=1 must be in [0, 0]"),
+        ({"partition-id": "1", "num-partitions": 3}, "partition-id='1' (str) must be an integer"),
+        ({"partition-id": 1.0, "num-partitions": 3}, "partition-id=1.0 (float) must be an integer"),
+        ({"partition-id": 0, "num-partitions": True}, "num-partitions=True (bool) must be an integer"),
+        ({"partition-id": 0, "num-partitions": 3, "data-dir": "/no/such/data"},
+         "data-dir='/no/such/data': no such file or folder on this device"),
+        ({"partition-id": 0, "num-partitions": 3, "data-dir": 5}, "data-dir=5 must be a non-empty path"),
+        ({"partition-id": 0, "num-partitions": 3, "budgte": 0.5}, "unknown node config key(s) ['budgte']"),
+        ({"partition-id": 0, "num-partitions": 3, "device": "toaster"}, "toaster"),
+    ],
+)  # fmt: skip
+def test_bad_node_config_names_the_key(node_config: dict, message: str) -> None:
+    from fedneq.client_app import node_identity
+
+    n = node_config["num-partitions"]
+    config = Config().replace(run={"num_clients": 1 if type(n) is int and n == 1 else 3,
+                                   "clients_per_round": 1})  # fmt: skip
+    with pytest.raises(ValueError) as info:
+        node_identity(node_config, config)
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "run_config,message",
+    [
+        ({"resume": "false"}, "run-config resume='false' (str) is not allowed: true or false"),
+        ({"out-dir": 5}, "run-config out-dir=5 (int) is not allowed"),
+        ({"config": "deploy-test", "outdir": "x"}, "unknown run-config key(s) ['outdir']"),
+        ({"config": "no-such-config"}, "config 'no-such-config' is neither a file nor one of"),
+        ({"config": "deploy-test", "devices": "/no/devices.csv"}, "devices='/no/devices.csv': no such file"),
+    ],
+)  # fmt: skip
+def test_bad_run_config_names_the_key(run_config: dict, message: str) -> None:
+    from sims.server_app import parse_run_config
+
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        parse_run_config(run_config)
+    assert message in str(info.value), str(info.value)

@@ -47,6 +47,14 @@ NODE_CONFIGS = {
     2: "partition-id=2 num-partitions=3 budget=0.5",
 }
 EXPECTED_DEVICE = {0: "mcu", 1: "pi-4", 2: "custom"}
+# the operator's table on the server (run config `devices`): what each node is held to
+DEVICE_TABLE = "partition_id,device\n0,mcu\n1,pi-4\n2,0.5\n"
+
+
+def device_table(folder: Path) -> Path:
+    path = folder / "devices.csv"
+    path.write_text(DEVICE_TABLE)
+    return path
 
 
 def free_port() -> int:
@@ -254,7 +262,8 @@ def run_deploy_test(dep: Deployment, out: Path) -> None:
     dep.start_superlink()
     for pid, node_config in NODE_CONFIGS.items():
         dep.start_supernode(f"supernode-{pid}", node_config)
-    run_id, output = dep.run_app(f"config='deploy-test' out-dir='{out}'")
+    table = device_table(out.parent)
+    run_id, output = dep.run_app(f"config='deploy-test' out-dir='{out}' devices='{table}'")
     assert "[fedneq] round 2/2" in output, output  # the ServerApp's log reaches `flwr run --stream`
     assert dep.run_status(run_id)["status"] == "finished:completed"
     check_results(out, load_config(config_path("deploy-test")))
@@ -346,4 +355,68 @@ def test_too_few_supernodes_fail_fast_with_the_count_needed(deployment, tmp_path
     assert "only 1 SuperNodes connected" in output and "num_clients=3" in output, output
     assert seconds < 120, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
     assert not (tmp_path / "out" / "rounds.csv").exists()
+    assert dep.stop() == []
+
+
+def _wait_for(condition, timeout_s: float, what: str, dep: Deployment) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{dep.logs()}"
+        time.sleep(0.5)
+
+
+def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
+    deployment, pyproject_unchanged, tmp_path: Path
+) -> None:
+    """kill -9 of one of three SuperNodes after round 1, restarted with the same node config.
+
+    Round 2: the SuperLink answers for the lost node (once its heartbeat
+    expires) with an error from its own node id: a ``failed`` row, the two
+    others aggregated. The restarted SuperNode registers under a new node id,
+    the server re-discovers it, and it trains partition 2 in round 3 from the
+    velocity state kept in its ``state-dir`` (not the selector's initializer).
+    """
+    config = load_config(config_path("deploy-test")).replace(
+        run={"rounds": 3, "min_replies": 1, "round_timeout_s": 150}
+    )
+    toml = tmp_path / "loss.toml"
+    toml.write_text(tomli_w.dumps(config.to_dict()))
+    device_state = tmp_path / "device-2-state"
+    node_configs = dict(NODE_CONFIGS)
+    node_configs[2] += f" state-dir='{device_state}'"
+    dep = deployment()
+    dep.start_superlink()
+    for pid, node_config in node_configs.items():
+        dep.start_supernode(f"supernode-{pid}", node_config)
+    out = tmp_path / "out"
+    log_path = tmp_path / "flwr-run.log"
+    with open(log_path, "wb") as log:
+        run = subprocess.Popen(
+            ["flwr", "run", str(REPO), CONNECTION, "--run-config",
+             f"config='{toml}' out-dir='{out}' devices='{device_table(tmp_path)}'", "--stream"],
+            stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.root,
+        )  # fmt: skip
+    try:
+        rounds_file = out / "rounds.csv"
+        _wait_for(lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240,
+                  "round 1", dep)  # fmt: skip
+        os.killpg(dep.procs["supernode-2"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp
+        dep.start_supernode("supernode-2-restarted", node_configs[2])
+        run.wait(timeout=RUN_TIMEOUT_S + 120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = log_path.read_text(errors="replace")
+    found = re.search(r"Successfully started run (\d+)", output)
+    assert run.returncode == 0 and found, f"flwr run failed:\n{output}\n{dep.logs()}"
+    assert dep.run_status(int(found.group(1)))["status"] == "finished:completed", output
+    assert json.loads((out / "status.json").read_text())["status"] == "completed"
+    rows = {(int(c["round"]), int(c["partition_id"])): c for c in read_csv(out / "clients.csv")}
+    assert [rows[(1, p)]["status"] for p in range(3)] == ["ok"] * 3
+    assert rows[(2, 2)]["status"] == "failed" and rows[(2, 2)]["reason"], rows[(2, 2)]
+    assert rows[(2, 0)]["status"] == rows[(2, 1)]["status"] == "ok"
+    assert rows[(3, 2)]["status"] == "ok", rows[(3, 2)]
+    assert (rows[(1, 2)]["used_initializer"], rows[(3, 2)]["used_initializer"]) == ("1", "0")
+    assert (device_state / "2").is_dir()  # kept on the device ...
+    assert not (out / "client_state" / "2").exists()  # ... and not read from the server's folder
     assert dep.stop() == []

@@ -38,7 +38,10 @@ def contexts_for(n: int) -> dict[int, Context]:
 
 
 def test_a_round_whose_aggregate_does_not_evaluate_is_not_committed(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, run={"rounds": 2}, strategy={"name": "server-momentum"})
+    config = tiny_config(  # values of 1e30 are beyond the default max_abs_value: that rule off
+        tmp_path, run={"rounds": 2},
+        strategy={"name": "server-momentum", "options": {"max_abs_value": None}},
+    )  # fmt: skip
     contexts = contexts_for(config.run.num_clients)
 
     def client(msg: Message) -> Message:
@@ -49,7 +52,8 @@ def test_a_round_whose_aggregate_does_not_evaluate_is_not_committed(tmp_path: Pa
         # (the same size as its peers'), the aggregate's logits overflow
         arrays = {k: v.numpy() for k, v in out.content["arrays"].items()}
         arrays["neuron_values"] = (arrays["neuron_values"] * 1e30).astype(np.float32)
-        records = {"arrays": to_array_record(arrays), "metrics": MetricRecord(dict(out.content["metrics"]))}
+        records = {"arrays": to_array_record(arrays), "metrics": MetricRecord(dict(out.content["metrics"])),
+                   "info": out.content["info"]}
         return Message(RecordDict(records), reply_to=msg)
 
     rounds = run_federation(LocalGrid(contexts, client), config, tmp_path / "run")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,11 +36,12 @@ from tiny_sim import tiny_config
 from fedneq.client import client_round
 from fedneq.client_app import app
 from fedneq.config import Config
+from fedneq.devices import DeviceProfile
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.task import build_model, load_task
+from fedneq.task import build_model, client_data, load_task
 from fedneq.wire import decode, encode, tensor_table, to_array_record
-from sims.federation import budget_limits, run_federation
+from sims.federation import budget_limits, run_federation, set_server_knowledge
 from sims.results import read_csv
 from strategies.base import (
     BudgetLimit,
@@ -112,9 +114,14 @@ def metrics_for(m: Model, ids: list[int], num_examples: int, **extra) -> dict:
 
 
 def reply(
-    to: Message, arrays: dict[str, np.ndarray] | ArrayRecord | None, metrics: dict | None
+    to: Message,
+    arrays: dict[str, np.ndarray] | ArrayRecord | None,
+    metrics: dict | None,
+    device: str | None = None,
 ) -> Message:
     records = {}
+    if device is not None:
+        records["info"] = ConfigRecord({"device": device})
     if arrays is not None:
         records["arrays"] = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays)
     if metrics is not None:
@@ -291,10 +298,20 @@ def test_trained_params_by_hand(m: Model) -> None:
     arrays = encode(m.state, m.nm, m.mask([0, 16, 48]), m.table)
     assert trained_params(arrays, m.nm, m.table, m.state) == 11 + 146 + 290  # the head is outside
     index = {k: i for i, k in enumerate(m.table)}
-    whole = ["features.1.0.weight", "features.2.1.bias", "features.2.1.running_mean", "head.weight"]
+    whole = ["features.1.0.weight", "features.2.1.bias", "head.weight"]
     arrays["tensors"] = np.array(sorted(index[k] for k in whole), dtype=np.int32)
-    # a whole weight counts all its rows (32 x 144); a bias (static schemes), a buffer and the head count 0
-    assert trained_params(arrays, m.nm, m.table, m.state) == 447 + 32 * 144
+    # a whole tensor counts its rows whose neuron was not sent: features.1.0.weight 31 more
+    # rows of 144 (neuron 16 is sent), the BatchNorm bias of features.2 63 more neurons
+    # (48 is sent); the always-trained head counts 0
+    assert trained_params(arrays, m.nm, m.table, m.state) == 447 + 31 * 144 + 63
+    # ... unless the run trains that tensor outside the budget (a static scheme's biases)
+    free = ("features.2.1.bias",)
+    assert trained_params(arrays, m.nm, m.table, m.state, free) == 447 + 31 * 144
+    # a running statistic travels only with its neuron (or every one, bn_stats = "all")
+    arrays["tensors"] = np.array([index["features.2.1.running_mean"]], dtype=np.int32)
+    with pytest.raises(ValueError, match="running statistic 'features.2.1.running_mean' whole"):
+        trained_params(arrays, m.nm, m.table, m.state)
+    assert trained_params(arrays, m.nm, m.table, m.state, ["features.2.1.running_mean"]) == 447
 
 
 def test_a_reply_at_its_budget_is_accepted_one_over_is_not(m: Model) -> None:
@@ -368,10 +385,11 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
     model, nm = build_model(config, load_task(config))
     state = model.state_dict()
     node_of = {pid: 10 + pid for pid in range(4)}
-    devices = {pid: config.device(pid).name for pid in range(4)}
+    profiles = {pid: config.device(pid) for pid in range(4)}
+    examples = {pid: len(client_data(config, pid).train) for pid in range(4)}
     for cls, full in ((NeuronAvg, False), (DenseFedAvg, True)):
         strategy = cls(nm, tensor_table(state), min_train_nodes=1, min_available_nodes=1)
-        strategy.budget_limits = budget_limits(config, strategy, 1, node_of, devices)
+        set_server_knowledge(strategy, config, 1, node_of, profiles, examples)
         strategy.sample = lambda _grid, _round: list(node_of.values())
         msgs = {
             m.metadata.dst_node_id: m
@@ -383,14 +401,17 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
             assert out.metrics["budget-params"] == (nm.selectable_params if full else
                                                     config.device(pid).budget_params(nm.selectable_params))  # fmt: skip
             assert out.metrics["local-epochs"] == 2
-            replies.append(reply(msgs[node], out.arrays, out.metrics))
+            assert out.metrics["num-examples"] == examples[pid]
+            replies.append(reply(msgs[node], out.arrays, out.metrics, device=out.device))
         arrays, _ = strategy.aggregate_train(1, replies)
         assert strategy.last_rejected == {} and arrays is not None, strategy.last_rejected
         assert strategy.budget_limits[10].params == (
             nm.selectable_params if full else replies[0].content["metrics"]["budget-params"]
         )
-    custom = budget_limits(config, strategy, 1, {0: 10}, {0: "custom"})
-    assert custom == {}  # a node with its own --node-config budget is held to its declaration only
+    # a node the operator gave its own budget is held to it
+    sparse = NeuronAvg(nm, tensor_table(state))
+    custom = budget_limits(config, sparse, 1, {0: 10}, {0: DeviceProfile("custom", budget=0.5)})
+    assert custom == {10: BudgetLimit(nm.selectable_params // 2, 1)}
 
 
 # --- metric aggregation ----------------------------------------------------------------
@@ -526,3 +547,114 @@ def test_update_size_rules_by_hand(m: Model) -> None:
     assert update_rms(update, m.state, keys) == pytest.approx(math.sqrt(9 * 3.0**2 / 11))
     with pytest.raises(ValueError, match="max_update_ratio must be a number > 0 or None"):
         NeuronAvg(m.nm, m.table, max_update_ratio=0)
+
+
+# --- trust nothing a client declares ---------------------------------------------------
+
+
+def test_a_huge_num_examples_is_rejected(m: Model) -> None:
+    """In simulation and deployment alike the server knows each partition's size."""
+    arrays, metrics = bad_parts(m)
+    strategy = strategy_for(m)
+    strategy.max_update_ratio = None  # only the declared weight is wrong
+    strategy.max_examples = {BAD_NODE: 1000, 1: 10, 2: 20}
+    bad = metrics | {"num-examples": 10**9}
+    _, got, _ = run_round(m, lambda to: reply(to, arrays, bad), strategy)
+    assert_only_the_good_aggregated(
+        m, strategy, got, "num-examples=1000000000, more than the 1000 examples"
+    )
+    strategy = strategy_for(m)
+    strategy.max_update_ratio = None
+    strategy.max_examples = {BAD_NODE: 1000}
+    run_round(m, lambda to: reply(to, arrays, metrics), strategy)  # exactly its partition: fine
+    assert BAD_NODE not in strategy.last_rejected
+
+
+def test_whole_bias_and_bn_tensors_over_budget_are_rejected(m: Model) -> None:
+    """A reply declaring a 1-parameter budget that rewrites every bias / BN tensor whole."""
+    index = {k: i for i, k in enumerate(m.table)}
+    for whole, reason in (
+        ([k for k in m.table if k.endswith(".bias") and not k.startswith("head")],
+         "trains 112 selectable parameters, more than its declared budget"),
+        ([k for k in m.table if "running_" in k], "running statistic"),
+    ):  # fmt: skip
+        strategy = strategy_for(m)
+        strategy.max_update_ratio = None
+
+        def bad(to: Message, whole=whole) -> Message:
+            arrays = encode(m.trained(0.5), m.nm, m.mask([]), m.table)
+            arrays["tensors"] = np.array(sorted(index[k] for k in whole), dtype=np.int32)
+            arrays["tensor_values"] = np.concatenate(
+                [m.trained(0.5)[k].numpy().ravel() for k in sorted(whole, key=index.get)]
+            ).astype(np.float32)
+            return reply(to, arrays, metrics_for(m, [], 10, **{"budget-params": 1}))
+
+        _, got, _ = run_round(m, bad, strategy)
+        ((node, why),) = strategy.last_rejected.items()
+        assert node == BAD_NODE and reason in why, why
+        expected = good_only(m)
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_absurd_finite_values_are_rejected_even_alone(m: Model) -> None:
+    absurd = m.trained(0.1)
+    absurd["features.2.1.running_var"][48 - 48] = 3e38  # a statistic: no update size covers it
+    arrays = encode(absurd, m.nm, m.mask([48]), m.table)
+    strategy = strategy_for(m)
+    _, got, _ = run_round(m, lambda to: reply(to, arrays, metrics_for(m, [48], 10)), strategy)
+    assert_only_the_good_aggregated(m, strategy, got, "magnitude 3e+38")
+    alone = strategy_for(m)  # no other reply to compare its size with
+    alone.aggregate_train(1, [reply(train_messages(alone, m)[BAD_NODE], arrays, metrics_for(m, [48], 10))])
+    assert "more than max_abs_value=1e+06" in alone.last_rejected[BAD_NODE]
+
+
+def test_a_node_claiming_a_device_class_it_was_not_given_is_rejected(m: Model) -> None:
+    """The operator's table says mcu; the node says phone and trains a phone's budget."""
+    arrays, metrics = bad_parts(m)
+    strategy = strategy_for(m)
+    strategy.max_update_ratio = None
+    strategy.device_classes = {1: "pi-4", 2: "pi-4", BAD_NODE: "mcu"}
+
+    def good_with_device(msgs: dict[int, Message]) -> list[Message]:
+        return [
+            Message(RecordDict({**r.content, "info": ConfigRecord({"device": "pi-4"})}), reply_to=msgs[n])
+            for n, r in zip(GOOD_NODES, good_replies(m, msgs), strict=True)
+        ]  # fmt: skip
+
+    msgs = train_messages(strategy, m)
+    bad = reply(msgs[BAD_NODE], arrays, metrics, device="phone")
+    got, _ = strategy.aggregate_train(1, [*good_with_device(msgs), bad])
+    assert_only_the_good_aggregated(
+        m, strategy, got.to_torch_state_dict(),
+        "declares device 'phone', but the operator's table gives this node the device class 'mcu'",
+    )  # fmt: skip
+    missing = strategy_for(m)  # a reply that does not say which device it is
+    missing.device_classes = {BAD_NODE: "mcu"}
+    missing.aggregate_train(1, [reply(train_messages(missing, m)[BAD_NODE], arrays, metrics)])
+    assert "declares device None" in missing.last_rejected[BAD_NODE]
+
+
+def test_the_device_table_is_read_and_checked(tmp_path: Path) -> None:
+    from sims.federation import read_device_table
+
+    config = Config().replace(run={"num_clients": 3, "clients_per_round": 3})
+    good = tmp_path / "devices.csv"
+    good.write_text("partition_id,device\n0,mcu\n1,pi-4\n2,0.5\n")
+    table = read_device_table(good, config)
+    assert [table.profiles[p].name for p in range(3)] == ["mcu", "pi-4", "custom"]
+    assert table.profiles[2].budget == 0.5 and table.node_ids == {}
+    good.write_text("partition_id,device,node_id\n0,mcu,11\n1,pi-4,\n2,0.5,13\n")
+    assert read_device_table(good, config).node_ids == {0: 11, 2: 13}
+    for text, message in (
+        ("partition_id,device\n0,mcu\n1,pi-4\n", "no row for partition ids [2]"),
+        ("partition_id,device\n0,mcu\n0,pi-4\n2,mcu\n", "partition_id 0 appears twice"),
+        ("partition_id,device\n0,mcu\n1,toaster\n2,mcu\n", "device 'toaster' should be one of"),
+        ("partition_id,device\n0,mcu\n1,mcu\n3,mcu\n", "partition_id '3' should be an integer in [0, 2]"),
+        ("pid,device\n", "the header should be 'partition_id,device'"),
+        ("partition_id,device,node_id\n0,mcu,x\n", "node_id 'x' should be an integer"),
+    ):  # fmt: skip
+        good.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_device_table(good, config)
+    with pytest.raises(ValueError, match="no such file on the server"):
+        read_device_table(tmp_path / "missing.csv", config)
