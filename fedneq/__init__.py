@@ -2,9 +2,9 @@
 
 from fedneq.config import Config, load_config
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection import Budget, get_selector, list_selectors
-from fedneq.training import OptimizerConfig, train_masked
-from fedneq.velocity import VelocityTracker
+from fedneq.selection.selectors import Budget, get_selector, list_selectors
+from fedneq.selection.velocity import VelocityTracker
+from fedneq.training.loop import OptimizerConfig, train_masked
 
 __all__ = [
     "Budget",

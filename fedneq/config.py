@@ -15,8 +15,8 @@ see ``sims/configs/default.toml``)::
     [strategy]   name, options (a table passed to the strategy's constructor)
     [fleet]      preset ("default" | "homogeneous" | "custom" | "csv"), budget,
                  local_epochs, batch_size, classes (array of tables, see
-                 fedneq.devices), csv (per-device CSV, fedneq.devices.read_fleet_csv),
-                 reference_gflops (fedneq.timing)
+                 fedneq.federation.devices), csv (per-device CSV, fedneq.federation.devices.read_fleet_csv),
+                 reference_gflops (fedneq.federation.timing)
     [faults]     crash_prob, straggler_prob, straggler_delay_s
     [simulation] cpus_per_client, ray_address
 
@@ -49,22 +49,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedneq.data import list_datasets
-from fedneq.devices import (
+from fedneq.data.datasets import list_datasets
+from fedneq.data.partition import PARTITION_KINDS, PartitionSpec
+from fedneq.federation.devices import (
     DeviceProfile,
     Fleet,
     default_fleet,
     homogeneous_fleet,
     read_fleet_csv,
 )
-from fedneq.grad_filter import GradFilterConfig
+from fedneq.federation.timing import REFERENCE_GFLOPS
 from fedneq.models import list_models
-from fedneq.partition import PARTITION_KINDS, PartitionSpec
-from fedneq.selection import list_selectors
-from fedneq.sparse_backward import BACKWARDS
-from fedneq.sparse_update import SCHEMES
-from fedneq.timing import REFERENCE_GFLOPS
-from fedneq.training import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig
+from fedneq.selection.selectors import list_selectors
+from fedneq.selection.sparse_update import SCHEMES
+from fedneq.training.grad_filter import GradFilterConfig
+from fedneq.training.loop import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig
+from fedneq.training.sparse_backward import BACKWARDS
 
 __all__ = ["Config", "apply_overrides", "did_you_mean", "load_config", "parse_assignment"]
 
@@ -107,7 +107,7 @@ class RunConfig:
     clients_per_round: int = 10
     min_replies: int = 1  # a round with fewer replies is retried once, then skipped
     round_timeout_s: float = 600.0
-    round_deadline_s: float = 0.0  # simulated seconds (fedneq.timing); 0 = no deadline
+    round_deadline_s: float = 0.0  # simulated seconds (fedneq.federation.timing); 0 = no deadline
     out_dir: str = "results"
     participants: tuple[str, ...] = ()  # device classes that take part; () = all of them
 
@@ -172,7 +172,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "small-cnn"
     width_mult: float = 1.0
-    checkpoint: str = ""  # upstream checkpoint (fedneq.pretrain); "" = pretrain or random init
+    checkpoint: str = ""  # upstream checkpoint (fedneq.training.pretrain); "" = pretrain or random init
     pretrain_epochs: int = 0  # > 0 and no checkpoint: pretrain on the upstream classes first
     head: str = "always"  # "always": the head is trained every round, outside the budget
 
@@ -211,7 +211,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
-    backward: str = "sparse"  # "sparse" | "masked" (fedneq.sparse_backward)
+    backward: str = "sparse"  # "sparse" | "masked" (fedneq.training.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
     # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
     # "selected": statistics train and travel with their neuron; "all": every BatchNorm
@@ -254,9 +254,9 @@ class FleetConfig:
     local_epochs: int = 0  # > 0 overrides every device class's own
     batch_size: int = 0  # > 0 overrides every device class's own
     classes: tuple[dict[str, Any], ...] = ()
-    csv: str = ""  # csv preset: one row of capabilities per device (fedneq.devices.read_fleet_csv)
+    csv: str = ""  # csv preset: one row of capabilities per device (fedneq.federation.devices.read_fleet_csv)
     devices: tuple[dict[str, Any], ...] = ()  # csv preset: the CSV's rows, read once at parsing
-    reference_gflops: float = REFERENCE_GFLOPS  # throughput of speed 1.0 (fedneq.timing)
+    reference_gflops: float = REFERENCE_GFLOPS  # throughput of speed 1.0 (fedneq.federation.timing)
 
     def __post_init__(self) -> None:
         _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom", "csv"))

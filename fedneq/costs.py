@@ -19,7 +19,7 @@ Conventions
   nothing at or below it is differentiated. The model is treated as a chain
   in execution order, so for branches (a ResNet shortcut) this is an upper
   bound.
-* **Memory** assumes what :class:`~fedneq.masking.RowFreezer` does: a
+* **Memory** assumes what :class:`~fedneq.training.masking.RowFreezer` does: a
   parameter with no trainable row has ``requires_grad=False``, so autograd
   records nothing below the earliest trained module. Gradients and optimizer
   state are counted for the trained parameters only (a sparse-update
@@ -55,7 +55,7 @@ __all__ = [
 # values of optimizer state per trained parameter
 OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, "sgd-momentum": 1, "adamw": 2}
 
-_WIRE_BYTES = 4  # int32 indices and float32 values (fedneq.wire)
+_WIRE_BYTES = 4  # int32 indices and float32 values (fedneq.federation.wire)
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,7 @@ def _saved_bytes(profile: CostProfile, flops: _Flops, batch_size: int, bytes_per
 
 
 def upload_nbytes(neuron_map: NeuronMap, mask: TrainMask, state: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of the four wire arrays (:mod:`fedneq.wire`) that send ``mask``'s values.
+    """Bytes of the four wire arrays (:mod:`fedneq.federation.wire`) that send ``mask``'s values.
 
     ``4 * K`` neuron ids + ``4 *`` every row of every selected neuron over its
     layer's ``tensors`` (parameters and BatchNorm running statistics) +
@@ -562,7 +562,7 @@ def measure_saved_bytes(
 ) -> int:
     """Bytes autograd actually keeps for the backward of one training forward pass.
 
-    Sets ``requires_grad`` as :class:`~fedneq.masking.RowFreezer` does (only
+    Sets ``requires_grad`` as :class:`~fedneq.training.masking.RowFreezer` does (only
     parameters with a trainable row), runs ``model(inputs)`` in training mode
     under ``torch.autograd.graph.saved_tensors_hooks`` and sums the distinct
     storages packed, parameters and buffers excluded. Restores

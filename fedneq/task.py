@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from fedneq.config import Config, DataConfig
-from fedneq.data import ArrayDataset, Splits, class_subset, get_dataset
+from fedneq.data.datasets import ArrayDataset, Splits, class_subset, get_dataset
+from fedneq.data.partition import partition_indices, split_client
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.partition import partition_indices, split_client
 
 __all__ = [
     "ClientData", "Task", "build_model", "check_partitions", "client_data", "derive_seed", "load_task",

@@ -9,7 +9,7 @@ after that folder is written, so a crash at any moment leaves the previous
 checkpoint usable. Client sampling, client seeds and fault draws derive from
 (seed, round), so the round number and the torch RNG state are all the random
 state a resume needs. The clients' own kept state is saved by the clients
-(:func:`fedneq.client.save_client_state`), not here.
+(:func:`fedneq.federation.client.save_client_state`), not here.
 
 A checkpoint is resumed only with the config it was written with, except
 ``[run] rounds``, which may change: a finished run can be extended.

@@ -11,7 +11,7 @@ complete there (same config) is not run again, so an interrupted comparison
 continues where it stopped when run again with the same ``--out``. Prints a
 table and writes ``comparison.csv`` and the accuracy plots (vs round, vs
 cumulative upload and vs simulated device time) to ``<out>/``. "Time to 95 %"
-is the simulated time (:mod:`fedneq.timing`) at the end of the first round
+is the simulated time (:mod:`fedneq.federation.timing`) at the end of the first round
 that reaches 95 % of the run's best accuracy.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedneq.config import Config, did_you_mean
-from fedneq.selection import list_selectors
+from fedneq.selection.selectors import list_selectors
 from sims.cli import (
     Parser,
     UserError,
@@ -83,7 +83,7 @@ def summarize(method: str, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
         "mean_trainable_fraction": _mean(rows, "mean_trainable_fraction"),
         "mean_flops_saved": _mean(rows, "mean_flops_saved"),
         "failed_clients": sum(int(r["failed"]) + int(r["rejected"]) for r in rows),
-        # simulated device time (fedneq.timing); nan for results without it
+        # simulated device time (fedneq.federation.timing); nan for results without it
         "time_to_95pct_best_s": _float(rows[reach - 1].get("cum_time_s", "")),
         "total_time_s": _float(rows[-1].get("cum_time_s", "")),
     }

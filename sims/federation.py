@@ -31,7 +31,7 @@ Failures a run survives:
   committed (``committed`` 0 in rounds.csv), the global model and the
   strategy's state stay as they were;
 * a reply whose simulated time on its device exceeds ``[run] round_deadline_s``
-  (:mod:`fedneq.timing`, :mod:`sims.sim_time`): ``dropped``, not aggregated;
+  (:mod:`fedneq.federation.timing`, :mod:`sims.sim_time`): ``dropped``, not aggregated;
 * fewer than ``[run] min_replies`` replies: the round is sent again once
   (the training config carries ``attempt``, so injected faults draw anew),
   then skipped, the global model unchanged (a reply counts here even if the
@@ -46,7 +46,7 @@ Failures a run survives:
   the round in flight is abandoned (neither recorded nor checkpointed), the
   last committed round's checkpoint stays, and ``run_federation`` returns.
   The clients' velocity state survives through ``<results>/client_state/``
-  (:func:`fedneq.client.save_client_state`), rolled back to the checkpoint's
+  (:func:`fedneq.federation.client.save_client_state`), rolled back to the checkpoint's
   round, so a resumed run gives the same results as an uninterrupted one.
 
 Determinism: replies are handled in partition order whatever their arrival
@@ -75,14 +75,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
-from fedneq.client import rollback_client_state
-from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.config import Config
-from fedneq.devices import DeviceProfile
+from fedneq.federation.client import rollback_client_state
+from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
+from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.wire import from_array_record, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
 from fedneq.task import build_model, check_partitions, client_data, derive_seed, load_task
-from fedneq.training import evaluate
-from fedneq.wire import from_array_record, payload_nbytes, tensor_table
+from fedneq.training.loop import evaluate
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
 from sims.results import Recorder, atomic_write_text, write_initial
@@ -139,7 +139,7 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "memory_estimate_bytes": "memory-estimate-bytes",
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
-    "train_flops": "train-flops",  # simulated time (fedneq.timing)
+    "train_flops": "train-flops",  # simulated time (fedneq.federation.timing)
     "probe_flops": "probe-flops",
     "download_s": "download-s",
     "compute_s": "compute-s",

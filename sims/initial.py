@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from fedneq.config import Config
-from fedneq.pretrain import load_checkpoint, pretrain
 from fedneq.task import Task, upstream_classes
+from fedneq.training.pretrain import load_checkpoint, pretrain
 
 __all__ = ["initial_state", "upstream_checkpoint"]
 

@@ -59,11 +59,11 @@ import numpy as np
 import torch
 
 from fedneq.config import Config, did_you_mean
-from fedneq.devices import default_fleet
-from fedneq.pretrain import checkpoint_paths, pretrain
-from fedneq.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
+from fedneq.federation.devices import default_fleet
+from fedneq.selection.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
 from fedneq.task import build_model, load_task
-from fedneq.training import BN_STATS, LOSSES
+from fedneq.training.loop import BN_STATS, LOSSES
+from fedneq.training.pretrain import checkpoint_paths, pretrain
 from sims.compare import summarize
 from sims.results import atomic_write_text, csv_text, read_csv
 from strategies import list_strategies

@@ -31,7 +31,7 @@ ROUND_COLUMNS = (
     "round", "accuracy", "loss", "sampled", "replied", "failed", "rejected", "skipped", "committed",
     "bytes_down", "bytes_up", "cum_bytes_up", "mean_trainable_fraction", "mean_flops_saved",
     "mean_train_loss", "mean_state_bytes", "note",
-    "available", "dropped", "round_time_s", "cum_time_s",  # simulated time (fedneq.timing)
+    "available", "dropped", "round_time_s", "cum_time_s",  # simulated time (fedneq.federation.timing)
 )  # fmt: skip
 CLIENT_COLUMNS = (
     "round", "partition_id", "device", "status", "reason", "num_examples", "smallest_batch", "train_loss",

@@ -224,7 +224,7 @@ def simulate_many(
     """
     from flwr.simulation import run_simulation
 
-    from fedneq.client_app import app as client_app
+    from fedneq.federation.client_app import app as client_app
 
     first = runs[0].config
     for spec in runs[1:]:

@@ -1,7 +1,7 @@
 """The server's side of simulated time: who can be sampled, who misses the deadline, how long a round lasts.
 
 The time model itself (what one client's round costs on its device) is
-:mod:`fedneq.timing`; each client reports its simulated seconds with its reply
+:mod:`fedneq.federation.timing`; each client reports its simulated seconds with its reply
 (``download-s``, ``compute-s``, ``upload-s``). Here :func:`sims.federation.run_federation`
 finds:
 
@@ -25,7 +25,13 @@ from typing import Any
 from flwr.app import Message
 
 from fedneq.config import Config
-from fedneq.timing import ClientTime, available, misses_deadline, read_client_time, round_duration
+from fedneq.federation.timing import (
+    ClientTime,
+    available,
+    misses_deadline,
+    read_client_time,
+    round_duration,
+)
 
 __all__ = [
     "DeadlineSplit",
@@ -110,7 +116,7 @@ def time_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def round_seconds(client_rows: Sequence[Mapping[str, Any]], deadline_s: float) -> float:
-    """Simulated seconds of a round from its clients.csv rows (:func:`fedneq.timing.round_duration`)."""
+    """Simulated seconds of a round from its clients.csv rows (:func:`fedneq.federation.timing.round_duration`)."""
     times = [
         float(r["time_s"]) for r in client_rows if r["status"] == "ok" and r.get("time_s", "") != ""
     ]

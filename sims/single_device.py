@@ -25,10 +25,10 @@ import torch
 
 from fedneq.config import Config, did_you_mean
 from fedneq.costs import profile_model
-from fedneq.selection import Budget, get_selector, list_selectors
+from fedneq.selection.selectors import Budget, get_selector, list_selectors
+from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, generator, load_task
-from fedneq.training import EpochStats, evaluate, train_masked
-from fedneq.velocity import VelocityTracker
+from fedneq.training.loop import EpochStats, evaluate, train_masked
 from sims.initial import initial_state
 from sims.results import atomic_write_text, csv_text
 

@@ -2,7 +2,7 @@
 
 Sampling, configuration, evaluation and metric averaging are Flower's
 :class:`~flwr.serverapp.strategy.FedAvg`; what changes is training
-aggregation. Replies follow the sparse wire format (:mod:`fedneq.wire`): a
+aggregation. Replies follow the sparse wire format (:mod:`fedneq.federation.wire`): a
 fixed key set with variable-length arrays, so Flower's consistency checks
 pass, and ``aggregate_train`` decodes them against the global model this
 strategy sent in ``configure_train`` and hands them to the pure method
@@ -46,8 +46,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedneq.neurons import NeuronMap
-from fedneq.wire import (
+from fedneq.federation.wire import (
     SparseUpdate,
     as_rows,
     check_compatible,
@@ -55,6 +54,7 @@ from fedneq.wire import (
     from_array_record,
     payload_nbytes,
 )
+from fedneq.neurons import NeuronMap
 
 __all__ = [
     "BudgetLimit",
@@ -115,7 +115,7 @@ def trained_params(
     tensors in ``free`` (what the run's configuration trains outside the
     budget: a static scheme's bias-only tensors, every BatchNorm's running
     statistics under ``[train] bn_stats = "all"``). ``arrays`` must already
-    be valid wire arrays (:func:`fedneq.wire.decode` passed).
+    be valid wire arrays (:func:`fedneq.federation.wire.decode` passed).
 
     Raises
     ------
@@ -291,7 +291,7 @@ class SparseStrategy(FedAvg):
     neuron_map:
         The global model's neurons (:func:`fedneq.neurons.enumerate_neurons`).
     table:
-        The global model's tensor table (:func:`fedneq.wire.tensor_table`).
+        The global model's tensor table (:func:`fedneq.federation.wire.tensor_table`).
     reference_state:
         Optional initial global ``state_dict``: checked against ``neuron_map``
         and ``table`` at construction and used as the global model until
@@ -299,7 +299,7 @@ class SparseStrategy(FedAvg):
     budget_key:
         Metric in which a reply declares its budget in selectable parameters
         per local epoch (default ``"budget-params"``, what
-        :func:`fedneq.client.client_round` sends). ``None`` turns the budget
+        :func:`fedneq.federation.client.client_round` sends). ``None`` turns the budget
         check off.
     epochs_key:
         Metric in which a reply declares its number of local epochs
@@ -329,7 +329,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
     Notes
     -----
     :meth:`check_reply` decides what is aggregated: exactly one
-    ``ArrayRecord`` (the four wire arrays, :func:`fedneq.wire.decode`) and one
+    ``ArrayRecord`` (the four wire arrays, :func:`fedneq.federation.wire.decode`) and one
     ``MetricRecord`` with finite values, ``weighted_by_key`` a positive
     integer, the declared budget an integer in ``[1, selectable params]`` and
     local epochs an integer ``>= 1``, both within :attr:`budget_limits` for

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedneq.wire import SparseUpdate, as_rows
+from fedneq.federation.wire import SparseUpdate, as_rows
 
 from .base import SparseStrategy
 
@@ -57,7 +57,7 @@ def average_rows(
     global_state:
         The global model the clients started from.
     updates:
-        Decoded replies (:func:`fedneq.wire.decode`); values of unsent rows
+        Decoded replies (:func:`fedneq.federation.wire.decode`); values of unsent rows
         are ignored.
     weights:
         One weight per update (its number of training examples), >= 0.

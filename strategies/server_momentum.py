@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from fedneq.federation.wire import SparseUpdate, as_rows
 from fedneq.neurons import NeuronMap
-from fedneq.wire import SparseUpdate, as_rows
 
 from .base import SparseStrategy
 from .neuron_avg import RowAverage, average_rows

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedneq.wire import SparseUpdate, as_rows
+from fedneq.federation.wire import SparseUpdate, as_rows
 
 from .base import SparseStrategy
 from .neuron_avg import average_rows

@@ -8,12 +8,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedneq.client import client_round
-from fedneq.client_app import CONFIG_KEY, app, node_identity
 from fedneq.config import Config
-from fedneq.selection import Budget
+from fedneq.federation.client import client_round
+from fedneq.federation.client_app import CONFIG_KEY, app, node_identity
+from fedneq.federation.wire import decode, tensor_table
+from fedneq.selection.selectors import Budget
 from fedneq.task import build_model, load_task
-from fedneq.wire import decode, tensor_table
 from strategies.neuron_avg import neuron_average
 
 
@@ -167,7 +167,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
     from flwr.app import MetricRecord
     from helpers import LocalGrid
 
-    from fedneq.wire import to_array_record
+    from fedneq.federation.wire import to_array_record
     from sims.federation import free_tensors
     from strategies import get_strategy
 

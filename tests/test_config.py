@@ -149,7 +149,7 @@ def test_a_float_field_takes_an_int() -> None:
     ],
 )  # fmt: skip
 def test_bad_node_config_names_the_key(node_config: dict, message: str) -> None:
-    from fedneq.client_app import node_identity
+    from fedneq.federation.client_app import node_identity
 
     n = node_config["num-partitions"]
     config = Config().replace(run={"num_clients": 1 if type(n) is int and n == 1 else 3,

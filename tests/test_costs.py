@@ -15,8 +15,8 @@ from fedneq.costs import (
     profile_model,
     upload_nbytes,
 )
+from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.wire import encode, payload_nbytes, tensor_table
 
 B = 2  # batch size of the hand computations
 

@@ -1,4 +1,4 @@
-"""Tests for fedneq.data: offline dataset registry, file parsers, class subsets."""
+"""Tests for fedneq.data.datasets: offline dataset registry, file parsers, class subsets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedneq.data import (
+from fedneq.data.datasets import (
     DEBIAN_FASHION_MNIST,
     ArrayDataset,
     _stratified_split,

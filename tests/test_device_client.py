@@ -1,6 +1,6 @@
 """A client that fits a small device: its own partition file, no server-side packages.
 
-``python -m fedneq.device_data`` cuts a run's dataset into one file per
+``python -m fedneq.federation.device_data`` cuts a run's dataset into one file per
 partition; ``sims.benchmarks.client_rss`` runs the real ClientApp on one
 training message in a fresh process where Ray, torchvision, datasets,
 pyarrow, pandas, scikit-learn, scipy, matplotlib, flwr-datasets and mnist1d
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from fedneq.client_app import device_partition
 from fedneq.config import load_config
-from fedneq.device_data import read_partition_file
+from fedneq.federation.client_app import device_partition
+from fedneq.federation.device_data import read_partition_file
 from fedneq.task import client_data
 from sims.server_app import config_path
 
@@ -34,7 +34,7 @@ DEVICE_LESS = {"ray", "torchvision", "datasets", "pyarrow", "pandas", "sklearn",
 def parts(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("parts")
     done = subprocess.run(
-        [sys.executable, "-m", "fedneq.device_data", str(CONFIG), str(out)],
+        [sys.executable, "-m", "fedneq.federation.device_data", str(CONFIG), str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

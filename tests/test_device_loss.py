@@ -22,7 +22,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from helpers import LocalGrid
 from tiny_sim import tiny_config
 
-from fedneq.client_app import app
+from fedneq.federation.client_app import app
 from sims.federation import DeviceTable, run_federation
 from sims.results import read_csv
 

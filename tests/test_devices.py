@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from fedneq.devices import (
+from fedneq.federation.devices import (
     DeviceProfile,
     Fleet,
     default_fleet,

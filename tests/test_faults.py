@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_sim import tiny_config
 
-from fedneq.client import InjectedFault, client_round, draw_faults
 from fedneq.config import Config, load_config
+from fedneq.federation.client import InjectedFault, client_round, draw_faults
 from fedneq.task import build_model, derive_seed, load_task
 from sims.federation import sample_partitions
 from sims.results import read_csv

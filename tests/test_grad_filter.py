@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedneq.costs import measure_saved_bytes
-from fedneq.data import ArrayDataset
-from fedneq.grad_filter import GradFilterConfig, patch_mean
-from fedneq.masking import RowFreezer
+from fedneq.data.datasets import ArrayDataset
 from fedneq.neurons import enumerate_neurons
-from fedneq.sparse_backward import SparseBackward, budgeted_conv2d
-from fedneq.training import OptimizerConfig, train_masked
+from fedneq.training.grad_filter import GradFilterConfig, patch_mean
+from fedneq.training.loop import OptimizerConfig, train_masked
+from fedneq.training.masking import RowFreezer
+from fedneq.training.sparse_backward import SparseBackward, budgeted_conv2d
 
 F64 = torch.float64
 

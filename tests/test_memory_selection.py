@@ -18,8 +18,8 @@ from torch import nn
 from fedneq.costs import CostProfile, mask_cost, measure_saved_bytes, profile_model
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection import MemoryLimit, MemoryMeter, get_selector, select_ordered
-from fedneq.sparse_update import StaticScheme, scheme_bias_tensors
+from fedneq.selection.selectors import MemoryLimit, MemoryMeter, get_selector, select_ordered
+from fedneq.selection.sparse_update import StaticScheme, scheme_bias_tensors
 
 B = 2  # batch size of the hand computations
 

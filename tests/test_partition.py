@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedneq.partition import (
+from fedneq.data.partition import (
     PARTITION_KINDS,
     PartitionSpec,
     _partition_cached,

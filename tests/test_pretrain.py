@@ -1,4 +1,4 @@
-"""Tests for fedneq.pretrain: upstream training, checkpoint round trip, CLI."""
+"""Tests for fedneq.training.pretrain: upstream training, checkpoint round trip, CLI."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedneq.data import class_subset, get_dataset
+from fedneq.data.datasets import class_subset, get_dataset
 from fedneq.models import get_model
-from fedneq.pretrain import (
+from fedneq.training.loop import evaluate
+from fedneq.training.pretrain import (
     checkpoint_paths,
     limit_subset,
     load_checkpoint,
     main,
     pretrain,
 )
-from fedneq.training import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_cli_module_entry_point(tmp_path: Path) -> None:
     args = ["--model", "small-cnn", "--dataset", "digits", "--epochs", "1", "--out", str(out)]
     args += ["--upstream-classes", "1,2,3", "--threads", "1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "fedneq.pretrain", *args],
+        [sys.executable, "-m", "fedneq.training.pretrain", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

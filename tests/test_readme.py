@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from fedneq.federation.wire import decode, encode, tensor_table
 from fedneq.neurons import enumerate_neurons
-from fedneq.wire import decode, encode, tensor_table
 from strategies import get_strategy
 from strategies.neuron_avg import neuron_average
 from strategies.registry import check_strategy

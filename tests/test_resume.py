@@ -11,9 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from safetensors.torch import load as st_load
 from tiny_sim import tiny_config
 
-from fedneq.client import load_client_state, rollback_client_state, save_client_state
-from fedneq.client_app import CONFIG_KEY, STATE_DIR_KEY, app
 from fedneq.config import Config
+from fedneq.federation.client import load_client_state, rollback_client_state, save_client_state
+from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
 from fedneq.task import build_model, load_task
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.federation import sample_partitions

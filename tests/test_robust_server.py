@@ -22,8 +22,8 @@ from helpers import LocalGrid
 from safetensors.torch import load as st_load
 from tiny_sim import tiny_config
 
-from fedneq.client_app import app
-from fedneq.wire import to_array_record
+from fedneq.federation.client_app import app
+from fedneq.federation.wire import to_array_record
 from sims.federation import RunFailed, run_federation
 
 pytestmark = pytest.mark.usefixtures("task_identity")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection import (
+from fedneq.selection.selectors import (
     Budget,
     Selector,
     get_selector,
@@ -19,7 +19,7 @@ from fedneq.selection import (
     select_ordered,
     select_prefix,
 )
-from fedneq.sparse_update import StaticScheme
+from fedneq.selection.sparse_update import StaticScheme
 
 # --------------------------------------------------------------------------- budget
 
@@ -336,7 +336,7 @@ def test_selector_errors(model, nm) -> None:
 
 
 def test_static_without_a_scheme_trains_the_deepest_convs_within_the_budget() -> None:
-    from fedneq.sparse_update import tail_scheme
+    from fedneq.selection.sparse_update import tail_scheme
 
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from helpers import assert_same_state, train_plainly
 from torch import nn
 
-import fedneq.sparse_backward as sparse_backward
+import fedneq.training.sparse_backward as sparse_backward
 from fedneq.costs import profile_model
-from fedneq.data import ArrayDataset
-from fedneq.masking import RowFreezer
+from fedneq.data.datasets import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.sparse_backward import SparseBackward, budgeted_conv2d, budgeted_linear
-from fedneq.training import OptimizerConfig, train_masked
+from fedneq.training.loop import OptimizerConfig, train_masked
+from fedneq.training.masking import RowFreezer
+from fedneq.training.sparse_backward import SparseBackward, budgeted_conv2d, budgeted_linear
 
 B = 4
 

@@ -9,7 +9,7 @@ from helpers import ranked_tiny_cnn
 from torch import nn
 
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.sparse_update import (
+from fedneq.selection.sparse_update import (
     SCHEMES,
     StaticScheme,
     conv_modules,

@@ -12,8 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from helpers import LocalGrid, small_cnn
 from torch import nn
 
-from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.wire import (
+from fedneq.federation.wire import (
     SparseUpdate,
     decode,
     dense_arrays,
@@ -23,6 +22,7 @@ from fedneq.wire import (
     tensor_table,
     to_array_record,
 )
+from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 from strategies.base import SparseStrategy
 from strategies.fedavg import DenseFedAvg
 from strategies.neuron_avg import NeuronAvg, average_rows, neuron_average

@@ -1,4 +1,4 @@
-"""Simulated device time (fedneq.timing, sims.sim_time): the formula by hand, deadlines,
+"""Simulated device time (fedneq.federation.timing, sims.sim_time): the formula by hand, deadlines,
 availability, fleets from a CSV, and the recorded columns of real (in-process) runs."""
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from flwr.app import Context, Message, RecordDict
 from helpers import LocalGrid
 from tiny_sim import tiny_config
 
-from fedneq.client_app import app
 from fedneq.config import Config, load_config
 from fedneq.costs import upload_nbytes
-from fedneq.devices import DeviceProfile, Fleet, default_fleet, read_fleet_csv
-from fedneq.task import build_model, client_data, derive_seed, load_task
-from fedneq.timing import (
+from fedneq.federation.client_app import app
+from fedneq.federation.devices import DeviceProfile, Fleet, default_fleet, read_fleet_csv
+from fedneq.federation.timing import (
     REFERENCE_GFLOPS,
     ClientTime,
     available,
@@ -28,6 +27,7 @@ from fedneq.timing import (
     round_duration,
     round_flops,
 )
+from fedneq.task import build_model, client_data, derive_seed, load_task
 from sims.federation import RunFailed, run_federation, sample_partitions
 from sims.results import read_csv
 from sims.sim_time import reachable_partitions
@@ -462,7 +462,7 @@ def test_listed_fleet_keeps_devices_through_overrides() -> None:
 
 
 def test_a_real_node_declares_its_bandwidth_and_availability() -> None:
-    from fedneq.devices import profile_from_node_config
+    from fedneq.federation.devices import profile_from_node_config
 
     node = {"budget": "0.05", "speed": "0.3", "download-mbps": "12.5", "upload-mbps": "2",
             "availability": "0.75"}  # fmt: skip

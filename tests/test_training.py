@@ -13,18 +13,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from fedneq.data import ArrayDataset
-from fedneq.masking import RowFreezer
+from fedneq.data.datasets import ArrayDataset
+from fedneq.federation.wire import encode, tensor_table
 from fedneq.models import get_model
 from fedneq.neurons import enumerate_neurons
-from fedneq.training import (
+from fedneq.training.loop import (
     OptimizerConfig,
     batch_slices,
     evaluate,
     label_log_prior,
     train_masked,
 )
-from fedneq.wire import encode, tensor_table
+from fedneq.training.masking import RowFreezer
 
 
 def tiny_cnn() -> nn.Module:

@@ -33,14 +33,14 @@ from helpers import LocalGrid
 from safetensors.torch import load as st_load
 from tiny_sim import tiny_config
 
-from fedneq.client import client_round
-from fedneq.client_app import app
 from fedneq.config import Config
-from fedneq.devices import DeviceProfile
+from fedneq.federation.client import client_round
+from fedneq.federation.client_app import app
+from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.wire import decode, encode, tensor_table, to_array_record
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, client_data, load_task
-from fedneq.wire import decode, encode, tensor_table, to_array_record
 from sims.federation import budget_limits, run_federation, set_server_knowledge
 from sims.results import read_csv
 from strategies.base import (

@@ -1,4 +1,4 @@
-"""Tests of fedneq.velocity: hand-computed values, a naive reference, hooks, state."""
+"""Tests of fedneq.selection.velocity: hand-computed values, a naive reference, hooks, state."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedneq.neurons import enumerate_neurons
-from fedneq.velocity import VelocityTracker, cosine, layer_phi, next_velocity, to_storage
+from fedneq.selection.velocity import VelocityTracker, cosine, layer_phi, next_velocity, to_storage
 
 MODES = ("pooled", "per-feature")
 approx = functools.partial(pytest.approx, abs=1e-6)  # float32 cosines

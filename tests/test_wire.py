@@ -11,8 +11,7 @@ from flwr.app import Array, ArrayRecord
 from helpers import small_cnn
 from torch import nn
 
-from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.wire import (
+from fedneq.federation.wire import (
     WIRE_KEYS,
     WireFormatError,
     decode,
@@ -24,6 +23,7 @@ from fedneq.wire import (
     tensor_table,
     to_array_record,
 )
+from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 
 CONV1_ROW = 3 * 3 * 3 + 1 + 4  # weight row, bias, BN weight/bias/running_mean/running_var
 CONV2_ROW = 8 * 3 * 3 + 0 + 4  # conv2 has no bias

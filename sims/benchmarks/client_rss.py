@@ -1,8 +1,8 @@
 """Peak memory of one device-side client round, without the server-side packages.
 
-Runs fedneq's real ClientApp (``fedneq.client_app.app``) on one training
+Runs fedneq's real ClientApp (``fedneq.federation.client_app.app``) on one training
 message, in this process, the way a SuperNode's ClientApp process does, with
-the device's own partition file (:mod:`fedneq.device_data`) and with the
+the device's own partition file (:mod:`fedneq.federation.device_data`) and with the
 packages a device does not install (``pip install fedneq[client]``) made
 unimportable by a meta-path hook installed before anything else is imported:
 Ray, torchvision, datasets, pyarrow, pandas, scikit-learn, scipy, matplotlib,
@@ -14,7 +14,7 @@ one that is needed fails the round).
     python -m sims.benchmarks.client_rss my-mobilenet.toml --parts /tmp/mnv2 --allow torchvision
 
 ``--parts`` is a folder of partition files of that config (cut by
-``python -m fedneq.device_data`` first). The global model sent is the
+``python -m fedneq.federation.device_data`` first). The global model sent is the
 config's model at its random initialization (the same size as any other).
 """
 
@@ -86,10 +86,10 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
     from flwr.app.message_type import MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedneq.client import _local_key, _runtime  # the model the client builds
-    from fedneq.client_app import ATTEMPT_KEY, CONFIG_KEY, app
     from fedneq.config import load_config
-    from fedneq.device_data import read_partition_file
+    from fedneq.federation.client import _local_key, _runtime  # the model the client builds
+    from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, app
+    from fedneq.federation.device_data import read_partition_file
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the global model sent: the same in every measurement

@@ -5,7 +5,7 @@ backward pass of one conv (input and weight gradients, both requiring grad) is
 timed for PyTorch's own conv ("dense"), the budgeted op with every row and no
 filter ("op exact", the overhead of computing the two gradients in separate
 calls) and gradient filtering with r = 2 and r = 4
-(:func:`fedneq.sparse_backward.budgeted_conv2d`). Reported: median CPU and wall
+(:func:`fedneq.training.sparse_backward.budgeted_conv2d`). Reported: median CPU and wall
 time of ``torch.autograd.grad`` over one retained graph (round-robin over the
 variants, one torch thread), the speed-up in CPU time vs dense, and the bytes
 the forward pass saved for the backward (``saved_tensors_hooks``, the weight
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedneq.sparse_backward import budgeted_conv2d
+from fedneq.training.sparse_backward import budgeted_conv2d
 from sims.benchmarks import default_csv, write_table
 
 __all__ = ["SHAPES", "ConvShape", "Result", "main", "measure_shape"]

@@ -14,7 +14,7 @@ does not hide the framework's overhead). For every N, each in a fresh process:
    whole process tree (driver + Ray daemons + workers; RSS summed, and PSS,
    which counts shared pages once), read from /proc;
 2. the same rounds without Flower and Ray: the same sampled clients run the
-   same ``fedneq.client.client_round`` (probe, select, ``train_masked``,
+   same ``fedneq.federation.client.client_round`` (probe, select, ``train_masked``,
    encode) in a 2-process pool, the server decodes, aggregates with the same
    strategy and evaluates on the same test set. Overhead = (1) / (2);
 3. from clients.csv: upload bytes against the trained parameters
@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from fedneq.client import client_round
 from fedneq.config import Config, load_config
+from fedneq.federation.client import client_round
+from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
-from fedneq.training import evaluate
-from fedneq.wire import decode, tensor_table
+from fedneq.training.loop import evaluate
 from sims.benchmarks import default_csv, write_table
 from sims.federation import build_strategy, sample_partitions
 from sims.initial import initial_state
@@ -62,7 +62,7 @@ __all__ = ["TreeMemory", "baseline_rounds", "main", "scale_config", "upload_repo
 SAMPLES_PER_CLIENT = 60
 CLIENTS_PER_ROUND = 20
 TEST_LIMIT = 200
-WIRE_BYTES = 4  # int32 ids, float32 values (fedneq.wire)
+WIRE_BYTES = 4  # int32 ids, float32 values (fedneq.federation.wire)
 
 
 def scale_config(num_clients: int, rounds: int, out_dir: str, ray_address: str = "") -> Config:

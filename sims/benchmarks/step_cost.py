@@ -4,11 +4,11 @@ For mobilenet_v2 and resnet18 (torchvision, weights=None, 10 classes) at 32x32
 and 64x64, a velocity-selected mask at every budget (1 ... 100 % of the
 selectable parameters) is trained with ``backward="masked"`` (full backward,
 frozen rows' gradients zeroed) and ``backward="sparse"``
-(:mod:`fedneq.sparse_backward`). Per row:
+(:mod:`fedneq.training.sparse_backward`). Per row:
 
 * step time: median wall time and median CPU time (``time.thread_time``;
   one torch thread, so the step runs on the calling thread) of one
-  :func:`~fedneq.training.train_step` (forward, backward, SGD-momentum step,
+  :func:`~fedneq.training.loop.train_step` (forward, backward, SGD-momentum step,
   frozen rows restored) after warm-up, batch 32 of random images;
 * time ratios vs the full step (everything trained, plain autograd), timed in
   the same round-robin so that a loaded machine slows all alike. On a shared
@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from fedneq.costs import mask_cost, measure_saved_bytes, profile_model
-from fedneq.masking import RowFreezer
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection import get_selector
-from fedneq.training import OptimizerConfig, train_step
-from fedneq.velocity import VelocityTracker
+from fedneq.selection.selectors import get_selector
+from fedneq.selection.velocity import VelocityTracker
+from fedneq.training.loop import OptimizerConfig, train_step
+from fedneq.training.masking import RowFreezer
 from sims.benchmarks import default_csv, write_table
 
 __all__ = ["Row", "main", "measure_model", "velocity_of"]

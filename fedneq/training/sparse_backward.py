@@ -1,6 +1,6 @@
 """Budgeted backward: weight gradients only for the selected rows.
 
-Masking with gradient hooks (:class:`~fedneq.masking.RowFreezer`'s
+Masking with gradient hooks (:class:`~fedneq.training.masking.RowFreezer`'s
 ``"masked"`` mode) still computes the full weight gradient of a partially
 selected layer and throws most of it away. The ops here compute the weight
 (and bias) gradient of the selected output rows only, and write zeros in the
@@ -19,7 +19,7 @@ weight-gradient FLOPs:
   fewer than :data:`SPLIT_MIN_MACS` multiply-accumulates, the op calls
   PyTorch's fused backward and zeroes the frozen rows instead.
   ``grad_filter_r`` runs the backward on patch averages
-  (:mod:`fedneq.grad_filter`).
+  (:mod:`fedneq.training.grad_filter`).
 * :func:`budgeted_linear`: the same for ``nn.Linear``.
 * :class:`SparseBackward`: installs them on a model's selectable layers for one
   :class:`~fedneq.neurons.TrainMask`, by shadowing each module's ``forward``
@@ -43,7 +43,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from fedneq.costs import CostProfile, LayerProfile
-from fedneq.grad_filter import (
+from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.training.grad_filter import (
     FilterGeometry,
     GradFilterConfig,
     filter_geometry,
@@ -51,7 +52,6 @@ from fedneq.grad_filter import (
     filtered_weight_grad,
     patch_mean,
 )
-from fedneq.neurons import NeuronMap, TrainMask
 
 __all__ = [
     "BACKWARDS",
@@ -299,7 +299,7 @@ def budgeted_conv2d(
         Output rows whose gradient is computed (``None``: all); the others
         get exactly 0.
     grad_filter_r:
-        Gradient-filtering patch size (:mod:`fedneq.grad_filter`); ``None``
+        Gradient-filtering patch size (:mod:`fedneq.training.grad_filter`); ``None``
         for the exact backward.
     name:
         Layer name used in error messages.

@@ -2,7 +2,7 @@
 
 The wall-clock time of a simulation says nothing about the fleet it
 simulates (every client runs on the same host). This module prices a client's
-round on its :class:`~fedneq.devices.DeviceProfile` instead, from what the
+round on its :class:`~fedneq.federation.devices.DeviceProfile` instead, from what the
 round actually did:
 
     t = 8 B_down / (1e6 down_mbps)                  download
@@ -25,7 +25,7 @@ round actually did:
   ``speed`` the device's relative speed; ``down_mbps`` / ``up_mbps`` its
   bandwidths in Mbit/s (``download_mbps`` / ``upload_mbps``).
 * ``B_down`` is the dense global model the client receives and ``B_up`` the
-  bytes of its sparse reply (:func:`fedneq.wire.payload_nbytes`).
+  bytes of its sparse reply (:func:`fedneq.federation.wire.payload_nbytes`).
 
 Only Conv2d/Linear FLOPs count (the cost model's convention); the time is a
 roofline-free throughput model: no latency, no contention, no overlap of
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedneq.devices import DeviceProfile
+from fedneq.federation.devices import DeviceProfile
 
 __all__ = [
     "REFERENCE_GFLOPS",
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 # Throughput of the reference device (speed 1.0), a Raspberry Pi 4, in GFLOP/s:
-# ~8 GFLOP/s in High Performance Linpack (sources in fedneq/devices.py).
+# ~8 GFLOP/s in High Performance Linpack (sources in fedneq/federation/devices.py).
 REFERENCE_GFLOPS = 8.0
 
 _AVAILABILITY_STREAM = 17  # derive-seed tag of the availability draw

@@ -46,7 +46,7 @@ from torch import nn
 
 from fedneq.costs import OPTIMIZER_STATES, CostProfile
 from fedneq.neurons import NeuronMap, TrainMask
-from fedneq.sparse_update import (
+from fedneq.selection.sparse_update import (
     StaticScheme,
     get_scheme,
     scheme_bias_tensors,

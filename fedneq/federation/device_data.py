@@ -3,7 +3,7 @@
 On a server (which has the whole dataset and its loaders), cut a run's
 dataset into one file per partition::
 
-    python -m fedneq.device_data sims/configs/deploy-test.toml partitions/
+    python -m fedneq.federation.device_data sims/configs/deploy-test.toml partitions/
 
 writes ``partitions/partition-<i>.safetensors`` for every partition ``i`` of
 ``[run] num_clients``: the train / probe / local-test split that
@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedneq.config import Config
-from fedneq.data import ArrayDataset
+from fedneq.data.datasets import ArrayDataset
 from fedneq.task import ClientData
 
 __all__ = ["PartitionFile", "check_partition_file", "read_partition_file", "write_partition_files"]
@@ -136,7 +136,7 @@ def check_partition_file(part: PartitionFile, config: Config, partition_id: int,
         raise ValueError(
             f"node config data-file={str(path)!r} was cut for another run (dataset, seed, "
             "num_clients or [data] split settings differ): cut it again with "
-            "`python -m fedneq.device_data <config> <folder>`"
+            "`python -m fedneq.federation.device_data <config> <folder>`"
         )
 
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from fedneq.config import load_config
 
     parser = argparse.ArgumentParser(
-        prog="python -m fedneq.device_data",
+        prog="python -m fedneq.federation.device_data",
         description="Cut a run's dataset into one file per device (partition).",
     )
     parser.add_argument("config", help="the run's TOML config (a path)")

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: thin glue around :func:`fedneq.client.client_round`.
+"""The Flower ClientApp: thin glue around :func:`fedneq.federation.client.client_round`.
 
 The run configuration arrives with every message (``config["fedneq-config"]``,
 JSON written by the server), so the same ClientApp runs under Flower's
@@ -16,7 +16,7 @@ node's own ``state-dir`` when its node config names one (a real device: the
 state stays on the device and survives a SuperNode restart), else the
 training config's ``client-state-dir`` if that folder exists on this machine
 (simulation, single-host deployment). See :func:`device_state_dir` and
-:func:`fedneq.client.save_client_state`. The state kept in ``Context.state`` is
+:func:`fedneq.federation.client.save_client_state`. The state kept in ``Context.state`` is
 tagged with the server's ``client-state-dir`` name (``Context.state["velocity-run"]``):
 a node that serves several runs in one engine (``sims.compare``) never carries
 one run's velocity into another.
@@ -36,11 +36,16 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedneq.client import client_evaluate, client_round, load_client_state, save_client_state
 from fedneq.config import Config, did_you_mean
-from fedneq.device_data import PartitionFile, check_partition_file, read_partition_file
-from fedneq.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
-from fedneq.wire import to_array_record
+from fedneq.federation.client import (
+    client_evaluate,
+    client_round,
+    load_client_state,
+    save_client_state,
+)
+from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
+from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
+from fedneq.federation.wire import to_array_record
 
 __all__ = [
     "app",

@@ -12,11 +12,11 @@ a row whose gradient is zero. :class:`RowFreezer` therefore
   with :meth:`RowFreezer.restore` after each optimizer step, which makes frozen
   neurons bit-identical whatever the optimizer.
 
-With ``backward="sparse"`` it also installs :class:`~fedneq.sparse_backward.SparseBackward`:
+With ``backward="sparse"`` it also installs :class:`~fedneq.training.sparse_backward.SparseBackward`:
 partially selected Conv2d/Linear layers then compute the weight gradient of
 their selected rows only (no gradient hook needed for them), and frozen convs
 keep no input for the backward pass. ``grad_filter`` runs the backward of
-some convs on patch averages (:mod:`fedneq.grad_filter`).
+some convs on patch averages (:mod:`fedneq.training.grad_filter`).
 
 ``RowFreezer`` is to a mask what ``torch.nn.utils.prune`` is to a pruning
 mask: ``apply`` on construction, exact inverse with :meth:`remove`.
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from fedneq.costs import CostProfile
-from fedneq.grad_filter import GradFilterConfig
 from fedneq.neurons import NeuronMap, TrainMask
-from fedneq.sparse_backward import BACKWARDS, SparseBackward
+from fedneq.training.grad_filter import GradFilterConfig
+from fedneq.training.sparse_backward import BACKWARDS, SparseBackward
 
 __all__ = ["RowFreezer"]
 
@@ -45,12 +45,12 @@ class RowFreezer:
     backward:
         ``"masked"`` (default): the full backward pass, frozen rows' gradients
         zeroed by hooks. ``"sparse"``: weight gradients of selected rows only
-        (:class:`~fedneq.sparse_backward.SparseBackward`); same gradients.
+        (:class:`~fedneq.training.sparse_backward.SparseBackward`); same gradients.
     grad_filter:
         Gradient filtering of some convs (approximate gradients), or ``None``.
     profile, batch_size:
         Shapes that let ``"sparse"`` skip layers too small to gain from it
-        (see :class:`~fedneq.sparse_backward.SparseBackward`).
+        (see :class:`~fedneq.training.sparse_backward.SparseBackward`).
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Yang et al., "Efficient On-device Training via Gradient Filtering", CVPR 2023
 (https://arxiv.org/abs/2301.00330). The output gradient is averaged over
 r x r patches, the saved input over the matching patches of the input, and
 both gradients are computed on the reduced tensors. The autograd op is
-:func:`fedneq.sparse_backward.budgeted_conv2d` (``grad_filter_r=r``); this
+:func:`fedneq.training.sparse_backward.budgeted_conv2d` (``grad_filter_r=r``); this
 module holds the configuration and the math.
 
 Derivation (one spatial dimension; 2-D is the product of two). A conv with

@@ -8,7 +8,7 @@ task then fine-tunes on the *downstream* classes (the other half) from
 
 Command line::
 
-    python -m fedneq.pretrain --model small-cnn --dataset digits --epochs 3 --out ckpt/digits-small
+    python -m fedneq.training.pretrain --model small-cnn --dataset digits --epochs 3 --out ckpt/digits-small
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from fedneq.data import ArrayDataset, class_subset, get_dataset, half_split
+from fedneq.data.datasets import ArrayDataset, class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
-from fedneq.training import batch_slices, evaluate
+from fedneq.training.loop import batch_slices, evaluate
 
 __all__ = ["checkpoint_paths", "limit_subset", "load_checkpoint", "main", "pretrain"]
 
@@ -109,7 +109,7 @@ def pretrain(
         Path stem: writes ``<out>.safetensors`` and ``<out>.json`` (parents created).
     upstream_classes:
         Dataset classes to train on, relabeled ``0..k-1`` in this order;
-        default: the first half (:func:`fedneq.data.half_split`).
+        default: the first half (:func:`fedneq.data.datasets.half_split`).
     epochs, batch_size, lr, momentum, weight_decay:
         SGD with momentum and weight decay over all parameters; the learning
         rate is cosine-annealed from ``lr`` to 0 over ``epochs``.
@@ -118,7 +118,7 @@ def pretrain(
         ``digits`` split and the ``train_limit`` / ``test_limit`` subsets;
         the global RNG state is left untouched.
     image_size, data_root:
-        Passed to :func:`fedneq.data.get_dataset` (``image_size`` and ``root``).
+        Passed to :func:`fedneq.data.datasets.get_dataset` (``image_size`` and ``root``).
     width_mult:
         Passed to :func:`fedneq.models.get_model`.
     train_limit, test_limit:
@@ -280,12 +280,12 @@ def load_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """CLI entry point: ``python -m fedneq.pretrain --model ... --dataset ... --out ...``."""
+    """CLI entry point: ``python -m fedneq.training.pretrain --model ... --dataset ... --out ...``."""
     p = argparse.ArgumentParser(
-        prog="python -m fedneq.pretrain", description=__doc__.split("\n\n")[0]
+        prog="python -m fedneq.training.pretrain", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--model", required=True, help="one of fedneq.models.list_models()")
-    p.add_argument("--dataset", required=True, help="one of fedneq.data.list_datasets()")
+    p.add_argument("--dataset", required=True, help="one of fedneq.data.datasets.list_datasets()")
     p.add_argument(
         "--out", required=True, type=Path, help="path stem of <out>.safetensors / <out>.json"
     )

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedneq.costs import CostProfile, MaskCost, mask_cost, profile_model
-from fedneq.data import ArrayDataset
-from fedneq.grad_filter import GradFilterConfig
-from fedneq.masking import RowFreezer
+from fedneq.data.datasets import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask
-from fedneq.sparse_backward import BACKWARDS
+from fedneq.training.grad_filter import GradFilterConfig
+from fedneq.training.masking import RowFreezer
+from fedneq.training.sparse_backward import BACKWARDS
 
 __all__ = [
     "EpochStats",
@@ -155,11 +155,11 @@ def train_masked(
         safe.
     backward:
         ``"sparse"`` (default): weight gradients of the selected rows only
-        (:mod:`fedneq.sparse_backward`); ``"masked"``: the full backward with
+        (:mod:`fedneq.training.sparse_backward`); ``"masked"``: the full backward with
         frozen rows' gradients zeroed. Both give the same gradients.
     grad_filter:
         Run the backward of some convs on patch averages
-        (:mod:`fedneq.grad_filter`, approximate gradients); ``None``: exact.
+        (:mod:`fedneq.training.grad_filter`, approximate gradients); ``None``: exact.
     loss:
         ``"cross-entropy"`` (default), or ``"balanced-softmax"``: cross-entropy
         of the logits plus the log of the training set's class counts

@@ -3,7 +3,7 @@
 A :class:`DeviceProfile` is one kind of device: its neuron-selection budget,
 an optional memory limit, its local-training settings, a relative compute
 speed, its network bandwidth and its availability (what the time model,
-:mod:`fedneq.timing`, prices a round with). A :class:`Fleet` is a mix of
+:mod:`fedneq.federation.timing`, prices a round with). A :class:`Fleet` is a mix of
 device classes with population shares. In simulation a client only knows its
 ``partition-id`` and ``num-partitions`` (DESIGN.md section 3), so
 :meth:`Fleet.assign` turns a seed into a fixed, reproducible class for every
@@ -80,7 +80,7 @@ class DeviceProfile:
     speed : float, default 1.0
         Compute speed relative to the reference device (2.0 = twice as fast):
         its throughput is ``speed x`` the reference FLOP/s of the time model
-        (``[fleet] reference_gflops``, :mod:`fedneq.timing`).
+        (``[fleet] reference_gflops``, :mod:`fedneq.federation.timing`).
     grad_filter_r : int or None, default None
         Gradient-filtering patch size r (None: exact backward).
     download_mbps, upload_mbps : float, default 100.0
@@ -89,7 +89,7 @@ class DeviceProfile:
         a Raspberry Pi 4 on Wi-Fi: see :func:`default_fleet`).
     availability : float, default 1.0
         Probability in ``(0, 1]`` that the device is reachable in a given
-        round (seeded per round and device, :func:`fedneq.timing.available`);
+        round (seeded per round and device, :func:`fedneq.federation.timing.available`);
         1.0: always.
     """
 
@@ -347,7 +347,7 @@ class Fleet:
 
 # Figures of the default classes (order of magnitude; the time model only needs that).
 # Compute: the reference device (speed 1.0) is a Raspberry Pi 4 at
-# REFERENCE_GFLOPS = 8 GFLOP/s (fedneq.timing): High Performance Linpack measures
+# REFERENCE_GFLOPS = 8 GFLOP/s (fedneq.federation.timing): High Performance Linpack measures
 # ~8 GFLOP/s on a Pi 4B under 64-bit Raspberry Pi OS (B. Feiereisen, "Benchmarking
 # the Raspberry Pi 4 with Raspberry Pi OS64", 2022; dadul96.github.io, "HPL
 # benchmark on Pi 4B", 2021, reports the same range).

@@ -10,7 +10,7 @@ The federated round on a device (DESIGN.md §2):
 5. reply with only what was trained (``wire.encode``), metrics (including the
    budget it trained under, ``budget-params`` per local epoch and
    ``local-epochs``, which the server checks the reply against, and the
-   round's FLOPs and simulated seconds on the device, :mod:`fedneq.timing`),
+   round's FLOPs and simulated seconds on the device, :mod:`fedneq.federation.timing`),
    and the new velocity state to keep.
 
 Fault injection (``[faults]``, simulation only) is drawn from (seed,
@@ -47,15 +47,15 @@ from torch import nn
 
 from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
-from fedneq.device_data import PartitionFile
-from fedneq.devices import DeviceProfile
+from fedneq.federation.device_data import PartitionFile
+from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.timing import client_time, round_flops, time_metrics
+from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
-from fedneq.selection import get_selector
+from fedneq.selection.selectors import get_selector
+from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
-from fedneq.timing import client_time, round_flops, time_metrics
-from fedneq.training import evaluate, train_masked
-from fedneq.velocity import VelocityTracker
-from fedneq.wire import encode, payload_nbytes, tensor_table
+from fedneq.training.loop import evaluate, train_masked
 
 __all__ = [
     "ClientReply",
@@ -78,7 +78,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class ClientReply:
-    arrays: dict[str, np.ndarray]  # the sparse update (fedneq.wire)
+    arrays: dict[str, np.ndarray]  # the sparse update (fedneq.federation.wire)
     metrics: dict[str, int | float]
     velocity_state: dict[str, torch.Tensor]  # to keep until the next participation
     device: str
@@ -106,7 +106,7 @@ class _Shape:
 @functools.lru_cache(maxsize=2)
 def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = None) -> _Runtime:
     """``local``: ``(num_classes, in_channels, input shape)`` of a device partition file
-    (:mod:`fedneq.device_data`); the dataset is then never loaded."""
+    (:mod:`fedneq.federation.device_data`); the dataset is then never loaded."""
     config = Config.from_json(config_json)
     if local is None:
         task = load_task(config)
@@ -174,7 +174,7 @@ def client_round(
 
     ``attempt`` counts the server's tries at this round (0 first); it only
     seeds the fault draw (:func:`draw_faults`). ``local`` is the device's own
-    partition file (:mod:`fedneq.device_data`): its data is used and the
+    partition file (:mod:`fedneq.federation.device_data`): its data is used and the
     dataset is never loaded.
 
     Raises
@@ -275,7 +275,7 @@ def client_round(
         "budget-params": int(selector.budget),
         "local-epochs": int(device.local_epochs),
     }
-    # simulated time on the device (fedneq.timing): the cost model's FLOPs of every epoch's mask
+    # simulated time on the device (fedneq.federation.timing): the cost model's FLOPs of every epoch's mask
     flops = round_flops(
         [(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None],
         probe_samples=len(data.probe.x),

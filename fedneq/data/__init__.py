@@ -1,0 +1,1 @@
+"""Offline datasets and how they are partitioned across clients."""

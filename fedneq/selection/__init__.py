@@ -1,0 +1,2 @@
+"""Which neurons a device trains: velocity (NEq), the budgeted selection rule and its
+selectors, and the static Sparse Update schemes."""

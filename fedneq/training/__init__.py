@@ -1,0 +1,2 @@
+"""How a device trains: the one masked training loop, freezing, the budgeted backward,
+gradient filtering, and upstream pretraining."""
