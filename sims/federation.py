@@ -478,6 +478,7 @@ def _client_row(
     device: str,
     rejected: dict[int, str],
     update_rms: float | None,
+    clip: float | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"round": server_round, "partition_id": pid, "device": device}
     if msg.has_error():
@@ -492,6 +493,8 @@ def _client_row(
         from_array_record(next(iter(msg.content.array_records.values())))
     )
     row["update_rms"] = "" if update_rms is None else update_rms
+    if clip is not None:
+        row["reason"] = f"update scaled by {clip:.3g} to clip_update_ratio x the round's median"
     return row
 
 
@@ -710,10 +713,11 @@ def run_federation(
                     note = f"the aggregate's test loss is {loss}: not committed"
                     log.warning("round %d: %s, the global model stays as it was", rnd, note)
                     strategy.load_state_dict(before)
-        sizes = strategy.last_update_rms
+        sizes, clips = strategy.last_update_rms, strategy.last_clip
         rejected = {partition_of[n]: why for n, why in rejected_nodes.items()}
         client_rows = [
-            _client_row(rnd, m, pid_of[id(m)], devices[pid_of[id(m)]], rejected, sizes.get(m.metadata.src_node_id))
+            _client_row(rnd, m, pid_of[id(m)], devices[pid_of[id(m)]], rejected,
+                        sizes.get(m.metadata.src_node_id), clips.get(m.metadata.src_node_id))
             for m in replies
         ]  # fmt: skip
         answered = {r["partition_id"] for r in client_rows + split.dropped}

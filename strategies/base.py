@@ -61,7 +61,9 @@ __all__ = [
     "RoundSummary",
     "SparseStrategy",
     "aggregate_metrics",
+    "clip_factors",
     "oversized_updates",
+    "scale_update",
     "trained_params",
     "update_rms",
 ]
@@ -215,6 +217,51 @@ def oversized_updates(
     return out
 
 
+def clip_factors(sizes: Sequence[float], *, ratio: float | None) -> list[float]:
+    """Per update, the factor that bounds its size to ``ratio`` times the median of the others.
+
+    Norm bounding (Sun et al., "Can You Really Backdoor Federated Learning?",
+    2019): an honest but far-drifted client (many local steps on data the
+    model fits badly) keeps its direction and loses its excess length, so one
+    reply cannot swing the average. 1.0 leaves an update as it is (within the
+    bound, a round of one, a reference of 0, or ``ratio`` ``None``).
+    """
+    factors = [1.0] * len(sizes)
+    if ratio is None:
+        return factors
+    for i, size in enumerate(sizes):
+        others = [s for j, s in enumerate(sizes) if j != i]
+        reference = float(np.median(others)) if others else 0.0
+        if reference > 0 and size > ratio * reference:
+            factors[i] = ratio * reference / size
+    return factors
+
+
+def scale_update(
+    update: SparseUpdate,
+    global_state: Mapping[str, torch.Tensor],
+    keys: Iterable[str],
+    factor: float,
+) -> SparseUpdate:
+    """``update`` with the change of its sent rows of ``keys`` multiplied by ``factor``.
+
+    Sent rows of other keys (BatchNorm running statistics) are left as sent.
+    """
+    if factor == 1.0:
+        return update
+    values = dict(update.values)
+    for key in keys:
+        sent = update.rows.get(key)
+        if sent is None:
+            continue
+        old = as_rows(global_state[key])
+        new = update.values[key].clone(memory_format=torch.contiguous_format)
+        rows = as_rows(new)
+        rows[sent] = old[sent] + factor * (rows[sent] - old[sent])
+        values[key] = new
+    return SparseUpdate(values=values, rows=update.rows)
+
+
 def aggregate_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     """Weighted mean of every metric over the replies that report it.
 
@@ -314,6 +361,11 @@ class SparseStrategy(FedAvg):
     max_update_rms:
         Reject a reply whose :func:`update_rms` exceeds this absolute bound
         (default ``None``: off).
+    clip_update_ratio:
+        Scale down an accepted reply's change so that its :func:`update_rms`
+        is at most this many times the median of the round's other replies
+        (:func:`clip_factors`; default ``None``: off). Rejection stops
+        explosions; clipping bounds the sway of an honest far-drifted client.
     max_abs_value:
         Reject a reply that sends any value (parameters and running
         statistics alike) of magnitude above this (default ``1e6``; ``None``:
@@ -355,6 +407,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         epochs_key: str = "local-epochs",
         max_update_ratio: float | None = 10.0,
         max_update_rms: float | None = None,
+        clip_update_ratio: float | None = None,
         max_abs_value: float | None = 1e6,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
@@ -376,6 +429,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         for name, value in (
             ("max_update_ratio", max_update_ratio),
             ("max_update_rms", max_update_rms),
+            ("clip_update_ratio", clip_update_ratio),
             ("max_abs_value", max_abs_value),
         ):
             if value is not None and not (
@@ -405,6 +459,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         self.epochs_key = epochs_key
         self.max_update_ratio = None if max_update_ratio is None else float(max_update_ratio)
         self.max_update_rms = None if max_update_rms is None else float(max_update_rms)
+        self.clip_update_ratio = None if clip_update_ratio is None else float(clip_update_ratio)
         self.max_abs_value = None if max_abs_value is None else float(max_abs_value)
         # parameters whose change measures an update's size (buffers left out)
         self._size_keys = tuple(
@@ -424,6 +479,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         self.summaries: list[RoundSummary] = []
         self.last_rejected: dict[int, str] = {}  # node id -> reason, of the last aggregate_train
         self.last_update_rms: dict[int, float] = {}  # node id -> update_rms, of the last check
+        self.last_clip: dict[int, float] = {}  # node id -> factor its change was scaled by (< 1)
         self.sample: Callable[[Grid, int], Sequence[int]] | None = None
         self._global: dict[str, torch.Tensor] | None = None
         if reference_state is not None:
@@ -582,7 +638,9 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         Any exception raised while checking one reply (e.g. ``EOFError`` from
         a truncated array) rejects that reply; then the well-formed replies'
         sizes (:func:`update_rms`, kept in :attr:`last_update_rms`) reject the
-        exploded ones (:func:`oversized_updates`). Each rejection is logged.
+        exploded ones (:func:`oversized_updates`) and, with ``clip_update_ratio``,
+        scale down the change of the accepted ones that are still large
+        (:func:`clip_factors`, kept in :attr:`last_clip`). Each rejection is logged.
         """
         global_state = self.global_state  # no global model yet is the caller's error: raise it here
         accepted: list[tuple[Message, SparseUpdate, float]] = []
@@ -610,7 +668,17 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
             node = accepted[i][0].metadata.src_node_id
             rejected[node] = why
             log(WARNING, "round %d: rejected the update of node %d: %s", server_round, node, why)
-        return [a for i, a in enumerate(accepted) if i not in oversized], rejected
+        kept = [i for i in range(len(accepted)) if i not in oversized]
+        factors = clip_factors([sizes[i] for i in kept], ratio=self.clip_update_ratio)
+        self.last_clip = {}
+        out = []
+        for i, factor in zip(kept, factors, strict=True):
+            msg, update, weight = accepted[i]
+            if factor < 1.0:
+                self.last_clip[msg.metadata.src_node_id] = factor
+                update = scale_update(update, global_state, self._size_keys, factor)
+            out.append((msg, update, weight))
+        return out, rejected
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -47,6 +47,7 @@ from strategies.base import (
     BudgetLimit,
     SparseStrategy,
     aggregate_metrics,
+    clip_factors,
     oversized_updates,
     trained_params,
     update_rms,
@@ -527,6 +528,29 @@ def test_an_exploded_but_well_formed_reply_is_rejected(m: Model) -> None:
     strict.max_update_rms = 50.0
     strict.aggregate_train(1, [reply(train_messages(strict, m)[BAD_NODE], arrays, metrics)])
     assert "exceeds max_update_rms=50" in strict.last_rejected[BAD_NODE]
+
+
+def test_a_large_honest_update_is_clipped_to_the_bound_not_dropped(m: Model) -> None:
+    """clip_update_ratio scales a far-drifted reply's change down to the bound, keeping it."""
+    metrics = metrics_for(m, BAD_IDS, 1000)
+    far = encode(m.trained(1.0), m.nm, m.mask(BAD_IDS), m.table)  # RMS 1.0; others 0.1, 0.2
+    clipping = strategy_for(m)
+    clipping.clip_update_ratio = 2.0  # bound: 2 x median(0.1, 0.2) = 0.3
+    strategy, got, _ = run_round(m, lambda to: reply(to, far, metrics), clipping)
+    assert not strategy.last_rejected and strategy.last_clip == {BAD_NODE: pytest.approx(0.3)}
+    # the same as a reply whose parameters moved by 0.3, its running statistics as sent
+    params = set(strategy._size_keys)
+    moved = {k: v + (0.3 if k in params else 1.0) if k in m.table else v for k, v in m.state.items()}
+    plain = strategy_for(m)
+    _, expected, _ = run_round(
+        m, lambda to: reply(to, encode(moved, m.nm, m.mask(BAD_IDS), m.table), metrics), plain
+    )
+    assert not plain.last_clip
+    for key, value in got.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+    assert clip_factors([0.1, 0.2, 1.0], ratio=2.0) == pytest.approx([1.0, 1.0, 0.3])
+    assert clip_factors([0.1, 0.2, 1.0], ratio=None) == [1.0, 1.0, 1.0]
+    assert clip_factors([5.0], ratio=2.0) == [1.0]  # nothing to compare with
 
 
 def test_update_size_rules_by_hand(m: Model) -> None:
