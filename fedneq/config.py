@@ -211,6 +211,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    prox_mu: float = 0.0  # > 0: FedProx's pull toward the global model (OptimizerConfig)
     backward: str = "sparse"  # "sparse" | "masked" (fedneq.training.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
     # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
@@ -230,7 +231,9 @@ class TrainConfig:
         _check_positive("train", "grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
 
     def optimizer_config(self) -> OptimizerConfig:
-        return OptimizerConfig(self.optimizer, self.lr, self.momentum, self.weight_decay)
+        return OptimizerConfig(
+            self.optimizer, self.lr, self.momentum, self.weight_decay, self.prox_mu
+        )
 
     def grad_filter(self, r: int | None) -> GradFilterConfig | None:
         """Gradient filtering of a device with patch size ``r`` (None or 1: exact backward)."""

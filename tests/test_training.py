@@ -289,3 +289,46 @@ def test_balanced_softmax_leaves_the_classes_a_client_lacks_alone() -> None:
     with pytest.raises(ValueError, match="loss should be one of"):
         train_masked(tiny_cnn(), data, neuron_map=nmap, masks=nmap.train_mask(nmap.empty_mask()),
                      generator=torch.Generator(), loss="focal")  # fmt: skip
+
+
+def test_fedprox_adds_the_proximal_gradient_and_keeps_frozen_rows_bit_identical() -> None:
+    """prox_mu: each step's gradient gains mu * (w - w_start); frozen neurons still do not move."""
+    opt = OptimizerConfig("sgd", lr=0.1, momentum=0.9, prox_mu=0.5)
+    data = toy_data()
+    model, reference, plain = tiny_cnn(), tiny_cnn(), tiny_cnn()
+    nmap = enumerate_neurons(model, always_trained=("11",))
+    every = nmap.train_mask(torch.ones(nmap.num_neurons, dtype=torch.bool))
+    train_masked(model, data, neuron_map=nmap, masks=every, epochs=2, batch_size=16,
+                 optimizer=opt, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    # by hand: the same batches, the proximal term in the loss
+    start = [p.detach().clone() for p in reference.parameters()]
+    optim = opt.build(list(reference.parameters()))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        order = torch.randperm(len(data), generator=g)
+        for idx in torch.tensor_split(order, math.ceil(len(order) / 16)):
+            optim.zero_grad()
+            prox = sum(((p - s) ** 2).sum() for p, s in zip(reference.parameters(), start, strict=True))
+            (F.cross_entropy(reference(data.x[idx]), data.y[idx]) + 0.25 * prox).backward()
+            optim.step()
+    for (key, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=key)
+    # the pull is real: closer to the start than the same training without it
+    train_plainly(plain, data, OptimizerConfig("sgd", lr=0.1, momentum=0.9), epochs=2,
+                  batch_size=16, seed=3)  # fmt: skip
+    dist = lambda m: sum(float(((p.detach() - s) ** 2).sum()) for p, s in zip(m.parameters(), start, strict=True))  # noqa: E731
+    assert dist(model) < 0.9 * dist(plain)
+    # frozen rows stay bit-identical under the pull
+    partial = tiny_cnn()
+    before = {k: v.clone() for k, v in partial.state_dict().items()}
+    half = torch.zeros(nmap.num_neurons, dtype=torch.bool)
+    half[::2] = True
+    train_masked(partial, data, neuron_map=nmap, masks=nmap.train_mask(half), epochs=2,
+                 batch_size=16, optimizer=opt, generator=torch.Generator().manual_seed(3))  # fmt: skip
+    after = partial.state_dict()
+    for idx in torch.nonzero(~half).flatten().tolist():
+        for key, row in _rows_of_neuron(nmap, before, idx).items():
+            layer_rows = _rows_of_neuron(nmap, after, idx)
+            assert torch.equal(row, layer_rows[key]), (idx, key)
+    with pytest.raises(ValueError, match="prox_mu should be >= 0"):
+        OptimizerConfig(prox_mu=-1.0)

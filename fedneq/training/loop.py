@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,9 @@ class OptimizerConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # FedProx (Li et al., MLSys 2020, https://arxiv.org/abs/1812.06127): every step pulls
+    # each weight back toward where local training started, by prox_mu * (w - w_start)
+    prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -58,6 +62,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer momentum should be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"optimizer weight_decay should be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.prox_mu) and self.prox_mu >= 0):
+            raise ValueError(f"optimizer prox_mu should be >= 0, got {self.prox_mu}")
 
     def build(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.name == "sgd":
@@ -203,6 +209,8 @@ def train_masked(
     # mask freezes have requires_grad=False, hence no .grad, and are skipped.
     candidates = [p for p in model.parameters()]
     opt = optimizer.build(candidates)
+    if optimizer.prox_mu > 0:
+        proximal_pull(opt, candidates, optimizer.prox_mu)
     stats: list[EpochStats] = []
     union: TrainMask | None = None
     previous_rows: dict[str, torch.Tensor] = {}
@@ -240,6 +248,26 @@ def train_masked(
         union = mask if union is None else union_mask(union, mask)
     assert union is not None
     return TrainResult(stats[-1].loss, sum(s.examples for s in stats), tuple(stats), union)
+
+
+def proximal_pull(opt: torch.optim.Optimizer, params: list[nn.Parameter], mu: float) -> None:
+    """Before each of ``opt``'s steps, add ``mu * (w - w_start)`` to every gradient (FedProx).
+
+    ``w_start`` is each parameter as it is now, i.e. the global model a client
+    starts from: the gradient of ``mu / 2 * ||w - w_start||^2``, which keeps a
+    client with few, skewed examples from drifting far from the others. A
+    frozen row has ``w == w_start`` (and is restored after the step): no pull.
+    Costs one copy of the parameters.
+    """
+    anchors = [(p, p.detach().clone()) for p in params]
+
+    def pre_step(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        with torch.no_grad():
+            for p, start in anchors:
+                if p.grad is not None:
+                    p.grad.add_(p - start, alpha=mu)
+
+    opt.register_step_pre_hook(pre_step)
 
 
 def _train_mode(model: nn.Module, bn_stats: str) -> None:
