@@ -103,6 +103,9 @@ METRICS = SUMMARY_COLUMNS[4:]
 CURVE_COLUMNS = ("setting", "tier", "method", "seed", "step", "accuracy", "cum_bytes_up")
 
 
+ZERO_IS_OFF = ("prox_mu", "clip_update_ratio")  # Plan fields where 0 turns a rule off
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a sweep runs. :data:`FULL` and :data:`QUICK` are the shipped plans.
@@ -146,6 +149,11 @@ class Plan:
     bn_stats: str = "frozen"
     single_bn_stats: str = "all"
     loss: str = "balanced-softmax"  # label-skewed clients leave the classes they lack alone
+    # federated stabilisers (issue 10, docs/variants/fedavg-stability): FedProx's pull toward
+    # the global model ([train] prox_mu) and norm bounding of each reply at this many times the
+    # round's median update ([strategy.options] clip_update_ratio); 0 = off
+    prox_mu: float = 0.0
+    clip_update_ratio: float = 0.0
     pretrain_train_limit: int = 0
     pretrain_test_limit: int = 1000
 
@@ -177,8 +185,9 @@ class Plan:
             value = getattr(self, f.name)
             if not isinstance(value, int | float) or isinstance(value, bool):
                 continue
-            if value < 0 or (value == 0 and not f.name.endswith("_limit")):
-                bound = ">= 0" if f.name.endswith("_limit") else "> 0"
+            zero_ok = f.name.endswith("_limit") or f.name in ZERO_IS_OFF
+            if value < 0 or (value == 0 and not zero_ok):
+                bound = ">= 0" if zero_ok else "> 0"
                 raise ValueError(f"{f.name} should be {bound}, got {value!r}")
 
 
@@ -318,13 +327,15 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     """The full configuration of one run (``base`` from :func:`base_config`)."""
     run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
     data: dict[str, Any] = {}
-    train: dict[str, Any] = {"bn_stats": plan.bn_stats, "loss": plan.loss}
+    train: dict[str, Any] = {"bn_stats": plan.bn_stats, "loss": plan.loss, "prox_mu": plan.prox_mu}
     if run.setting == "single":
         data["train_limit"] = plan.single_train_limit
-        train |= {"lr": plan.single_lr, "bn_stats": plan.single_bn_stats}
+        train |= {"lr": plan.single_lr, "bn_stats": plan.single_bn_stats, "prox_mu": 0.0}
     selection = {"selector": run.method, "scheme": ""}
     fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
-    strategy = {"name": plan.strategy}
+    strategy: dict[str, Any] = {"name": plan.strategy}
+    if plan.clip_update_ratio > 0:
+        strategy["options"] = {"clip_update_ratio": plan.clip_update_ratio}
     if run.setting == "heterogeneous":
         fleet = {"preset": "default"}
         if run.method == "static":
@@ -796,6 +807,18 @@ def velocity_sentence(velocity: dict[str, Any] | None) -> str:
     )  # fmt: skip
 
 
+def stabiliser_sentence(plan: dict[str, Any]) -> str:
+    """The federated stabilisers a stored ``plan`` turned on ("" when none)."""
+    parts = []
+    if plan.get("prox_mu", 0.0) > 0:
+        parts.append(f"FedProx pull μ = {plan['prox_mu']:g} in local training")
+    if plan.get("clip_update_ratio", 0.0) > 0:
+        parts.append(
+            f"each reply's change clipped to {plan['clip_update_ratio']:g}× the round's median"
+        )
+    return f" Stabilisers: {'; '.join(parts)}." if parts else ""
+
+
 def setting_bullets(plan: dict[str, Any]) -> list[str]:
     """The setup of each setting the stored ``plan`` ran, one Markdown bullet each."""
     single = (
@@ -808,6 +831,7 @@ def setting_bullets(plan: dict[str, Any]) -> list[str]:
         f"{plan['rounds']} rounds, {plan['local_epochs']} local epochs, "
         f"`{plan.get('strategy', 'neuron-avg')}` aggregation, {plan['probe_size']} probe "
         "images per client; velocity state kept on each client between participations."
+        + stabiliser_sentence(plan)
     )
     hetero = (
         "* **Heterogeneous fleet**: fedneq's default fleet, 30 % mcu (1 %), 40 % pi-zero (5 %), "

@@ -28,6 +28,7 @@ from sims.paper import (
     override,
     run_config,
     run_sweep,
+    setting_bullets,
     summarize_run,
     tier_budgets,
     write_report,
@@ -166,6 +167,16 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     for method, expected in (("random", "sparse-fedavg"), ("fedavg", "fedavg")):
         c = run_config(other, Run("homogeneous", "SU-1", method, 0), base_config(other, tmp_path), tiers)
         assert c.strategy.name == expected
+    # the stabilisers reach every federated run, not the single device
+    assert (base.train.prox_mu, cfg("homogeneous", "SU-1", "random").strategy.options) == (0.0, {})
+    stable = dataclasses.replace(FULL, prox_mu=1.0, clip_update_ratio=2.0)
+    for setting, tier, method in (("homogeneous", "SU-1", "random"), ("homogeneous", "full", "fedavg"),
+                                  ("heterogeneous", "mixed", "fedavg-phones")):  # fmt: skip
+        c = run_config(stable, Run(setting, tier, method, 0), base_config(stable, tmp_path), tiers)
+        assert (c.train.prox_mu, c.strategy.options) == (1.0, {"clip_update_ratio": 2.0}), method
+    c = run_config(stable, Run("single", "SU-1", "random", 0), base_config(stable, tmp_path), tiers)
+    assert c.train.prox_mu == 0.0
+    assert "FedProx pull μ = 1" in setting_bullets(dataclasses.asdict(stable))[1]
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):
         cfg("heterogeneous", "mixed", "velocity-per-param")
     with pytest.raises(ValueError, match="method 'smallest' is not part of setting 'single'"):
