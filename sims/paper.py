@@ -104,6 +104,7 @@ CURVE_COLUMNS = ("setting", "tier", "method", "seed", "step", "accuracy", "cum_b
 
 
 ZERO_IS_OFF = ("prox_mu", "clip_update_ratio")  # Plan fields where 0 turns a rule off
+DENSE_FEDERATED = ("fedavg", "fedavg-phones")  # the runs Plan.prox_mu applies to
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,10 @@ class Plan:
     single_bn_stats: str = "all"
     loss: str = "balanced-softmax"  # label-skewed clients leave the classes they lack alone
     # federated stabilisers (issue 10, docs/variants/fedavg-stability): FedProx's pull toward
-    # the global model ([train] prox_mu) and norm bounding of each reply at this many times the
-    # round's median update ([strategy.options] clip_update_ratio); 0 = off
+    # the global model ([train] prox_mu) for the dense FedAvg runs only (it slows a budgeted
+    # run, whose few trainable rows it pulls back), and norm bounding of every federated
+    # reply at this many times the round's median update ([strategy.options]
+    # clip_update_ratio); 0 = off
     prox_mu: float = 0.0
     clip_update_ratio: float = 0.0
     pretrain_train_limit: int = 0
@@ -327,14 +330,16 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     """The full configuration of one run (``base`` from :func:`base_config`)."""
     run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
     data: dict[str, Any] = {}
-    train: dict[str, Any] = {"bn_stats": plan.bn_stats, "loss": plan.loss, "prox_mu": plan.prox_mu}
+    train: dict[str, Any] = {"bn_stats": plan.bn_stats, "loss": plan.loss}
+    if run.method in DENSE_FEDERATED:
+        train["prox_mu"] = plan.prox_mu
     if run.setting == "single":
         data["train_limit"] = plan.single_train_limit
-        train |= {"lr": plan.single_lr, "bn_stats": plan.single_bn_stats, "prox_mu": 0.0}
+        train |= {"lr": plan.single_lr, "bn_stats": plan.single_bn_stats}
     selection = {"selector": run.method, "scheme": ""}
     fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
     strategy: dict[str, Any] = {"name": plan.strategy}
-    if plan.clip_update_ratio > 0:
+    if plan.clip_update_ratio > 0 and run.federated:
         strategy["options"] = {"clip_update_ratio": plan.clip_update_ratio}
     if run.setting == "heterogeneous":
         fleet = {"preset": "default"}
@@ -811,7 +816,7 @@ def stabiliser_sentence(plan: dict[str, Any]) -> str:
     """The federated stabilisers a stored ``plan`` turned on ("" when none)."""
     parts = []
     if plan.get("prox_mu", 0.0) > 0:
-        parts.append(f"FedProx pull μ = {plan['prox_mu']:g} in local training")
+        parts.append(f"FedProx pull μ = {plan['prox_mu']:g} in the dense FedAvg runs")
     if plan.get("clip_update_ratio", 0.0) > 0:
         parts.append(
             f"each reply's change clipped to {plan['clip_update_ratio']:g}× the round's median"

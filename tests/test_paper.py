@@ -173,9 +173,12 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     for setting, tier, method in (("homogeneous", "SU-1", "random"), ("homogeneous", "full", "fedavg"),
                                   ("heterogeneous", "mixed", "fedavg-phones")):  # fmt: skip
         c = run_config(stable, Run(setting, tier, method, 0), base_config(stable, tmp_path), tiers)
-        assert (c.train.prox_mu, c.strategy.options) == (1.0, {"clip_update_ratio": 2.0}), method
+        dense = method.startswith("fedavg")  # the pull slows a budgeted run: dense runs only
+        assert (c.train.prox_mu, c.strategy.options) == (
+            1.0 if dense else 0.0, {"clip_update_ratio": 2.0}
+        ), method
     c = run_config(stable, Run("single", "SU-1", "random", 0), base_config(stable, tmp_path), tiers)
-    assert c.train.prox_mu == 0.0
+    assert (c.train.prox_mu, c.strategy.options) == (0.0, {})
     assert "FedProx pull μ = 1" in setting_bullets(dataclasses.asdict(stable))[1]
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):
         cfg("heterogeneous", "mixed", "velocity-per-param")
