@@ -188,7 +188,10 @@ def _read_partitions(partitioner: Partitioner, num_partitions: int) -> list[np.n
     row lists give them directly (``SizePartitioner`` publicly; ``Dirichlet`` and
     ``Pathological`` only as ``_partition_id_to_indices``, filled once
     ``num_partitions`` is read); the rows are mapped through the ``"index"``
-    column. ``IidPartitioner`` shards without row lists.
+    column. ``IidPartitioner`` shards without row lists, in contiguous blocks
+    (``Dataset.shard(n, i, contiguous=True)``): the blocks are computed here as
+    ``shard`` computes them (:func:`_contiguous_shards`), 10 000 partitions in
+    milliseconds instead of 20 s.
     """
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -202,12 +205,20 @@ def _read_partitions(partitioner: Partitioner, num_partitions: int) -> list[np.n
         _ = partitioner.num_partitions  # runs the assignment
         rows = partitioner._partition_id_to_indices
     else:
-        return [
-            np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)
-            for pid in range(num_partitions)
-        ]
+        rows = _contiguous_shards(len(partitioner.dataset), num_partitions)
     index = np.asarray(partitioner.dataset["index"], dtype=np.int64)  # (N,) row -> sample
     return [index[np.asarray(rows[pid], dtype=np.int64)] for pid in range(num_partitions)]
+
+
+def _contiguous_shards(num_rows: int, num_shards: int) -> list[np.ndarray]:
+    """The rows of each of ``datasets.Dataset.shard(num_shards, i, contiguous=True)``.
+
+    As ``shard`` computes them: ``div, mod = divmod(num_rows, num_shards)``;
+    shard ``i`` starts at ``div * i + min(i, mod)`` and holds ``div + (i < mod)`` rows.
+    """
+    div, mod = divmod(num_rows, num_shards)
+    starts = [div * i + min(i, mod) for i in range(num_shards)]
+    return [np.arange(start, start + div + (i < mod)) for i, start in enumerate(starts)]
 
 
 @functools.lru_cache(maxsize=8)
