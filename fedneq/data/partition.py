@@ -117,6 +117,25 @@ def _quantity_sizes(
     return [int(spec.min_partition_size + e) for e in extra]
 
 
+def _check_count(num_samples: int, num_partitions: int, seed: int) -> None:
+    _check_int("num_partitions", num_partitions, 1)
+    _check_int("seed", seed, 0)
+    if num_partitions > num_samples:
+        raise ValueError(
+            f"num_partitions={num_partitions} exceeds the {num_samples} samples: at least "
+            f"{num_partitions - num_samples} partitions would be empty"
+        )
+
+
+def _iid_partitions(num_samples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """``"iid"`` without building the partitioner: the same seeded shuffle as
+    :func:`build_partitioner`, then ``IidPartitioner``'s contiguous shards. A client
+    process then never imports ``datasets`` (~120 MB of memory)."""
+    _check_count(num_samples, num_partitions, seed)
+    index = np.random.default_rng(seed).permutation(num_samples)
+    return [index[rows] for rows in _contiguous_shards(num_samples, num_partitions)]
+
+
 def build_partitioner(
     labels: np.ndarray, num_partitions: int, spec: PartitionSpec, seed: int
 ) -> Partitioner:
@@ -135,13 +154,7 @@ def build_partitioner(
     )
 
     labels = _check_labels(labels)
-    _check_int("num_partitions", num_partitions, 1)
-    _check_int("seed", seed, 0)
-    if num_partitions > labels.size:
-        raise ValueError(
-            f"num_partitions={num_partitions} exceeds the {labels.size} samples: at least "
-            f"{num_partitions - labels.size} partitions would be empty"
-        )
+    _check_count(labels.size, num_partitions, seed)
     rng = np.random.default_rng(seed)
     # iid / quantity split the rows in order: they get a seeded shuffle first, done here
     # (not with Dataset.shuffle, whose indices mapping makes reading columns slow)
@@ -235,8 +248,11 @@ def _partition_cached(
             # DirichletPartitioner warns on every redraw it makes to reach
             # min_partition_size; a redraw is expected, and failure still raises.
             warnings.filterwarnings("ignore", message="The specified min_partition_size")
-            partitioner = build_partitioner(labels, num_partitions, spec, seed)
-            parts = _read_partitions(partitioner, num_partitions)
+            if spec.kind == "iid":
+                parts = _iid_partitions(labels.size, num_partitions, seed)
+            else:
+                partitioner = build_partitioner(labels, num_partitions, spec, seed)
+                parts = _read_partitions(partitioner, num_partitions)
     except ValueError as error:
         raise ValueError(
             f"cannot split {labels.size} samples into {num_partitions} '{spec.kind}' "

@@ -62,6 +62,7 @@ from safetensors.torch import save as st_save
 
 from fedneq.config import Config, load_config
 from fedneq.federation.client import client_round
+from fedneq.federation.client_app import NO_DYNAMO_ENV, skip_torch_dynamo
 from fedneq.federation.state_store import store_usage
 from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
@@ -154,6 +155,7 @@ class TreeMemory:
     def __init__(self, root: int, also: tuple[str, ...] = (), period_s: float = 0.25) -> None:
         self.root, self.also, self.period_s = root, also, period_s
         self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = 0
+        self.peak_by_process: dict[str, int] = {}  # PSS KiB per process at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -179,10 +181,14 @@ class TreeMemory:
     def sample(self) -> None:
         pids = self.pids()
         rss = pss = 0
+        by_process: dict[str, int] = {}
         for pid in pids:
             r, p = _kib(pid)
             rss, pss = rss + r, pss + p
+            by_process[f"{pid} {_cmdline(pid)[:60]}"] = p
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
+        if pss > self.peak_pss_kib:
+            self.peak_by_process = by_process
         self.peak_pss_kib = max(self.peak_pss_kib, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
 
@@ -206,6 +212,8 @@ class TreeMemory:
 
 def _pool_init() -> None:
     torch.set_num_threads(1)
+    if os.environ.get(NO_DYNAMO_ENV, "1") == "1":  # as the simulation's actors (sims.run)
+        skip_torch_dynamo()
 
 
 def _train_one(
@@ -381,6 +389,9 @@ def one_scale(
             "sim_peak_rss_mib": memory.peak_rss_kib / 1024,
             "sim_peak_pss_mib": memory.peak_pss_kib / 1024,
             "sim_processes": memory.peak_processes,
+            "sim_peak_pss_by_process_mib": {
+                k: round(v / 1024) for k, v in sorted(memory.peak_by_process.items())
+            },
             "upload": upload_report(out / "clients.csv", config),
             "state": state_report(out / "clients.csv", out / "client_state", num_clients),
         }
