@@ -75,25 +75,6 @@ def backend_config(config: Config, *, verbose: bool = False) -> dict:
     }
 
 
-@contextmanager
-def _actor_environment() -> Iterator[None]:
-    """``FEDNEQ_NO_DYNAMO=1`` for the client actors, unless this process sets it.
-
-    Ray's processes inherit this process's environment: the ClientApp in each
-    actor then skips ``torch._dynamo`` (fedneq never compiles; ~80 MB per
-    actor; :func:`fedneq.federation.client_app.skip_torch_dynamo`).
-    ``FEDNEQ_NO_DYNAMO=0`` keeps it. Restored when the simulation ends.
-    """
-    key = "FEDNEQ_NO_DYNAMO"
-    saved = os.environ.get(key)
-    os.environ[key] = saved if saved is not None else "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-
-
 def check_runnable(config: Config) -> None:
     """Everything a run needs that can fail, checked before Ray starts: every client's
     data split, the model and the strategy built with the config's options."""
@@ -261,7 +242,7 @@ def simulate_many(
         check_tensorboard()
         tracking = TensorBoardLog(tensorboard, {s.label or s.out_dir.name: s.out_dir for s in runs})
     resume = resume_command or f"python -m sims.run --resume {runs[0].out_dir}"
-    with _quiet(verbose), _stop_on_ctrl_c(resume), _actor_environment(), tracking:
+    with _quiet(verbose), _stop_on_ctrl_c(resume), tracking:
         run_simulation(
             server_app=make_sequence_app(runs),
             client_app=client_app,

@@ -62,7 +62,6 @@ from safetensors.torch import save as st_save
 
 from fedneq.config import Config, load_config
 from fedneq.federation.client import client_round
-from fedneq.federation.client_app import NO_DYNAMO_ENV, skip_torch_dynamo
 from fedneq.federation.state_store import store_usage
 from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
@@ -212,8 +211,6 @@ class TreeMemory:
 
 def _pool_init() -> None:
     torch.set_num_threads(1)
-    if os.environ.get(NO_DYNAMO_ENV, "1") == "1":  # as the simulation's actors (sims.run)
-        skip_torch_dynamo()
 
 
 def _train_one(
