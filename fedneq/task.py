@@ -4,25 +4,33 @@ Client and server build the same things from the same config: the dataset
 (restricted to the downstream classes when fine-tuning), the model and its
 neuron map, and each client's train / probe / test split. Everything here is
 cached per process, since a Ray actor serves many clients in turn.
+
+The task's training pool is a :class:`~fedneq.data.pool.ImagePool`: the
+images are held once per machine as stored (uint8) and a client's split is
+normalised only when that client trains (:func:`client_data`); partitions and
+splits are index arrays (:func:`client_split`). The server's test set is
+normalised the first time ``Task.test`` is read.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedneq.config import Config, DataConfig
-from fedneq.data.datasets import ArrayDataset, Splits, class_subset, get_dataset
-from fedneq.data.partition import partition_indices, split_client
+from fedneq.data.datasets import ArrayDataset, class_subset
+from fedneq.data.partition import ClientSplit, partition_indices, split_client
+from fedneq.data.pool import ImagePool, PoolSplits, get_pools
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 
 __all__ = [
-    "ClientData", "Task", "build_model", "check_partitions", "client_data", "derive_seed", "load_task",
+    "ClientData", "Task", "build_model", "check_partitions", "client_data", "client_split",
+    "derive_seed", "load_task",
 ]  # fmt: skip
 
 
@@ -37,12 +45,20 @@ def generator(*keys: int) -> torch.Generator:
 
 @dataclass(frozen=True)
 class Task:
-    train: ArrayDataset  # the pool the clients' partitions are drawn from
-    test: ArrayDataset  # the server's held-out test set
+    train: ImagePool  # the pool the clients' partitions are drawn from
+    test_pool: ImagePool  # the server's held-out test set, as stored
     num_classes: int
     in_channels: int
     classes: tuple[int, ...]  # original labels of the task's classes, in label order
     dataset_classes: int  # number of classes of the whole dataset (upstream + downstream)
+    _test: list[ArrayDataset] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def test(self) -> ArrayDataset:
+        """The server's test set, normalised (on first use; only the server evaluates it)."""
+        if not self._test:
+            self._test.append(self.test_pool.materialize())
+        return self._test[0]
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,8 @@ def upstream_classes(num_classes: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str, image_size: int, seed: int) -> Splits:
-    return get_dataset(name, root=root or None, image_size=image_size or None, seed=seed)
+def _dataset(name: str, root: str, image_size: int, seed: int) -> PoolSplits:
+    return get_pools(name, root=root or None, image_size=image_size or None, seed=seed)
 
 
 def load_task(config: Config) -> Task:
@@ -90,12 +106,12 @@ def _load_task(d: DataConfig, seed: int) -> Task:
     )
 
 
-def _limit(data: ArrayDataset, limit: int, *seed: int) -> ArrayDataset:
+def _limit(data: ImagePool, limit: int, *seed: int) -> ImagePool:
     """A seeded random subset of ``limit`` samples (all of them if ``limit`` is 0)."""
     if not limit or limit >= len(data):
         return data
     keep = torch.randperm(len(data), generator=generator(*seed))[:limit].sort().values
-    return data.subset(keep)
+    return data.view(keep)
 
 
 def build_model(config: Config, task: Task) -> tuple[nn.Module, NeuronMap]:
@@ -120,26 +136,30 @@ def _partitions(config_json: str) -> tuple[np.ndarray, ...]:
     )
 
 
-def client_data(config: Config, partition_id: int) -> ClientData:
-    """The train / probe / local-test split of one client's partition."""
+def client_split(config: Config, partition_id: int) -> ClientSplit:
+    """The train / probe / local-test indices (into ``load_task(config).train``) of a client."""
     if not 0 <= partition_id < config.run.num_clients:
         raise ValueError(
             f"partition_id should be in [0, {config.run.num_clients}), got {partition_id}"
         )
-    task = load_task(config)
     indices = _partitions(config.to_json())[partition_id]
-    split = split_client(
+    return split_client(
         indices,
         probe_size=config.data.probe_size,
         test_fraction=config.data.test_fraction,
         seed=config.run.seed,
         partition_id=partition_id,
     )
-    pool = task.train
+
+
+def client_data(config: Config, partition_id: int) -> ClientData:
+    """The train / probe / local-test split of one client's partition, normalised."""
+    split = client_split(config, partition_id)
+    pool = load_task(config).train
     return ClientData(pool.subset(split.train), pool.subset(split.probe), pool.subset(split.test))
 
 
 def check_partitions(config: Config) -> None:
     """Build every client's split once, so a bad partition fails before any round runs."""
     for partition_id in range(config.run.num_clients):
-        client_data(config, partition_id)
+        client_split(config, partition_id)

@@ -81,7 +81,7 @@ from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.wire import from_array_record, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
-from fedneq.task import build_model, check_partitions, client_data, derive_seed, load_task
+from fedneq.task import build_model, check_partitions, client_split, derive_seed, load_task
 from fedneq.training.loop import evaluate
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.initial import initial_state
@@ -616,7 +616,7 @@ def run_federation(
     profiles = dict(devices) if devices is not None else {
         pid: config.device(pid) for pid in range(config.run.num_clients)
     }
-    examples = {pid: len(client_data(config, pid).train) for pid in range(config.run.num_clients)}
+    examples = {pid: len(client_split(config, pid).train) for pid in range(config.run.num_clients)}
     torch.manual_seed(config.run.seed)
     model, neuron_map = build_model(config, task)
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")

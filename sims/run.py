@@ -225,6 +225,9 @@ def simulate_many(
     from flwr.simulation import run_simulation
 
     from fedneq.federation.client_app import app as client_app
+    from sims.vce_sweep import install
+
+    install()  # Flower's delivery loop costs nodes x messages per sweep (sims/vce_sweep.py)
 
     first = runs[0].config
     for spec in runs[1:]:

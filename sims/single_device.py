@@ -67,7 +67,7 @@ def run_single_device(
         raise ValueError(f"the training set ({len(order)}) must be larger than [data] probe_size ({n_probe})")
     probe, train = task.train.subset(order[:n_probe]), task.train.subset(order[n_probe:])
     num_params = sum(p.numel() for p in model.parameters())
-    profile = profile_model(model, neuron_map, tuple(task.train.x.shape[1:]))
+    profile = profile_model(model, neuron_map, task.train.image_shape)
     sel = config.selection
     rows: list[dict[str, Any]] = []
     for name in selectors:

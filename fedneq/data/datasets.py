@@ -1,4 +1,4 @@
-"""Offline real datasets as in-memory tensors: ``get_dataset(name, ...)``.
+"""Offline real datasets: ``get_dataset(name, ...)`` (float32 tensors) and the raw arrays.
 
 Nothing is downloaded unless ``download=True`` is passed. Sources:
 
@@ -17,6 +17,12 @@ Nothing is downloaded unless ``download=True`` is passed. Sources:
 Images are float32, standardized per channel with the mean and std of the
 training split (after the optional bilinear resize to ``image_size``).
 Results are cached per process; treat the returned tensors as read-only.
+
+:func:`get_dataset` holds a whole float32 copy. A federated run does not:
+:mod:`fedneq.data.pool` keeps the images as stored (:func:`load_raw`: uint8,
+memory-mapped from a per-machine cache, :mod:`fedneq.data.shared`) and
+normalises only the samples asked for; :func:`get_dataset` is that, done for
+every sample.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fedneq.data.pool import ImagePool
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
@@ -43,7 +52,9 @@ __all__ = [
     "clear_cache",
     "get_dataset",
     "half_split",
+    "check_dataset_args",
     "list_datasets",
+    "load_raw",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -87,6 +98,12 @@ class ArrayDataset:
         """A copy of the labels as a ``(N,)`` int64 numpy array."""
         return self.y.numpy().copy()
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one sample."""
+        c, h, w = self.x.shape[1:]
+        return int(c), int(h), int(w)
+
 
 @dataclass(frozen=True, eq=False)
 class Splits:
@@ -105,8 +122,8 @@ class Splits:
         return int(c), int(h), int(w)
 
 
-def class_subset(ds: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
-    """The samples of ``classes``, relabeled ``classes[i] -> i``.
+def class_subset(ds: ArrayDataset | ImagePool, classes: Sequence[int]) -> ArrayDataset | ImagePool:
+    """The samples of ``classes``, relabeled ``classes[i] -> i`` (a pool stays a pool: no copy).
 
     Raises
     ------
@@ -119,6 +136,8 @@ def class_subset(ds: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
     match = ds.y[:, None] == torch.tensor(classes)[None, :]  # (N, k)
     keep = match.any(dim=1).nonzero().squeeze(1)
     new = match.to(torch.int64).argmax(dim=1)  # position in `classes`
+    if not isinstance(ds, ArrayDataset):  # an ImagePool: narrowed, no pixels copied
+        return ds.view(keep, new[keep])
     return ArrayDataset(ds.x[keep], new[keep])
 
 
@@ -131,7 +150,8 @@ def half_split(num_classes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------- raw loaders
-# Each loader returns numpy arrays: x (N, C, H, W) float32 in natural units, y (N,) int64.
+# Each loader returns numpy arrays as stored: x (N, C, H, W) uint8 (float32 for mnist1d),
+# y (N,) int64, and the divisor that brings x to natural units (x / divisor, in float32).
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,6 +161,7 @@ class _Raw:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    divisor: float = 1.0
 
 
 def _stratified_split(
@@ -160,10 +181,10 @@ def _load_digits(root: Path | None, seed: int) -> _Raw:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8) in [0, 1]
+    x = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8) in 0..16 (/ 16: [0, 1])
     y = bunch.target.astype(np.int64)
     train, test = _stratified_split(y, 0.2, np.random.default_rng(seed))
-    return _Raw(x[train], y[train], x[test], y[test], 10)
+    return _Raw(x[train], y[train], x[test], y[test], 10, divisor=16.0)
 
 
 def _load_mnist1d(root: Path | None, seed: int) -> _Raw:
@@ -250,11 +271,12 @@ def _load_fmnist(root: Path | None, seed: int) -> _Raw:
         if files is not None:
             a = {k: _read_idx(files[k], _FMNIST_FILES[k][1]) for k in _FMNIST_FILES}
             return _Raw(
-                (a["x_train"].astype(np.float32) / 255.0)[:, None],
+                a["x_train"][:, None],
                 a["y_train"].astype(np.int64),
-                (a["x_test"].astype(np.float32) / 255.0)[:, None],
+                a["x_test"][:, None],
                 a["y_test"].astype(np.int64),
                 10,
+                divisor=255.0,
             )
     hint = (
         "install the Debian package dataset-fashion-mnist, or pass root=... holding the idx files"
@@ -376,11 +398,7 @@ def _load_cifar(name: str, root: Path | None) -> _Raw:
             x_train, y_train = _read_batches(lay, folder, lay.train)
             x_test, y_test = _read_batches(lay, folder, lay.test)
             return _Raw(
-                x_train.astype(np.float32) / 255.0,
-                y_train,
-                x_test.astype(np.float32) / 255.0,
-                y_test,
-                10 if name == "cifar10" else 100,
+                x_train, y_train, x_test, y_test, 10 if name == "cifar10" else 100, divisor=255.0
             )
     tried = [str(root / lay.folder) for lay in layouts]
     raise FileNotFoundError(
@@ -416,39 +434,87 @@ def list_datasets() -> list[str]:
     return list(_LOADERS)
 
 
-def _to_splits(name: str, raw: _Raw, image_size: int | None) -> Splits:
-    x_train, x_test = torch.from_numpy(raw.x_train), torch.from_numpy(raw.x_test)
-    if image_size is not None:
-        x_train, x_test = (
-            F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-            for x in (x_train, x_test)
-        )
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)  # (1, C, 1, 1)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True)
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    y_train, y_test = torch.from_numpy(raw.y_train), torch.from_numpy(raw.y_test)
-    for split, y in (("train", y_train), ("test", y_test)):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= raw.num_classes):
-            raise ValueError(
-                f"{name} {split} labels must lie in [0, {raw.num_classes}), got {int(y.min())}..{int(y.max())}"
-            )
-    return Splits(
-        name=name,
-        train=ArrayDataset(((x_train - mean) / std).contiguous(), y_train),
-        test=ArrayDataset(((x_test - mean) / std).contiguous(), y_test),
-        num_classes=raw.num_classes,
-        in_channels=int(x_train.shape[1]),
-    )
+def _source_stamp(name: str, root: Path | None) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of the files a loader reads; [] for generated or bundled data."""
+    files: list[Path] = []
+    if name == "fashion-mnist":
+        for folder in _fmnist_dirs(root):
+            found = _idx_files(folder)
+            if found is not None:
+                files = list(found.values())
+                break
+    elif name in _CIFAR_LAYOUTS and root is not None:
+        for lay in _CIFAR_LAYOUTS[name]:
+            paths = [root / lay.folder / f for f in lay.train + lay.test]
+            if all(p.is_file() for p in paths):
+                files = paths
+                break
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+_RAW_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@functools.lru_cache(maxsize=8)
+def load_raw(name: str, root: Path | None, seed: int) -> _Raw:
+    """The dataset's arrays as stored (uint8 images), read-only, cached per process.
+
+    Datasets read from files are held once per machine
+    (:func:`fedneq.data.shared.shared_arrays`): every process maps the same copy.
+    """
+    from fedneq.data.shared import shared_arrays
+
+    def build() -> dict[str, np.ndarray]:
+        raw = _LOADERS[name](root, seed)
+        meta = np.array([raw.num_classes, raw.divisor], dtype=np.float64)
+        return {k: getattr(raw, k) for k in _RAW_KEYS} | {"meta": meta}
+
+    stamp = _source_stamp(name, root)
+    arrays = shared_arrays(repr(("fedneq-raw-v1", name, seed, stamp)), build) if stamp else build()
+    for a in arrays.values():
+        if a.flags.writeable:
+            a.flags.writeable = False
+    num_classes, divisor = arrays["meta"].tolist()
+    return _Raw(*(arrays[k] for k in _RAW_KEYS), int(num_classes), divisor=float(divisor))
+
+
+def check_dataset_args(
+    name: str, root: str | Path | None, image_size: int | None, seed: int
+) -> tuple[Path | None, int]:
+    """Validate :func:`get_dataset`'s arguments; returns (resolved root, effective seed)."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset name {name!r}; known: {list_datasets()}")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise ValueError(f"image_size must be None or an int >= 1, got {image_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    path = None if root is None else Path(root).expanduser().resolve()
+    return path, seed if name in _SEEDED else 0
 
 
 @functools.lru_cache(maxsize=8)
 def _cached(name: str, root: Path | None, image_size: int | None, seed: int) -> Splits:
-    return _to_splits(name, _LOADERS[name](root, seed), image_size)
+    from fedneq.data.pool import get_pools
+
+    pools = get_pools(name, root=root, image_size=image_size, seed=seed)
+    return Splits(
+        name=name,
+        train=pools.train.materialize(),
+        test=pools.test.materialize(),
+        num_classes=pools.num_classes,
+        in_channels=pools.in_channels,
+    )
 
 
 def clear_cache() -> None:
     """Forget the datasets loaded so far in this process."""
+    from fedneq.data.pool import clear_pools
+
     _cached.cache_clear()
+    load_raw.cache_clear()
+    clear_pools()
 
 
 def get_dataset(
@@ -483,15 +549,7 @@ def get_dataset(
     FileNotFoundError
         If the files are not found (the message lists the paths tried).
     """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset name {name!r}; known: {list_datasets()}")
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-    ):
-        raise ValueError(f"image_size must be None or an int >= 1, got {image_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    path = None if root is None else Path(root).expanduser().resolve()
+    path, seed = check_dataset_args(name, root, image_size, seed)
     if download:
         _download(name, path)
-    return _cached(name, path, image_size, seed if name in _SEEDED else 0)
+    return _cached(name, path, image_size, seed)

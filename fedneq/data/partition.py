@@ -117,6 +117,25 @@ def _quantity_sizes(
     return [int(spec.min_partition_size + e) for e in extra]
 
 
+def _check_count(num_samples: int, num_partitions: int, seed: int) -> None:
+    _check_int("num_partitions", num_partitions, 1)
+    _check_int("seed", seed, 0)
+    if num_partitions > num_samples:
+        raise ValueError(
+            f"num_partitions={num_partitions} exceeds the {num_samples} samples: at least "
+            f"{num_partitions - num_samples} partitions would be empty"
+        )
+
+
+def _iid_partitions(num_samples: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """``"iid"`` without building the partitioner: the same seeded shuffle as
+    :func:`build_partitioner`, then ``IidPartitioner``'s contiguous shards. A client
+    process then never imports ``datasets`` (~120 MB of memory)."""
+    _check_count(num_samples, num_partitions, seed)
+    index = np.random.default_rng(seed).permutation(num_samples)
+    return [index[rows] for rows in _contiguous_shards(num_samples, num_partitions)]
+
+
 def build_partitioner(
     labels: np.ndarray, num_partitions: int, spec: PartitionSpec, seed: int
 ) -> Partitioner:
@@ -135,13 +154,7 @@ def build_partitioner(
     )
 
     labels = _check_labels(labels)
-    _check_int("num_partitions", num_partitions, 1)
-    _check_int("seed", seed, 0)
-    if num_partitions > labels.size:
-        raise ValueError(
-            f"num_partitions={num_partitions} exceeds the {labels.size} samples: at least "
-            f"{num_partitions - labels.size} partitions would be empty"
-        )
+    _check_count(labels.size, num_partitions, seed)
     rng = np.random.default_rng(seed)
     # iid / quantity split the rows in order: they get a seeded shuffle first, done here
     # (not with Dataset.shuffle, whose indices mapping makes reading columns slow)
@@ -188,7 +201,10 @@ def _read_partitions(partitioner: Partitioner, num_partitions: int) -> list[np.n
     row lists give them directly (``SizePartitioner`` publicly; ``Dirichlet`` and
     ``Pathological`` only as ``_partition_id_to_indices``, filled once
     ``num_partitions`` is read); the rows are mapped through the ``"index"``
-    column. ``IidPartitioner`` shards without row lists.
+    column. ``IidPartitioner`` shards without row lists, in contiguous blocks
+    (``Dataset.shard(n, i, contiguous=True)``): the blocks are computed here as
+    ``shard`` computes them (:func:`_contiguous_shards`), 10 000 partitions in
+    milliseconds instead of 20 s.
     """
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -202,12 +218,20 @@ def _read_partitions(partitioner: Partitioner, num_partitions: int) -> list[np.n
         _ = partitioner.num_partitions  # runs the assignment
         rows = partitioner._partition_id_to_indices
     else:
-        return [
-            np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)
-            for pid in range(num_partitions)
-        ]
+        rows = _contiguous_shards(len(partitioner.dataset), num_partitions)
     index = np.asarray(partitioner.dataset["index"], dtype=np.int64)  # (N,) row -> sample
     return [index[np.asarray(rows[pid], dtype=np.int64)] for pid in range(num_partitions)]
+
+
+def _contiguous_shards(num_rows: int, num_shards: int) -> list[np.ndarray]:
+    """The rows of each of ``datasets.Dataset.shard(num_shards, i, contiguous=True)``.
+
+    As ``shard`` computes them: ``div, mod = divmod(num_rows, num_shards)``;
+    shard ``i`` starts at ``div * i + min(i, mod)`` and holds ``div + (i < mod)`` rows.
+    """
+    div, mod = divmod(num_rows, num_shards)
+    starts = [div * i + min(i, mod) for i in range(num_shards)]
+    return [np.arange(start, start + div + (i < mod)) for i, start in enumerate(starts)]
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,8 +248,11 @@ def _partition_cached(
             # DirichletPartitioner warns on every redraw it makes to reach
             # min_partition_size; a redraw is expected, and failure still raises.
             warnings.filterwarnings("ignore", message="The specified min_partition_size")
-            partitioner = build_partitioner(labels, num_partitions, spec, seed)
-            parts = _read_partitions(partitioner, num_partitions)
+            if spec.kind == "iid":
+                parts = _iid_partitions(labels.size, num_partitions, seed)
+            else:
+                partitioner = build_partitioner(labels, num_partitions, spec, seed)
+                parts = _read_partitions(partitioner, num_partitions)
     except ValueError as error:
         raise ValueError(
             f"cannot split {labels.size} samples into {num_partitions} '{spec.kind}' "

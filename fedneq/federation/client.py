@@ -20,35 +20,34 @@ first, and if that delay reaches ``[run] round_timeout_s`` it then gives up
 (raises) instead of training: its reply could only arrive after the server
 stopped waiting, and giving up keeps its kept state independent of timing.
 
-Kept state across a server restart (:func:`save_client_state` /
-:func:`load_client_state`): in a simulation or a single-host deployment the
-server names a folder the client can see; the client then also writes its
-velocity state there after every participation,
-``<folder>/<partition>/round-<k>.safetensors``, and a node that starts with an
-empty ``Context.state`` (a resumed simulation) reads the newest one written
-before the current round. The server removes the files newer than the
+Kept state between participations and across a server restart
+(:mod:`fedneq.federation.state_store`, re-exported here): in a simulation or a
+single-host deployment the server names a folder the client can see; the
+client writes its velocity state there after every participation,
+``<folder>/<partition>/round-<k>.safetensors``, and reads the newest one
+written before the current round. The server removes the files newer than the
 checkpoint it resumes from (:func:`rollback_client_state`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
 from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.state_store import (
+    load_client_state,
+    rollback_client_state,
+    save_client_state,
+)
 from fedneq.federation.timing import client_time, round_flops, time_metrics
 from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
@@ -111,7 +110,7 @@ def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = 
     if local is None:
         task = load_task(config)
         model, neuron_map = build_model(config, task)
-        shape = tuple(task.train.x.shape[1:])
+        shape = task.train.image_shape
     else:
         model, neuron_map = build_model(config, _Shape(local[0], local[1]))  # type: ignore[arg-type]
         shape = local[2]
@@ -307,64 +306,3 @@ def client_evaluate(
         raise ValueError(f"client {partition_id} has no local test data ([data] test_fraction = 0)")
     loss, acc = evaluate(rt.model, data.test)
     return {"num-examples": len(data.test), "loss": loss, "accuracy": acc}
-
-
-# --- kept state across a server restart (simulation / single host) ------------------
-
-_STATE_FILE = re.compile(r"round-(\d+)\.safetensors")
-
-
-def _state_files(folder: Path, partition_id: int) -> list[tuple[int, Path]]:
-    """``(round, path)`` of a partition's state files, oldest first."""
-    pdir = Path(folder) / str(partition_id)
-    if not pdir.is_dir():
-        return []
-    found = [(m, p) for p in pdir.iterdir() if (m := _STATE_FILE.fullmatch(p.name))]
-    return sorted((int(m.group(1)), p) for m, p in found)
-
-
-def save_client_state(
-    folder: Path, partition_id: int, server_round: int, state: dict[str, torch.Tensor]
-) -> Path:
-    """Write ``state`` as ``<folder>/<partition>/round-<k>.safetensors`` (write-then-rename).
-
-    Keeps the newest older file too (a server resuming from the previous
-    checkpoint needs it) and deletes the rest.
-    """
-    pdir = Path(folder) / str(partition_id)
-    pdir.mkdir(parents=True, exist_ok=True)
-    path = pdir / f"round-{server_round:05d}.safetensors"
-    tmp = pdir / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_bytes(st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
-    os.replace(tmp, path)
-    older = [p for r, p in _state_files(folder, partition_id) if r < server_round]
-    for stale in older[:-1]:
-        stale.unlink(missing_ok=True)
-    return path
-
-
-def load_client_state(
-    folder: Path, partition_id: int, before_round: int
-) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """``(round, state)`` of the newest file written for a round ``< before_round``, or None."""
-    files = [(r, p) for r, p in _state_files(folder, partition_id) if r < before_round]
-    if not files:
-        return None
-    server_round, path = files[-1]
-    return server_round, st_load(path.read_bytes())
-
-
-def rollback_client_state(folder: Path, last_round: int) -> int:
-    """Delete every partition's state files written after ``last_round``; returns how many."""
-    removed = 0
-    root = Path(folder)
-    if not root.is_dir():
-        return 0
-    for pdir in root.iterdir():
-        if not (pdir.is_dir() and pdir.name.isdigit()):
-            continue
-        for server_round, path in _state_files(root, int(pdir.name)):
-            if server_round > last_round:
-                path.unlink(missing_ok=True)
-                removed += 1
-    return removed

@@ -7,19 +7,19 @@ is comes from the node config: ``partition-id`` / ``num-partitions`` (all that
 simulation provides), plus on a real SuperNode optionally ``device`` (a fleet
 class) or ``budget``, and ``data-dir`` (the dataset root on that device).
 
-The velocity state a client keeps between its participations lives in
-``Context.state["velocity"]``; it travels with every message in simulation, so
-it is kept small (pooled mode, float16 probe outputs by default). It is also
-written to a folder after every participation and read back from there when
-``Context.state`` is empty (a restarted SuperNode, a resumed simulation): the
-node's own ``state-dir`` when its node config names one (a real device: the
-state stays on the device and survives a SuperNode restart), else the
+The velocity state a client keeps between its participations lives in a
+file store (:mod:`fedneq.federation.state_store`): written after every
+participation, read back at the next one, never held in memory between them:
+the node's own ``state-dir`` when its node config names one (a real device:
+the state stays on the device and survives a SuperNode restart), else the
 training config's ``client-state-dir`` if that folder exists on this machine
-(simulation, single-host deployment). See :func:`device_state_dir` and
-:func:`fedneq.federation.client.save_client_state`. The state kept in ``Context.state`` is
-tagged with the server's ``client-state-dir`` name (``Context.state["velocity-run"]``):
-a node that serves several runs in one engine (``sims.compare``) never carries
-one run's velocity into another.
+(simulation, single-host deployment: the run's ``client_state/``, so 10 000
+clients' states cost the simulation driver nothing). See
+:func:`device_state_dir`. Only a node with neither keeps it in
+``Context.state["velocity"]`` (which travels with every message in
+simulation), tagged with the server's ``client-state-dir`` name
+(``Context.state["velocity-run"]``): a node that serves several runs in one
+engine (``sims.compare``) never carries one run's velocity into another.
 
 The node config is checked before anything runs (:func:`node_identity`):
 unknown keys, a ``partition-id`` that is not an integer in range, a
@@ -241,15 +241,16 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     state_dir = device_state_dir(context.node_config, server_config)
     named = str(server_config.get(STATE_DIR_KEY, ""))  # the run the kept velocity belongs to
-    kept = context.state.get("velocity")
-    owner = context.state.get(STATE_RUN_KEY)
-    same_run = isinstance(owner, ConfigRecord) and owner.get("dir", "") == named
-    velocity_state = (
-        kept.to_torch_state_dict() if same_run and isinstance(kept, ArrayRecord) and kept else None
-    )
-    if velocity_state is None and state_dir is not None:
+    velocity_state = None
+    if state_dir is not None:  # the store holds it (fedneq.federation.state_store)
         saved = load_client_state(state_dir, partition_id, server_round)
         velocity_state = saved[1] if saved else None
+    else:
+        kept = context.state.get("velocity")
+        owner = context.state.get(STATE_RUN_KEY)
+        same_run = isinstance(owner, ConfigRecord) and owner.get("dir", "") == named
+        if same_run and isinstance(kept, ArrayRecord) and kept:
+            velocity_state = kept.to_torch_state_dict()
     reply = client_round(
         config,
         partition_id,
@@ -268,9 +269,10 @@ def train(msg: Message, context: Context) -> Message:
             "info": ConfigRecord({"device": reply.device}),
         }
     )
-    context.state["velocity"] = ArrayRecord(reply.velocity_state)
-    context.state[STATE_RUN_KEY] = ConfigRecord({"dir": named})
-    if state_dir is not None and reply.velocity_state:  # last: only a round that replies keeps it
+    if state_dir is None:  # no store: Context.state keeps it (it travels with every message)
+        context.state["velocity"] = ArrayRecord(reply.velocity_state)
+        context.state[STATE_RUN_KEY] = ConfigRecord({"dir": named})
+    elif reply.velocity_state:  # last: only a round that replies keeps it
         save_client_state(state_dir, partition_id, server_round, reply.velocity_state)
     return Message(content, reply_to=msg)
 

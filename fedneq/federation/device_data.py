@@ -89,7 +89,7 @@ def write_partition_files(config: Config, out_dir: str | Path) -> list[Path]:
             "partition_id": str(pid),
             "num_classes": str(task.num_classes),
             "in_channels": str(task.in_channels),
-            "shape": json.dumps(list(task.train.x.shape[1:])),
+            "shape": json.dumps(list(task.train.image_shape)),
             "fingerprint": split_fingerprint(config, pid),
             "dataset": config.data.dataset,
         }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -162,6 +163,14 @@ _PROFILE_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceProfile))
 _CLASS_FIELDS = ("budget", "local_epochs")  # what the server holds every device of a class to
 
 
+@functools.lru_cache(maxsize=8)
+def _assign(fleet: Fleet, num_clients: int, seed: int) -> tuple[DeviceProfile, ...]:
+    counts = fleet.counts(num_clients)
+    class_ids = np.repeat(np.arange(len(fleet.classes)), counts)
+    class_ids = np.random.default_rng(seed).permutation(class_ids)
+    return tuple(fleet.classes[i][0] for i in class_ids)
+
+
 @dataclass(frozen=True)
 class Fleet:
     """Device classes and their population shares.
@@ -262,10 +271,7 @@ class Fleet:
                     f"(one client per device), got {num_clients!r}"
                 )
             return self.devices
-        counts = self.counts(num_clients)
-        class_ids = np.repeat(np.arange(len(self.classes)), counts)
-        class_ids = np.random.default_rng(seed).permutation(class_ids)
-        return tuple(self.classes[i][0] for i in class_ids)
+        return _assign(self, num_clients, seed)  # cached: asked once per client of a run
 
     def profile(self, partition_id: int, num_clients: int, seed: int) -> DeviceProfile:
         """The device of client ``partition_id`` in :meth:`assign`."""

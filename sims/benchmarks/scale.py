@@ -1,12 +1,20 @@
-"""Scale: seconds per round, peak memory and upload overhead at 10 / 100 / 1000 clients.
+"""Scale: seconds per round, peak memory, client state and upload overhead, 10 to 10 000 clients.
 
-Each scale is ``sims/configs/scale-1000.toml`` (Fashion-MNIST 28x28, small
-CNN, default heterogeneous fleet, 1 local epoch, velocity selection with the
-compact client state) with ``num_clients`` = N, ``min(20, N)`` clients per
-round, ``[data] train_limit = 60 N`` (60 images per client at every scale,
-so that a client's work does not change with N) and ``test_limit = 200`` (the
-server's evaluation, the same work in both runs below, kept small so that it
-does not hide the framework's overhead). For every N, each in a fresh process:
+Two models (``--model``):
+
+* ``small-cnn`` (default; scales 10, 100, 1000): ``sims/configs/scale-1000.toml``
+  (Fashion-MNIST 28x28, small CNN) with ``min(20, N)`` clients per round and
+  ``[data] train_limit = 60 N`` (60 images per client at every scale, so that
+  a client's work does not change with N);
+* ``mobilenet`` (scales 100, 1000, 10000): ``sims/configs/scale-10k.toml``
+  (Fashion-MNIST at 32x32, MobileNetV2 width 0.5) with ``min(32, N)`` clients
+  per round and ``train_limit = 6 N`` (6 images per client: 10 000 clients
+  take the whole training set).
+
+Both: the default heterogeneous fleet, 1 local epoch, velocity selection with
+the compact client state, ``test_limit = 200`` (the server's evaluation, the
+same work in both runs below, kept small so that it does not hide the
+framework's overhead). For every N, each in a fresh process:
 
 1. the simulation (``sims.run.simulate``: Flower's simulation engine on Ray,
    2 client actors of 1 CPU): seconds per round (median of rounds 2.., from
@@ -20,10 +28,15 @@ does not hide the framework's overhead). For every N, each in a fresh process:
 3. from clients.csv: upload bytes against the trained parameters
    (``trainable_params * 4``): the neuron/tensor ids (index overhead) and the
    BatchNorm running statistics sent with each neuron; upload per device
-   class against budget x dense model bytes; velocity state bytes per client.
+   class against budget x dense model bytes; velocity state bytes per client;
+4. the clients' velocity state: bytes on disk in the run's ``client_state/``
+   store (:mod:`fedneq.federation.state_store`) and the clients holding a
+   file, against what keeping every participant's state in the driver (as
+   ``Context.state`` did before the store) would hold in memory.
 
     python -m sims.benchmarks.scale --quick          # 10 and 100 clients, 3 rounds
     python -m sims.benchmarks.scale                  # 10, 100, 1000 clients, 6 rounds
+    python -m sims.benchmarks.scale --model mobilenet --rounds 4   # 100, 1000, 10 000 clients
     python -m sims.benchmarks.scale --clients 1000 --ray-address 127.0.0.1:6391
 """
 
@@ -44,9 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from fedneq.config import Config, load_config
 from fedneq.federation.client import client_round
+from fedneq.federation.state_store import store_usage
 from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
 from fedneq.training.loop import evaluate
@@ -57,27 +73,42 @@ from sims.results import read_csv
 from sims.run import simulate
 from sims.server_app import config_path
 
-__all__ = ["TreeMemory", "baseline_rounds", "main", "scale_config", "upload_report"]
+__all__ = [
+    "MODELS",
+    "TreeMemory",
+    "baseline_rounds",
+    "main",
+    "scale_config",
+    "state_report",
+    "upload_report",
+]
 
-SAMPLES_PER_CLIENT = 60
-CLIENTS_PER_ROUND = 20
 TEST_LIMIT = 200
 WIRE_BYTES = 4  # int32 ids, float32 values (fedneq.federation.wire)
+MODELS = {  # --model: (config, training images per client, clients per round, default scales)
+    "small-cnn": ("scale-1000", 60, 20, (10, 100, 1000)),
+    "mobilenet": ("scale-10k", 6, 32, (100, 1000, 10000)),
+}
+# kept for callers of the small-CNN figures
+SAMPLES_PER_CLIENT, CLIENTS_PER_ROUND = MODELS["small-cnn"][1:3]
 
 
-def scale_config(num_clients: int, rounds: int, out_dir: str, ray_address: str = "") -> Config:
-    """scale-1000.toml resized to ``num_clients`` with 60 training images per client."""
-    base = load_config(config_path("scale-1000"))
+def scale_config(
+    num_clients: int, rounds: int, out_dir: str, ray_address: str = "", model: str = "small-cnn"
+) -> Config:
+    """The model's config (``MODELS``) resized to ``num_clients``, the same images per client."""
+    name, samples, per_round, _ = MODELS[model]
+    base = load_config(config_path(name))
     return base.replace(
         run={
-            "name": f"scale-{num_clients}",
+            "name": f"scale-{model}-{num_clients}",
             "num_clients": num_clients,
-            "clients_per_round": min(CLIENTS_PER_ROUND, num_clients),
+            "clients_per_round": min(per_round, num_clients),
             "min_replies": 1,
             "rounds": rounds,
             "out_dir": out_dir,
         },
-        data={"train_limit": SAMPLES_PER_CLIENT * num_clients, "test_limit": TEST_LIMIT},
+        data={"train_limit": samples * num_clients, "test_limit": TEST_LIMIT},
         simulation={"ray_address": ray_address},
     )
 
@@ -123,6 +154,7 @@ class TreeMemory:
     def __init__(self, root: int, also: tuple[str, ...] = (), period_s: float = 0.25) -> None:
         self.root, self.also, self.period_s = root, also, period_s
         self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = 0
+        self.peak_by_process: dict[str, int] = {}  # PSS KiB per process at the peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -148,10 +180,14 @@ class TreeMemory:
     def sample(self) -> None:
         pids = self.pids()
         rss = pss = 0
+        by_process: dict[str, int] = {}
         for pid in pids:
             r, p = _kib(pid)
             rss, pss = rss + r, pss + p
+            by_process[f"{pid} {_cmdline(pid)[:60]}"] = p
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
+        if pss > self.peak_pss_kib:
+            self.peak_by_process = by_process
         self.peak_pss_kib = max(self.peak_pss_kib, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
 
@@ -177,20 +213,29 @@ def _pool_init() -> None:
     torch.set_num_threads(1)
 
 
-def _train_one(job: tuple[str, int, int, dict, dict | None]) -> tuple[int, dict, dict, dict, float]:
-    config_json, pid, server_round, global_state, velocity_state = job
+def _train_one(
+    job: tuple[str, int, int, bytes, bytes | None],
+) -> tuple[int, dict, dict, bytes, float]:
+    """One client in a pool process. Tensors travel as safetensors bytes: pickled as
+    tensors, torch would move each of the model's ~300 tensors through its own shared
+    memory segment, several times slower than the training itself for MobileNetV2."""
+    config_json, pid, server_round, global_blob, velocity_blob = job
     t0 = time.perf_counter()
+    velocity_state = st_load(velocity_blob) if velocity_blob else None
     reply = client_round(
-        Config.from_json(config_json), pid, server_round, global_state, velocity_state
+        Config.from_json(config_json), pid, server_round, st_load(global_blob), velocity_state
     )
-    return pid, reply.arrays, reply.metrics, reply.velocity_state, time.perf_counter() - t0
+    velocity = st_save(reply.velocity_state) if reply.velocity_state else b""
+    return pid, reply.arrays, reply.metrics, velocity, time.perf_counter() - t0
 
 
 def baseline_rounds(config: Config, processes: int = 2) -> dict[str, Any]:
     """The simulation's rounds without Flower and Ray (see the module docstring).
 
     Returns seconds per round (``round_s``), of which the clients (``train_s``),
-    and the peak memory of this process and its pool.
+    and the peak memory of this process and its pool. The clients' velocity
+    states are kept in a dict in this process, as the simulation kept them in
+    ``Context.state`` before the state store.
     """
     task = load_task(config)
     torch.manual_seed(config.run.seed)
@@ -198,14 +243,15 @@ def baseline_rounds(config: Config, processes: int = 2) -> dict[str, Any]:
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     strategy = build_strategy(config, neuron_map, state)
     table = tensor_table(state)
-    kept: dict[int, dict] = {}
+    kept: dict[int, bytes] = {}
     round_s, train_s = [], []
     context = multiprocessing.get_context("spawn")
     with TreeMemory(os.getpid()) as memory, context.Pool(processes, initializer=_pool_init) as pool:
         for rnd in range(1, config.run.rounds + 1):
             t0 = time.perf_counter()
+            blob = st_save({k: v.contiguous() for k, v in state.items()})
             jobs = [
-                (config.to_json(), p, rnd, state, kept.get(p))
+                (config.to_json(), p, rnd, blob, kept.get(p))
                 for p in sample_partitions(config, rnd)
             ]
             replies = sorted(pool.map(_train_one, jobs, chunksize=1), key=lambda r: r[0])
@@ -273,8 +319,34 @@ def _median_after_first(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
+def state_report(clients_csv: Path, store: Path, num_clients: int) -> dict[str, Any]:
+    """The clients' velocity state: on disk in ``store`` against in memory without it.
+
+    ``driver_bytes_before``: the newest state of every client that took part
+    (from clients.csv), which the simulation driver held in ``Context.state``
+    before the store; ``all_clients_bytes``: the same once every one of the
+    ``num_clients`` has taken part (the largest state x N).
+    """
+    newest: dict[str, int] = {}
+    for r in read_csv(clients_csv):
+        if r["status"] == "ok" and r["state_bytes"]:
+            newest[r["partition_id"]] = int(r["state_bytes"])
+    clients, disk = store_usage(store)
+    return {
+        "disk_bytes": disk,
+        "disk_clients": clients,
+        "driver_bytes_before": sum(newest.values()),
+        "all_clients_bytes": max(newest.values(), default=0) * num_clients,
+    }
+
+
 def one_scale(
-    num_clients: int, rounds: int, ray_address: str, mode: str, ray_match: str = ""
+    num_clients: int,
+    rounds: int,
+    ray_address: str,
+    mode: str,
+    ray_match: str = "",
+    model: str = "small-cnn",
 ) -> dict[str, Any]:
     """The simulation (``mode="sim"``) or the plain loop (``"plain"``) at one scale.
 
@@ -284,7 +356,7 @@ def one_scale(
     """
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fedneq-scale-") as tmp:
-        config = scale_config(num_clients, rounds, tmp, ray_address)
+        config = scale_config(num_clients, rounds, tmp, ray_address, model)
         if mode == "plain":
             plain = baseline_rounds(config)
             return {
@@ -303,6 +375,7 @@ def one_scale(
         wall = time.perf_counter() - t0
         seconds = [float(r["seconds"]) for r in read_csv(out / "timing.csv")]
         return {
+            "model": model,
             "clients": num_clients,
             "per_round": config.run.clients_per_round,
             "rounds": rounds,
@@ -313,7 +386,11 @@ def one_scale(
             "sim_peak_rss_mib": memory.peak_rss_kib / 1024,
             "sim_peak_pss_mib": memory.peak_pss_kib / 1024,
             "sim_processes": memory.peak_processes,
+            "sim_peak_pss_by_process_mib": {
+                k: round(v / 1024) for k, v in sorted(memory.peak_by_process.items())
+            },
             "upload": upload_report(out / "clients.csv", config),
+            "state": state_report(out / "clients.csv", out / "client_state", num_clients),
         }
 
 
@@ -330,7 +407,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         "\nseconds per round: median [min-max] of rounds 2.. (round 1 loads data and models in "
         f"the actors); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    head = ("clients", "per round", "sim s/round", "plain s/round", "overhead", "sim start-up s",
+    head = ("model", "clients", "per round", "sim s/round", "plain s/round", "overhead", "sim start-up s",
             "sim peak RSS MiB", "sim peak PSS MiB", "plain peak PSS MiB", "state B/client")  # fmt: skip
     print(" | ".join(head))
     for r in results:
@@ -338,6 +415,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         print(
             " | ".join(
                 [
+                    r.get("model", "small-cnn"),
                     str(r["clients"]),
                     str(r["per_round"]),
                     f"{r['sim_round_s']:.2f} {_spread(r['sim_rounds_s'])}",
@@ -352,6 +430,17 @@ def _print_table(results: list[dict[str, Any]]) -> None:
                     f"{r['upload']['state_bytes_max']:,}",
                 ]
             )
+        )
+    print(
+        "\nclient state: model | clients | on disk (clients with a file) | in the driver before "
+        "the store (participants) | every client's state"
+    )
+    for r in results:
+        st = r["state"]
+        print(
+            f"{r.get('model', 'small-cnn')} | {r['clients']} | {st['disk_bytes'] / 1e6:.2f} MB "
+            f"({st['disk_clients']}) | {st['driver_bytes_before'] / 1e6:.2f} MB | "
+            f"{st['all_clients_bytes'] / 1e6:.1f} MB"
         )
     print("\nupload: ids and BatchNorm running statistics on top of the trained parameters x 4 B")
     print(
@@ -370,10 +459,10 @@ def _print_table(results: list[dict[str, Any]]) -> None:
 
 
 def _run_one(
-    num_clients: int, rounds: int, ray_address: str, ray_match: str, mode: str
+    num_clients: int, rounds: int, ray_address: str, ray_match: str, mode: str, model: str
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "sims.benchmarks.scale", "--one", str(num_clients)]
-    cmd += ["--rounds", str(rounds), "--mode", mode]
+    cmd += ["--rounds", str(rounds), "--mode", mode, "--model", model]
     cmd += ["--ray-address", ray_address, "--ray-match", ray_match] if ray_address else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -388,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m sims.benchmarks.scale", description=__doc__.split("\n")[0]
     )
     p.add_argument("--quick", action="store_true", help="10 and 100 clients, 3 rounds")
-    p.add_argument("--clients", type=int, nargs="+", help="scales (default 10 100 1000)")
+    p.add_argument(
+        "--model", choices=sorted(MODELS), default="small-cnn",
+        help="small-cnn (scale-1000.toml) or mobilenet (scale-10k.toml: MobileNetV2 0.5, 32x32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--clients", type=int, nargs="+",
+        help="scales (default 10 100 1000; mobilenet: 100 1000 10000)",
+    )  # fmt: skip
     p.add_argument("--rounds", type=int, help="rounds per run (default 6; 3 with --quick)")
     p.add_argument("--ray-address", default="", help="attach the simulations to this Ray cluster")
     p.add_argument(
@@ -405,16 +501,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 6)
     if args.one is not None:
-        result = one_scale(args.one, rounds, args.ray_address, args.mode, args.ray_match)
+        result = one_scale(
+            args.one, rounds, args.ray_address, args.mode, args.ray_match, args.model
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return 0
-    scales = args.clients or ([10, 100] if args.quick else [10, 100, 1000])
+    scales = args.clients or ([10, 100] if args.quick else list(MODELS[args.model][3]))
     results = []
     for n in scales:
         result: dict[str, Any] = {}
         for mode in ("sim",) if args.no_baseline else ("sim", "plain"):
-            print(f"[scale] {n} clients, {rounds} rounds: {mode} ...", file=sys.stderr, flush=True)
-            result |= _run_one(n, rounds, args.ray_address, args.ray_match, mode)
+            print(
+                f"[scale] {args.model}, {n} clients, {rounds} rounds: {mode} ...",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            result |= _run_one(n, rounds, args.ray_address, args.ray_match, mode, args.model)
         results.append(result)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

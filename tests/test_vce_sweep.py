@@ -1,0 +1,64 @@
+"""sims.vce_sweep: the one-pass delivery hands out what Flower's per-node loop hands out."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from sims.vce_sweep import next_messages
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+
+
+def _state_with_messages():
+    """4 simulated nodes as run_simulation registers them; 2 messages pushed to each of 3."""
+    factory = LinkStateFactory(":flwr-in-memory:", NoOpFederationManager(), ObjectStoreFactory())
+    nodes = _register_nodes(num_nodes=4, state_factory=factory)  # {node id: partition}
+    state = factory.state()
+    run = Run.create_empty(run_id=1)  # the task identity the fixture sets
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID  # as run_simulation sets it
+    state.run_ids[1] = RunRecord(run=run)
+    state.task_store[1] = Task(task_id=1, run_id=1)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    by_partition = {p: n for n, p in nodes.items()}
+    TaskIdentity.node_id = (
+        SUPERLINK_NODE_ID  # messages from the ServerApp (the fixture restores it)
+    )
+    grid.push_messages(
+        Message(RecordDict({"c": ConfigRecord({"k": 10 * p + i})}), dst_node_id=by_partition[p],
+                message_type="query")
+        for i in range(2) for p in (2, 0, 3)
+    )  # fmt: skip
+    return state, nodes
+
+
+def _seen(messages, nodes) -> list[tuple[int, int]]:
+    return [(nodes[m.metadata.dst_node_id], int(m.content["c"]["k"])) for m in messages]
+
+
+def test_one_pass_delivers_what_the_per_node_loop_delivers() -> None:
+    flower, flower_nodes = _state_with_messages()
+    ours, our_nodes = _state_with_messages()
+    sizes = []
+    for _ in range(3):  # two sweeps with messages, then none
+        expected = [
+            m for node in flower_nodes for m in flower.get_message_ins(node_id=node, limit=1)
+        ]
+        got = next_messages(ours, our_nodes)
+        assert _seen(got, our_nodes) == _seen(expected, flower_nodes)
+        assert all(m.metadata.delivered_at for m in got)
+        sizes.append(len(got))
+    assert sizes == [3, 3, 0] and len(ours.message_ins_store) == 6  # one per node per sweep
