@@ -93,6 +93,10 @@ def memory_bound(meter: MemoryMeter, budget_only: torch.Tensor, limit_bytes: int
     return limit_bytes is not None and meter.mask_bytes(budget_only) > limit_bytes
 
 
+def _per_param(velocity: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    return velocity.abs() / costs.to(torch.float64).clamp(min=1)
+
+
 @register_selector("velocity-per-byte")
 class VelocityPerByteSelector(_VelocitySelector):
     """Score ``|v_i| / m_i``: velocity per byte the neuron adds alone (see the module)."""
