@@ -111,16 +111,23 @@ def _single_config(plan: paper.Plan, base: Config, method: str, seed: int) -> Co
 
 def _run_single(
     plan: paper.Plan, base: Config, method: str, seed: int, limit: int | None, run_dir: Path
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """The run's figures, or None where the method cannot train within ``limit`` at all."""
     from sims.single_device import run_single_device
 
     done = run_dir / "single_device.csv"
     if not (done.exists() and len(read_csv(done)) == plan.epochs + 1):
         config = _single_config(plan, base, method, seed)
-        run_single_device(
-            config, selectors=[_selection(method)["selector"]], budget=1.0, epochs=plan.epochs,
-            out_dir=run_dir, memory_limit_bytes=limit,
-        )  # fmt: skip
+        try:
+            run_single_device(
+                config, selectors=[_selection(method)["selector"]], budget=1.0,
+                epochs=plan.epochs, out_dir=run_dir, memory_limit_bytes=limit,
+            )  # fmt: skip
+        except ValueError as err:  # e.g. SU-5's bias-only tensors alone need more
+            if "training needs before any neuron is selected" not in str(err):
+                raise
+            print(f"[frontier] {method} does not fit {limit} bytes: {err}", flush=True)
+            return None
     rows = read_csv(done)
     trained = [r for r in rows if r["epoch"] != "0"]
     return {
@@ -207,10 +214,11 @@ def run_frontier(
                 limit = None if level >= 1.0 else _limit(level, span)
                 where = out / setting / f"level{level:g}" / f"seed{seed}"
                 if setting == "single":
-                    results = {
+                    runs = {
                         m: _run_single(plan, base, m, seed, limit, where / m.replace(":", "-"))
                         for m in methods["single"]
                     }
+                    results = {m: r for m, r in runs.items() if r is not None}
                 else:
                     results = _run_fleet(plan, base, fleet, methods["fleet"], seed, limit, where)
                 for method, result in results.items():
