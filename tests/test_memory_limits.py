@@ -283,3 +283,26 @@ def test_default_fleet_smallest_classes_are_memory_bound(mobilenet) -> None:
             limited = get_selector("velocity", memory_limit_bytes=limit, **kw).select(velocity, None)
             assert 0 < meter.mask_bytes(limited.neurons) <= limit
             assert limited.neurons.any()
+
+
+def test_measured_memory_follows_the_mask_when_it_changes_between_epochs(small) -> None:
+    """Optimizer state of what an epoch no longer trains is freed: the estimate still holds."""
+    model, nm, profile = small
+    model = copy.deepcopy(model)
+    layer = nm.layer_index()
+    first = layer == 0  # a whole early layer: large activations and gradients
+    last = (layer == len(nm.layers) - 1) & (torch.arange(nm.num_neurons) % 2 == 0)
+    masks = [nm.train_mask(first), nm.train_mask(last)]
+    gen = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 10, (16,)))
+    result = train_masked(
+        model, data, neuron_map=nm, masks=lambda epoch: masks[epoch], epochs=2, batch_size=8,
+        generator=gen, cost_profile=profile, measure_memory=True,
+    )  # fmt: skip
+    small_epoch = result.epochs[1]
+    assert small_epoch.cost.training_memory_bytes < result.epochs[0].cost.training_memory_bytes
+    for epoch in result.epochs:
+        assert abs(epoch.measured.peak_bytes / epoch.cost.training_memory_bytes - 1) <= 0.1
+        # gradients and optimizer state: exactly the current mask's whole tensors
+        assert epoch.measured.gradient_bytes == epoch.cost.gradient_bytes
+        assert epoch.measured.optimizer_state_bytes == epoch.cost.optimizer_state_bytes

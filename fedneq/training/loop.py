@@ -230,6 +230,7 @@ def train_masked(
             batch_size=batch_size,
         ) as freezer:
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
+            _drop_frozen_state(opt, model, freezer.rows)
             previous_rows = freezer.rows
             meter = StepMemoryMeter(model, opt) if measure_memory else None
             total_loss, seen, smallest = _run_epoch(
@@ -402,6 +403,22 @@ def _reset_entering_rows(
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value[entering] = 0
+
+
+def _drop_frozen_state(
+    opt: torch.optim.Optimizer, model: nn.Module, rows: dict[str, torch.Tensor]
+) -> None:
+    """Free the optimizer state of parameters this epoch's mask leaves wholly frozen.
+
+    A device holds optimizer state for what it trains now, not for everything
+    it trained in an earlier epoch (the cost model prices the current mask).
+    The state would be reset anyway when a row enters again
+    (:func:`_reset_entering_rows`; SGD's momentum restarts from the gradient,
+    which equals a zeroed buffer; Adam restarts its step count too).
+    """
+    for name, p in model.named_parameters():
+        if name not in rows:
+            opt.state.pop(p, None)
 
 
 @torch.no_grad()
