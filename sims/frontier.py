@@ -13,13 +13,14 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
 ``limit = M(SU-1) + t * (M(full) - M(SU-1))``. At every level:
 
 * ``single`` - one device, no parameter budget (memory is the only limit):
-  ``velocity-per-byte``, ``velocity-region``, ``velocity-per-param``
-  (ranked by velocity per unit of combined cost, kept within the limit),
+  ``velocity-per-byte``, ``velocity-region``, ``velocity-per-param-truncated``
+  (|v| / cost, truncated to the limit), ``velocity-per-param`` (with a memory
+  limit: ranked by velocity per unit of combined cost),
   ``random`` within the limit and the SU schemes ``static:SU-k`` (the scheme,
   truncated to the limit where it does not fit);
 * ``fleet`` - the default heterogeneous fleet (its parameter budgets, speeds
   and bandwidths), every device with the level's memory limit in bytes: the
-  same methods except SU-3/5, federated (``sims.compare``, one engine per
+  same methods except SU-3/5 and ``velocity-per-param``, federated (``sims.compare``, one engine per
   level and seed).
 
 Each run records its final accuracy and the peak training memory *measured*
@@ -53,9 +54,9 @@ __all__ = ["FleetLevel", "main", "memory_span", "run_frontier"]
 
 SETTINGS = ("single", "fleet")
 METHODS = {
-    "single": ("velocity-per-byte", "velocity-region", "velocity-per-param", "random",
-               "static:SU-1", "static:SU-3", "static:SU-5"),
-    "fleet": ("velocity-per-byte", "velocity-region", "velocity-per-param", "random",
+    "single": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated",
+               "velocity-per-param", "random", "static:SU-1", "static:SU-3", "static:SU-5"),
+    "fleet": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated", "random",
               "static:SU-1"),
 }  # fmt: skip
 LEVELS = (0.0, 0.1, 0.3, 1.0)

@@ -28,7 +28,7 @@ from fedneq.selection.selectors import MemoryMeter, get_selector, select_ordered
 from fedneq.training.loop import OptimizerConfig, train_masked
 from fedneq.training.memory import StepMemory, StepMemoryMeter, measure_step_memory
 
-NEW = ("velocity-per-byte", "velocity-region")
+NEW = ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated")
 
 
 def _setup(name: str, size: int) -> tuple[nn.Module, NeuronMap, CostProfile]:

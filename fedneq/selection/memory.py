@@ -17,6 +17,8 @@ initializer before any velocity exists. Without a memory limit they rank as
   its layer opens. The velocity per byte of the issue's definition; it is
   greedy on stand-alone costs, so it charges every neuron of a layer the
   whole region again, even after an earlier pick opened it.
+* ``"velocity-per-param-truncated"``: ``|v_i| / c_i``, the memory limit only
+  truncating the walk (the baseline: a parameter ranking cut to the memory).
 * ``"velocity-region"``: pick the region first, then fill it. For every
   candidate start layer ``s`` (execution order), the neurons of ``s`` and
   the layers after it are ranked by velocity per parameter (``|v_i| / c_i``)
@@ -47,6 +49,7 @@ from fedneq.selection.selectors import (
 )
 
 __all__ = [
+    "TruncatedVelocityPerParamSelector",
     "VelocityPerByteSelector",
     "VelocityRegionSelector",
     "memory_bound",
@@ -111,6 +114,19 @@ class VelocityPerByteSelector(_VelocitySelector):
         if self._bytes is None:
             return _per_param(velocity, self._costs)
         return velocity.abs() / self._bytes
+
+
+@register_selector("velocity-per-param-truncated")
+class TruncatedVelocityPerParamSelector(_VelocitySelector):
+    """Score ``|v_i| / c_i`` whatever the memory limit, which only truncates the walk.
+
+    The baseline of the frontier: the paper's best parameter ranking, cut where
+    the device's memory ends (``"velocity-per-param"`` instead folds the
+    memory into its score).
+    """
+
+    def scores(self, velocity: torch.Tensor) -> torch.Tensor:
+        return _per_param(velocity, self._costs)
 
 
 @register_selector("velocity-region")
