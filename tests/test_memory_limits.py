@@ -15,7 +15,6 @@ import copy
 
 import pytest
 import torch
-from helpers import small_cnn
 from torch import nn
 
 from fedneq.costs import CostProfile, mask_cost, profile_model
