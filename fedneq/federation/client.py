@@ -205,6 +205,7 @@ def client_round(
     memory_limit = None if full_budget else resolve_memory_limit(
         meter, device.memory_limit_bytes, device.memory_fraction
     )  # fmt: skip
+
     def make_selector(limit: int | None):
         return get_selector(
             "full" if full_budget else sel.selector,
