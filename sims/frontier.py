@@ -233,6 +233,7 @@ def run_frontier(
                 atomic_write_text(out / "frontier.csv", csv_text(COLUMNS, rows))
     for setting in settings:
         plot(out, [r for r in rows if r["setting"] == setting], setting)
+    atomic_write_text(out / "frontier.md", markdown(rows) + "\n")
     return rows
 
 
@@ -253,6 +254,23 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "limit_mb": float(rs[0]["limit_bytes"]) / 1e6 if rs[0]["limit_bytes"] != "" else None,
         })  # fmt: skip
     return table
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (one row per setting, level and method)."""
+    lines = [
+        "| setting | level | limit (MB) | method | final accuracy (%) | measured peak (MB) "
+        "| estimated (MB) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary(rows):
+        limit = "none" if r["limit_mb"] is None else f"{r['limit_mb']:.2f}"
+        lines.append(
+            f"| {r['setting']} | {r['level']:g} | {limit} | {r['method']} | "
+            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+            f"{r['measured_mb']:.2f} | {r['estimated_mb']:.2f} | {r['seeds']} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(out: Path, rows: Sequence[dict[str, Any]], setting: str) -> Path:
