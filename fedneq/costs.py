@@ -461,6 +461,7 @@ def mask_cost(
     batch_size: int,
     optimizer: str = "sgd-momentum",
     bytes_per_value: int = 4,
+    dense_grads: bool = False,
 ) -> MaskCost:
     """Price one local training step with ``mask``.
 
@@ -479,6 +480,12 @@ def mask_cost(
         parameter) or ``"adamw"`` (2).
     bytes_per_value:
         Bytes of one weight / gradient / activation value (4 = float32).
+    dense_grads:
+        ``False`` (default): gradients and optimizer state of the trained rows
+        only (a sparse-update implementation). ``True``: of every whole
+        parameter tensor with a trained row, which is what PyTorch's ``.grad``
+        and ``torch.optim`` state hold, so what fedneq's training allocates
+        (:func:`fedneq.training.memory.measure_step_memory` measures it).
 
     Notes
     -----
@@ -514,8 +521,13 @@ def mask_cost(
 
     trainable = neuron_map.mask_params(mask, dict(state), sorted(_param_names(neuron_map)))
     saved = _saved_bytes(profile, flops, batch_size, bytes_per_value)
-    gradient = trainable * bytes_per_value
-    optimizer_state = states * trainable * bytes_per_value
+    held = trainable
+    if dense_grads:
+        params = _param_names(neuron_map)
+        rows = neuron_map.row_masks(mask, dict(state))
+        held = sum(state[key].numel() for key in rows if key in params)
+    gradient = held * bytes_per_value
+    optimizer_state = states * held * bytes_per_value
     weights = neuron_map.total_params * bytes_per_value
     return MaskCost(
         trainable_params=trainable,

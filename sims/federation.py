@@ -137,6 +137,9 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "selected_neurons": "selected-neurons",
     "flops_saved": "flops-saved",
     "memory_estimate_bytes": "memory-estimate-bytes",
+    "memory_measured_bytes": "memory-measured-bytes",
+    "memory_limit_bytes": "memory-limit-bytes",
+    "memory_bound": "memory-bound",
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
     "train_flops": "train-flops",  # simulated time (fedneq.federation.timing)

@@ -36,7 +36,8 @@ __all__ = ["run_single_device"]
 
 COLUMNS = (
     "selector", "epoch", "accuracy", "test_loss", "train_loss", "trainable_params",
-    "trainable_fraction", "selected_neurons", "flops_saved", "memory_estimate_bytes", "seconds",
+    "trainable_fraction", "selected_neurons", "flops_saved", "memory_estimate_bytes",
+    "memory_measured_bytes", "seconds",
 )  # fmt: skip
 DEFAULT_SELECTORS = ("velocity", "velocity-per-param", "random", "static", "full")
 
@@ -48,8 +49,14 @@ def run_single_device(
     budget: float | int | str = 0.1,
     epochs: int = 5,
     out_dir: Path | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Fine-tune one model per selector on the whole training set; per-epoch rows."""
+    """Fine-tune one model per selector on the whole training set; per-epoch rows.
+
+    ``memory_limit_bytes``: the device's training-memory limit, priced with
+    whole-tensor gradients (what training allocates) at ``[fleet] batch_size``;
+    every epoch's memory is also measured (``memory_measured_bytes``).
+    """
     Budget.parse(budget)  # fail before any training
     unknown = [name for name in selectors if name not in list_selectors()]
     if unknown:
@@ -75,6 +82,9 @@ def run_single_device(
         selector = get_selector(
             name, neuron_map=neuron_map, model=model, budget=budget,
             rule=sel.rule, initializer=sel.initializer, scheme=sel.scheme or None,
+            memory_limit_bytes=memory_limit_bytes, cost_profile=profile,
+            batch_size=config.fleet.batch_size,
+            optimizer=config.train.optimizer_config().cost_name, dense_grads=True,
         )  # fmt: skip
         gen = generator(config.run.seed, 1)
         acc0 = evaluate(model, task.test)
@@ -97,6 +107,7 @@ def run_single_device(
                     "selected_neurons": stats.selected_neurons,
                     "flops_saved": stats.cost.flops_saved if stats.cost else "",
                     "memory_estimate_bytes": stats.cost.training_memory_bytes if stats.cost else "",
+                    "memory_measured_bytes": stats.measured.peak_bytes if stats.measured else "",
                     "seconds": time.monotonic() - t0,
                 })  # fmt: skip
                 print(f"[fedneq] {name:>18} epoch {stats.epoch + 1}/{epochs}  acc {acc:.4f}  "
@@ -107,7 +118,7 @@ def run_single_device(
                 batch_size=config.fleet.batch_size, optimizer=config.train.optimizer_config(),
                 generator=gen, cost_profile=profile, on_epoch_end=record,
                 backward=config.train.backward, bn_stats=config.train.bn_stats,
-                loss=config.train.loss,
+                loss=config.train.loss, measure_memory=True,
             )  # fmt: skip
     if out_dir is not None:
         write_results(Path(out_dir), rows, config, budget=budget, epochs=epochs)

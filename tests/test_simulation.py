@@ -47,6 +47,14 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
     assert [int(c["used_initializer"]) for c in clients if c["round"] == "1"] == [1] * 4
     assert [int(c["used_initializer"]) for c in clients if c["round"] == "2"] == [0] * 4
     assert all(int(c["state_bytes"]) > 0 for c in clients)
+    # training memory: measured on the real steps next to the cost model's estimate
+    for c in clients:
+        measured, estimate = int(c["memory_measured_bytes"]), int(c["memory_estimate_bytes"])
+        assert abs(measured / estimate - 1) <= 0.1, c
+        limit = config.device(int(c["partition_id"])).memory_fraction
+        assert (int(c["memory_limit_bytes"]) > 0) == (limit is not None)
+        if limit is not None:
+            assert estimate <= int(c["memory_limit_bytes"])
 
     classes = read_csv(out / "device_classes.csv")
     assert {c["device"] for c in classes} == set(expected_devices.values())

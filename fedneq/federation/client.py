@@ -51,7 +51,8 @@ from fedneq.federation.state_store import (
 from fedneq.federation.timing import client_time, round_flops, time_metrics
 from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
-from fedneq.selection.selectors import get_selector
+from fedneq.selection.memory import memory_bound, resolve_memory_limit
+from fedneq.selection.selectors import MemoryMeter, get_selector
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
 from fedneq.training.loop import evaluate, train_masked
@@ -196,19 +197,32 @@ def client_round(
     data = local.data if local is not None else client_data(config, partition_id)
     gen = generator(config.run.seed, partition_id, server_round)
     sel = config.selection
-    selector = get_selector(
-        "full" if full_budget else sel.selector,
-        neuron_map=neuron_map,
-        model=model,
-        budget="100%" if full_budget else device.budget,
-        rule=sel.rule,
-        initializer=sel.initializer,
-        scheme=sel.scheme or None,
-        memory_limit_bytes=None if full_budget else device.memory_limit_bytes,
-        cost_profile=rt.cost_profile,
-        batch_size=device.batch_size,
-        optimizer=config.train.optimizer_config().cost_name,
-    )
+    optimizer = config.train.optimizer_config().cost_name
+    meter = MemoryMeter(
+        rt.cost_profile, model, batch_size=device.batch_size, optimizer=optimizer, dense_grads=True
+    )  # what training allocates: PyTorch's whole-tensor gradients and optimizer state
+    memory_limit = None if full_budget else resolve_memory_limit(
+        meter, device.memory_limit_bytes, device.memory_fraction
+    )  # fmt: skip
+
+    def make_selector(limit: int | None):
+        return get_selector(
+            "full" if full_budget else sel.selector,
+            neuron_map=neuron_map,
+            model=model,
+            budget="100%" if full_budget else device.budget,
+            rule=sel.rule,
+            initializer=sel.initializer,
+            scheme=sel.scheme or None,
+            memory_limit_bytes=limit,
+            cost_profile=rt.cost_profile,
+            batch_size=device.batch_size,
+            optimizer=optimizer,
+            dense_grads=True,
+        )
+
+    selector = make_selector(memory_limit)
+    budget_only = None if memory_limit is None else make_selector(None)  # which limit binds
     with VelocityTracker(
         model,
         neuron_map,
@@ -220,6 +234,7 @@ def client_round(
             tracker.load_state_dict(velocity_state)
         initialized: list[int] = []
         probed: list[int] = []  # epochs before which the probe set ran (simulated time)
+        bound: list[bool] = []  # per epoch: the memory limit binds (fedneq.selection.memory)
 
         def mask_for_epoch(epoch: int):
             velocity = None
@@ -228,6 +243,10 @@ def client_round(
                 probed.append(epoch)
             if velocity is None:
                 initialized.append(epoch)
+            if budget_only is not None:
+                twin = torch.Generator().set_state(gen.get_state())  # the same draw
+                free = budget_only.select(velocity, twin).neurons
+                bound.append(memory_bound(meter, free, memory_limit))
             return selector.select(velocity, gen)
 
         # dropout draws from the global RNG: seed it per (client, round, attempt), so a
@@ -248,6 +267,7 @@ def client_round(
                 grad_filter=config.train.grad_filter(device.grad_filter_r),
                 bn_stats=config.train.bn_stats,
                 loss=config.train.loss,
+                measure_memory=True,
             )
         new_state = tracker.state_dict() if selector.needs_velocity else {}
         state_bytes = tracker.nbytes() if selector.needs_velocity else 0
@@ -258,6 +278,7 @@ def client_round(
 
     arrays = encode(model.state_dict(), neuron_map, result.mask, rt.table)
     costs = [e.cost for e in result.epochs if e.cost is not None]
+    measured = [e.measured.peak_bytes for e in result.epochs if e.measured is not None]
     metrics: dict[str, int | float] = {
         "num-examples": len(data.train),
         "partition-id": partition_id,
@@ -269,6 +290,9 @@ def client_round(
         "upload-bytes": payload_nbytes(arrays),
         "flops-saved": float(np.mean([c.flops_saved for c in costs])),
         "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
+        "memory-measured-bytes": int(max(measured)),
+        "memory-limit-bytes": int(memory_limit or 0),  # 0: no limit
+        "memory-bound": int(any(bound)),  # the memory limit, not the budget, binds
         "state-bytes": int(state_bytes),
         "used-initializer": int(0 in initialized),
         "budget-params": int(selector.budget),

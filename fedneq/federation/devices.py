@@ -92,6 +92,13 @@ class DeviceProfile:
         Probability in ``(0, 1]`` that the device is reachable in a given
         round (seeded per round and device, :func:`fedneq.federation.timing.available`);
         1.0: always.
+    memory_fraction : float or None, default None
+        Training-memory limit relative to the model in use, in ``[0, 1]``:
+        0 is the least memory that trains one neuron, 1 what training
+        everything needs (weights, gradients, optimizer state, saved
+        activations at the device's batch size); resolved to bytes by the
+        client (:func:`fedneq.selection.memory.resolve_memory_limit`). Not
+        together with ``memory_limit_bytes``.
     """
 
     name: str
@@ -104,6 +111,7 @@ class DeviceProfile:
     download_mbps: float = 100.0
     upload_mbps: float = 100.0
     availability: float = 1.0
+    memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -141,6 +149,19 @@ class DeviceProfile:
                 f"got {value!r}"
             )
         object.__setattr__(self, "availability", float(value))
+        share = self.memory_fraction
+        if share is not None:
+            if not _is_real(share) or not 0.0 <= share <= 1.0:
+                raise ValueError(
+                    f"memory_fraction of device {self.name!r} must be None or a number in "
+                    f"[0, 1], got {share!r}"
+                )
+            if self.memory_limit_bytes is not None:
+                raise ValueError(
+                    f"device {self.name!r} sets both memory_limit_bytes and memory_fraction; "
+                    "give one"
+                )
+            object.__setattr__(self, "memory_fraction", float(share))
 
     @property
     def is_fraction(self) -> bool:
@@ -373,11 +394,19 @@ class Fleet:
 # * pi-4: dual-band 802.11ac; ~100 Mbit/s measured on 5 GHz Wi-Fi -> 100 / 100.
 # * phone: cellular, the global median mobile speed of Ookla's Speedtest Global
 #   Index (2024: ~50 Mbit/s down, ~10 up) -> 50 / 10.
+# Memory (training memory: weights + gradients + optimizer state + saved activations).
+# The devices' own RAM does not scale to the model in use: an STM32F746 trains under
+# 256 KB, less than MobileNetV2's 9 MB of float32 weights alone. The limits are
+# therefore relative to the model (``memory_fraction``): between the least that trains
+# one neuron (0) and full training (1), so that the classes keep their order against
+# each other: mcu 3 % (tiny-training's MCU trains a few deep layers' channels and
+# biases within 256 KB of SRAM), pi-zero 15 % (512 MB shared with the OS and a Python
+# runtime), pi-4 and phone unlimited (GBs of RAM).
 _DEFAULT_CLASSES: tuple[tuple[DeviceProfile, float], ...] = (
     (DeviceProfile("mcu", budget=0.01, batch_size=8, speed=0.02,
-                   download_mbps=0.25, upload_mbps=0.25), 0.3),
+                   download_mbps=0.25, upload_mbps=0.25, memory_fraction=0.25), 0.3),
     (DeviceProfile("pi-zero", budget=0.05, batch_size=16, speed=0.25,
-                   download_mbps=20.0, upload_mbps=20.0), 0.4),
+                   download_mbps=20.0, upload_mbps=20.0, memory_fraction=0.5), 0.4),
     (DeviceProfile("pi-4", budget=0.2, batch_size=32, speed=1.0,
                    download_mbps=100.0, upload_mbps=100.0), 0.2),
     (DeviceProfile("phone", budget=1.0, batch_size=64, speed=4.0,
@@ -389,7 +418,10 @@ def default_fleet() -> Fleet:
     """A heterogeneous fleet: 30 % mcu, 40 % pi-zero, 20 % pi-4, 10 % phone.
 
     Budgets 1 % / 5 % / 20 % / 100 % of the selectable parameters, batch
-    sizes 8 / 16 / 32 / 64, no memory limits, always available; speeds
+    sizes 8 / 16 / 32 / 64, memory limits at 3 % / 15 % of the way from the
+    least memory that trains one neuron to full training (``memory_fraction``;
+    pi-4 and phone unlimited),
+    always available; speeds
     0.02 / 0.25 / 1 / 4 (x 8 GFLOP/s: 0.16 / 2 / 8 / 32 GFLOP/s) and
     bandwidths 0.25 / 20 / 100 / 50 Mbit/s down, 0.25 / 20 / 100 / 10 up
     (figures and sources in the comment above ``_DEFAULT_CLASSES``).
@@ -436,9 +468,10 @@ _NODE_CONFIG_FIELDS = {
     "download-mbps": "download_mbps",
     "upload-mbps": "upload_mbps",
     "availability": "availability",
+    "memory-fraction": "memory_fraction",
 }
 NODE_DEVICE_KEYS = tuple(_NODE_CONFIG_FIELDS)  # what --node-config may set next to `budget`
-_FLOAT_FIELDS = ("speed", "download_mbps", "upload_mbps", "availability")
+_FLOAT_FIELDS = ("speed", "download_mbps", "upload_mbps", "availability", "memory_fraction")
 
 
 def _parse_number(key: str, value: object) -> int | float:

@@ -202,7 +202,10 @@ def select_ordered(
         ``"prefix"`` (longest fitting prefix) or ``"fill"`` (skip what does not fit).
     memory:
         Optional training-memory limit: a neuron fits only if the selection's
-        memory (:meth:`MemoryMeter.mask_bytes`) stays within it as well.
+        memory (:meth:`MemoryMeter.mask_bytes`) stays within it as well. A
+        neuron whose memory alone (:meth:`MemoryMeter.alone_bytes`) exceeds
+        the limit is dropped from ``order`` first: the prefix rule then stops
+        only at a neuron the device could have held.
 
     Returns
     -------
@@ -216,6 +219,8 @@ def select_ordered(
     if memory is not None and rule == "fill":
         return memory.meter.fill(order, costs, budget, memory.limit_bytes)
     mask = torch.zeros(costs.numel(), dtype=torch.bool)
+    if memory is not None:  # a neuron the device cannot hold even alone is no candidate
+        order = order[memory.meter.alone_bytes()[order] <= memory.limit_bytes]
     ordered = costs[order]  # (K,)
     fits = torch.cumsum(ordered, 0) <= budget  # nondecreasing cumsum: True then False
     if memory is not None:  # memory of a growing prefix never decreases either
@@ -295,6 +300,11 @@ class MemoryMeter:
     extra:
         Whole tensors trained with every selection besides the always-trained
         set (a static scheme's biases): part of the fixed cost.
+    dense_grads:
+        As in :func:`~fedneq.costs.mask_cost`: ``True`` charges a layer's
+        whole tensors' gradient and optimizer state once, when its first
+        neuron is selected (what PyTorch allocates); ``False`` (default)
+        charges every selected neuron its own rows.
     """
 
     def __init__(
@@ -306,6 +316,7 @@ class MemoryMeter:
         optimizer: str = "sgd-momentum",
         bytes_per_value: int = 4,
         extra: Iterable[str] = (),
+        dense_grads: bool = False,
     ) -> None:
         if not isinstance(profile, CostProfile):
             raise ValueError(
@@ -329,6 +340,7 @@ class MemoryMeter:
         self.batch_size = batch_size
         self.optimizer = optimizer
         self.base = base
+        self.dense_grads = bool(dense_grads)
         per_param = bytes_per_value * (1 + OPTIMIZER_STATES[optimizer])
 
         # weights + gradient/optimizer state: a fixed part and a per-neuron part
@@ -338,7 +350,17 @@ class MemoryMeter:
             per_param * sum(_row_numel(params[t]) for t in lay.param_tensors if t not in base)
             for lay in neuron_map.layers
         ]
-        self._layer_bytes = torch.tensor(layer_bytes, dtype=torch.int64)  # (L,)
+        self._layer_bytes = torch.tensor(layer_bytes, dtype=torch.int64)  # (L,) per neuron
+        self._layer_open = torch.zeros(len(layer_bytes), dtype=torch.int64)  # (L,) once
+        if self.dense_grads:  # the whole tensors once, nothing per neuron
+            self._layer_open = torch.tensor(
+                [
+                    per_param * sum(params[t].numel() for t in lay.param_tensors if t not in base)
+                    for lay in neuron_map.layers
+                ],
+                dtype=torch.int64,
+            )
+            self._layer_bytes = torch.zeros_like(self._layer_open)
         self._layer_of = neuron_map.layer_index()  # (N,)
         self._start = torch.tensor(  # (L,) execution order of each layer's earliest module
             [
@@ -378,6 +400,7 @@ class MemoryMeter:
                     triggers[i].append(c)
         self._triggers = tuple(tuple(t) for t in triggers)
         self.fixed_bytes = self._static + self._saved(self._base_start, self._base_triggered())
+        self._alone: torch.Tensor | None = None
 
     def _base_triggered(self) -> tuple[bool, ...]:
         return tuple(always for _, _, always in self._cond)
@@ -390,6 +413,12 @@ class MemoryMeter:
             for (nbytes, latest, _), on in zip(self._cond, triggered, strict=True)
             if on and latest < start
         )
+
+    def alone_bytes(self) -> torch.Tensor:
+        """(N,) int64 training memory of each neuron selected alone (cached)."""
+        if self._alone is None:
+            self._alone = self.neuron_bytes() + self.fixed_bytes
+        return self._alone
 
     def neuron_bytes(self) -> torch.Tensor:
         """(N,) int64 bytes that selecting each neuron alone adds to :attr:`fixed_bytes`.
@@ -405,7 +434,8 @@ class MemoryMeter:
         for i, start in enumerate(self._start.tolist()):
             triggered = [on or c in self._triggers[i] for c, on in enumerate(base)]
             saved = self._saved(min(start, self._base_start), triggered)
-            alone.append(self._static + int(self._layer_bytes[i]) + saved - self.fixed_bytes)
+            own = int(self._layer_bytes[i]) + int(self._layer_open[i])
+            alone.append(self._static + own + saved - self.fixed_bytes)
         return torch.tensor(alone, dtype=torch.int64)[self._layer_of]
 
     def mask_bytes(self, neurons: torch.Tensor) -> int:
@@ -428,12 +458,18 @@ class MemoryMeter:
             for c in self._triggers[i]:
                 triggered[c] = True
         params = int(self._layer_bytes[self._layer_of[neurons]].sum())
+        params += int(self._layer_open[layers].sum()) if layers else 0
         return self._static + params + self._saved(start, triggered)
 
     def prefix_bytes(self, order: torch.Tensor) -> torch.Tensor:
         """(K,) int64: training memory of ``order[:k + 1]`` for every ``k``."""
         layer = self._layer_of[order]  # (K,)
         params = torch.cumsum(self._layer_bytes[layer], 0)
+        if self.dense_grads:  # a layer's whole tensors from its first neuron in the order on
+            positions = torch.full_like(self._layer_open, layer.numel())  # (L,)
+            positions.scatter_reduce_(0, layer, torch.arange(layer.numel()), reduce="amin")
+            first = torch.arange(layer.numel()) == positions[layer]  # (K,)
+            params = params + torch.cumsum(self._layer_open[layer] * first, 0)
         start = torch.cummin(self._start[layer], 0).values.clamp(max=self._base_start)
         index = torch.searchsorted(self._orders, start)
         saved = self._suffix[index]
@@ -455,6 +491,7 @@ class MemoryMeter:
         spent, param_bytes = 0, 0
         saved_cache: dict[tuple[int, tuple[bool, ...]], int] = {}
         starts, layer_bytes = self._start.tolist(), self._layer_bytes.tolist()
+        open_bytes, opened = self._layer_open.tolist(), set()
         layers = self._layer_of[order].tolist()
         for index, layer, cost in zip(order.tolist(), layers, costs[order].tolist(), strict=True):
             if spent + cost > budget:
@@ -468,11 +505,13 @@ class MemoryMeter:
             key = (new_start, new_triggered)
             if key not in saved_cache:
                 saved_cache[key] = self._saved(new_start, new_triggered)
-            if self._static + param_bytes + layer_bytes[layer] + saved_cache[key] > limit_bytes:
+            add = layer_bytes[layer] + (0 if layer in opened else open_bytes[layer])
+            if self._static + param_bytes + add + saved_cache[key] > limit_bytes:
                 continue
             mask[index] = True
             spent += cost
-            param_bytes += layer_bytes[layer]
+            param_bytes += add
+            opened.add(layer)
             start, triggered = new_start, new_triggered
         return mask
 
@@ -616,10 +655,16 @@ class _MemoryRequest:
     profile: CostProfile
     batch_size: int
     optimizer: str
+    dense_grads: bool = False
 
     def limit(self, model: nn.Module, extra: Iterable[str] = ()) -> MemoryLimit:
         meter = MemoryMeter(
-            self.profile, model, batch_size=self.batch_size, optimizer=self.optimizer, extra=extra
+            self.profile,
+            model,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            extra=extra,
+            dense_grads=self.dense_grads,
         )
         return MemoryLimit(meter, self.limit_bytes)
 
@@ -630,6 +675,7 @@ def _memory_request(
     cost_profile: CostProfile | None,
     batch_size: int,
     optimizer: str,
+    dense_grads: bool = False,
 ) -> _MemoryRequest | None:
     if memory_limit_bytes is None:
         return None
@@ -647,7 +693,7 @@ def _memory_request(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
-    return _MemoryRequest(int(limit), cost_profile, batch_size, optimizer)
+    return _MemoryRequest(int(limit), cost_profile, batch_size, optimizer, bool(dense_grads))
 
 
 def get_selector(
@@ -663,6 +709,7 @@ def get_selector(
     cost_profile: CostProfile | None = None,
     batch_size: int = 32,
     optimizer: str = "sgd-momentum",
+    dense_grads: bool = False,
 ) -> Selector:
     """Build the selector called ``name``.
 
@@ -690,6 +737,9 @@ def get_selector(
     batch_size, optimizer:
         Local training settings the memory is priced for (as in
         :func:`~fedneq.costs.mask_cost`): ``"sgd"``, ``"sgd-momentum"`` or ``"adamw"``.
+    dense_grads:
+        Price gradients and optimizer state of whole tensors (what PyTorch
+        allocates; :class:`MemoryMeter`) instead of the trained rows only.
 
     Raises
     ------
@@ -711,7 +761,9 @@ def get_selector(
         rule=rule,
         initializer=initializer,
         scheme=_parse_scheme(scheme),
-        memory=_memory_request(neuron_map, memory_limit_bytes, cost_profile, batch_size, optimizer),
+        memory=_memory_request(
+            neuron_map, memory_limit_bytes, cost_profile, batch_size, optimizer, dense_grads
+        ),
     )
 
 
@@ -910,3 +962,7 @@ class FullSelector(Selector):
 
     def _select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
         return self.neuron_map.train_mask(torch.ones(self.neuron_map.num_neurons, dtype=torch.bool))
+
+
+# the memory-aware selectors live in their own module; importing it registers them
+from fedneq.selection import memory as _memory_selectors  # noqa: E402, F401

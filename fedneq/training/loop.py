@@ -22,6 +22,7 @@ from fedneq.data.datasets import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
+from fedneq.training.memory import StepMemory, StepMemoryMeter
 from fedneq.training.sparse_backward import BACKWARDS
 
 __all__ = [
@@ -89,6 +90,7 @@ class EpochStats:
     selected_neurons: int
     trainable_params: int  # parameters the epoch's mask trains (always-trained set included)
     cost: MaskCost | None  # cost-model figures of the epoch's mask, if a profile was given
+    measured: StepMemory | None = None  # the epoch's largest measured step (measure_memory)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ def train_masked(
     backward: str = "sparse",
     grad_filter: GradFilterConfig | None = None,
     loss: str = "cross-entropy",
+    measure_memory: bool = False,
 ) -> TrainResult:
     """Train only what the masks select; everything else comes out bit-identical.
 
@@ -177,6 +180,13 @@ def train_masked(
         pushing their logits down: the model is trained as if the client's
         data were balanced. On balanced data it equals cross-entropy (a
         constant added to every logit). Evaluation always uses plain logits.
+    measure_memory:
+        Measure every step's memory (:class:`~fedneq.training.memory.StepMemoryMeter`)
+        and attach each epoch's largest to its :class:`EpochStats`.
+
+    The attached cost (``cost_profile``) prices gradients and optimizer
+    state of whole tensors (``mask_cost(..., dense_grads=True)``): that is
+    what this loop allocates.
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward should be one of {BACKWARDS}, got {backward!r}")
@@ -228,19 +238,34 @@ def train_masked(
             batch_size=batch_size,
         ) as freezer:
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
+            _drop_frozen_state(opt, model, freezer.rows)
             previous_rows = freezer.rows
+            meter = StepMemoryMeter(model, opt) if measure_memory else None
             total_loss, seen, smallest = _run_epoch(
-                model, data, opt, freezer, batch_size, generator, prior
+                model, data, opt, freezer, batch_size, generator, prior, meter
             )
         trainable = neuron_map.mask_params(mask, state, [n for n, _ in model.named_parameters()])
         cost = None
         if cost_profile is not None:
             cost = mask_cost(
-                cost_profile, mask, state, batch_size=batch_size, optimizer=optimizer.cost_name
+                cost_profile,
+                mask,
+                state,
+                batch_size=batch_size,
+                optimizer=optimizer.cost_name,
+                dense_grads=True,
             )
+        measured = None if meter is None else meter.peak
         stats.append(
             EpochStats(
-                epoch, total_loss / seen, seen, smallest, int(mask.neurons.sum()), trainable, cost
+                epoch,
+                total_loss / seen,
+                seen,
+                smallest,
+                int(mask.neurons.sum()),
+                trainable,
+                cost,
+                measured,
             )
         )
         if on_epoch_end is not None:
@@ -332,13 +357,18 @@ def _run_epoch(
     batch_size: int,
     generator: torch.Generator,
     logit_offset: torch.Tensor | None = None,
+    meter: StepMemoryMeter | None = None,
 ) -> tuple[float, int, int]:
     """``(sum of batch losses x sizes, examples seen, smallest batch)`` of one epoch."""
     order = torch.randperm(len(data), generator=generator)
     total_loss, seen, smallest = 0.0, 0, len(order)
     for batch in batch_slices(len(order), batch_size):
         idx = order[batch]
-        loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
+        if meter is None:
+            loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
+        else:
+            with meter.step():
+                loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at the batch starting at {batch.start}")
         total_loss += loss * len(idx)
@@ -401,6 +431,22 @@ def _reset_entering_rows(
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 value[entering] = 0
+
+
+def _drop_frozen_state(
+    opt: torch.optim.Optimizer, model: nn.Module, rows: dict[str, torch.Tensor]
+) -> None:
+    """Free the optimizer state of parameters this epoch's mask leaves wholly frozen.
+
+    A device holds optimizer state for what it trains now, not for everything
+    it trained in an earlier epoch (the cost model prices the current mask).
+    The state would be reset anyway when a row enters again
+    (:func:`_reset_entering_rows`; SGD's momentum restarts from the gradient,
+    which equals a zeroed buffer; Adam restarts its step count too).
+    """
+    for name, p in model.named_parameters():
+        if name not in rows:
+            opt.state.pop(p, None)
 
 
 @torch.no_grad()

@@ -19,11 +19,20 @@ frozen rows' gradients zeroed) and ``backward="sparse"``
   (:func:`~fedneq.costs.mask_cost`, which assumes PyTorch's own conv);
 * the cost model's ideal FLOPs ratio (mask / full) and measured / ideal.
 
+* measured training memory (:func:`~fedneq.training.memory.measure_step_memory`:
+  weights + gradients + optimizer state + saved activations of one real step)
+  and its ratio to the full step's, next to the saved-activation ratio.
+
 The velocity comes from two tracker measures on a probe of 10 images around
-one full SGD step (the first velocity a client would have).
+one full SGD step (the first velocity a client would have). ``--selector``
+picks the selector (default ``velocity``); ``--memory-fraction f`` also gives
+it a memory limit (:func:`~fedneq.selection.memory.resolve_memory_limit`,
+whole-tensor gradients: what training allocates), for memory-aware masks
+such as ``velocity-region``.
 
     python -m sims.benchmarks.step_cost [--quick] [--models mobilenet_v2,resnet18]
         [--sizes 32,64] [--batch-size 32] [--steps 5] [--warmup 2]
+        [--selector velocity-region --memory-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -41,10 +50,12 @@ from torch import nn
 from fedneq.costs import mask_cost, measure_saved_bytes, profile_model
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection.selectors import get_selector
+from fedneq.selection.memory import resolve_memory_limit
+from fedneq.selection.selectors import MemoryMeter, get_selector
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.training.loop import OptimizerConfig, train_step
 from fedneq.training.masking import RowFreezer
+from fedneq.training.memory import measure_step_memory
 from sims.benchmarks import default_csv, write_table
 
 __all__ = ["Row", "main", "measure_model", "velocity_of"]
@@ -67,6 +78,20 @@ class Row:
     saved_bytes: int
     estimated_saved_bytes: int
     ideal_ratio: float  # cost-model FLOPs of the mask / of the full mask
+    full_saved_bytes: int = 0  # measured saved activations of the full step
+    peak_bytes: int = 0  # measured training memory of one step (measure_step_memory)
+    full_peak_bytes: int = 0
+    selector: str = "velocity"
+
+    @property
+    def saved_ratio(self) -> float:
+        """Measured saved activations / the full step's."""
+        return self.saved_bytes / self.full_saved_bytes
+
+    @property
+    def peak_ratio(self) -> float:
+        """Measured training memory / the full step's."""
+        return self.peak_bytes / self.full_peak_bytes
 
     @property
     def time_ratio(self) -> float:
@@ -125,6 +150,8 @@ def measure_model(
     steps: int = 5,
     warmup: int = 2,
     seed: int = 0,
+    selector: str = "velocity",
+    memory_fraction: float | None = None,
 ) -> list[Row]:
     """Rows of one (model, input size) for every budget and backward mode."""
     model = get_model(name, num_classes=10, seed=seed)
@@ -141,13 +168,21 @@ def measure_model(
 
     rows = []
     for budget in budgets:
-        selector = get_selector("velocity", neuron_map=neuron_map, model=model, budget=f"{budget}%")
-        mask = selector.select(velocity, torch.Generator().manual_seed(seed))
+        limit = None
+        if memory_fraction is not None:
+            meter = MemoryMeter(profile, model, batch_size=batch_size, dense_grads=True)
+            limit = resolve_memory_limit(meter, fraction=memory_fraction)
+        chosen = get_selector(
+            selector, neuron_map=neuron_map, model=model, budget=f"{budget}%",
+            memory_limit_bytes=limit, cost_profile=profile, batch_size=batch_size,
+            dense_grads=True,
+        )  # fmt: skip
+        mask = chosen.select(velocity, torch.Generator().manual_seed(seed))
         cost = mask_cost(profile, mask, state, batch_size=batch_size)
         ideal = cost.total_flops / full_cost.total_flops
         plans: dict[str, tuple[TrainMask, str]] = {"full": (full_mask, "masked")}
         plans.update({mode: (mask, mode) for mode in MODES})
-        setups, freezers, saved = {}, [], {}
+        setups, freezers, saved, peak = {}, [], {}, {}
         try:
             for key, (m, backward) in plans.items():
                 copy_ = copy.deepcopy(model)
@@ -156,6 +191,10 @@ def measure_model(
                 )  # as train_masked sets it up
                 freezers.append(freezer)
                 saved[key] = measure_saved_bytes(copy_, neuron_map, m, x)
+                peak[key] = measure_step_memory(
+                    model, neuron_map, m, x, y, optimizer=OPTIMIZER, backward=backward,
+                    profile=profile,
+                ).peak_bytes  # fmt: skip
                 setups[key] = (copy_, x, y, OPTIMIZER.build(list(copy_.parameters())), freezer)
             medians = _time_round_robin(setups, steps, warmup)
         finally:
@@ -175,6 +214,10 @@ def measure_model(
                     saved[mode],
                     cost.saved_activation_bytes,
                     ideal,
+                    saved["full"],
+                    peak[mode],
+                    peak["full"],
+                    selector,
                 )
             )
     return rows
@@ -184,7 +227,7 @@ def format_rows(rows: list[Row]) -> str:
     header = (
         f"{'model':<13} {'size':>4} {'budget':>6} {'backward':<8} {'wall ms':>8} {'wall/full':>9} "
         f"{'cpu ms':>7} {'full cpu':>8} {'cpu/full':>8} {'saved MB':>9} {'est. MB':>8} "
-        f"{'ideal':>6} {'cpu/ideal':>9}"
+        f"{'ideal':>6} {'cpu/ideal':>9} {'saved/full':>10} {'peak MB':>8} {'peak/full':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -193,7 +236,8 @@ def format_rows(rows: list[Row]) -> str:
             f"{r.time_ratio:>9.3f} {1e3 * r.cpu_s:>7.1f} {1e3 * r.full_cpu_s:>8.1f} "
             f"{r.cpu_ratio:>8.3f} {r.saved_bytes / 2**20:>9.2f} "
             f"{r.estimated_saved_bytes / 2**20:>8.2f} {r.ideal_ratio:>6.3f} "
-            f"{r.measured_over_ideal:>9.3f}"
+            f"{r.measured_over_ideal:>9.3f} {r.saved_ratio:>10.3f} {r.peak_bytes / 2**20:>8.2f} "
+            f"{r.peak_ratio:>9.3f}"
         )
     return "\n".join(lines)
 
@@ -207,6 +251,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--selector", default="velocity", help="selector of the masks")
+    parser.add_argument(
+        "--memory-fraction", type=float, default=None,
+        help="memory limit of the selector, 0 (least that trains a neuron) .. 1 (full training)",
+    )  # fmt: skip
     parser.add_argument("--csv", type=Path, default=default_csv("step_cost"), help="the table as CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -219,13 +268,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for name in args.models.split(","):
         for size in sizes:
             rows += measure_model(
-                name, size, budgets=budgets, batch_size=args.batch_size, steps=steps, warmup=warmup
-            )
+                name, size, budgets=budgets, batch_size=args.batch_size, steps=steps,
+                warmup=warmup, selector=args.selector, memory_fraction=args.memory_fraction,
+            )  # fmt: skip
             print(format_rows(rows[-2 * len(budgets) :]), flush=True)
             print(flush=True)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, "
-        f"median of {steps} steps after {warmup} warm-up"
+        f"median of {steps} steps after {warmup} warm-up; selector {args.selector}, "
+        f"memory fraction {args.memory_fraction}"
     )
     write_table(rows, args.csv)
     return rows
