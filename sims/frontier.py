@@ -84,7 +84,7 @@ def memory_span(config: Config) -> tuple[int, int]:
     """``(M(SU-1), M(full))``: training memory of SU-1 and of full training (dense gradients)."""
     task = load_task(config)
     model, neuron_map = build_model(config, task)
-    profile = profile_model(model, neuron_map, tuple(task.train.x.shape[1:]))
+    profile = profile_model(model, neuron_map, task.train.image_shape)
     batch = config.fleet.batch_size
     optimizer = config.train.optimizer_config().cost_name
     su1 = get_selector("static", neuron_map=neuron_map, model=model, budget=1.0, scheme="SU-1")
