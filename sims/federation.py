@@ -137,6 +137,8 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "selected_neurons": "selected-neurons",
     "flops_saved": "flops-saved",
     "memory_estimate_bytes": "memory-estimate-bytes",
+    "measured_memory_bytes": "measured-memory-bytes",  # width clients (fedneq.federation.width_client)
+    "width": "width",
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
     "train_flops": "train-flops",  # simulated time (fedneq.federation.timing)

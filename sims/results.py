@@ -37,7 +37,7 @@ CLIENT_COLUMNS = (
     "round", "partition_id", "device", "status", "reason", "num_examples", "smallest_batch", "train_loss",
     "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "update_rms",
     "flops_saved",
-    "memory_estimate_bytes", "state_bytes", "used_initializer",
+    "memory_estimate_bytes", "measured_memory_bytes", "width", "state_bytes", "used_initializer",
     "train_flops", "probe_flops", "download_s", "compute_s", "upload_s", "time_s",
 )  # fmt: skip
 CLASS_COLUMNS = (
