@@ -336,7 +336,8 @@ def test_width_strategies_reject_the_other_wire_format(cnn) -> None:
     plan = plan_channels(model, 0.5)
     blocks = encode_blocks(submodel_blocks(extract_submodel(model, plan).state_dict(), plan, ["features.0.0.weight"]), table, state)
     neurons = encode(state, nm, full_mask(nm), table)
-    for strategy, arrays, fmt in ((FedRolex(nm, table), neurons, "neurons"), (NeuronAvg(nm, table), blocks, "blocks")):
+    one = {"min_train_nodes": 1, "min_available_nodes": 1}
+    for strategy, arrays, fmt in ((FedRolex(nm, table, **one), neurons, "neurons"), (NeuronAvg(nm, table, **one), blocks, "blocks")):
         msg = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([0])))[0]
         with pytest.raises(ValueError, match=f"in the '{fmt}' wire format"):
             strategy.check_reply(block_reply(msg, arrays, 5, nm.selectable_params))
@@ -344,7 +345,9 @@ def test_width_strategies_reject_the_other_wire_format(cnn) -> None:
 
 def test_over_budget_width_reply_is_rejected(cnn) -> None:
     model, nm, state, table = cnn
-    strategy = get_strategy("fjord", neuron_map=nm, table=table, reference_state=state)
+    strategy = get_strategy(
+        "fjord", neuron_map=nm, table=table, reference_state=state, min_train_nodes=1, min_available_nodes=1
+    )
     msg = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([0])))[0]
     plan = plan_channels(model, 0.5)
     sub = extract_submodel(model, plan)
@@ -391,3 +394,10 @@ def test_compare_names_the_width_methods() -> None:
         assert method_config(config, method).strategy.name == method
     with pytest.raises(ValueError, match="'heterofl'"):
         method_config(config, "heterofl2")
+
+
+def test_width_strategies_tolerate_the_spread_of_update_sizes_across_widths(cnn) -> None:
+    _, nm, _, table = cnn
+    assert HeteroFL(nm, table).max_update_ratio == 100.0  # widths 0.08 to 1 differ 10-20x
+    assert FedRolex(nm, table, max_update_ratio=None).max_update_ratio is None
+    assert NeuronAvg(nm, table).max_update_ratio == 10.0

@@ -396,19 +396,11 @@ def decode(
 
 
 def wire_format(arrays: Mapping[str, np.ndarray]) -> str:
-    """``"neurons"`` (:data:`WIRE_KEYS`) or ``"blocks"`` (:data:`BLOCK_KEYS`) by the reply's keys.
+    """``"blocks"`` if the reply has any ``block_*`` key (:data:`BLOCK_KEYS`), else ``"neurons"``.
 
-    Raises :class:`WireFormatError` for any other key set.
+    Which keys are missing or extra is for :func:`decode` to say.
     """
-    keys = set(arrays)
-    if keys == set(BLOCK_KEYS):
-        return "blocks"
-    if keys == set(WIRE_KEYS):
-        return "neurons"
-    raise WireFormatError(
-        f"reply keys must be exactly {list(WIRE_KEYS)} (neurons) or {list(BLOCK_KEYS)} (element "
-        f"blocks); got {sorted(keys)}"
-    )
+    return "blocks" if any(str(k).startswith("block_") for k in arrays) else "neurons"
 
 
 def _block_shape(t: torch.Tensor) -> tuple[int, int | None, int]:
@@ -475,6 +467,12 @@ def _decode_blocks(
     arrays: Mapping[str, np.ndarray], table: Sequence[str], reference_state: Mapping[str, torch.Tensor]
 ) -> SparseUpdate:
     """Validate and decode an element-block reply (see :func:`decode`)."""
+    keys = set(arrays)
+    if keys != set(BLOCK_KEYS):
+        raise WireFormatError(
+            f"reply keys must be exactly {list(BLOCK_KEYS)}; missing {sorted(set(BLOCK_KEYS) - keys)}, "
+            f"extra {sorted(keys - set(BLOCK_KEYS))}"
+        )
     for key in BLOCK_KEYS:
         a = arrays[key]
         if not isinstance(a, np.ndarray):
