@@ -287,22 +287,28 @@ def _check_indices(name: str, ids: np.ndarray, upper: int) -> None:
         )
 
 
-def _check_structure(arrays: Mapping[str, np.ndarray]) -> None:
-    keys = set(arrays)
-    if keys != set(WIRE_KEYS):
+def _check_structure(
+    arrays: Mapping[str, np.ndarray],
+    keys: tuple[str, ...] = WIRE_KEYS,
+    dtypes: Mapping[str, np.dtype] = _DTYPES,
+    value_keys: tuple[str, ...] = ("neuron_values", "tensor_values"),
+) -> None:
+    """Exactly ``keys``, each a 1-D numpy array of its dtype; finite ``value_keys``."""
+    present = set(arrays)
+    if present != set(keys):
         raise WireFormatError(
-            f"reply keys must be exactly {list(WIRE_KEYS)}; missing {sorted(set(WIRE_KEYS) - keys)}, "
-            f"extra {sorted(keys - set(WIRE_KEYS))}"
+            f"reply keys must be exactly {list(keys)}; missing {sorted(set(keys) - present)}, "
+            f"extra {sorted(present - set(keys))}"
         )
-    for key in WIRE_KEYS:
+    for key in keys:
         a = arrays[key]
         if not isinstance(a, np.ndarray):
             raise WireFormatError(f"{key!r} must be a numpy array, got {type(a).__name__}")
-        if a.dtype != _DTYPES[key]:
-            raise WireFormatError(f"{key!r} must have dtype {_DTYPES[key]}, got {a.dtype}")
+        if a.dtype != dtypes[key]:
+            raise WireFormatError(f"{key!r} must have dtype {dtypes[key]}, got {a.dtype}")
         if a.ndim != 1:
             raise WireFormatError(f"{key!r} must be 1-D, got shape {a.shape}")
-    for key in ("neuron_values", "tensor_values"):
+    for key in value_keys:
         bad = ~np.isfinite(arrays[key])
         if bad.any():
             raise WireFormatError(
@@ -467,27 +473,8 @@ def _decode_blocks(
     arrays: Mapping[str, np.ndarray], table: Sequence[str], reference_state: Mapping[str, torch.Tensor]
 ) -> SparseUpdate:
     """Validate and decode an element-block reply (see :func:`decode`)."""
-    keys = set(arrays)
-    if keys != set(BLOCK_KEYS):
-        raise WireFormatError(
-            f"reply keys must be exactly {list(BLOCK_KEYS)}; missing {sorted(set(BLOCK_KEYS) - keys)}, "
-            f"extra {sorted(keys - set(BLOCK_KEYS))}"
-        )
-    for key in BLOCK_KEYS:
-        a = arrays[key]
-        if not isinstance(a, np.ndarray):
-            raise WireFormatError(f"{key!r} must be a numpy array, got {type(a).__name__}")
-        if a.dtype != _BLOCK_DTYPES[key]:
-            raise WireFormatError(f"{key!r} must have dtype {_BLOCK_DTYPES[key]}, got {a.dtype}")
-        if a.ndim != 1:
-            raise WireFormatError(f"{key!r} must be 1-D, got shape {a.shape}")
+    _check_structure(arrays, BLOCK_KEYS, _BLOCK_DTYPES, ("block_values",))
     flat_values = arrays["block_values"]
-    bad = ~np.isfinite(flat_values)
-    if bad.any():
-        raise WireFormatError(
-            f"'block_values' has {int(bad.sum())} non-finite values (first at position "
-            f"{int(np.argmax(bad))})"
-        )
     tensors = arrays["block_tensors"]
     _check_indices("block_tensors", tensors, len(table))
     row_counts, col_counts = arrays["block_row_counts"], arrays["block_col_counts"]
