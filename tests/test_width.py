@@ -101,6 +101,10 @@ def test_submodel_is_really_smaller_and_slices_depthwise_convs() -> None:
     assert sub_dw.groups == sub_dw.in_channels == sub_dw.out_channels == -(-full_dw.out_channels // 2)
     assert sub.features[0][0].in_channels == 3  # the image keeps every channel
     assert sub.classifier[1].out_features == 5  # and the classes
+    by_prefix = plan_channels(model, 0.5, head="classifier")  # the head as the config names it
+    assert by_prefix.slices["classifier.1"].rows.tolist() == list(range(5))
+    with pytest.raises(ValueError, match="names no Conv2d"):
+        plan_channels(model, 0.5, head="fc")
     assert submodel_params(model, plan) == sum(p.numel() for p in sub.parameters())
     assert model.training is False and sub.training is False
 

@@ -133,26 +133,32 @@ def plan_channels(
 ) -> ChannelPlan:
     """The channels a width-``width`` sub-model of ``model`` keeps (module notes).
 
-    ``head`` names the classifier whose outputs are all kept (default: the
-    last ``nn.Linear``). Raises ``ValueError`` for a module it cannot slice.
+    ``head`` names the classifier whose outputs are all kept: a module name or
+    a prefix of it (``"classifier"`` for torchvision's ``classifier.1``;
+    default: the last ``nn.Linear``). Raises ``ValueError`` for a module it
+    cannot slice.
     """
     compute = _compute_modules(model)
     if not compute:
         raise ValueError(f"{type(model).__name__} has no Conv2d / Linear to slice")
     linears = [n for n, m in compute if isinstance(m, nn.Linear)]
-    head = head if head is not None else (linears[-1] if linears else None)
+    if head is None:
+        head = linears[-1] if linears else ""
+    heads = {n for n, _ in compute if n == head or n.startswith(head + ".")}
+    if not heads:
+        raise ValueError(f"head {head!r} names no Conv2d / Linear of the model")
     stem = compute[0][0]
     slices: dict[str, LayerSlice] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
             c_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
             c_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-            rows = torch.arange(c_out) if name == head else kept_channels(c_out, width, shift)
+            rows = torch.arange(c_out) if name in heads else kept_channels(c_out, width, shift)
             groups = module.groups if isinstance(module, nn.Conv2d) else 1
             if groups == 1:
                 cols = torch.arange(c_in) if name == stem else kept_channels(c_in, width, shift)
                 slices[name] = LayerSlice(rows, cols, 1)
-            elif groups == c_in == c_out and name not in (stem, head):
+            elif groups == c_in == c_out and name != stem and name not in heads:
                 slices[name] = LayerSlice(rows, torch.zeros(1, dtype=torch.int64), len(rows))
             else:
                 raise ValueError(
