@@ -142,11 +142,12 @@ def plan_channels(
     if not compute:
         raise ValueError(f"{type(model).__name__} has no Conv2d / Linear to slice")
     linears = [n for n, m in compute if isinstance(m, nn.Linear)]
-    if head is None:
-        head = linears[-1] if linears else ""
-    heads = {n for n, _ in compute if n == head or n.startswith(head + ".")}
-    if not heads:
-        raise ValueError(f"head {head!r} names no Conv2d / Linear of the model")
+    if head is None:  # the last Linear; a model without one has no head to keep whole
+        heads = set(linears[-1:])
+    else:
+        heads = {n for n, _ in compute if n == head or n.startswith(head + ".")}
+        if not heads:
+            raise ValueError(f"head {head!r} names no Conv2d / Linear of the model")
     stem = compute[0][0]
     slices: dict[str, LayerSlice] = {}
     for name, module in model.named_modules():
