@@ -3,13 +3,16 @@
     python -m sims.compare default --methods velocity,random,fedavg --rounds 10
     python -m sims.compare default --methods velocity,velocity@server-momentum
 
-A method is ``<selector>[@<strategy>]`` (strategy defaults to the config's), or
-``fedavg`` (dense FedAvg: every client at full budget). All methods run one
+A method is ``<selector>[@<strategy>]`` (strategy defaults to the config's),
+``fedavg`` (dense FedAvg: every client at full budget), or a width sub-model
+baseline ``heterofl``, ``fjord``, ``fedrolex`` (each device trains the
+sub-network its budget allows, :mod:`strategies.width_avg`). All methods run one
 after the other in one simulation engine (Ray and the client actors start
 once), each into ``<out>/<method>/``; a method whose results are already
 complete there (same config) is not run again, so an interrupted comparison
 continues where it stopped when run again with the same ``--out``. Prints a
-table and writes ``comparison.csv`` and the accuracy plots (vs round, vs
+table and a per-device-class cost table (trained parameters, FLOPs, upload,
+memory; ``device_costs.csv``) and writes ``comparison.csv`` and the accuracy plots (vs round, vs
 cumulative upload and vs simulated device time) to ``<out>/``. "Time to 95 %"
 is the simulated time (:mod:`fedneq.federation.timing`) at the end of the first round
 that reaches 95 % of the run's best accuracy.
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedneq.config import Config, did_you_mean
+from fedneq.federation.width_client import WIDTH_METHODS
 from fedneq.selection.selectors import list_selectors
 from sims.cli import (
     Parser,
@@ -41,7 +45,7 @@ from sims.run import check_runnable, simulate_many
 from sims.server_app import RunSpec
 from strategies import list_strategies
 
-__all__ = ["compare", "method_config", "summarize"]
+__all__ = ["compare", "device_costs", "method_config", "summarize"]
 
 COLUMNS = (
     "method", "final_accuracy", "best_accuracy", "rounds_to_95pct_best", "upload_mb",
@@ -51,14 +55,17 @@ COLUMNS = (
 
 
 def method_config(config: Config, method: str) -> Config:
-    """The config of one method: ``fedavg`` or ``<selector>[@<strategy>]``."""
+    """The config of one method: ``fedavg``, a width method or ``<selector>[@<strategy>]``."""
     if method == "fedavg":
         return config.replace(strategy={"name": "fedavg"})
+    if method in WIDTH_METHODS:  # a width sub-model per device: the strategy drives the client
+        return config.replace(strategy={"name": method})
     selector, _, strategy = method.partition("@")
     if selector not in list_selectors():
         raise ValueError(
-            f"method {method!r}: selector {selector!r} is not one of {list_selectors()} (or 'fedavg')"
-            + did_you_mean(selector, [*list_selectors(), "fedavg"])
+            f"method {method!r}: selector {selector!r} is not one of {list_selectors()} (or "
+            f"'fedavg', {', '.join(map(repr, WIDTH_METHODS))})"
+            + did_you_mean(selector, [*list_selectors(), "fedavg", *WIDTH_METHODS])
         )
     if strategy and strategy not in list_strategies():
         raise ValueError(
@@ -147,9 +154,62 @@ def compare(
         )
     table = [summarize(m, read_csv(out_dir / m / "rounds.csv")) for m in methods]
     atomic_write_text(out_dir / "comparison.csv", csv_text(COLUMNS, table))
+    costs = [row for m in methods for row in device_costs(m, read_csv(out_dir / m / "clients.csv"))]
+    atomic_write_text(out_dir / "device_costs.csv", csv_text(COST_COLUMNS, costs))
     plot_runs({label(m, configs[m]): out_dir / m / "rounds.csv" for m in methods}, out_dir)
     print(format_table(table), flush=True)
+    print(format_costs(costs), flush=True)
     return table
+
+
+COST_COLUMNS = (
+    "method", "device", "replies", "width", "trained_params", "train_mflops", "upload_kb",
+    "memory_estimate_kb", "measured_memory_kb",
+)  # fmt: skip
+
+
+def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per device class, the accepted replies' mean trained parameters, training MFLOPs of a
+    round, upload, and largest memory estimate and measured memory (width clients), from clients.csv."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault(r["device"], []).append(r)
+
+    def mean(g: Sequence[dict[str, str]], key: str, scale: float = 1.0) -> float:
+        values = [float(r[key]) for r in g if r.get(key, "") != ""]
+        return sum(values) / len(values) / scale if values else float("nan")
+
+    def most(g: Sequence[dict[str, str]], key: str) -> float:
+        values = [float(r[key]) for r in g if r.get(key, "") != ""]
+        return max(values) / 1e3 if values else float("nan")
+
+    return [
+        {"method": method, "device": device, "replies": len(g), "width": mean(g, "width"),
+         "trained_params": mean(g, "trainable_params"), "train_mflops": mean(g, "train_flops", 1e6),
+         "upload_kb": mean(g, "upload_bytes", 1e3), "memory_estimate_kb": most(g, "memory_estimate_bytes"),
+         "measured_memory_kb": most(g, "memory_measured_bytes")}
+        for device, g in sorted(groups.items())
+    ]  # fmt: skip
+
+
+def format_costs(costs: Sequence[dict[str, Any]]) -> str:
+    """The per-device-class cost table (what each method asks of each device)."""
+    head = (f"{'method':<28} {'device':<10} {'width':>5} {'params':>8} {'MFLOPs':>9} {'up kB':>8} "
+            f"{'mem est kB':>10} {'mem meas kB':>11}")  # fmt: skip
+    lines = ["", "per device class (means over accepted replies; memory: the largest)", head, "-" * len(head)]
+
+    def num(value: float, fmt: str) -> str:
+        return "-" if value != value else format(value, fmt)
+
+    for r in costs:
+        lines.append(
+            f"{r['method']:<28} {r['device']:<10} {num(r['width'], '.3f'):>5} "
+            f"{num(r['trained_params'], '.0f'):>8} {num(r['train_mflops'], '.1f'):>9} "
+            f"{num(r['upload_kb'], '.1f'):>8} {num(r['memory_estimate_kb'], '.0f'):>10} "
+            f"{num(r['measured_memory_kb'], '.0f'):>11}"
+        )
+    return "\n".join(lines)
 
 
 def label(method: str, config: Config) -> str:

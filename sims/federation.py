@@ -140,6 +140,7 @@ _CLIENT_METRICS = {  # clients.csv column -> reply metric (upload_bytes is measu
     "memory_measured_bytes": "memory-measured-bytes",
     "memory_limit_bytes": "memory-limit-bytes",
     "memory_bound": "memory-bound",
+    "width": "width",  # width clients (fedneq.federation.width_client)
     "state_bytes": "state-bytes",
     "used_initializer": "used-initializer",
     "train_flops": "train-flops",  # simulated time (fedneq.federation.timing)

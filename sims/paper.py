@@ -16,8 +16,10 @@ upstream half of Fashion-MNIST's classes is fine-tuned on the other half:
 2. ``homogeneous`` — 50 clients, Dirichlet(1.0), 10 per round, ``neuron-avg``
    (the plan's ``strategy``), every client at the tier's budget, plus dense FedAvg;
 3. ``heterogeneous`` — the default mixed fleet (budgets 1 % to 100 %):
-   velocity, random, static (the scheme truncated to each device's budget),
-   everyone at the smallest budget, and FedAvg on the full-budget devices only.
+   velocity, velocity-per-param, random, static (the scheme truncated to each
+   device's budget), everyone at the smallest budget, FedAvg on the
+   full-budget devices only, and the width sub-model baselines HeteroFL,
+   FjORD and FedRolex (each device the widest sub-model its budget allows).
 
 Budget tiers are the paper's SU-1/3/5 schemes: static trains the scheme (at
 its own budget); velocity and random get the scheme's conv-weight parameter
@@ -87,7 +89,10 @@ __all__ = [
 
 SETTINGS = ("single", "homogeneous", "heterogeneous")
 BUDGETED = ("velocity", "velocity-per-param", "random", "static")
-HETERO_METHODS = ("velocity", "random", "static", "smallest", "fedavg-phones")
+WIDTH_BASELINES = ("heterofl", "fjord", "fedrolex")  # width sub-models (strategies/width_avg.py)
+HETERO_METHODS = (
+    "velocity", "velocity-per-param", "random", "static", "smallest", "fedavg-phones", *WIDTH_BASELINES,
+)  # fmt: skip
 PAPER_FRACTION = {"SU-1": 0.088, "SU-3": 0.212, "SU-5": 0.308}  # of MobileNetV2's conv weights
 BASES = ("scheme", "paper")
 REPO = Path(__file__).resolve().parents[1]
@@ -358,6 +363,9 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
                 "participants": phones,
                 "clients_per_round": min(plan.clients_per_round, eligible),
             }
+        elif run.method in WIDTH_BASELINES:  # each device trains the sub-model its budget allows
+            selection["selector"] = "velocity"  # unused: the strategy has the client train a width
+            strategy["name"] = run.method
         elif run.method not in HETERO_METHODS:
             raise ValueError(
                 f"heterogeneous method should be one of {HETERO_METHODS}, got {run.method!r}"
@@ -654,6 +662,9 @@ METHOD_LABELS = {
     "fedavg": "FedAvg (dense, full budget)",
     "smallest": "everyone at the smallest budget (velocity)",
     "fedavg-phones": "FedAvg, full-budget devices only",
+    "heterofl": "HeteroFL (width sub-models)",
+    "fjord": "FjORD (ordered dropout)",
+    "fedrolex": "FedRolex (rolling sub-models)",
 }
 STEP_NAMES = {"single": "epoch", "homogeneous": "round", "heterogeneous": "round"}
 TITLES = {
@@ -843,7 +854,9 @@ def setting_bullets(plan: dict[str, Any]) -> list[str]:
         "20 % pi-4 (20 %), 10 % phone (100 % of the selectable parameters), all at batch "
         f"{plan['batch_size']}. Static: scheme {plan['hetero_scheme']} truncated to each device's "
         "budget (its neurons in layer order, then by weight norm). FedAvg-phones: only the phones "
-        "take part, so fewer clients per round."
+        "take part, so fewer clients per round. HeteroFL / FjORD / FedRolex: each device trains "
+        "the widest sub-model (ceil(p·C) channels of every layer) whose selectable parameters fit "
+        "its budget, averaged element by element (`strategies/width_avg.py`)."
     )
     settings = plan["settings"]
     return [

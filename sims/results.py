@@ -37,7 +37,7 @@ CLIENT_COLUMNS = (
     "round", "partition_id", "device", "status", "reason", "num_examples", "smallest_batch", "train_loss",
     "trainable_params", "trainable_fraction", "selected_neurons", "upload_bytes", "update_rms",
     "flops_saved",
-    "memory_estimate_bytes", "memory_measured_bytes", "memory_limit_bytes", "memory_bound",
+    "memory_estimate_bytes", "memory_measured_bytes", "memory_limit_bytes", "memory_bound", "width",
     "state_bytes", "used_initializer", "train_flops", "probe_flops", "download_s", "compute_s", "upload_s", "time_s",
 )  # fmt: skip
 CLASS_COLUMNS = (

@@ -53,6 +53,7 @@ from fedneq.federation.wire import (
     decode,
     from_array_record,
     payload_nbytes,
+    wire_format,
 )
 from fedneq.neurons import NeuronMap
 
@@ -127,6 +128,8 @@ def trained_params(
         a running statistic outside ``free`` of a layer not every neuron of
         which the reply trains: statistics travel only with their neuron.
     """
+    if wire_format(arrays) == "blocks":
+        return _block_trained_params(arrays, neuron_map, table, reference_state, free)
     ids = arrays["neurons"].astype(np.int64)
     total = int(neuron_map.costs()[torch.as_tensor(ids)].sum())
     sent = np.zeros(neuron_map.num_neurons, dtype=bool)
@@ -166,6 +169,42 @@ def trained_params(
     return total
 
 
+def _block_trained_params(
+    arrays: Mapping[str, np.ndarray],
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    reference_state: Mapping[str, torch.Tensor],
+    free: Iterable[str],
+) -> int:
+    """:func:`trained_params` of an element-block reply: the elements of neuron-layer parameters.
+
+    Its rows and columns are known valid (decoded); a block of a never-trained
+    tensor raises ``ValueError``.
+    """
+    params = {key for layer in neuron_map.layers for key in layer.param_tensors}
+    owned = {key for layer in neuron_map.layers for key in layer.tensors}
+    always = set(neuron_map.always_trained)
+    always_modules = {key.rsplit(".", 1)[0] for key in always}
+    free = set(free)
+    row_counts = arrays["block_row_counts"].astype(np.int64)
+    col_counts = arrays["block_col_counts"].astype(np.int64)
+    total = 0
+    for i, r, c in zip(arrays["block_tensors"].tolist(), row_counts, col_counts, strict=True):
+        key = table[i]
+        if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
+            continue
+        if key not in owned:
+            raise ValueError(
+                f"the reply sends a block of {key!r}, which is never trained (neither in a neuron "
+                "layer nor in the always-trained set)"
+            )
+        if key in params:
+            shape = reference_state[key].shape
+            per_cell = math.prod(shape[2:]) if len(shape) > 2 else 1  # a conv's kernel
+            total += int(r) * max(int(c), 1) * per_cell
+    return total
+
+
 def update_rms(
     update: SparseUpdate, global_state: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> float:
@@ -180,6 +219,12 @@ def update_rms(
     for key in keys:
         sent = update.rows.get(key)
         if sent is None:
+            continue
+        if key in update.elements:  # element blocks: the sent elements only
+            mask = update.elements[key]
+            diff = update.values[key][mask].to(torch.float64) - global_state[key][mask].to(torch.float64)
+            total += float((diff**2).sum())
+            count += diff.numel()
             continue
         new = as_rows(update.values[key])[sent].to(torch.float64)  # (k, L)
         old = as_rows(global_state[key])[sent].to(torch.float64)
@@ -485,6 +530,9 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         if reference_state is not None:
             self.set_global_state(reference_state)
 
+    #: the wire format of the replies it aggregates (:func:`fedneq.federation.wire.wire_format`)
+    reply_format: str = "neurons"
+
     # --- the extension points ------------------------------------------------
 
     @abstractmethod
@@ -583,9 +631,16 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
             )
         _check_finite_metrics(metrics)
         wire = from_array_record(next(iter(content.array_records.values())))
+        if wire_format(wire) != self.reply_format:
+            raise ValueError(
+                f"the reply is in the {wire_format(wire)!r} wire format, {type(self).__name__} "
+                f"aggregates {self.reply_format!r} replies"
+            )
         update = decode(wire, self.neuron_map, self.table, self.global_state)
         if self.max_abs_value is not None:
-            for key in ("neuron_values", "tensor_values"):
+            for key in ("neuron_values", "tensor_values", "block_values"):
+                if key not in wire:
+                    continue
                 values = wire[key]
                 peak = float(np.abs(values).max()) if values.size else 0.0
                 if peak > self.max_abs_value:

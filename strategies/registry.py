@@ -28,6 +28,7 @@ from .fedavg import DenseFedAvg
 from .neuron_avg import NeuronAvg
 from .server_momentum import ServerMomentum
 from .sparse_fedavg import SparseFedAvg
+from .width_avg import FedRolex, FjORD, HeteroFL
 
 __all__ = ["check_strategy", "get_strategy", "list_strategies", "register_strategy", "strategy_options"]
 
@@ -38,6 +39,9 @@ _REGISTRY: dict[str, type[SparseStrategy]] = {
     "fedavg": DenseFedAvg,
     "server-momentum": ServerMomentum,
     "sparse-fedavg": SparseFedAvg,
+    "heterofl": HeteroFL,
+    "fjord": FjORD,
+    "fedrolex": FedRolex,
 }
 
 

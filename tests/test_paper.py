@@ -38,22 +38,25 @@ from sims.results import CLIENT_COLUMNS, ROUND_COLUMNS, atomic_write_text, csv_t
 
 def test_expand_full_plan_method_by_method() -> None:
     runs = expand(FULL)
-    assert len(runs) == 93 and len({r.key for r in runs}) == 93
-    assert [r.seed for r in runs[:31]] == [0] * 31  # seed by seed
-    seed0 = [(r.setting, r.tier, r.method) for r in runs[:31]]
+    assert len(runs) == 105 and len({r.key for r in runs}) == 105
+    assert [r.seed for r in runs[:35]] == [0] * 35  # seed by seed
+    seed0 = [(r.setting, r.tier, r.method) for r in runs[:35]]
     budgeted = ["velocity", "velocity-per-param", "random", "static"]
     for setting, last in (("single", "full"), ("homogeneous", "fedavg")):
         mine = [(t, m) for s, t, m in seed0 if s == setting]
         tiers = [(t, m) for t in ("SU-1", "SU-3", "SU-5") for m in budgeted]
         assert mine == [*tiers, ("full", last)]
     hetero = [m for s, t, m in seed0 if s == "heterogeneous"]
-    assert hetero == ["velocity", "random", "static", "smallest", "fedavg-phones"]
+    assert hetero == [
+        "velocity", "velocity-per-param", "random", "static", "smallest", "fedavg-phones",
+        "heterofl", "fjord", "fedrolex",
+    ]  # fmt: skip
     quick = expand(QUICK)
     assert [r.key for r in quick[:5]] == [
         "single/SU-1/velocity/seed0", "single/SU-1/velocity-per-param/seed0",
         "single/SU-1/random/seed0", "single/SU-1/static/seed0", "single/full/full/seed0",
     ]  # fmt: skip
-    assert len(quick) == 15
+    assert len(quick) == 19
 
 
 def test_plan_rejects_bad_values() -> None:
@@ -180,8 +183,13 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     c = run_config(stable, Run("single", "SU-1", "random", 0), base_config(stable, tmp_path), tiers)
     assert (c.train.prox_mu, c.strategy.options) == (0.0, {})
     assert "FedProx pull μ = 1" in setting_bullets(dataclasses.asdict(stable))[1]
+    for method in ("heterofl", "fjord", "fedrolex"):  # width sub-models: the strategy drives the client
+        c = cfg("heterogeneous", "mixed", method)
+        assert (c.fleet.preset, c.strategy.name) == ("default", method)
+    c = cfg("heterogeneous", "mixed", "velocity-per-param")
+    assert (c.fleet.preset, c.selection.selector) == ("default", "velocity-per-param")
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):
-        cfg("heterogeneous", "mixed", "velocity-per-param")
+        cfg("heterogeneous", "mixed", "full")
     with pytest.raises(ValueError, match="method 'smallest' is not part of setting 'single'"):
         cfg("single", "SU-1", "smallest")
 

@@ -49,6 +49,7 @@ from fedneq.federation.state_store import (
     save_client_state,
 )
 from fedneq.federation.timing import client_time, round_flops, time_metrics
+from fedneq.federation.width_client import width_round
 from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
 from fedneq.selection.memory import memory_bound, resolve_memory_limit
@@ -169,13 +170,16 @@ def client_round(
     full_budget: bool = False,
     attempt: int = 0,
     local: PartitionFile | None = None,
+    width: str = "",
 ) -> ClientReply:
     """Run one client's local training round and build its sparse reply.
 
     ``attempt`` counts the server's tries at this round (0 first); it only
     seeds the fault draw (:func:`draw_faults`). ``local`` is the device's own
     partition file (:mod:`fedneq.federation.device_data`): its data is used and the
-    dataset is never loaded.
+    dataset is never loaded. ``width`` (a width strategy's ``"width-method"``:
+    ``heterofl``, ``fjord``, ``fedrolex``) trains a width sub-model instead of a
+    neuron mask (:func:`fedneq.federation.width_client.width_round`).
 
     Raises
     ------
@@ -195,6 +199,17 @@ def client_round(
     model.load_state_dict(global_state)
     device = device or config.device(partition_id)
     data = local.data if local is not None else client_data(config, partition_id)
+    if width:
+        arrays, metrics = width_round(
+            config, model, neuron_map, rt.table, rt.num_params, rt.cost_profile, method=width,
+            device=device, data=data, partition_id=partition_id, server_round=server_round,
+            attempt=attempt, global_state=global_state,
+        )  # fmt: skip
+        if faults.crash:
+            raise InjectedFault(
+                f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"
+            )
+        return ClientReply(arrays, metrics, {}, device.name)
     gen = generator(config.run.seed, partition_id, server_round)
     sel = config.selection
     optimizer = config.train.optimizer_config().cost_name

@@ -45,6 +45,7 @@ from fedneq.federation.client import (
 )
 from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
 from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
+from fedneq.federation.width_client import WIDTH_KEY
 from fedneq.federation.wire import to_array_record
 
 __all__ = [
@@ -261,6 +262,7 @@ def train(msg: Message, context: Context) -> Message:
         full_budget=bool(server_config.get("full-budget", False)),
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
         local=device_partition(context.node_config, config, partition_id),
+        width=str(server_config.get(WIDTH_KEY, "")),
     )
     content = RecordDict(
         {

@@ -1,0 +1,199 @@
+"""A width client's round: HeteroFL, FjORD, FedRolex on the device.
+
+When the server's training config carries ``"width-method"`` (set by a width
+strategy, :mod:`strategies.width_avg`), :func:`fedneq.federation.client.client_round`
+hands the round to :func:`width_round` instead of selecting neurons:
+
+1. width from the device's budget (:func:`~fedneq.training.submodel.width_for_budget`:
+   the largest ``p`` whose sub-model's selectable parameters fit, about ``p²``
+   of the full model's);
+2. the channel plan: the first ``ceil(p * C)`` channels (``heterofl``,
+   ``fjord``) or a window starting at ``round - 1`` (``fedrolex``);
+3. extract the real sub-model and train all of it with the one training loop
+   (``train_masked``, a full mask); ``fjord`` samples a width per batch from
+   FjORD's levels 0.2, 0.4, ..., 1.0 up to ``p`` (and ``p`` itself), and zeroes
+   the channels above it (ordered dropout, inside the device's sub-model:
+   FLOPs and memory are those of width ``p``);
+4. reply with the sub-model's parameters as element blocks of the full model
+   (:func:`~fedneq.federation.wire.encode_blocks`; BatchNorm running
+   statistics too unless ``[train] bn_stats = "frozen"``).
+
+Metrics as a velocity client's (the cost model's FLOPs and memory estimate of
+the sub-model, simulated time), plus ``width`` and ``memory-measured-bytes``:
+the peak of the sub-model's training steps as :mod:`fedneq.training.memory`
+measures every client's (weights, gradients, optimizer state and the
+activations autograd saved) — measured on the tensors, not an allocator's peak.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedneq.config import Config
+from fedneq.costs import CostProfile, mask_cost, profile_model
+from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.timing import client_time, round_flops, time_metrics
+from fedneq.federation.wire import encode_blocks, full_mask, payload_nbytes
+from fedneq.models import model_head
+from fedneq.neurons import NeuronMap, enumerate_neurons
+from fedneq.task import ClientData, derive_seed, generator
+from fedneq.training.loop import train_masked
+from fedneq.training.submodel import (
+    ChannelMask,
+    ChannelPlan,
+    extract_submodel,
+    nested_keep,
+    plan_channels,
+    submodel_blocks,
+    width_for_budget,
+)
+
+__all__ = [
+    "FJORD_LEVELS", "WIDTH_KEY", "WIDTH_METHODS", "fjord_levels", "width_plan",
+    "width_round",
+]  # fmt: skip
+
+WIDTH_KEY = "width-method"  # training-config key a width strategy sets
+WIDTH_METHODS = ("heterofl", "fjord", "fedrolex")
+FJORD_LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)  # FjORD's uniform width levels
+
+
+def width_plan(
+    model: nn.Module, neuron_map: NeuronMap, method: str, budget_params: int, server_round: int,
+    head: str | None = None,
+) -> ChannelPlan:  # fmt: skip
+    """The channel plan of a device with ``budget_params`` at ``server_round`` (module notes)."""
+    if method not in WIDTH_METHODS:
+        raise ValueError(f"width method should be one of {WIDTH_METHODS}, got {method!r}")
+    width = width_for_budget(model, neuron_map, budget_params)
+    shift = server_round - 1 if method == "fedrolex" else 0
+    return plan_channels(model, width, shift, head=head)
+
+
+def fjord_levels(width: float) -> tuple[float, ...]:
+    """FjORD's levels up to ``width``, and ``width`` itself."""
+    return tuple(sorted({*(p for p in FJORD_LEVELS if p < width), width}))
+
+
+@contextmanager
+def _ordered_dropout(
+    sub: nn.Module, full: nn.Module, plan: ChannelPlan, levels: tuple[float, ...], gen: torch.Generator,
+    head: str | None,
+) -> Iterator[list[float]]:  # fmt: skip
+    """FjORD: before every training forward, sample a level and zero the channels above it."""
+    keeps = [nested_keep(plan, plan_channels(full, q, head=head)) for q in levels]
+    drawn: list[float] = []
+    with ChannelMask(sub, keeps[-1]) as mask:
+
+        def sample(module: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled():
+                i = int(torch.randint(len(levels), (1,), generator=gen))
+                mask.set(keeps[i])
+                drawn.append(levels[i])
+
+        handle = sub.register_forward_pre_hook(sample)
+        try:
+            yield drawn
+        finally:
+            handle.remove()
+
+
+def width_round(
+    config: Config,
+    model: nn.Module,
+    neuron_map: NeuronMap,
+    table: tuple[str, ...],
+    num_params: int,
+    full_profile: CostProfile,
+    *,
+    method: str,
+    device: DeviceProfile,
+    data: ClientData,
+    partition_id: int,
+    server_round: int,
+    attempt: int,
+    global_state: dict[str, torch.Tensor],
+) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """Train the device's width sub-model; ``(wire arrays, metrics)`` (module notes).
+
+    ``model`` holds the global state; it is left unchanged.
+    """
+    head = model_head(config.model.name)
+    budget = device.budget_params(neuron_map.selectable_params)
+    plan = width_plan(model, neuron_map, method, max(1, budget), server_round, head=head)
+    sub = extract_submodel(model, plan)
+    always = (head,) if config.model.head == "always" else ()
+    statistics = config.train.bn_stats != "frozen"
+    sub_map = enumerate_neurons(sub, always_trained=always, statistics=statistics)
+    shape = tuple(data.train.x.shape[1:])
+    profile = profile_model(sub, sub_map, shape)
+    gen = generator(config.run.seed, partition_id, server_round)
+    dropout = (
+        _ordered_dropout(sub, model, plan, fjord_levels(plan.width),
+                         generator(config.run.seed, partition_id, server_round, 17), head)
+        if method == "fjord" else nullcontext([])
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.run.seed, partition_id, server_round, attempt, 13))
+        with dropout as drawn:
+            result = train_masked(
+                sub,
+                data.train,
+                neuron_map=sub_map,
+                masks=full_mask(sub_map),
+                epochs=device.local_epochs,
+                batch_size=device.batch_size,
+                optimizer=config.train.optimizer_config(),
+                generator=gen,
+                cost_profile=profile,
+                backward=config.train.backward,
+                grad_filter=config.train.grad_filter(device.grad_filter_r),
+                bn_stats=config.train.bn_stats,
+                loss=config.train.loss,
+                measure_memory=True,
+            )
+        peak = max(e.measured.peak_bytes for e in result.epochs if e.measured is not None)
+    sent = {k for layer in neuron_map.layers for k in layer.param_tensors} | set(neuron_map.always_trained)
+    if statistics:
+        sent |= neuron_map.statistic_tensors()
+    keys = [k for k in sub.state_dict() if k in sent]
+    arrays = encode_blocks(submodel_blocks(sub.state_dict(), plan, keys), table, global_state)
+    costs = [e.cost for e in result.epochs if e.cost is not None]
+    full_cost = mask_cost(
+        full_profile, full_mask(neuron_map), global_state, batch_size=device.batch_size,
+        optimizer=config.train.optimizer_config().cost_name,
+    )  # fmt: skip
+    metrics: dict[str, int | float] = {
+        "num-examples": len(data.train),
+        "partition-id": partition_id,
+        "train-loss": float(result.loss),
+        "smallest-batch": int(result.smallest_batch),
+        "trainable-params": int(result.trainable_params),
+        "trainable-fraction": result.trainable_params / num_params,
+        "selected-neurons": int(result.mask.neurons.sum()),
+        "upload-bytes": payload_nbytes(arrays),
+        "flops-saved": 1.0 - max(c.total_flops for c in costs) / full_cost.total_flops,
+        "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
+        "memory-measured-bytes": int(peak),
+        "state-bytes": 0,
+        "used-initializer": 0,
+        "budget-params": int(max(1, budget)),
+        "local-epochs": int(device.local_epochs),
+        "width": float(plan.width),
+        "mean-batch-width": float(sum(drawn) / len(drawn)) if drawn else float(plan.width),
+    }
+    flops = round_flops([(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None])
+    sim_time = client_time(
+        device,
+        flops=flops.total,
+        download_bytes=sum(t.numel() * t.element_size() for t in global_state.values()),
+        upload_bytes=metrics["upload-bytes"],
+        reference_gflops=config.fleet.reference_gflops,
+    )
+    metrics |= time_metrics(flops, sim_time)
+    return arrays, metrics
