@@ -48,7 +48,7 @@ from fedneq.federation.state_store import (
     rollback_client_state,
     save_client_state,
 )
-from fedneq.federation.timing import client_time, round_flops, time_metrics
+from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import width_round
 from fedneq.federation.wire import encode, payload_nbytes, tensor_table
 from fedneq.neurons import NeuronMap
@@ -320,14 +320,10 @@ def client_round(
         probe_measurements=len(probed),
         fwd_flops=rt.cost_profile.fwd_flops,
     )
-    sim_time = client_time(
-        device,
-        flops=flops.total,
-        download_bytes=sum(t.numel() * t.element_size() for t in global_state.values()),
-        upload_bytes=metrics["upload-bytes"],
+    metrics |= round_time_metrics(
+        device, flops, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
         reference_gflops=config.fleet.reference_gflops,
-    )
-    metrics |= time_metrics(flops, sim_time)
+    )  # fmt: skip
     return ClientReply(arrays, metrics, new_state, device.name)
 
 

@@ -50,10 +50,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedneq.federation.devices import DeviceProfile
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "REFERENCE_GFLOPS",
@@ -201,6 +205,26 @@ def time_metrics(flops: RoundFlops, time: ClientTime) -> dict[str, int | float]:
         "compute-s": float(time.compute_s),
         "upload-s": float(time.upload_s),
     }
+
+
+def round_time_metrics(
+    device: DeviceProfile,
+    flops: RoundFlops,
+    *,
+    download: Mapping[str, torch.Tensor],
+    upload_bytes: int,
+    reference_gflops: float,
+) -> dict[str, int | float]:
+    """:func:`time_metrics` of a round that downloads the tensors ``download`` (the dense
+    global model), computes ``flops`` and uploads ``upload_bytes`` on ``device``."""
+    time = client_time(
+        device,
+        flops=flops.total,
+        download_bytes=sum(t.numel() * t.element_size() for t in download.values()),
+        upload_bytes=upload_bytes,
+        reference_gflops=reference_gflops,
+    )
+    return time_metrics(flops, time)
 
 
 def read_client_time(metrics: Mapping[str, object]) -> ClientTime:

@@ -37,7 +37,7 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile, mask_cost, profile_model
 from fedneq.federation.devices import DeviceProfile
-from fedneq.federation.timing import client_time, round_flops, time_metrics
+from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask, payload_nbytes
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
@@ -188,12 +188,8 @@ def width_round(
         "mean-batch-width": float(sum(drawn) / len(drawn)) if drawn else float(plan.width),
     }
     flops = round_flops([(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None])
-    sim_time = client_time(
-        device,
-        flops=flops.total,
-        download_bytes=sum(t.numel() * t.element_size() for t in global_state.values()),
-        upload_bytes=metrics["upload-bytes"],
+    metrics |= round_time_metrics(
+        device, flops, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
         reference_gflops=config.fleet.reference_gflops,
-    )
-    metrics |= time_metrics(flops, sim_time)
+    )  # fmt: skip
     return arrays, metrics
