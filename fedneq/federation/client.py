@@ -43,6 +43,7 @@ from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
 from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.state_store import (
     load_client_state,
     rollback_client_state,
@@ -50,7 +51,7 @@ from fedneq.federation.state_store import (
 )
 from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import width_round
-from fedneq.federation.wire import encode, payload_nbytes, tensor_table
+from fedneq.federation.wire import encode, tensor_table
 from fedneq.neurons import NeuronMap
 from fedneq.selection.memory import memory_bound, resolve_memory_limit
 from fedneq.selection.selectors import MemoryMeter, get_selector
@@ -293,25 +294,17 @@ def client_round(
 
     arrays = encode(model.state_dict(), neuron_map, result.mask, rt.table)
     costs = [e.cost for e in result.epochs if e.cost is not None]
-    measured = [e.measured.peak_bytes for e in result.epochs if e.measured is not None]
-    metrics: dict[str, int | float] = {
-        "num-examples": len(data.train),
-        "partition-id": partition_id,
-        "train-loss": float(result.loss),
-        "smallest-batch": int(result.smallest_batch),
-        "trainable-params": int(result.trainable_params),
-        "trainable-fraction": result.trainable_params / rt.num_params,
-        "selected-neurons": int(result.mask.neurons.sum()),
-        "upload-bytes": payload_nbytes(arrays),
+    metrics = training_metrics(
+        result, num_examples=len(data.train), partition_id=partition_id,
+        num_params=rt.num_params, arrays=arrays, local_epochs=device.local_epochs,
+    )  # fmt: skip
+    metrics |= {
         "flops-saved": float(np.mean([c.flops_saved for c in costs])),
-        "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
-        "memory-measured-bytes": int(max(measured)),
         "memory-limit-bytes": int(memory_limit or 0),  # 0: no limit
         "memory-bound": int(any(bound)),  # the memory limit, not the budget, binds
         "state-bytes": int(state_bytes),
         "used-initializer": int(0 in initialized),
         "budget-params": int(selector.budget),
-        "local-epochs": int(device.local_epochs),
     }
     # simulated time on the device (fedneq.federation.timing): the cost model's FLOPs of every epoch's mask
     flops = round_flops(

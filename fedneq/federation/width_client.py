@@ -37,8 +37,9 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile, mask_cost, profile_model
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.timing import round_flops, round_time_metrics
-from fedneq.federation.wire import encode_blocks, full_mask, payload_nbytes
+from fedneq.federation.wire import encode_blocks, full_mask
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import ClientData, derive_seed, generator
@@ -157,7 +158,6 @@ def width_round(
                 loss=config.train.loss,
                 measure_memory=True,
             )
-        peak = max(e.measured.peak_bytes for e in result.epochs if e.measured is not None)
     sent = {k for layer in neuron_map.layers for k in layer.param_tensors} | set(neuron_map.always_trained)
     if statistics:
         sent |= neuron_map.statistic_tensors()
@@ -168,22 +168,15 @@ def width_round(
         full_profile, full_mask(neuron_map), global_state, batch_size=device.batch_size,
         optimizer=config.train.optimizer_config().cost_name,
     )  # fmt: skip
-    metrics: dict[str, int | float] = {
-        "num-examples": len(data.train),
-        "partition-id": partition_id,
-        "train-loss": float(result.loss),
-        "smallest-batch": int(result.smallest_batch),
-        "trainable-params": int(result.trainable_params),
-        "trainable-fraction": result.trainable_params / num_params,
-        "selected-neurons": int(result.mask.neurons.sum()),
-        "upload-bytes": payload_nbytes(arrays),
+    metrics = training_metrics(
+        result, num_examples=len(data.train), partition_id=partition_id,
+        num_params=num_params, arrays=arrays, local_epochs=device.local_epochs,
+    )  # fmt: skip
+    metrics |= {
         "flops-saved": 1.0 - max(c.total_flops for c in costs) / full_cost.total_flops,
-        "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
-        "memory-measured-bytes": int(peak),
         "state-bytes": 0,
         "used-initializer": 0,
         "budget-params": int(max(1, budget)),
-        "local-epochs": int(device.local_epochs),
         "width": float(plan.width),
         "mean-batch-width": float(sum(drawn) / len(drawn)) if drawn else float(plan.width),
     }

@@ -1,0 +1,43 @@
+"""What every training reply reports about its local training, mask and width clients alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedneq.federation.wire import payload_nbytes
+from fedneq.training.loop import TrainResult
+
+__all__ = ["training_metrics"]
+
+
+def training_metrics(
+    result: TrainResult,
+    *,
+    num_examples: int,
+    partition_id: int,
+    num_params: int,
+    arrays: Mapping[str, np.ndarray],
+    local_epochs: int,
+) -> dict[str, int | float]:
+    """The reply metrics of one local training (``result``) whose upload is ``arrays``.
+
+    The memory figures are the largest over the epochs: the cost model's
+    estimate and the measured peak (``train_masked(measure_memory=True)``).
+    """
+    costs = [e.cost for e in result.epochs if e.cost is not None]
+    measured = [e.measured.peak_bytes for e in result.epochs if e.measured is not None]
+    return {
+        "num-examples": int(num_examples),
+        "partition-id": int(partition_id),
+        "train-loss": float(result.loss),
+        "smallest-batch": int(result.smallest_batch),
+        "trainable-params": int(result.trainable_params),
+        "trainable-fraction": result.trainable_params / num_params,
+        "selected-neurons": int(result.mask.neurons.sum()),
+        "upload-bytes": payload_nbytes(arrays),
+        "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
+        "memory-measured-bytes": int(max(measured)),
+        "local-epochs": int(local_epochs),
+    }
