@@ -171,8 +171,10 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
         c = run_config(other, Run("homogeneous", "SU-1", method, 0), base_config(other, tmp_path), tiers)
         assert c.strategy.name == expected
     # the stabilisers reach every federated run, not the single device
-    assert (base.train.prox_mu, cfg("homogeneous", "SU-1", "random").strategy.options) == (0.0, {})
-    stable = dataclasses.replace(FULL, prox_mu=1.0, clip_update_ratio=2.0)
+    plain = dataclasses.replace(FULL, prox_mu=0.0, clip_update_ratio=0.0)  # 0 turns each off
+    c = run_config(plain, Run("homogeneous", "full", "fedavg", 0), base_config(plain, tmp_path), tiers)
+    assert (c.train.prox_mu, c.strategy.options) == (0.0, {})
+    stable = FULL  # the shipped plan: FedProx 1 for dense runs, clipping at 2x for all
     for setting, tier, method in (("homogeneous", "SU-1", "random"), ("homogeneous", "full", "fedavg"),
                                   ("heterogeneous", "mixed", "fedavg-phones")):  # fmt: skip
         c = run_config(stable, Run(setting, tier, method, 0), base_config(stable, tmp_path), tiers)

@@ -399,9 +399,9 @@ class Fleet:
 # 256 KB, less than MobileNetV2's 9 MB of float32 weights alone. The limits are
 # therefore relative to the model (``memory_fraction``): between the least that trains
 # one neuron (0) and full training (1), so that the classes keep their order against
-# each other: mcu 3 % (tiny-training's MCU trains a few deep layers' channels and
-# biases within 256 KB of SRAM), pi-zero 15 % (512 MB shared with the OS and a Python
-# runtime), pi-4 and phone unlimited (GBs of RAM).
+# each other: mcu 25 % (tiny-training's MCU trains a few deep layers' channels and
+# biases within 256 KB of SRAM), pi-zero 50 % (512 MB shared with the OS and a Python
+# runtime), pi-4 and phone unlimited (GBs of RAM). Which limit binds is in clients.csv.
 _DEFAULT_CLASSES: tuple[tuple[DeviceProfile, float], ...] = (
     (DeviceProfile("mcu", budget=0.01, batch_size=8, speed=0.02,
                    download_mbps=0.25, upload_mbps=0.25, memory_fraction=0.25), 0.3),
@@ -418,7 +418,7 @@ def default_fleet() -> Fleet:
     """A heterogeneous fleet: 30 % mcu, 40 % pi-zero, 20 % pi-4, 10 % phone.
 
     Budgets 1 % / 5 % / 20 % / 100 % of the selectable parameters, batch
-    sizes 8 / 16 / 32 / 64, memory limits at 3 % / 15 % of the way from the
+    sizes 8 / 16 / 32 / 64, memory limits at 25 % / 50 % of the way from the
     least memory that trains one neuron to full training (``memory_fraction``;
     pi-4 and phone unlimited),
     always available; speeds
