@@ -164,13 +164,14 @@ def compare(
 
 COST_COLUMNS = (
     "method", "device", "replies", "width", "trained_params", "train_mflops", "upload_kb",
-    "memory_estimate_kb", "measured_memory_kb",
+    "memory_estimate_kb", "measured_memory_kb", "memory_bound",
 )  # fmt: skip
 
 
 def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
     """Per device class, the accepted replies' mean trained parameters, training MFLOPs of a
-    round, upload, and largest memory estimate and measured memory (width clients), from clients.csv."""
+    round, upload, largest memory estimate and measured memory, and the share of replies whose
+    memory limit (not the parameter budget) bound the selection, from clients.csv."""
     groups: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         if r["status"] == "ok":
@@ -188,7 +189,7 @@ def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, 
         {"method": method, "device": device, "replies": len(g), "width": mean(g, "width"),
          "trained_params": mean(g, "trainable_params"), "train_mflops": mean(g, "train_flops", 1e6),
          "upload_kb": mean(g, "upload_bytes", 1e3), "memory_estimate_kb": most(g, "memory_estimate_bytes"),
-         "measured_memory_kb": most(g, "memory_measured_bytes")}
+         "measured_memory_kb": most(g, "memory_measured_bytes"), "memory_bound": mean(g, "memory_bound")}
         for device, g in sorted(groups.items())
     ]  # fmt: skip
 
@@ -196,7 +197,7 @@ def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, 
 def format_costs(costs: Sequence[dict[str, Any]]) -> str:
     """The per-device-class cost table (what each method asks of each device)."""
     head = (f"{'method':<28} {'device':<10} {'width':>5} {'params':>8} {'MFLOPs':>9} {'up kB':>8} "
-            f"{'mem est kB':>10} {'mem meas kB':>11}")  # fmt: skip
+            f"{'mem est kB':>10} {'mem meas kB':>11} {'mem-bound %':>11}")  # fmt: skip
     lines = ["", "per device class (means over accepted replies; memory: the largest)", head, "-" * len(head)]
 
     def num(value: float, fmt: str) -> str:
@@ -207,7 +208,7 @@ def format_costs(costs: Sequence[dict[str, Any]]) -> str:
             f"{r['method']:<28} {r['device']:<10} {num(r['width'], '.3f'):>5} "
             f"{num(r['trained_params'], '.0f'):>8} {num(r['train_mflops'], '.1f'):>9} "
             f"{num(r['upload_kb'], '.1f'):>8} {num(r['memory_estimate_kb'], '.0f'):>10} "
-            f"{num(r['measured_memory_kb'], '.0f'):>11}"
+            f"{num(r['measured_memory_kb'], '.0f'):>11} {num(100 * r['memory_bound'], '.0f'):>11}"
         )
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ Every run writes into ``<out>/<setting>/<tier>/<method>/seed<k>/``; a complete
 run is not run again and an interrupted federated run resumes from its last
 checkpoint, so an interrupted sweep continues where it stopped. The report
 (``<docs>/RESULTS.md``, ``<docs>/results/*.png`` and the compact
-``runs.csv`` / ``curves.csv`` / ``sweep.json`` it is made from) is rewritten
+``runs.csv`` / ``curves.csv`` / ``devices.csv`` / ``sweep.json`` it is made from) is rewritten
 from the run folders, or from those compact files when the run folders are
 gone; the hand-written reading section of RESULTS.md is kept.
 """
@@ -66,7 +66,7 @@ from fedneq.selection.sparse_update import conv_weight_params, get_scheme, schem
 from fedneq.task import build_model, load_task
 from fedneq.training.loop import BN_STATS, LOSSES
 from fedneq.training.pretrain import checkpoint_paths, pretrain
-from sims.compare import summarize
+from sims.compare import COST_COLUMNS, device_costs, summarize
 from sims.results import atomic_write_text, csv_text, read_csv
 from strategies import list_strategies
 
@@ -102,9 +102,12 @@ READING_END = "<!-- reading:end -->"
 SUMMARY_COLUMNS = (
     "setting", "tier", "method", "seed", "final_accuracy", "best_accuracy", "worst_drop",
     "steps_to_95", "time_to_95_s", "upload_mb", "flops_saved", "peak_memory_mb",
-    "trainable_fraction", "failed_clients", "seconds",
+    "measured_memory_mb", "trainable_fraction", "failed_clients", "seconds",
 )  # fmt: skip
 METRICS = SUMMARY_COLUMNS[4:]
+# per device class of a heterogeneous run (sims.compare.device_costs of its clients.csv)
+DEVICE_COLUMNS = ("setting", "tier", "method", "seed", *COST_COLUMNS[1:])
+DEVICE_METRICS = COST_COLUMNS[2:]
 CURVE_COLUMNS = ("setting", "tier", "method", "seed", "step", "accuracy", "cum_bytes_up")
 
 
@@ -587,7 +590,7 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
     ident = {"setting": run.setting, "tier": run.tier, "method": run.method, "seed": run.seed}
     if run.federated:
         rows = read_csv(run_dir / "rounds.csv")
-        memory = [r["memory_estimate_bytes"] for r in read_csv(run_dir / "clients.csv")]
+        memory = read_csv(run_dir / "clients.csv")
         curve = [(int(r["round"]), r["accuracy"], r["cum_bytes_up"]) for r in rows]
     else:
         epochs = read_csv(run_dir / "single_device.csv")
@@ -596,7 +599,7 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
              "mean_trainable_fraction": r["trainable_fraction"], "mean_flops_saved": r["flops_saved"]}
             for r in epochs if int(r["epoch"]) > 0
         ]  # fmt: skip
-        memory = [r["memory_estimate_bytes"] for r in epochs]
+        memory = epochs
         curve = [(int(r["epoch"]), r["accuracy"], "nan") for r in epochs]
     s = summarize(run.key, rows)
     harness = run_dir / "harness.json"
@@ -608,7 +611,8 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
         "time_to_95_s": s["time_to_95pct_best_s"],
         "upload_mb": s["upload_mb"],
         "flops_saved": s["mean_flops_saved"],
-        "peak_memory_mb": max((float(m) for m in memory if m != ""), default=math.nan) / 1e6,
+        "peak_memory_mb": _largest(memory, "memory_estimate_bytes") / 1e6,
+        "measured_memory_mb": _largest(memory, "memory_measured_bytes") / 1e6,
         "trainable_fraction": s["mean_trainable_fraction"],
         "failed_clients": s["failed_clients"],
         "seconds": json.loads(harness.read_text())["seconds"] if harness.exists() else math.nan,
@@ -617,6 +621,18 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
         ident | {"step": k, "accuracy": float(a), "cum_bytes_up": float(b)} for k, a, b in curve
     ]
     return summary, curves
+
+
+def _largest(rows: Sequence[dict[str, str]], key: str) -> float:
+    """The largest value of ``key`` in ``rows`` (NaN when none has one: older runs lack some)."""
+    return max((float(r[key]) for r in rows if r.get(key, "") != ""), default=math.nan)
+
+
+def device_rows(run: Run, run_dir: Path) -> list[dict[str, Any]]:
+    """Per device class of a complete federated run, what its clients trained and used."""
+    ident = {"setting": run.setting, "tier": run.tier, "method": run.method, "seed": run.seed}
+    costs = device_costs(run.method, read_csv(run_dir / "clients.csv"))
+    return [ident | {k: c[k] for k in DEVICE_COLUMNS[4:]} for c in costs]
 
 
 def worst_drop(accuracies: Sequence[float]) -> float:
@@ -700,7 +716,8 @@ def markdown_table(table: Sequence[dict[str, Any]], setting: str, meta: dict[str
         ("simulated time to 95 % (min)", "time_to_95_s", 1 / 60, 1),
         ("upload (MB)", "upload_mb", 1, 1),
         ("FLOPs saved (%)", "flops_saved", 100, 1),
-        ("peak memory (MB)", "peak_memory_mb", 1, 1),
+        ("peak memory, estimate (MB)", "peak_memory_mb", 1, 1),
+        ("peak memory, measured (MB)", "measured_memory_mb", 1, 1),
         ("trained params (%)", "trainable_fraction", 100, 1),
     ]
     if setting == "single":
@@ -722,6 +739,45 @@ def markdown_table(table: Sequence[dict[str, Any]], setting: str, meta: dict[str
     if failed:
         lines.append(f"\nFailed or rejected client replies in this setting: {failed:.0f} in all "
                      "(see the runs' clients.csv).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def device_table(devices: Sequence[dict[str, Any]], setting: str, meta: dict[str, Any]) -> str:
+    """Per method and device class of ``setting``: means over seeds of what a client trained,
+    computed, sent and used ("" when the setting has no device rows)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for d in devices:
+        if d["setting"] == setting:
+            groups.setdefault((d["tier"], d["method"], d["device"]), []).append(d)
+    if not groups:
+        return ""
+    columns: list[tuple[str, str, float, str]] = [  # header, metric, scale, format
+        ("width", "width", 1, ".3f"),
+        ("trained params", "trained_params", 1, ",.0f"),
+        ("training GFLOPs / round", "train_mflops", 1e3, ".2f"),
+        ("upload (kB)", "upload_kb", 1, ",.0f"),
+        ("memory, estimate (MB)", "memory_estimate_kb", 1e3, ".1f"),
+        ("memory, measured (MB)", "measured_memory_kb", 1e3, ".1f"),
+        ("memory-bound replies (%)", "memory_bound", 1e-2, ".0f"),
+    ]
+    head = ["method", "device", *(c[0] for c in columns), "seeds"]
+    lines = [
+        "Per device class (each seed's means over its accepted replies, memory its largest; "
+        "then the mean over seeds; — where a method does not have the quantity):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    order = {m: i for i, m in enumerate(HETERO_METHODS)}
+    classes = {d.name: i for i, (d, _) in enumerate(default_fleet().classes)}
+    for (tier, method, device), rows in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][1], 99), classes.get(kv[0][2], 99), kv[0])
+    ):
+        cells = [method_label(setting, tier, method, meta["plan"]), device]
+        for _, metric, scale, fmt in columns:
+            values = [float(r[metric]) for r in rows if not math.isnan(float(r[metric]))]
+            cells.append(format(np.mean(values) / scale, fmt) if values else "—")
+        lines.append("| " + " | ".join([*cells, str(len(rows))]) + " |")
     return "\n".join(lines)
 
 
@@ -870,7 +926,11 @@ def setting_bullets(plan: dict[str, Any]) -> list[str]:
 
 
 def render_page(
-    table: Sequence[dict[str, Any]], meta: dict[str, Any], plots: dict[str, list[str]], reading: str
+    table: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    plots: dict[str, list[str]],
+    reading: str,
+    devices: Sequence[dict[str, Any]] = (),
 ) -> str:
     """RESULTS.md: setup, one section per setting (table + plots), the hand-written reading."""
     plan, hw, git = meta["plan"], meta["hardware"], meta["git"]
@@ -934,6 +994,8 @@ def render_page(
         if not any(r["setting"] == setting for r in table):
             continue
         lines += ["", f"## {TITLES[setting]}", "", markdown_table(table, setting, meta), ""]
+        per_device = device_table(devices, setting, meta)
+        lines += [per_device, ""] if per_device else []
         lines += [
             f"![{setting}: {Path(p).stem}](results/{Path(p).name})" for p in plots.get(setting, [])
         ]
@@ -954,15 +1016,20 @@ def existing_reading(page: Path) -> str:
             "against random, static SU and full training, compared with the paper's table._\n")  # fmt: skip
 
 
-def collect(plan: Plan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Summaries and curves of the complete runs of ``plan`` under ``out_dir``."""
-    summaries, curves = [], []
+def collect(
+    plan: Plan, out_dir: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Summaries, curves and per-device-class rows (heterogeneous runs) of the complete runs
+    of ``plan`` under ``out_dir``."""
+    summaries, curves, devices = [], [], []
     for run in expand(plan):
         if is_complete(plan, run, out_dir / run.key):
             s, c = summarize_run(run, out_dir / run.key)
             summaries.append(s)
             curves += c
-    return summaries, curves
+            if run.setting == "heterogeneous":
+                devices += device_rows(run, out_dir / run.key)
+    return summaries, curves, devices
 
 
 def write_report(out_dir: Path | None, docs_dir: Path) -> Path:
@@ -976,9 +1043,10 @@ def write_report(out_dir: Path | None, docs_dir: Path) -> Path:
     if out_dir is not None and (Path(out_dir) / "sweep.json").exists():
         meta = json.loads((Path(out_dir) / "sweep.json").read_text())
         plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["plan"].items()})
-        summaries, curves = collect(plan, Path(out_dir))
+        summaries, curves, devices = collect(plan, Path(out_dir))
         atomic_write_text(res / "runs.csv", csv_text(SUMMARY_COLUMNS, summaries))
         atomic_write_text(res / "curves.csv", csv_text(CURVE_COLUMNS, curves))
+        atomic_write_text(res / "devices.csv", csv_text(DEVICE_COLUMNS, devices))
         atomic_write_text(res / "sweep.json", json.dumps(meta, indent=1))
     elif (res / "sweep.json").exists():
         meta = json.loads((res / "sweep.json").read_text())
@@ -989,18 +1057,22 @@ def write_report(out_dir: Path | None, docs_dir: Path) -> Path:
         _numeric(r, ("seed", "step", "accuracy", "cum_bytes_up"))
         for r in read_csv(res / "curves.csv")
     ]
+    devices = [
+        _numeric(r, ("seed", *DEVICE_METRICS))
+        for r in (read_csv(res / "devices.csv") if (res / "devices.csv").exists() else [])
+    ]
     table = aggregate(summaries)
     plots = {s: [str(p) for p in plot_setting(curves, s, meta, res)]
              for s in meta["plan"]["settings"] if any(c["setting"] == s for c in curves)}  # fmt: skip
     page = Path(docs_dir) / "RESULTS.md"
-    atomic_write_text(page, render_page(table, meta, plots, existing_reading(page)))
+    atomic_write_text(page, render_page(table, meta, plots, existing_reading(page), devices))
     return page
 
 
 def _numeric(row: dict[str, str], keys: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(row)
     for k in keys:
-        out[k] = float(row[k]) if row[k] != "" else math.nan
+        out[k] = float(row[k]) if row.get(k, "") != "" else math.nan  # older files lack some
     out["seed"] = int(out["seed"])
     return out
 

@@ -216,7 +216,7 @@ def test_summarize_single_device_run_by_hand(tmp_path: Path) -> None:
     assert s["steps_to_95"] == 2  # 0.76 = 95 % of 0.8 first reached at epoch 2 (epoch 0 is not one)
     assert s["flops_saved"] == pytest.approx(0.4) and s["trainable_fraction"] == pytest.approx(0.1)
     assert s["peak_memory_mb"] == 5.0 and s["seconds"] == 12.5 and s["failed_clients"] == 0
-    assert math.isnan(s["upload_mb"])
+    assert math.isnan(s["upload_mb"]) and math.isnan(s["measured_memory_mb"])  # not in the file
     assert [(c["step"], c["accuracy"]) for c in curve] == [(0, 0.2), (1, 0.6), (2, 0.8), (3, 0.78)]
 
 
@@ -228,24 +228,55 @@ def test_summarize_federated_run_by_hand(tmp_path: Path) -> None:
          "mean_trainable_fraction": 0.4, "mean_flops_saved": 0.2},
     ]  # fmt: skip
     clients = [
-        {"round": 1, "partition_id": 0, "status": "ok", "memory_estimate_bytes": 7_000_000},
+        {"round": 1, "partition_id": 0, "status": "ok", "memory_estimate_bytes": 7_000_000,
+         "memory_measured_bytes": 6_900_000},
         {"round": 1, "partition_id": 3, "status": "failed", "memory_estimate_bytes": ""},
-        {"round": 2, "partition_id": 1, "status": "ok", "memory_estimate_bytes": 9_500_000},
+        {"round": 2, "partition_id": 1, "status": "ok", "memory_estimate_bytes": 9_500_000,
+         "memory_measured_bytes": 9_000_000},
     ]
     atomic_write_text(tmp_path / "rounds.csv", csv_text(ROUND_COLUMNS, rounds))
     atomic_write_text(tmp_path / "clients.csv", csv_text(CLIENT_COLUMNS, clients))
     s, curve = summarize_run(Run("homogeneous", "SU-3", "random", 0), tmp_path)
     assert (s["final_accuracy"], s["best_accuracy"], s["steps_to_95"]) == (0.9, 0.9, 2)
     assert s["upload_mb"] == 5.0 and s["peak_memory_mb"] == 9.5 and s["failed_clients"] == 1
+    assert s["measured_memory_mb"] == 9.0
     assert s["flops_saved"] == pytest.approx(0.4) and s["trainable_fraction"] == pytest.approx(0.3)
     assert math.isnan(s["seconds"])  # no harness.json
     assert [(c["step"], c["cum_bytes_up"]) for c in curve] == [(1, 2e6), (2, 5e6)]
 
 
+def test_device_rows_and_table_per_class_by_hand(tmp_path: Path) -> None:
+    """Per device class: means over accepted replies per seed, then over seeds; memory the largest."""
+    from sims.paper import device_rows, device_table
+
+    def client(device, status, params, measured, bound):
+        return {"round": 1, "partition_id": 0, "device": device, "status": status,
+                "trainable_params": params, "train_flops": 2e9, "upload_bytes": 4000,
+                "memory_estimate_bytes": measured + 1e6, "memory_measured_bytes": measured,
+                "memory_bound": bound}  # fmt: skip
+
+    devices = []
+    for seed, extra in ((0, 0), (1, 200)):
+        clients = [client("mcu", "ok", 100 + extra, 2e6, 1), client("mcu", "ok", 300 + extra, 3e6, 0),
+                   client("mcu", "rejected", 10**6, 9e9, 1), client("phone", "ok", 5000, 30e6, 0)]  # fmt: skip
+        run_dir = tmp_path / str(seed)
+        run_dir.mkdir()
+        atomic_write_text(run_dir / "clients.csv", csv_text(CLIENT_COLUMNS, clients))
+        devices += device_rows(Run("heterogeneous", "mixed", "velocity", seed), run_dir)
+    mcu = [d for d in devices if d["device"] == "mcu"]
+    assert [(d["seed"], d["replies"], d["trained_params"], d["measured_memory_kb"], d["memory_bound"])
+            for d in mcu] == [(0, 2, 200, 3000, 0.5), (1, 2, 400, 3000, 0.5)]  # fmt: skip
+    text = device_table(devices, "heterogeneous", {"plan": dataclasses.asdict(FULL)})
+    # mcu before phone (the fleet's order); width — (a mask client has none)
+    assert "| velocity | mcu | — | 300 | 2.00 | 4 | 4.0 | 3.0 | 50 | 2 |" in text
+    assert text.index("| mcu |") < text.index("| phone |")
+    assert device_table(devices, "homogeneous", {"plan": {}}) == ""
+
+
 def _summary(method: str, seed: int, acc: float, **extra) -> dict:
     row = {"setting": "homogeneous", "tier": "SU-1", "method": method, "seed": seed,
            "final_accuracy": acc, "best_accuracy": acc, "worst_drop": 0.0, "steps_to_95": 3, "time_to_95_s": 90.0, "upload_mb": 2.0,
-           "flops_saved": 0.25, "peak_memory_mb": 4.0, "trainable_fraction": 0.05,
+           "flops_saved": 0.25, "peak_memory_mb": 4.0, "measured_memory_mb": 3.5, "trainable_fraction": 0.05,
            "failed_clients": 0, "seconds": 60.0}  # fmt: skip
     return row | extra
 
@@ -305,11 +336,11 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     page = write_report(None, tmp_path / "docs")
     text = page.read_text()
     assert (
-        "| SU-1 (7.2 %) | velocity | 82.0 ± 2.0 | 82.0 ± 2.0 | 0.0 ± 0.0 | 3.0 ± 0.0 | 1.5 ± 0.0 | 2.0 ± 0.0 | 25.0 ± 0.0 | 4.0 ± 0.0 | 5.0 ± 0.0 | 3 |"
+        "| SU-1 (7.2 %) | velocity | 82.0 ± 2.0 | 82.0 ± 2.0 | 0.0 ± 0.0 | 3.0 ± 0.0 | 1.5 ± 0.0 | 2.0 ± 0.0 | 25.0 ± 0.0 | 4.0 ± 0.0 | 3.5 ± 0.0 | 5.0 ± 0.0 | 3 |"
         in text
     )
     assert (
-        "| 100 % | FedAvg (dense, full budget) | 90.0 | 90.0 | 0.0 | 3.0 | 1.5 | 30.0 | 25.0 | 4.0 | 5.0 | 1 |"
+        "| 100 % | FedAvg (dense, full budget) | 90.0 | 90.0 | 0.0 | 3.0 | 1.5 | 30.0 | 25.0 | 4.0 | 3.5 | 5.0 | 1 |"
         in text
     )
     assert "| SU-1 | 48,348 | 7.2 % | 48,348 | 8.8 % |" in text
