@@ -94,9 +94,16 @@ SAMPLES_PER_CLIENT, CLIENTS_PER_ROUND = MODELS["small-cnn"][1:3]
 
 
 def scale_config(
-    num_clients: int, rounds: int, out_dir: str, ray_address: str = "", model: str = "small-cnn"
+    num_clients: int,
+    rounds: int,
+    out_dir: str,
+    ray_address: str = "",
+    model: str = "small-cnn",
+    cpus_per_client: float | None = None,
 ) -> Config:
-    """The model's config (``MODELS``) resized to ``num_clients``, the same images per client."""
+    """The model's config (``MODELS``) resized to ``num_clients``, the same images per client
+    (``cpus_per_client``: the simulation's ``[simulation] cpus_per_client``; None keeps the
+    config's)."""
     name, samples, per_round, _ = MODELS[model]
     base = load_config(config_path(name))
     return base.replace(
@@ -109,7 +116,8 @@ def scale_config(
             "out_dir": out_dir,
         },
         data={"train_limit": samples * num_clients, "test_limit": TEST_LIMIT},
-        simulation={"ray_address": ray_address},
+        simulation={"ray_address": ray_address}
+        | ({} if cpus_per_client is None else {"cpus_per_client": cpus_per_client}),
     )
 
 
@@ -347,6 +355,7 @@ def one_scale(
     mode: str,
     ray_match: str = "",
     model: str = "small-cnn",
+    cpus_per_client: float | None = None,
 ) -> dict[str, Any]:
     """The simulation (``mode="sim"``) or the plain loop (``"plain"``) at one scale.
 
@@ -356,7 +365,7 @@ def one_scale(
     """
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="fedneq-scale-") as tmp:
-        config = scale_config(num_clients, rounds, tmp, ray_address, model)
+        config = scale_config(num_clients, rounds, tmp, ray_address, model, cpus_per_client)
         if mode == "plain":
             plain = baseline_rounds(config)
             return {
@@ -376,6 +385,7 @@ def one_scale(
         seconds = [float(r["seconds"]) for r in read_csv(out / "timing.csv")]
         return {
             "model": model,
+            "cpus_per_client": config.simulation.cpus_per_client,
             "clients": num_clients,
             "per_round": config.run.clients_per_round,
             "rounds": rounds,
@@ -407,7 +417,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         "\nseconds per round: median [min-max] of rounds 2.. (round 1 loads data and models in "
         f"the actors); load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    head = ("model", "clients", "per round", "sim s/round", "plain s/round", "overhead", "sim start-up s",
+    head = ("model", "clients", "per round", "CPUs/client", "sim s/round", "plain s/round", "overhead", "sim start-up s",
             "sim peak RSS MiB", "sim peak PSS MiB", "plain peak PSS MiB", "state B/client")  # fmt: skip
     print(" | ".join(head))
     for r in results:
@@ -418,6 +428,7 @@ def _print_table(results: list[dict[str, Any]]) -> None:
                     r.get("model", "small-cnn"),
                     str(r["clients"]),
                     str(r["per_round"]),
+                    f"{r.get('cpus_per_client', 1.0):g}",
                     f"{r['sim_round_s']:.2f} {_spread(r['sim_rounds_s'])}",
                     f"{plain:.2f} {_spread(r['plain_rounds_s'])} (train {r['plain_train_s']:.2f})"
                     if plain
@@ -459,10 +470,17 @@ def _print_table(results: list[dict[str, Any]]) -> None:
 
 
 def _run_one(
-    num_clients: int, rounds: int, ray_address: str, ray_match: str, mode: str, model: str
+    num_clients: int,
+    rounds: int,
+    ray_address: str,
+    ray_match: str,
+    mode: str,
+    model: str,
+    cpus_per_client: float | None = None,
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "sims.benchmarks.scale", "--one", str(num_clients)]
     cmd += ["--rounds", str(rounds), "--mode", mode, "--model", model]
+    cmd += [] if cpus_per_client is None else ["--cpus-per-client", str(cpus_per_client)]
     cmd += ["--ray-address", ray_address, "--ray-match", ray_match] if ray_address else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -493,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         help="count processes whose command line contains this (e.g. the cluster's --temp-dir) "
         "in the peak memory; default: the cluster's port",
     )
+    p.add_argument(
+        "--cpus-per-client", type=float,
+        help="the simulation's [simulation] cpus_per_client (default: the config's, 1.0); "
+        "0.5 runs two client actors per core, so one computes while the other waits for Ray",
+    )  # fmt: skip
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--csv", type=Path, default=default_csv("scale"), help="the table as CSV")
@@ -502,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if args.quick else 6)
     if args.one is not None:
         result = one_scale(
-            args.one, rounds, args.ray_address, args.mode, args.ray_match, args.model
-        )
+            args.one, rounds, args.ray_address, args.mode, args.ray_match, args.model,
+            args.cpus_per_client,
+        )  # fmt: skip
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     scales = args.clients or ([10, 100] if args.quick else list(MODELS[args.model][3]))
@@ -515,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"[scale] {args.model}, {n} clients, {rounds} rounds: {mode} ...",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-            result |= _run_one(n, rounds, args.ray_address, args.ray_match, mode, args.model)
+            result |= _run_one(
+                n, rounds, args.ray_address, args.ray_match, mode, args.model, args.cpus_per_client
+            )
         results.append(result)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
