@@ -77,7 +77,10 @@ __all__ = [
     "Run",
     "Tier",
     "aggregate",
+    "device_rows",
+    "device_table",
     "expand",
+    "invocation_lines",
     "override",
     "render_page",
     "run_config",
@@ -162,7 +165,9 @@ class Plan:
     # the global model ([train] prox_mu) for the dense FedAvg runs only (it slows a budgeted
     # run, whose few trainable rows it pulls back), and norm bounding of every federated
     # reply at this many times the round's median update ([strategy.options]
-    # clip_update_ratio); 0 = off. Dense FedAvg over 3 seeds: neither 88.4 % final with
+    # clip_update_ratio), except the width sub-models' (a width reply's change grows with
+    # its width: a phone's full-width update is 11-18x the median of a mostly narrow round,
+    # and clipped at 2x HeteroFL / FjORD / FedRolex ended at 43 / 40 / 44 %, seed 0); 0 = off. Dense FedAvg over 3 seeds: neither 88.4 % final with
     # drops of 13.5 / 11.3 / 8.4 points; both 86.4 %, worst drop 8.5 (clipping alone: 17.1)
     prox_mu: float = 1.0
     clip_update_ratio: float = 2.0
@@ -348,7 +353,7 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     selection = {"selector": run.method, "scheme": ""}
     fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
     strategy: dict[str, Any] = {"name": plan.strategy}
-    if plan.clip_update_ratio > 0 and run.federated:
+    if plan.clip_update_ratio > 0 and run.federated and run.method not in WIDTH_BASELINES:
         strategy["options"] = {"clip_update_ratio": plan.clip_update_ratio}
     if run.setting == "heterogeneous":
         fleet = {"preset": "default"}
@@ -513,6 +518,7 @@ def run_sweep(
             finished(run, None, error)
     meta["invocations"].append({
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "commit": meta["git"]["commit"],
         "seconds": round(time.time() - started, 1), "runs": len(todo), "failed": failed,
         "command": command,
     })  # fmt: skip
@@ -887,7 +893,8 @@ def stabiliser_sentence(plan: dict[str, Any]) -> str:
         parts.append(f"FedProx pull μ = {plan['prox_mu']:g} in the dense FedAvg runs")
     if plan.get("clip_update_ratio", 0.0) > 0:
         parts.append(
-            f"each reply's change clipped to {plan['clip_update_ratio']:g}× the round's median"
+            f"each reply's change clipped to {plan['clip_update_ratio']:g}× the round's median "
+            "(not in the width sub-model runs, whose replies' size grows with their width)"
         )
     return f" Stabilisers: {'; '.join(parts)}." if parts else ""
 
@@ -947,7 +954,7 @@ def render_page(
         *(["> **Preliminary:** these are `--quick` results (one seed, one budget tier, few epochs "
            "and rounds), not the full sweep.", ""] if quick else []),  # fmt: skip
         f"* Command: {', '.join(f'`{c}`' for c in commands)}",
-        *(f"* Invocation of {i['started']}: {i['note']}" for i in meta.get("invocations", []) if i.get("note")),
+        *invocation_lines(meta),
         f"* Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB; Python {hw['python']}, "
         f"torch {hw['torch']}, flwr {hw['flwr']}",
         f"* fedneq commit: `{git['commit']}`{' (with uncommitted changes)' if git['dirty'] else ''}",
@@ -1001,6 +1008,19 @@ def render_page(
         ]
     lines += ["", "## Reading", "", READING_START, reading.strip("\n"), READING_END, ""]
     return "\n".join(lines)
+
+
+def invocation_lines(meta: dict[str, Any]) -> list[str]:
+    """A bullet for each invocation with a note or run at another commit than the page's."""
+    lines = []
+    for i in meta.get("invocations", []):
+        commit = i.get("commit", "")
+        other = bool(commit) and commit != meta["git"]["commit"]
+        if not (i.get("note") or other):
+            continue
+        parts = [f"{i['runs']} runs at commit `{commit}`"] if other else []
+        lines.append(f"* Invocation of {i['started']}: " + "; ".join([*parts, *filter(None, [i.get("note")])]))
+    return lines
 
 
 def _plain(value: Any) -> str:

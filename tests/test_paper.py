@@ -23,6 +23,7 @@ from sims.paper import (
     aggregate,
     base_config,
     expand,
+    invocation_lines,
     main,
     mean_std,
     override,
@@ -188,6 +189,7 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     for method in ("heterofl", "fjord", "fedrolex"):  # width sub-models: the strategy drives the client
         c = cfg("heterogeneous", "mixed", method)
         assert (c.fleet.preset, c.strategy.name) == ("default", method)
+        assert c.strategy.options == {}  # not clipped: a reply's change grows with its width
     c = cfg("heterogeneous", "mixed", "velocity-per-param")
     assert (c.fleet.preset, c.selection.selector) == ("default", "velocity-per-param")
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):
@@ -349,6 +351,11 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     assert "Test CPU, 2 cores" in text and "`abc123` (with uncommitted changes)" in text
     assert "`python -m sims.paper`" in text and "10.0 min over 2 invocation(s)" in text
     assert "* Invocation of t: stopped by hand" in text and "Invocation of t2" not in text
+    meta = _sweep_meta()
+    meta["invocations"][1] |= {"commit": "def456", "runs": 9}  # a later invocation, another commit
+    assert invocation_lines(meta) == [
+        "* Invocation of t: stopped by hand", "* Invocation of t2: 9 runs at commit `def456`"
+    ]
     for png in ("homogeneous_accuracy.png", "homogeneous_accuracy_vs_upload.png"):
         assert f"](results/{png})" in text and (res / png).stat().st_size > 0
     assert "## 1. Single device" not in text  # no runs of that setting
