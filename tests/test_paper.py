@@ -186,6 +186,7 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     c = run_config(stable, Run("single", "SU-1", "random", 0), base_config(stable, tmp_path), tiers)
     assert (c.train.prox_mu, c.strategy.options) == (0.0, {})
     assert "FedProx pull μ = 1" in setting_bullets(dataclasses.asdict(stable))[1]
+    assert "Static: scheme SU-5 truncated" in setting_bullets(dataclasses.asdict(stable))[2]
     for method in ("heterofl", "fjord", "fedrolex"):  # width sub-models: the strategy drives the client
         c = cfg("heterogeneous", "mixed", method)
         assert (c.fleet.preset, c.strategy.name) == ("default", method)
