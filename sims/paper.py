@@ -167,8 +167,9 @@ class Plan:
     # reply at this many times the round's median update ([strategy.options]
     # clip_update_ratio), except the width sub-models' (a width reply's change grows with
     # its width: a phone's full-width update is 11-18x the median of a mostly narrow round,
-    # and clipped at 2x HeteroFL / FjORD / FedRolex ended at 43 / 40 / 44 %, seed 0); 0 = off. Dense FedAvg over 3 seeds: neither 88.4 % final with
-    # drops of 13.5 / 11.3 / 8.4 points; both 86.4 %, worst drop 8.5 (clipping alone: 17.1)
+    # and clipped at 2x HeteroFL / FjORD / FedRolex ended at 45.3 / 38.3 / 46.6 %, 3 seeds);
+    # 0 = off. Dense FedAvg over 3 seeds: neither 88.4 % final with drops of 13.5 / 11.3 /
+    # 8.4 points; both 86.4 %, worst drop 8.5 (clipping alone: 17.1)
     prox_mu: float = 1.0
     clip_update_ratio: float = 2.0
     pretrain_train_limit: int = 0
@@ -593,7 +594,7 @@ def summarize_run(run: Run, run_dir: Path) -> tuple[dict[str, Any], list[dict[st
     rounds to 95 % of the run's best, upload, FLOPs saved); single-device
     epochs count as rounds (epoch 0, before training, is only on the curve).
     """
-    ident = {"setting": run.setting, "tier": run.tier, "method": run.method, "seed": run.seed}
+    ident = dataclasses.asdict(run)  # setting, tier, method, seed
     if run.federated:
         rows = read_csv(run_dir / "rounds.csv")
         memory = read_csv(run_dir / "clients.csv")
@@ -636,7 +637,7 @@ def _largest(rows: Sequence[dict[str, str]], key: str) -> float:
 
 def device_rows(run: Run, run_dir: Path) -> list[dict[str, Any]]:
     """Per device class of a complete federated run, what its clients trained and used."""
-    ident = {"setting": run.setting, "tier": run.tier, "method": run.method, "seed": run.seed}
+    ident = dataclasses.asdict(run)  # setting, tier, method, seed
     costs = device_costs(run.method, read_csv(run_dir / "clients.csv"))
     return [ident | {k: c[k] for k in DEVICE_COLUMNS[4:]} for c in costs]
 
