@@ -20,8 +20,11 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
   truncated to the limit where it does not fit);
 * ``fleet`` - the default heterogeneous fleet (its parameter budgets, speeds
   and bandwidths), every device with the level's memory limit in bytes: the
-  same methods except SU-3/5 and ``velocity-per-param``, federated (``sims.compare``, one engine per
-  level and seed).
+  same methods except SU-3/5 and ``velocity-per-param``, plus the width
+  sub-models ``heterofl``, ``fjord`` and ``fedrolex`` (each device trains
+  the widest sub-model that fits both its parameter budget and the memory
+  limit, :func:`fedneq.federation.width_client.device_width`), federated
+  (``sims.compare``, one engine per level and seed).
 
 Each run records its final accuracy and the peak training memory *measured*
 on its real steps (:mod:`fedneq.training.memory`) next to the cost model's
@@ -57,7 +60,7 @@ METHODS = {
     "single": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated",
                "velocity-per-param", "random", "static:SU-1", "static:SU-3", "static:SU-5"),
     "fleet": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated", "random",
-              "static:SU-1"),
+              "static:SU-1", "heterofl", "fjord", "fedrolex"),
 }  # fmt: skip
 LEVELS = (0.0, 0.1, 0.3, 1.0)
 COLUMNS = (

@@ -21,11 +21,11 @@ TINY = paper.Plan(
 
 def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
     out = tmp_path / "frontier"
-    methods = {"single": ["velocity-region", "random", "static:SU-1"], "fleet": ["velocity-per-byte"]}
+    methods = {"single": ["velocity-region", "random", "static:SU-1"], "fleet": ["velocity-per-byte", "heterofl"]}
     rows = run_frontier(
         out, plan=TINY, levels=[0.0, 0.5], methods=methods, fleet=FleetLevel(1, 4, 2),
     )  # fmt: skip
-    assert len(rows) == 2 * 3 + 2 * 1
+    assert len(rows) == 2 * 3 + 2 * 2
     base = paper.base_config(TINY, out, paper.pretrained_checkpoint(TINY, tmp_path / "_pretrained"))
     su1, full = memory_span(base)
     assert 0 < su1 < full
@@ -45,6 +45,10 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
     clients = read_csv(out / "fleet" / "level0.5" / "seed0" / "dynamic" / "velocity-per-byte"
                        / "clients.csv")  # fmt: skip
     assert {int(c["memory_limit_bytes"]) for c in clients} == {su1 + int(0.5 * (full - su1))}
+    # and so did the width sub-models: narrower where the limit binds
+    width = read_csv(out / "fleet" / "level0" / "seed0" / "dynamic" / "heterofl" / "clients.csv")
+    assert {int(c["memory_limit_bytes"]) for c in width} == {su1}
+    assert all(int(c["memory_estimate_bytes"]) <= su1 for c in width)
     # a second call reuses every run
     again = run_frontier(out, plan=TINY, levels=[0.0, 0.5], methods=methods,
                          fleet=FleetLevel(1, 4, 2))  # fmt: skip

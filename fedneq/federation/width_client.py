@@ -4,9 +4,14 @@ When the server's training config carries ``"width-method"`` (set by a width
 strategy, :mod:`strategies.width_avg`), :func:`fedneq.federation.client.client_round`
 hands the round to :func:`width_round` instead of selecting neurons:
 
-1. width from the device's budget (:func:`~fedneq.training.submodel.width_for_budget`:
-   the largest ``p`` whose sub-model's selectable parameters fit, about ``p²``
-   of the full model's);
+1. the width (:func:`device_width`): the largest ``p`` whose sub-model's
+   selectable parameters fit the device's budget (about ``p²`` of the full
+   model's, :func:`~fedneq.training.submodel.width_for_budget`) *and* whose
+   training memory fits its memory limit (:func:`submodel_memory_bytes`: the
+   sub-model's weights, gradients, optimizer state and saved activations at
+   the device's batch size, as the reply's ``memory-estimate-bytes`` prices
+   them; the limit resolved from ``memory_limit_bytes`` or
+   ``memory_fraction`` as for a mask client, against the *full* model);
 2. the channel plan: the first ``ceil(p * C)`` channels (``heterofl``,
    ``fjord``) or a window starting at ``round - 1`` (``fedrolex``);
 3. extract the real sub-model and train all of it with the one training loop
@@ -19,7 +24,9 @@ hands the round to :func:`width_round` instead of selecting neurons:
    statistics too unless ``[train] bn_stats = "frozen"``).
 
 Metrics as a velocity client's (the cost model's FLOPs and memory estimate of
-the sub-model, simulated time), plus ``width`` and ``memory-measured-bytes``:
+the sub-model, simulated time, ``memory-limit-bytes`` and ``memory-bound``:
+the memory limit, not the budget, set the width), plus ``width`` and
+``memory-measured-bytes``:
 the peak of the sub-model's training steps as :mod:`fedneq.training.memory`
 measures every client's (weights, gradients, optimizer state and the
 activations autograd saved) — measured on the tensors, not an allocator's peak.
@@ -27,7 +34,8 @@ activations autograd saved) — measured on the tensors, not an allocator's peak
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -42,12 +50,15 @@ from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
+from fedneq.selection.memory import resolve_memory_limit
+from fedneq.selection.selectors import MemoryMeter
 from fedneq.task import ClientData, derive_seed, generator
 from fedneq.training.loop import train_masked
 from fedneq.training.submodel import (
     ChannelMask,
     ChannelPlan,
     extract_submodel,
+    largest_width,
     nested_keep,
     plan_channels,
     submodel_blocks,
@@ -55,8 +66,8 @@ from fedneq.training.submodel import (
 )
 
 __all__ = [
-    "FJORD_LEVELS", "WIDTH_KEY", "WIDTH_METHODS", "fjord_levels", "width_plan",
-    "width_round",
+    "FJORD_LEVELS", "WIDTH_KEY", "WIDTH_METHODS", "device_width", "fjord_levels",
+    "submodel_memory_bytes", "width_plan", "width_round",
 ]  # fmt: skip
 
 WIDTH_KEY = "width-method"  # training-config key a width strategy sets
@@ -64,14 +75,62 @@ WIDTH_METHODS = ("heterofl", "fjord", "fedrolex")
 FJORD_LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)  # FjORD's uniform width levels
 
 
-def width_plan(
-    model: nn.Module, neuron_map: NeuronMap, method: str, budget_params: int, server_round: int,
-    head: str | None = None,
-) -> ChannelPlan:  # fmt: skip
-    """The channel plan of a device with ``budget_params`` at ``server_round`` (module notes)."""
+def submodel_memory_bytes(
+    model: nn.Module, width: float, *, image_shape: tuple[int, ...], batch_size: int,
+    optimizer: str, head: str | None, always_trained: tuple[str, ...], statistics: bool,
+) -> int:  # fmt: skip
+    """Training memory of ``model``'s width-``width`` sub-model trained whole (cost model).
+
+    What the reply's ``memory-estimate-bytes`` reports for that sub-model:
+    :func:`~fedneq.costs.mask_cost` of its full mask with whole-tensor
+    gradients, at ``batch_size``. FedRolex's window has the same channel
+    counts, so the same memory, as HeteroFL's prefix.
+    """
+    sub = extract_submodel(model, plan_channels(model, width, head=head))
+    sub_map = enumerate_neurons(sub, always_trained=always_trained, statistics=statistics)
+    cost = mask_cost(
+        profile_model(sub, sub_map, image_shape), full_mask(sub_map), sub.state_dict(),
+        batch_size=batch_size, optimizer=optimizer, dense_grads=True,
+    )  # fmt: skip
+    return cost.training_memory_bytes
+
+
+# a client's runtime keeps its model: the widths it priced stay priced for the next rounds
+_memory_at = functools.lru_cache(maxsize=4096)(submodel_memory_bytes)
+
+
+def device_width(
+    widest: float, memory_limit_bytes: int | None, memory_bytes: Callable[[float], int]
+) -> tuple[float, bool]:
+    """``(width, memory_bound)``: the largest width both limits allow (module notes).
+
+    ``widest`` is the widest sub-model the parameter budget allows
+    (:func:`~fedneq.training.submodel.width_for_budget`), ``memory_bytes(p)``
+    the training memory at width ``p``; without a memory limit the budget
+    alone decides. ``memory_bound``: the memory limit made the width narrower
+    than the budget would.
+
+    Raises
+    ------
+    ValueError
+        If even the narrowest sub-model needs more than the memory limit.
+    """
+    if memory_limit_bytes is None or memory_bytes(widest) <= memory_limit_bytes:
+        return widest, False
+    width = largest_width(lambda p: p <= widest and memory_bytes(p) <= memory_limit_bytes)
+    if memory_bytes(width) > memory_limit_bytes:
+        raise ValueError(
+            f"the narrowest width sub-model ({width:g}) needs {memory_bytes(width)} bytes to "
+            f"train, more than the memory limit of {memory_limit_bytes} bytes"
+        )
+    return width, True
+
+
+def width_plan(model: nn.Module, method: str, width: float, server_round: int,
+               head: str | None = None) -> ChannelPlan:  # fmt: skip
+    """The channel plan of a width-``width`` device at ``server_round`` (module notes)."""
     if method not in WIDTH_METHODS:
         raise ValueError(f"width method should be one of {WIDTH_METHODS}, got {method!r}")
-    width = width_for_budget(model, neuron_map, budget_params)
     shift = server_round - 1 if method == "fedrolex" else 0
     return plan_channels(model, width, shift, head=head)
 
@@ -124,14 +183,26 @@ def width_round(
 
     ``model`` holds the global state; it is left unchanged.
     """
+    if method not in WIDTH_METHODS:
+        raise ValueError(f"width method should be one of {WIDTH_METHODS}, got {method!r}")
     head = model_head(config.model.name)
-    budget = device.budget_params(neuron_map.selectable_params)
-    plan = width_plan(model, neuron_map, method, max(1, budget), server_round, head=head)
-    sub = extract_submodel(model, plan)
     always = (head,) if config.model.head == "always" else ()
     statistics = config.train.bn_stats != "frozen"
-    sub_map = enumerate_neurons(sub, always_trained=always, statistics=statistics)
     shape = tuple(data.train.x.shape[1:])
+    optimizer = config.train.optimizer_config().cost_name
+    budget = max(1, device.budget_params(neuron_map.selectable_params))
+    meter = MemoryMeter(
+        full_profile, model, batch_size=device.batch_size, optimizer=optimizer, dense_grads=True
+    )
+    limit = resolve_memory_limit(meter, device.memory_limit_bytes, device.memory_fraction)
+    memory = functools.partial(
+        _memory_at, model, image_shape=shape, batch_size=device.batch_size,
+        optimizer=optimizer, head=head, always_trained=always, statistics=statistics,
+    )  # fmt: skip
+    width, memory_bound = device_width(width_for_budget(model, neuron_map, budget), limit, memory)
+    plan = width_plan(model, method, width, server_round, head=head)
+    sub = extract_submodel(model, plan)
+    sub_map = enumerate_neurons(sub, always_trained=always, statistics=statistics)
     profile = profile_model(sub, sub_map, shape)
     gen = generator(config.run.seed, partition_id, server_round)
     dropout = (
@@ -166,7 +237,7 @@ def width_round(
     costs = [e.cost for e in result.epochs if e.cost is not None]
     full_cost = mask_cost(
         full_profile, full_mask(neuron_map), global_state, batch_size=device.batch_size,
-        optimizer=config.train.optimizer_config().cost_name,
+        optimizer=optimizer,
     )  # fmt: skip
     metrics = training_metrics(
         result, num_examples=len(data.train), partition_id=partition_id,
@@ -176,7 +247,9 @@ def width_round(
         "flops-saved": 1.0 - max(c.total_flops for c in costs) / full_cost.total_flops,
         "state-bytes": 0,
         "used-initializer": 0,
-        "budget-params": int(max(1, budget)),
+        "budget-params": int(budget),
+        "memory-limit-bytes": int(limit or 0),  # 0: no limit
+        "memory-bound": int(memory_bound),
         "width": float(plan.width),
         "mean-batch-width": float(sum(drawn) / len(drawn)) if drawn else float(plan.width),
     }

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,7 @@ __all__ = [
     "LayerSlice",
     "extract_submodel",
     "kept_channels",
+    "largest_width",
     "nested_keep",
     "plan_channels",
     "submodel_blocks",
@@ -277,6 +278,26 @@ def submodel_params(model: nn.Module, plan: ChannelPlan, names: Iterable[str] | 
     return total
 
 
+def largest_width(fits: Callable[[float], bool]) -> float:
+    """The largest width ``j / 1000`` for which ``fits(width)`` holds (1/1000 when none does).
+
+    ``fits`` must be monotone: true up to some width and false above it, as
+    a sub-model's parameters and memory grow with its width.
+    """
+    if fits(1.0):
+        return 1.0
+    lo, hi = 1, WIDTH_GRID  # the answer is in [lo, hi): fits(hi / grid) is false
+    if not fits(lo / WIDTH_GRID):
+        return lo / WIDTH_GRID
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid / WIDTH_GRID):
+            lo = mid
+        else:
+            hi = mid
+    return lo / WIDTH_GRID
+
+
 def width_for_budget(model: nn.Module, neuron_map: NeuronMap, budget_params: int) -> float:
     """The largest width ``j / 1000`` whose sub-model's selectable parameters fit ``budget_params``.
 
@@ -287,18 +308,9 @@ def width_for_budget(model: nn.Module, neuron_map: NeuronMap, budget_params: int
     if isinstance(budget_params, bool) or not isinstance(budget_params, int) or budget_params < 1:
         raise ValueError(f"budget_params should be an int >= 1, got {budget_params!r}")
     names = [k for layer in neuron_map.layers for k in layer.param_tensors]
-    if submodel_params(model, plan_channels(model, 1.0), names) <= budget_params:
-        return 1.0
-    lo, hi = 1, WIDTH_GRID  # the answer is in [lo, hi): params(hi / grid) > budget
-    if submodel_params(model, plan_channels(model, lo / WIDTH_GRID), names) > budget_params:
-        return lo / WIDTH_GRID
-    while hi - lo > 1:  # params grow with the width
-        mid = (lo + hi) // 2
-        if submodel_params(model, plan_channels(model, mid / WIDTH_GRID), names) <= budget_params:
-            lo = mid
-        else:
-            hi = mid
-    return lo / WIDTH_GRID
+    return largest_width(
+        lambda width: submodel_params(model, plan_channels(model, width), names) <= budget_params
+    )
 
 
 def nested_keep(outer: ChannelPlan, inner: ChannelPlan) -> dict[str, torch.Tensor]:
