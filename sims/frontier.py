@@ -24,7 +24,11 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
   sub-models ``heterofl``, ``fjord`` and ``fedrolex`` (each device trains
   the widest sub-model that fits both its parameter budget and the memory
   limit, :func:`fedneq.federation.width_client.device_width`), federated
-  (``sims.compare``, one engine per level and seed).
+  (``sims.compare``, one engine per level, seed and group: the dynamic
+  masks, each SU scheme, the width sub-models). Replies are clipped as in
+  :mod:`sims.paper` (:func:`sims.paper.strategy_options`: at the plan's
+  ``clip_update_ratio`` times the round's median change, the width
+  sub-models' not).
 
 Each run records its final accuracy and the peak training memory *measured*
 on its real steps (:mod:`fedneq.training.memory`) next to the cost model's
@@ -159,6 +163,13 @@ def _fleet_config(base: Config, fleet: FleetLevel, seed: int, limit: int | None)
     )  # fmt: skip
 
 
+def _group(method: str) -> str:
+    """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, or ``width``."""
+    if method in paper.WIDTH_BASELINES:
+        return "width"
+    return _selection(method)["scheme"] or "dynamic"
+
+
 def _run_fleet(
     plan: paper.Plan, base: Config, fleet: FleetLevel, methods: Sequence[str], seed: int,
     limit: int | None, out: Path,
@@ -169,12 +180,17 @@ def _run_fleet(
         train={"bn_stats": plan.bn_stats, "loss": plan.loss}
     )
     results: dict[str, dict[str, Any]] = {}
-    for scheme in dict.fromkeys(_selection(m)["scheme"] for m in methods):
-        group = [m for m in methods if _selection(m)["scheme"] == scheme]
-        scoped = config.replace(selection={"scheme": scheme}) if scheme else config
-        compare(scoped, [_selection(m)["selector"] for m in group], out / (scheme or "dynamic"))
-        for method in group:
-            run_dir = out / (scheme or "dynamic") / _selection(method)["selector"]
+    for group in dict.fromkeys(_group(m) for m in methods):
+        mine = [m for m in methods if _group(m) == group]
+        scheme = _selection(mine[0])["scheme"]
+        # the sweep's stabiliser: replies clipped, except the width sub-models'
+        scoped = config.replace(
+            selection={"scheme": scheme} if scheme else {},
+            strategy={"options": paper.strategy_options(plan, _selection(mine[0])["selector"])},
+        )
+        compare(scoped, [_selection(m)["selector"] for m in mine], out / group)
+        for method in mine:
+            run_dir = out / group / _selection(method)["selector"]
             rounds = read_csv(run_dir / "rounds.csv")
             clients = [c for c in read_csv(run_dir / "clients.csv") if c["status"] == "ok"]
             results[method] = {

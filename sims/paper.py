@@ -85,6 +85,7 @@ __all__ = [
     "render_page",
     "run_config",
     "run_sweep",
+    "strategy_options",
     "summarize_run",
     "tier_budgets",
     "write_report",
@@ -341,6 +342,18 @@ def run_budget(run: Run, tiers: dict[str, Tier]) -> int | float:
     return 1.0
 
 
+def strategy_options(plan: Plan, method: str) -> dict[str, Any]:
+    """The strategy options ``plan``'s update clipping gives a federated run of ``method``.
+
+    Every reply is clipped at ``plan.clip_update_ratio`` times the round's
+    median change, except the width sub-models' (a width reply's change grows
+    with its width); 0 turns clipping off.
+    """
+    if plan.clip_update_ratio > 0 and method not in WIDTH_BASELINES:
+        return {"clip_update_ratio": plan.clip_update_ratio}
+    return {}
+
+
 def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Config:
     """The full configuration of one run (``base`` from :func:`base_config`)."""
     run_table: dict[str, Any] = {"name": run.key.replace("/", "-"), "seed": run.seed}
@@ -354,8 +367,8 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
     selection = {"selector": run.method, "scheme": ""}
     fleet: dict[str, Any] = {"preset": "homogeneous", "budget": 1.0}
     strategy: dict[str, Any] = {"name": plan.strategy}
-    if plan.clip_update_ratio > 0 and run.federated and run.method not in WIDTH_BASELINES:
-        strategy["options"] = {"clip_update_ratio": plan.clip_update_ratio}
+    if run.federated:
+        strategy["options"] = strategy_options(plan, run.method)
     if run.setting == "heterogeneous":
         fleet = {"preset": "default"}
         if run.method == "static":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,16 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
                        / "clients.csv")  # fmt: skip
     assert {int(c["memory_limit_bytes"]) for c in clients} == {su1 + int(0.5 * (full - su1))}
     # and so did the width sub-models: narrower where the limit binds
-    width = read_csv(out / "fleet" / "level0" / "seed0" / "dynamic" / "heterofl" / "clients.csv")
+    width = read_csv(out / "fleet" / "level0" / "seed0" / "width" / "heterofl" / "clients.csv")
     assert {int(c["memory_limit_bytes"]) for c in width} == {su1}
     assert all(int(c["memory_estimate_bytes"]) <= su1 for c in width)
+    # replies clipped as in sims.paper, the width sub-models' not
+    def options(group: str, method: str) -> dict:
+        saved = out / "fleet" / "level0" / "seed0" / group / method / "config.json"
+        return json.loads(saved.read_text())["strategy"]["options"]
+
+    assert options("dynamic", "velocity-per-byte") == {"clip_update_ratio": TINY.clip_update_ratio}
+    assert TINY.clip_update_ratio > 0 and options("width", "heterofl") == {}
     # a second call reuses every run
     again = run_frontier(out, plan=TINY, levels=[0.0, 0.5], methods=methods,
                          fleet=FleetLevel(1, 4, 2))  # fmt: skip
