@@ -16,6 +16,13 @@ nodes that left are dropped as before) and hands each node at most one
 message per sweep, the first it has, marked delivered, in the nodes' order:
 what Flower's loop queues, in N + M steps. It applies to the in-memory
 LinkState (what ``run_simulation`` uses); any other state keeps Flower's loop.
+
+It also sweeps as soon as the ServerApp stores a message rather than at the
+next tick of a 0.1 s clock: the round's clients start when it is sent, not up
+to 0.1 s later (0.05 s of every round on average, the actors idle). Sweeps are
+at least :data:`MIN_GAP_S` apart, so that a burst of pushes (10 000
+identification queries) costs a few sweeps, not one per message, and at most
+:data:`IDLE_S` apart, as before.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
 
-__all__ = ["install", "next_messages"]
+__all__ = ["IDLE_S", "MIN_GAP_S", "install", "next_messages"]
 
 _FLOWER_LOOP = vce_api.add_messages_to_queue
+MIN_GAP_S = 0.005  # the least time between two sweeps
+IDLE_S = 0.1  # the most time between two sweeps (Flower's period)
 
 
 def next_messages(state: InMemoryLinkState, nodes: Mapping[int, Any]) -> list[Message]:
@@ -54,16 +63,33 @@ def next_messages(state: InMemoryLinkState, nodes: Mapping[int, Any]) -> list[Me
         return out
 
 
+def _notify_on_push(state: InMemoryLinkState) -> threading.Event:
+    """An event set whenever ``state`` stores a message for a node (this instance only)."""
+    pushed = threading.Event()
+    store = state.store_message_ins
+
+    def store_message_ins(message: Message) -> str | None:
+        message_id = store(message)
+        pushed.set()
+        return message_id
+
+    state.store_message_ins = store_message_ins  # type: ignore[method-assign]
+    return pushed
+
+
 def _add_messages_to_queue(
     state: Any, queue: Queue[Message], nodes_mapping: Mapping[int, Any], f_stop: threading.Event
 ) -> None:
     if not isinstance(state, InMemoryLinkState):
         _FLOWER_LOOP(state, queue, nodes_mapping, f_stop)
         return
+    pushed = _notify_on_push(state)
     while not f_stop.is_set():
+        pushed.clear()  # before the sweep: a message stored during it wakes the next one
         for msg in next_messages(state, nodes_mapping):
             queue.put(msg)
-        f_stop.wait(0.1)
+        if not f_stop.wait(MIN_GAP_S):
+            pushed.wait(max(IDLE_S - MIN_GAP_S, 0.0))
 
 
 def install() -> None:
