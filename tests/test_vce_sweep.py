@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from queue import Queue
+from uuid import uuid4
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -95,3 +97,37 @@ def test_a_pushed_message_is_swept_at_once_not_at_the_next_tick(monkeypatch) -> 
                                     message_type="query")])  # fmt: skip
         loop.join(timeout=10)
     assert not loop.is_alive()
+
+
+def test_send_and_receive_returns_when_the_last_reply_is_stored(monkeypatch) -> None:
+    """With the grid's pull interval at 60 s only the stored replies can wake it within 10 s;
+    it returns every reply, each once."""
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", vce_sweep._send_and_receive)
+    state, nodes, grid = _empty_state()
+    grid.pull_interval = 60.0
+    stop = threading.Event()
+
+    def clients() -> None:  # what the simulation runtime's workers do, one message at a time
+        while not stop.is_set():
+            for msg in next_messages(state, nodes):
+                stop.wait(0.05)
+                reply = Message(RecordDict({"c": ConfigRecord({"k": int(msg.content["c"]["k"])})}),
+                                reply_to=msg)  # fmt: skip
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                state.store_message_res(reply)
+            stop.wait(0.01)
+
+    worker = threading.Thread(target=clients)
+    worker.start()
+    try:
+        messages = [
+            Message(RecordDict({"c": ConfigRecord({"k": k})}), dst_node_id=node, message_type="query")
+            for k, node in enumerate(nodes)
+        ]
+        started = time.monotonic()
+        replies = list(grid.send_and_receive(messages, timeout=30))
+        assert time.monotonic() - started < 10
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert sorted(int(r.content["c"]["k"]) for r in replies) == [0, 1, 2, 3]
