@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedneq.config import Config
-from fedneq.federation.client import client_round
+from fedneq.federation.client import client_evaluate, client_round
 from fedneq.federation.client_app import CONFIG_KEY, app, node_identity
 from fedneq.federation.wire import (
     WireFormatError,
@@ -121,6 +121,19 @@ def test_a_global_model_of_another_shape_is_refused_by_name() -> None:
     )  # fmt: skip
     with pytest.raises(WireFormatError, match="not a packed model"):
         app(per_tensor, context)
+
+
+def test_evaluate_message_scores_the_packed_global_model() -> None:
+    config = tiny_config()
+    state, _ = global_model(config)
+    content = RecordDict(
+        {"arrays": pack_model(state), "config": _train_message(config, state, 1).content["config"]}
+    )
+    msg = Message(content, dst_node_id=1, message_type="evaluate")
+    context = Context(1, 1, {"partition-id": 1, "num-partitions": 4}, RecordDict(), {})
+    metrics = app(msg, context).content["metrics"]
+    assert dict(metrics) == client_evaluate(config, 1, state)
+    assert metrics["num-examples"] > 0
 
 
 def test_query_reports_partition_and_device() -> None:

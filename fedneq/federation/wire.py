@@ -60,7 +60,7 @@ receiver converts a few arrays, not one per tensor (MobileNetV2 x0.5: 3
 instead of 314), and a receiver that knows its model checks the layout
 against its own (:meth:`ModelLayout.check`). Values keep their dtype: the
 round trip is bit-exact. :func:`model_nbytes` is the bytes of the values; the
-layout (about 40 B per tensor) comes on top, as the per-tensor ``.npy``
+layout (about 50 B per tensor) comes on top, as the per-tensor ``.npy``
 headers did before.
 """
 
