@@ -79,7 +79,14 @@ from fedneq.config import Config
 from fedneq.federation.client import rollback_client_state
 from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.devices import DeviceProfile
-from fedneq.federation.wire import from_array_record, payload_nbytes, tensor_table
+from fedneq.federation.wire import (
+    from_array_record,
+    model_nbytes,
+    pack_model,
+    payload_nbytes,
+    tensor_table,
+    unpack_model,
+)
 from fedneq.neurons import NeuronMap
 from fedneq.task import build_model, check_partitions, client_split, derive_seed, load_task
 from fedneq.training.loop import evaluate
@@ -325,10 +332,6 @@ def rediscover_nodes(
         node_of[pid] = node
         devices[pid] = device
     return live
-
-
-def _dense_nbytes(arrays: ArrayRecord) -> int:
-    return sum(a.numpy().nbytes for a in arrays.values())
 
 
 @dataclass(frozen=True)
@@ -631,12 +634,12 @@ def run_federation(
     recorder = Recorder(out_dir, config.to_dict())
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
     state_dir = (out_dir / "client_state").resolve()
-    arrays = ArrayRecord(state)
+    arrays = pack_model(state)  # the global model, packed once per round for every message
     first_round = 1
     if ckpt is not None:
         if set(ckpt.global_state) != set(state):
             raise ValueError(f"cannot resume {out_dir}: its checkpoint does not match the model")
-        arrays = ArrayRecord({k: ckpt.global_state[k] for k in state})  # state_dict order
+        arrays = pack_model({k: ckpt.global_state[k] for k in state})  # state_dict order
         strategy.load_state_dict(ckpt.strategy_state)
         torch.set_rng_state(ckpt.rng_state)
         first_round = ckpt.round + 1
@@ -708,7 +711,7 @@ def run_federation(
             if new_arrays is None:
                 note = "no reply accepted"
             else:
-                model.load_state_dict(new_arrays.to_torch_state_dict())
+                model.load_state_dict(unpack_model(new_arrays))
                 loss, acc = evaluate(model, task.test)
                 committed = math.isfinite(loss)
                 if committed:
@@ -738,7 +741,7 @@ def run_federation(
         round_time = round_seconds(client_rows, deadline)
         cum_time = add_seconds(cum_time, round_time)
         if not committed:  # the evaluation of the global model that stays
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_state_dict(unpack_model(arrays))
             loss, acc = evaluate(model, task.test)
         bytes_up = int(sum(_numbers(accepted, "upload_bytes")))
         cum_up += bytes_up
@@ -758,7 +761,7 @@ def run_federation(
                     "skipped": int(skipped),
                     "committed": int(committed),
                     "note": note,
-                    "bytes_down": len(sampled) * _dense_nbytes(arrays),
+                    "bytes_down": len(sampled) * model_nbytes(arrays),
                     "bytes_up": bytes_up,
                     "cum_bytes_up": int(cum_up),
                     "mean_trainable_fraction": _mean(accepted, "trainable_fraction"),
@@ -775,7 +778,7 @@ def run_federation(
         recorder.add("timing.csv", [{"round": rnd, "seconds": time.monotonic() - t0}])
         recorder.flush()
         save_run_checkpoint(
-            out_dir, config, rnd, arrays.to_torch_state_dict(), strategy.state_dict()
+            out_dir, config, rnd, unpack_model(arrays), strategy.state_dict()
         )
         failed = len(client_rows) - len(accepted)
         print(

@@ -62,9 +62,20 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 def backend_config(config: Config, *, verbose: bool = False) -> dict:
-    """Ray backend settings: 1 CPU per client actor by default, local or attached."""
+    """Ray backend settings: 1 CPU per client actor by default, local or attached.
+
+    A local Ray instance starts its workers at this process's niceness. Ray's
+    default (``worker_niceness`` 15) puts the client actors, which do the
+    simulation's work, below the driver and Ray's own daemons (niceness 0) and
+    below any other job of the machine niced to less than 15: every moment the
+    driver or another job computes is then taken out of the clients' rounds
+    (docs/SCALE.md). ``nice python -m sims.run ...`` lowers all of them together.
+    An attached cluster keeps the settings it was started with.
+    """
     address = config.simulation.ray_address or os.environ.get("RAY_ADDRESS", "")
     init_args: dict = {"address": address} if address else {"address": "local"}
+    if not address:
+        init_args["_system_config"] = {"worker_niceness": 0}
     init_args["include_dashboard"] = False
     if not verbose:  # the actors' own log lines ("Manually terminating ClientAppActor") stay there
         init_args["log_to_driver"] = False

@@ -1,4 +1,5 @@
-"""Flower's simulation runtime, delivering messages in one pass over its store per sweep.
+"""Flower's simulation runtime, delivering messages in one pass over its store per sweep,
+and as soon as they are stored, both ways.
 
 Flower 1.41's simulation runtime delivers messages in a loop
 (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``): every
@@ -16,12 +17,28 @@ nodes that left are dropped as before) and hands each node at most one
 message per sweep, the first it has, marked delivered, in the nodes' order:
 what Flower's loop queues, in N + M steps. It applies to the in-memory
 LinkState (what ``run_simulation`` uses); any other state keeps Flower's loop.
+
+It also sweeps as soon as the ServerApp stores a message rather than at the
+next tick of a 0.1 s clock: the round's clients start when it is sent, not up
+to 0.1 s later (0.05 s of every round on average, the actors idle). Sweeps are
+at least :data:`MIN_GAP_S` apart, so that a burst of pushes (10 000
+identification queries) costs a few sweeps, not one per message, and at most
+:data:`IDLE_S` apart, as before.
+
+The same holds for the replies: the in-memory Grid's ``send_and_receive``
+looked for them every 0.1 s (``pull_interval``), so a round ended up to 0.1 s
+after its last reply. It now looks when a reply is stored, at least
+:data:`MIN_GAP_S` and 4 times its last look's duration apart (a look costs
+0.1 ms with 32 messages out, 56 ms with 10 000: at most a fifth of a core),
+and at most ``pull_interval`` apart; what it returns is unchanged.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+import weakref
+from collections.abc import Iterable, Mapping
 from queue import Queue
 from typing import Any
 
@@ -29,10 +46,14 @@ from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
+from flwr.superlink.grid import InMemoryGrid
 
-__all__ = ["install", "next_messages"]
+__all__ = ["IDLE_S", "MIN_GAP_S", "install", "next_messages"]
 
 _FLOWER_LOOP = vce_api.add_messages_to_queue
+_FLOWER_SEND = InMemoryGrid.send_and_receive
+MIN_GAP_S = 0.005  # the least time between two sweeps
+IDLE_S = 0.1  # the most time between two sweeps (Flower's period)
 
 
 def next_messages(state: InMemoryLinkState, nodes: Mapping[int, Any]) -> list[Message]:
@@ -54,18 +75,81 @@ def next_messages(state: InMemoryLinkState, nodes: Mapping[int, Any]) -> list[Me
         return out
 
 
+def _notify_on_push(state: InMemoryLinkState) -> threading.Event:
+    """An event set whenever ``state`` stores a message for a node (this instance only)."""
+    pushed = threading.Event()
+    store = state.store_message_ins
+
+    def store_message_ins(message: Message) -> str | None:
+        message_id = store(message)
+        pushed.set()
+        return message_id
+
+    state.store_message_ins = store_message_ins  # type: ignore[method-assign]
+    return pushed
+
+
+_REPLIED: weakref.WeakKeyDictionary[InMemoryLinkState, threading.Event] = weakref.WeakKeyDictionary()
+
+
+def _notify_on_reply(state: InMemoryLinkState) -> threading.Event:
+    """An event set whenever ``state`` stores a reply (wrapped once per instance)."""
+    if state not in _REPLIED:
+        replied = threading.Event()
+        store = state.store_message_res
+
+        def store_message_res(message: Message) -> str | None:
+            message_id = store(message)
+            replied.set()
+            return message_id
+
+        state.store_message_res = store_message_res  # type: ignore[method-assign]
+        _REPLIED[state] = replied
+    return _REPLIED[state]
+
+
+def _send_and_receive(
+    self: InMemoryGrid, messages: Iterable[Message], *, timeout: float | None = None
+) -> Iterable[Message]:
+    """Flower's ``InMemoryGrid.send_and_receive``, looking for replies when one is stored."""
+    if not isinstance(self.state, InMemoryLinkState):
+        return _FLOWER_SEND(self, messages, timeout=timeout)
+    replied = _notify_on_reply(self.state)
+    msg_ids = set(self.push_messages(messages))
+    del messages
+    end_time = time.time() + (timeout if timeout is not None else 0.0)
+    ret: list[Message] = []
+    while timeout is None or time.time() < end_time:
+        replied.clear()  # before the look: a reply stored during it wakes the next one
+        started = time.monotonic()
+        res_msgs = self.pull_messages(msg_ids)
+        ret.extend(res_msgs)
+        msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+        if not msg_ids:
+            break
+        gap = max(MIN_GAP_S, 4 * (time.monotonic() - started))
+        time.sleep(gap)
+        replied.wait(max(self.pull_interval - gap, 0.0))
+    return ret
+
+
 def _add_messages_to_queue(
     state: Any, queue: Queue[Message], nodes_mapping: Mapping[int, Any], f_stop: threading.Event
 ) -> None:
     if not isinstance(state, InMemoryLinkState):
         _FLOWER_LOOP(state, queue, nodes_mapping, f_stop)
         return
+    pushed = _notify_on_push(state)
     while not f_stop.is_set():
+        pushed.clear()  # before the sweep: a message stored during it wakes the next one
         for msg in next_messages(state, nodes_mapping):
             queue.put(msg)
-        f_stop.wait(0.1)
+        if not f_stop.wait(MIN_GAP_S):
+            pushed.wait(max(IDLE_S - MIN_GAP_S, 0.0))
 
 
 def install() -> None:
-    """Use the one-pass loop in this process's simulation runtime (idempotent)."""
+    """Use the one-pass, push-woken loop in this process's simulation runtime and the
+    reply-woken ``InMemoryGrid.send_and_receive`` (idempotent)."""
     vce_api.add_messages_to_queue = _add_messages_to_queue
+    InMemoryGrid.send_and_receive = _send_and_receive  # type: ignore[method-assign]

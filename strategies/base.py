@@ -52,7 +52,9 @@ from fedneq.federation.wire import (
     check_compatible,
     decode,
     from_array_record,
+    pack_model,
     payload_nbytes,
+    unpack_model,
     wire_format,
 )
 from fedneq.neurons import NeuronMap
@@ -595,10 +597,12 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
     ) -> Iterable[Message]:
         """Sample nodes, remember ``arrays`` and merge :meth:`train_config`.
 
-        Sampling is FedAvg's unless :attr:`sample` is set: ``sample(grid,
+        ``arrays`` is the global model packed by
+        :func:`fedneq.federation.wire.pack_model`; every message carries that one
+        record. Sampling is FedAvg's unless :attr:`sample` is set: ``sample(grid,
         server_round) -> node ids`` (the fedneq server samples from its seed).
         """
-        self.set_global_state(arrays.to_torch_state_dict())
+        self.set_global_state(unpack_model(arrays))
         merged = ConfigRecord(dict(config))
         merged.update(self.train_config(server_round))
         if self.sample is None:
@@ -742,8 +746,10 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
 
         Error replies are skipped; a reply that fails :meth:`check_replies` is
         rejected (kept in :attr:`last_rejected`) and the others are
-        aggregated. Returns ``(None, None)`` when nothing is left to
-        aggregate, like FedAvg, or when the aggregate is not finite (the
+        aggregated. Returns the new global model packed
+        (:func:`fedneq.federation.wire.pack_model`, as :meth:`configure_train`
+        takes it) and the averaged metrics; ``(None, None)`` when nothing is
+        left to aggregate, like FedAvg, or when the aggregate is not finite (the
         global model then stays as it was).
         """
         replies = list(replies)
@@ -778,7 +784,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
             log(ERROR, "round %d: %s.aggregate gave non-finite values in %s; the global model "
                 "is left unchanged", server_round, type(self).__name__, not_finite)  # fmt: skip
             return None, None
-        arrays = ArrayRecord({k: new_state[k] for k in global_state})
+        arrays = pack_model({k: new_state[k] for k in global_state})
         metrics = self.train_metrics_aggr_fn(
             [m.content for m, _, _ in checked], self.weighted_by_key
         )

@@ -9,9 +9,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedneq.config import Config
-from fedneq.federation.client import client_round
+from fedneq.federation.client import client_evaluate, client_round
 from fedneq.federation.client_app import CONFIG_KEY, app, node_identity
-from fedneq.federation.wire import decode, tensor_table
+from fedneq.federation.wire import (
+    WireFormatError,
+    decode,
+    pack_model,
+    tensor_table,
+    unpack_model,
+)
 from fedneq.selection.selectors import Budget
 from fedneq.task import build_model, load_task
 from strategies.neuron_avg import neuron_average
@@ -78,7 +84,7 @@ def test_budget_bytes_scale_with_the_device_class() -> None:
 def _train_message(config: Config, state, server_round: int) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord(state),
+            "arrays": pack_model(state),
             "config": ConfigRecord({CONFIG_KEY: config.to_json(), "server-round": server_round}),
         }
     )
@@ -99,6 +105,35 @@ def test_context_state_carries_velocity_across_rounds() -> None:
     assert second.content["metrics"]["used-initializer"] == 0  # velocity, not the initializer
     fresh = Context(1, 1, {"partition-id": 2, "num-partitions": 4}, RecordDict(), {})
     assert app(_train_message(config, state, 2), fresh).content["metrics"]["used-initializer"] == 1
+
+
+def test_a_global_model_of_another_shape_is_refused_by_name() -> None:
+    config = tiny_config()
+    state, _ = global_model(config)
+    key = next(k for k in state if k.endswith(".weight"))
+    wrong = dict(state, **{key: torch.zeros(3, *state[key].shape[1:])})  # another width
+    context = Context(1, 1, {"partition-id": 0, "num-partitions": 4}, RecordDict(), {})
+    with pytest.raises(WireFormatError, match=f"'{key}' is float32 of shape \\(3,"):
+        app(_train_message(config, wrong, 1), context)
+    per_tensor = Message(
+        RecordDict({"arrays": ArrayRecord(state), "config": _train_message(config, state, 1).content["config"]}),
+        dst_node_id=1, message_type="train",
+    )  # fmt: skip
+    with pytest.raises(WireFormatError, match="not a packed model"):
+        app(per_tensor, context)
+
+
+def test_evaluate_message_scores_the_packed_global_model() -> None:
+    config = tiny_config()
+    state, _ = global_model(config)
+    content = RecordDict(
+        {"arrays": pack_model(state), "config": _train_message(config, state, 1).content["config"]}
+    )
+    msg = Message(content, dst_node_id=1, message_type="evaluate")
+    context = Context(1, 1, {"partition-id": 1, "num-partitions": 4}, RecordDict(), {})
+    metrics = app(msg, context).content["metrics"]
+    assert dict(metrics) == client_evaluate(config, 1, state)
+    assert metrics["num-examples"] > 0
 
 
 def test_query_reports_partition_and_device() -> None:
@@ -186,7 +221,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
 
     strategy = get_strategy("neuron-avg", neuron_map=nmap, table=table, reference_state=state,
                             min_available_nodes=1, min_train_nodes=1)  # fmt: skip
-    (msg,) = strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([5]))
+    (msg,) = strategy.configure_train(1, pack_model(state), ConfigRecord(), LocalGrid([5]))
     content = RecordDict({"arrays": to_array_record(reply.arrays), "metrics": MetricRecord(reply.metrics)})
     arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     # statistics sent whole without their neurons: only a run with bn_stats = "all" allows it
@@ -194,7 +229,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
     strategy.free_tensors = free_tensors(config, nmap)  # what the server of this run sets
     arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     assert not strategy.last_rejected
-    new = arrays.to_torch_state_dict()
+    new = unpack_model(arrays)
     update = decode(reply.arrays, nmap, table, state)
     for key in stats:
         assert torch.equal(new[key], update.values[key]) and not torch.equal(new[key], state[key])

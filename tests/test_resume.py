@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from safetensors.torch import load as st_load
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
 from fedneq.federation.client import load_client_state, rollback_client_state, save_client_state
 from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
+from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
 from sims.federation import sample_partitions
@@ -185,7 +186,7 @@ def _train(
     record = {CONFIG_KEY: config.to_json(), "server-round": rnd}
     if state_dir is not None:
         record[STATE_DIR_KEY] = state_dir
-    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(record)}),
+    msg = Message(RecordDict({"arrays": pack_model(state), "config": ConfigRecord(record)}),
                   dst_node_id=1, message_type="train")  # fmt: skip
     return app(msg, context)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from fedneq.config import Config
 from sims.results import read_csv
-from sims.run import simulate
+from sims.run import backend_config, simulate
 from strategies import SparseStrategy, get_strategy, register_strategy
 from strategies.neuron_avg import neuron_average
 
@@ -109,3 +110,21 @@ def test_bad_config_fails_before_anything_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="partition"):
         simulate(too_many, tmp_path / "bad")
     assert not (tmp_path / "bad" / "rounds.csv").exists()
+
+
+def test_local_ray_workers_run_at_the_drivers_niceness(monkeypatch) -> None:
+    """Ray starts workers 15 nicer than the driver by default: the client actors then lose
+    the CPU to the driver and to any other job of the machine (docs/SCALE.md)."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_args = backend_config(Config())["init_args"]
+    attached = backend_config(Config().replace(simulation={"ray_address": "127.0.0.1:6391"}))
+    assert "_system_config" not in attached["init_args"]  # a cluster keeps its own settings
+    assert not ray.is_initialized()
+    ray.init(**init_args, num_cpus=1)
+    try:
+        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    finally:
+        ray.shutdown()
+    assert niceness == os.nice(0)

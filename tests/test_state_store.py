@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
 from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
 from fedneq.federation.state_store import load_client_state, save_client_state, store_usage
+from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
 from sims.results import read_csv
 from sims.run import simulate
@@ -44,7 +45,7 @@ def _message(config: Config, state, rnd: int, state_dir: str | None) -> Message:
     record = {CONFIG_KEY: config.to_json(), "server-round": rnd}
     if state_dir is not None:
         record[STATE_DIR_KEY] = state_dir
-    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(record)})
+    content = RecordDict({"arrays": pack_model(state), "config": ConfigRecord(record)})
     return Message(content, dst_node_id=1, message_type="train")
 
 

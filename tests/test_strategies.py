@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -18,9 +17,11 @@ from fedneq.federation.wire import (
     dense_arrays,
     encode,
     full_mask,
+    pack_model,
     payload_nbytes,
     tensor_table,
     to_array_record,
+    unpack_model,
 )
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 from strategies.base import SparseStrategy
@@ -63,7 +64,9 @@ def setup() -> Setup:
 def train_messages(strategy: FedAvg, state: dict[str, torch.Tensor], n: int, config: ConfigRecord | None = None) -> list[Message]:
     """Real train messages from ``strategy.configure_train`` to nodes 0..n-1."""
     grid = LocalGrid(range(n))
-    messages = strategy.configure_train(1, ArrayRecord(state), config or ConfigRecord(), grid)
+    # fedneq's strategies take the packed global model; Flower's FedAvg (the reference) a record per tensor
+    record = pack_model(state) if isinstance(strategy, SparseStrategy) else ArrayRecord(state)
+    messages = strategy.configure_train(1, record, config or ConfigRecord(), grid)
     return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
 
@@ -183,7 +186,7 @@ def test_full_budget_neuron_avg_equals_flower_fedavg(setup: Setup) -> None:
             reply(m, to_array_record(encoder(c)), n, ls) for m, c, n, ls in zip(msgs, clients, examples, losses, strict=True)
         ]
         arrays, metrics = strategy.aggregate_train(1, replies)
-        got = arrays.to_torch_state_dict()
+        got = unpack_model(arrays)
         assert list(got) == list(setup.state)  # every key, state_dict order
         for key in setup.table:
             assert got[key].dtype == torch.float32
@@ -219,7 +222,7 @@ def test_sparse_aggregation_matches_row_by_row_reference(setup: Setup) -> None:
         for m, c, k, w in zip(msgs, clients, masks, weights, strict=True)
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
-    got = arrays.to_torch_state_dict()
+    got = unpack_model(arrays)
     rows = [setup.nm.row_masks(k, c) for k, c in zip(masks, clients, strict=True)]
     expected = naive_neuron_average(setup.state, clients, rows, [float(w) for w in weights])
     sent_somewhere = 0
@@ -244,7 +247,7 @@ def test_error_replies_are_skipped_and_counted(setup: Setup) -> None:
     arrays, metrics = strategy.aggregate_train(1, replies)
     updates = [decode(w, setup.nm, setup.table, setup.state) for w in wires]
     expected = neuron_average(setup.state, updates, [4.0, 6.0])
-    got = arrays.to_torch_state_dict()
+    got = unpack_model(arrays)
     for key in setup.state:
         assert torch.equal(got[key], expected[key])
     assert metrics["loss"] == pytest.approx(2.2)
@@ -273,8 +276,8 @@ def test_malformed_reply_is_rejected_and_the_others_aggregated(setup: Setup) -> 
     alone = NeuronAvg(**kwargs(setup))
     (msg,) = train_messages(alone, setup.state, 1)
     expected, _ = alone.aggregate_train(1, [reply(msg, to_array_record(good), 3, 0.0)])
-    for key, value in expected.to_torch_state_dict().items():
-        assert torch.equal(value, arrays.to_torch_state_dict()[key]), key
+    for key, value in unpack_model(expected).items():
+        assert torch.equal(value, unpack_model(arrays)[key]), key
 
 
 def test_aggregate_before_any_global_model_is_an_error(setup: Setup) -> None:
@@ -286,7 +289,7 @@ def test_aggregate_before_any_global_model_is_an_error(setup: Setup) -> None:
         strategy.aggregate_train(1, [reply(msg, to_array_record(wire), 1, 0.0)])
     seeded = NeuronAvg(**kwargs(setup, reference_state=setup.state))
     arrays, _ = seeded.aggregate_train(1, [reply(msg, to_array_record(wire), 1, 0.0)])
-    assert torch.equal(arrays.to_torch_state_dict()["conv1.weight"], setup.state["conv1.weight"])
+    assert torch.equal(unpack_model(arrays)["conv1.weight"], setup.state["conv1.weight"])
 
 
 def test_train_config_is_merged_into_the_sent_config(setup: Setup) -> None:
@@ -297,7 +300,7 @@ def test_train_config_is_merged_into_the_sent_config(setup: Setup) -> None:
         assert dict(m.content["config"]) == {"lr": 0.1, "full-budget": True, "server-round": 1}
     assert dict(sparse[0].content["config"]) == {"lr": 0.1, "full-budget": False, "server-round": 1}
     assert dict(config) == {"lr": 0.1, "full-budget": False}  # the caller's record is not mutated
-    assert torch.equal(dense[0].content["arrays"].to_torch_state_dict()["head.weight"], setup.state["head.weight"])
+    assert torch.equal(unpack_model(dense[0].content["arrays"])["head.weight"], setup.state["head.weight"])
 
 
 def test_start_runs_rounds_against_the_latest_global(setup: Setup) -> None:
@@ -306,12 +309,12 @@ def test_start_runs_rounds_against_the_latest_global(setup: Setup) -> None:
 
     def client(msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        state = msg.content["arrays"].to_torch_state_dict()
+        state = unpack_model(msg.content["arrays"])
         trained = {k: v + (node + 1) if k in setup.table else v for k, v in state.items()}
         return reply(msg, to_array_record(encode(trained, setup.nm, masks[node], setup.table)), node + 1, 0.0)
 
     strategy = NeuronAvg(**kwargs(setup, min_train_nodes=2, fraction_evaluate=0.0))
-    result = strategy.start(LocalGrid([0, 1], client), ArrayRecord(setup.state), num_rounds=2)
+    result = strategy.start(LocalGrid([0, 1], client), pack_model(setup.state), num_rounds=2)
 
     expected = setup.state
     for _ in range(2):
@@ -321,7 +324,7 @@ def test_start_runs_rounds_against_the_latest_global(setup: Setup) -> None:
             rows = setup.nm.row_masks(masks[node], trained)
             updates.append(SparseUpdate({k: trained[k] for k in rows}, rows))
         expected = neuron_average(expected, updates, [1.0, 2.0])
-    got = result.arrays.to_torch_state_dict()
+    got = unpack_model(result.arrays)
     for key in setup.state:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
     assert [s.server_round for s in strategy.summaries] == [1, 2]
@@ -423,7 +426,7 @@ def test_every_builtin_returns_the_common_model_when_all_clients_agree(setup: Se
     msgs = train_messages(strategy, setup.state, 2)
     wire = encode(target, setup.nm, full_mask(setup.nm), setup.table)
     arrays, _ = strategy.aggregate_train(1, [reply(m, to_array_record(wire), n, 0.0) for m, n in zip(msgs, (3, 9), strict=True)])
-    got = arrays.to_torch_state_dict()
+    got = unpack_model(arrays)
     for key in setup.table:
         torch.testing.assert_close(got[key], target[key], rtol=0, atol=1e-6)
 
@@ -450,7 +453,8 @@ def test_register_custom_strategy(setup: Setup) -> None:
     msgs = train_messages(strategy, setup.state, 1)
     wire = encode(setup.perturbed(91), setup.nm, full_mask(setup.nm), setup.table)
     arrays, _ = strategy.aggregate_train(1, [reply(msgs[0], to_array_record(wire), 1, 0.0)])
-    assert all(np.array_equal(arrays[k].numpy(), setup.state[k].numpy()) for k in setup.state)
+    got = unpack_model(arrays)
+    assert all(torch.equal(got[k], setup.state[k]) for k in setup.state)
 
     with pytest.raises(ValueError, match="already registered"):
         register_strategy("test-keep-global")

@@ -37,7 +37,14 @@ from fedneq.config import Config
 from fedneq.federation.client import client_round
 from fedneq.federation.client_app import app
 from fedneq.federation.devices import DeviceProfile
-from fedneq.federation.wire import decode, encode, tensor_table, to_array_record
+from fedneq.federation.wire import (
+    decode,
+    encode,
+    pack_model,
+    tensor_table,
+    to_array_record,
+    unpack_model,
+)
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, client_data, load_task
@@ -105,7 +112,7 @@ def strategy_for(m: Model, cls: type[SparseStrategy] = NeuronAvg) -> SparseStrat
 
 def train_messages(strategy: SparseStrategy, m: Model) -> dict[int, Message]:
     """The real train messages of round 1, by destination node."""
-    messages = strategy.configure_train(1, ArrayRecord(m.state), ConfigRecord(), grid=None)
+    messages = strategy.configure_train(1, pack_model(m.state), ConfigRecord(), grid=None)
     return {msg.metadata.dst_node_id: msg for msg in messages}
 
 
@@ -147,7 +154,7 @@ def good_only(m: Model) -> dict[str, torch.Tensor]:
     strategy = strategy_for(m)
     msgs = train_messages(strategy, m)
     arrays, _ = strategy.aggregate_train(1, good_replies(m, msgs))
-    return arrays.to_torch_state_dict()
+    return unpack_model(arrays)
 
 
 def run_round(
@@ -157,7 +164,7 @@ def run_round(
     msgs = train_messages(strategy, m)
     bad_msg = bad(msgs[BAD_NODE]) if callable(bad) else bad
     arrays, metrics = strategy.aggregate_train(1, [*good_replies(m, msgs), bad_msg])
-    return strategy, arrays.to_torch_state_dict(), metrics
+    return strategy, unpack_model(arrays), metrics
 
 
 def assert_only_the_good_aggregated(
@@ -394,7 +401,7 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
         strategy.sample = lambda _grid, _round: list(node_of.values())
         msgs = {
             m.metadata.dst_node_id: m
-            for m in strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), None)
+            for m in strategy.configure_train(1, pack_model(state), ConfigRecord(), None)
         }
         replies = []
         for pid, node in node_of.items():
@@ -649,7 +656,7 @@ def test_a_node_claiming_a_device_class_it_was_not_given_is_rejected(m: Model) -
     bad = reply(msgs[BAD_NODE], arrays, metrics, device="phone")
     got, _ = strategy.aggregate_train(1, [*good_with_device(msgs), bad])
     assert_only_the_good_aggregated(
-        m, strategy, got.to_torch_state_dict(),
+        m, strategy, unpack_model(got),
         "declares device 'phone', but the operator's table gives this node the device class 'mcu'",
     )  # fmt: skip
     missing = strategy_for(m)  # a reply that does not say which device it is

@@ -18,8 +18,10 @@ from fedneq.federation.wire import (
     encode,
     encode_blocks,
     full_mask,
+    pack_model,
     tensor_table,
     to_array_record,
+    unpack_model,
     wire_format,
 )
 from fedneq.models import get_model
@@ -324,14 +326,14 @@ def test_heterofl_at_full_width_equals_flower_fedavg(cnn) -> None:
     ref = flower.aggregate_train(1, ref_replies)[0].to_torch_state_dict()
 
     strategy = HeteroFL(nm, table, min_train_nodes=1, min_available_nodes=1)
-    msgs = sorted(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid(range(3))), key=lambda m: m.metadata.dst_node_id)
+    msgs = sorted(strategy.configure_train(1, pack_model(state), ConfigRecord(), LocalGrid(range(3))), key=lambda m: m.metadata.dst_node_id)
     assert msgs[0].content["config"]["width-method"] == "heterofl"  # the client is told to train a width
     plan = plan_channels(model, 1.0)
     replies = [
         block_reply(m, encode_blocks(submodel_blocks(c, plan, table), table, state), n, nm.selectable_params)
         for m, c, n in zip(msgs, clients, examples, strict=True)
     ]
-    got = strategy.aggregate_train(1, replies)[0].to_torch_state_dict()
+    got = unpack_model(strategy.aggregate_train(1, replies)[0])
     assert strategy.last_rejected == {}
     for key in table:
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6)
@@ -344,7 +346,7 @@ def test_width_strategies_reject_the_other_wire_format(cnn) -> None:
     neurons = encode(state, nm, full_mask(nm), table)
     one = {"min_train_nodes": 1, "min_available_nodes": 1}
     for strategy, arrays, fmt in ((FedRolex(nm, table, **one), neurons, "neurons"), (NeuronAvg(nm, table, **one), blocks, "blocks")):
-        msg = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([0])))[0]
+        msg = list(strategy.configure_train(1, pack_model(state), ConfigRecord(), LocalGrid([0])))[0]
         with pytest.raises(ValueError, match=f"in the '{fmt}' wire format"):
             strategy.check_reply(block_reply(msg, arrays, 5, nm.selectable_params))
 
@@ -354,7 +356,7 @@ def test_over_budget_width_reply_is_rejected(cnn) -> None:
     strategy = get_strategy(
         "fjord", neuron_map=nm, table=table, reference_state=state, min_train_nodes=1, min_available_nodes=1
     )
-    msg = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord(), LocalGrid([0])))[0]
+    msg = list(strategy.configure_train(1, pack_model(state), ConfigRecord(), LocalGrid([0])))[0]
     plan = plan_channels(model, 0.5)
     sub = extract_submodel(model, plan)
     arrays = encode_blocks(submodel_blocks(sub.state_dict(), plan, [k for k, _ in sub.named_parameters()]), table, state)

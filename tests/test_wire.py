@@ -8,21 +8,29 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from helpers import small_cnn
 from torch import nn
 
 from fedneq.federation.wire import (
+    MODEL_LAYOUT_KEY,
     WIRE_KEYS,
+    ModelLayout,
     WireFormatError,
     decode,
     dense_arrays,
     encode,
     from_array_record,
     full_mask,
+    model_nbytes,
+    pack_model,
     payload_nbytes,
     tensor_table,
     to_array_record,
+    unpack_model,
 )
+from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 
 CONV1_ROW = 3 * 3 * 3 + 1 + 4  # weight row, bias, BN weight/bias/running_mean/running_var
@@ -242,3 +250,157 @@ def test_decode_rejects_reference_that_does_not_match_the_map(setup) -> None:
     wrong = dict(state, **{"bn1.running_var": torch.ones(5)})
     with pytest.raises(ValueError, match=r"reference_state\['bn1.running_var'\] has shape \(5,\)"):
         decode(arrays, nm, table, wrong)
+
+
+# --- the packed global model ----------------------------------------------------------
+
+
+def mobilenet_state(width_mult: float = 0.5) -> dict[str, torch.Tensor]:
+    """MobileNetV2 with non-trivial BatchNorm statistics and num_batches_tracked (int64)."""
+    model = get_model("mobilenet_v2", num_classes=10, width_mult=width_mult, seed=0)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    return model.state_dict()
+
+
+def with_special_values(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy whose first float tensor holds -0.0, +-inf, NaN, a subnormal and the extremes."""
+    out = {k: v.clone() for k, v in state.items()}
+    first = next(k for k, v in out.items() if torch.is_floating_point(v))
+    special = torch.tensor([-0.0, float("inf"), -float("inf"), float("nan"), 1e-45, 3.4e38, -3.4e38])
+    out[first].view(-1)[: special.numel()] = special
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bytes: equal bits, not just equal values (NaN, -0.0)."""
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("model", ["small-cnn", "mobilenet_v2"])
+def test_packed_model_round_trip_is_bit_exact(model: str) -> None:
+    base = small_cnn().state_dict() if model == "small-cnn" else mobilenet_state()
+    state = with_special_values(base)
+    ints = [k for k, v in state.items() if v.dtype == torch.int64]
+    assert ints and all(k.endswith("num_batches_tracked") for k in ints)  # the int64 buffers are in
+    assert any(k.endswith("running_var") for k in state)
+    record = pack_model(state)
+    back = unpack_model(record, ModelLayout.of(base))
+    assert list(back) == list(state)  # every key, state_dict order
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape, key
+        assert torch.equal(bits(back[key]), bits(value)), key
+    assert model_nbytes(record) == sum(v.numel() * v.element_size() for v in state.values())
+
+
+def test_packed_model_is_one_flat_array_per_dtype_in_state_dict_order() -> None:
+    state = small_cnn().state_dict()
+    record = pack_model(state)
+    assert list(record) == [MODEL_LAYOUT_KEY, "model-float32", "model-int64"]
+    floats = record["model-float32"].numpy()
+    expected = np.concatenate([v.numpy().ravel() for v in state.values() if v.dtype == torch.float32])
+    np.testing.assert_array_equal(floats, expected)
+    np.testing.assert_array_equal(record["model-int64"].numpy(), [7, 7])  # bn1, bn2 num_batches_tracked
+    layout = ModelLayout.from_bytes(record[MODEL_LAYOUT_KEY].numpy().tobytes())
+    assert layout == ModelLayout.of(state)
+    assert layout.keys[:2] == ("conv1.weight", "conv1.bias") and layout.shapes[0] == (8, 3, 3, 3)
+    assert layout.dtypes[layout.keys.index("bn1.num_batches_tracked")] == "int64"
+
+
+def test_unpacked_tensors_load_into_the_model_and_are_independent_of_the_record() -> None:
+    state = small_cnn(seed=1).state_dict()
+    record = pack_model(state)
+    model = small_cnn(seed=2)
+    model.load_state_dict(unpack_model(record))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    first = unpack_model(record)
+    first["conv1.weight"].add_(1.0)  # an in-place change of one unpacked copy ...
+    assert torch.equal(unpack_model(record)["conv1.weight"], state["conv1.weight"])  # ... not the record
+
+
+def test_packed_model_survives_flower_serialization() -> None:
+    """The deployment path: Flower deflates the record into objects and inflates them again."""
+    state = with_special_values(mobilenet_state())
+    record = pack_model(state)
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(record).items()}
+    inflated = inflate_object_from_contents(record.object_id, contents)
+    back = unpack_model(inflated, ModelLayout.of(state))
+    for key, value in state.items():
+        assert torch.equal(bits(back[key]), bits(value)), key
+
+
+def test_layout_mismatch_names_the_tensor() -> None:
+    narrow, wide = mobilenet_state(0.5), mobilenet_state(1.0)
+    with pytest.raises(WireFormatError, match=r"'features.0.0.weight' is float32 of shape \(16, 3, 3, 3\), "
+                       r"this model's is float32 of shape \(32, 3, 3, 3\)"):
+        unpack_model(pack_model(narrow), ModelLayout.of(wide))
+    small = small_cnn().state_dict()
+    with pytest.raises(WireFormatError, match=r"lacks \['bn1.bias', .* has extra \['classifier.1.bias'"):
+        unpack_model(pack_model(narrow), ModelLayout.of(small))
+    as_double = {k: v.double() if k == "head.weight" else v for k, v in small.items()}
+    with pytest.raises(WireFormatError, match="'head.weight' is float64 of shape"):
+        unpack_model(pack_model(as_double), ModelLayout.of(small))
+
+
+def test_layout_check_ignores_the_senders_order() -> None:
+    state = small_cnn().state_dict()
+    reordered = dict(reversed(list(state.items())))
+    back = unpack_model(pack_model(reordered), ModelLayout.of(state))
+    assert list(back) == list(reordered)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def _packed_small() -> ArrayRecord:
+    return pack_model(small_cnn().state_dict())
+
+
+def _replace(key: str, array: np.ndarray) -> Callable[[ArrayRecord], None]:
+    def mutate(record: ArrayRecord) -> None:
+        record[key] = Array(array)
+
+    return mutate
+
+
+def _layout_bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+MALFORMED_MODELS = {
+    "missing values": (lambda r: r.pop("model-int64"), r"missing \['model-int64'\]"),
+    "extra array": (_replace("model-float64", np.zeros(1)), r"extra \['model-float64'\]"),
+    "short values": (_replace("model-int64", np.zeros(1, np.int64)), "must be 1-D int64 of 2 values"),
+    "wrong dtype": (_replace("model-int64", np.zeros(2, np.int32)), "must be 1-D int64 of 2 values"),
+    "2-D values": (_replace("model-int64", np.zeros((1, 2), np.int64)), "must be 1-D int64"),
+    "layout not uint8": (_replace(MODEL_LAYOUT_KEY, np.zeros(3, np.int32)), "must be 1-D uint8"),
+    "layout not JSON": (_replace(MODEL_LAYOUT_KEY, _layout_bytes("[[")), "is not JSON"),
+    "layout not a list": (_replace(MODEL_LAYOUT_KEY, _layout_bytes('{"a": 1}')), "must be a list"),
+    "bad entry": (_replace(MODEL_LAYOUT_KEY, _layout_bytes('[["a", "float32"]]')), "entry 0 must be"),
+    "negative size": (_replace(MODEL_LAYOUT_KEY, _layout_bytes('[["a", "float32", [-1]]]')), "entry 0"),
+    "not numeric": (_replace(MODEL_LAYOUT_KEY, _layout_bytes('[["a", "<U3", [1]]]')), "entry 0"),
+    "duplicated key": (
+        _replace(MODEL_LAYOUT_KEY, _layout_bytes('[["a", "float32", [1]], ["a", "float32", [1]]]')),
+        "duplicated keys",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MODELS))
+def test_malformed_packed_model_raises_wire_format_error(case: str) -> None:
+    record = _packed_small()
+    unpack_model(record)  # the untouched record is valid
+    mutate, message = MALFORMED_MODELS[case]
+    mutate(record)
+    with pytest.raises(WireFormatError, match=message):
+        unpack_model(record)
+
+
+def test_a_per_tensor_record_is_not_a_packed_model() -> None:
+    with pytest.raises(WireFormatError, match="not a packed model .*wire.pack_model"):
+        unpack_model(ArrayRecord(small_cnn().state_dict()))
+
+
+def test_pack_rejects_a_dtype_numpy_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="bfloat16"):
+        pack_model({"w": torch.zeros(2, dtype=torch.bfloat16)})

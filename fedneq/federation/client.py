@@ -51,7 +51,7 @@ from fedneq.federation.state_store import (
 )
 from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import width_round
-from fedneq.federation.wire import encode, tensor_table
+from fedneq.federation.wire import ModelLayout, encode, tensor_table
 from fedneq.neurons import NeuronMap
 from fedneq.selection.memory import memory_bound, resolve_memory_limit
 from fedneq.selection.selectors import MemoryMeter, get_selector
@@ -67,6 +67,7 @@ __all__ = [
     "client_round",
     "draw_faults",
     "load_client_state",
+    "model_layout",
     "rollback_client_state",
     "save_client_state",
 ]
@@ -93,6 +94,7 @@ class _Runtime:
     model: nn.Module
     neuron_map: NeuronMap
     table: tuple[str, ...]
+    layout: ModelLayout  # of model.state_dict(): what the global model must hold
     cost_profile: CostProfile
     num_params: int
 
@@ -121,6 +123,7 @@ def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = 
         model=model,
         neuron_map=neuron_map,
         table=tensor_table(model.state_dict()),
+        layout=ModelLayout.of(model.state_dict()),
         cost_profile=profile_model(model, neuron_map, shape),
         num_params=sum(p.numel() for p in model.parameters()),
     )
@@ -128,6 +131,12 @@ def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = 
 
 def _local_key(local: PartitionFile | None) -> tuple[int, int, tuple[int, ...]] | None:
     return None if local is None else (local.num_classes, local.in_channels, local.shape)
+
+
+def model_layout(config: Config, local: PartitionFile | None = None) -> ModelLayout:
+    """The layout of this client's model (:func:`fedneq.federation.wire.unpack_model` checks
+    the global model against it); built once per process, with the model it describes."""
+    return _runtime(config.to_json(), _local_key(local)).layout
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,13 @@ from fedneq.federation.client import (
     client_evaluate,
     client_round,
     load_client_state,
+    model_layout,
     save_client_state,
 )
 from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
 from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
 from fedneq.federation.width_client import WIDTH_KEY
-from fedneq.federation.wire import to_array_record
+from fedneq.federation.wire import to_array_record, unpack_model
 
 __all__ = [
     "app",
@@ -239,7 +240,8 @@ def train(msg: Message, context: Context) -> Message:
     config, partition_id, device = node_identity(context.node_config, _config(msg))
     server_config = msg.content["config"]
     server_round = int(server_config["server-round"])
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    local = device_partition(context.node_config, config, partition_id)
+    global_state = unpack_model(msg.content["arrays"], model_layout(config, local))
     state_dir = device_state_dir(context.node_config, server_config)
     named = str(server_config.get(STATE_DIR_KEY, ""))  # the run the kept velocity belongs to
     velocity_state = None
@@ -261,7 +263,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         full_budget=bool(server_config.get("full-budget", False)),
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
-        local=device_partition(context.node_config, config, partition_id),
+        local=local,
         width=str(server_config.get(WIDTH_KEY, "")),
     )
     content = RecordDict(
@@ -284,5 +286,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on the client's local test split."""
     config, partition_id, _ = node_identity(context.node_config, _config(msg))
     local = device_partition(context.node_config, config, partition_id)
-    metrics = client_evaluate(config, partition_id, msg.content["arrays"].to_torch_state_dict(), local)
+    global_state = unpack_model(msg.content["arrays"], model_layout(config, local))
+    metrics = client_evaluate(config, partition_id, global_state, local)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -82,7 +82,7 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
     from pathlib import Path
 
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.app.message_type import MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -90,6 +90,7 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
     from fedneq.federation.client import _local_key, _runtime  # the model the client builds
     from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, app
     from fedneq.federation.device_data import read_partition_file
+    from fedneq.federation.wire import pack_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the global model sent: the same in every measurement
@@ -104,7 +105,7 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
         "data-file": str(data_file),
     }
     content = RecordDict({
-        "arrays": ArrayRecord({k: v.clone() for k, v in state.items()}),
+        "arrays": pack_model(state),
         "config": ConfigRecord({CONFIG_KEY: config.to_json(), "server-round": 1, ATTEMPT_KEY: 0}),
     })  # fmt: skip
     msg = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
