@@ -75,37 +75,27 @@ def next_messages(state: InMemoryLinkState, nodes: Mapping[int, Any]) -> list[Me
         return out
 
 
-def _notify_on_push(state: InMemoryLinkState) -> threading.Event:
-    """An event set whenever ``state`` stores a message for a node (this instance only)."""
-    pushed = threading.Event()
-    store = state.store_message_ins
-
-    def store_message_ins(message: Message) -> str | None:
-        message_id = store(message)
-        pushed.set()
-        return message_id
-
-    state.store_message_ins = store_message_ins  # type: ignore[method-assign]
-    return pushed
+_STORED: weakref.WeakKeyDictionary[InMemoryLinkState, dict[str, threading.Event]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-_REPLIED: weakref.WeakKeyDictionary[InMemoryLinkState, threading.Event] = weakref.WeakKeyDictionary()
+def _notify_on_store(state: InMemoryLinkState, method: str) -> threading.Event:
+    """An event set whenever ``state.<method>`` stores a message (``"store_message_ins"``:
+    for a node, ``"store_message_res"``: a reply); wrapped once per instance and method."""
+    events = _STORED.setdefault(state, {})
+    if method not in events:
+        stored = threading.Event()
+        store = getattr(state, method)
 
-
-def _notify_on_reply(state: InMemoryLinkState) -> threading.Event:
-    """An event set whenever ``state`` stores a reply (wrapped once per instance)."""
-    if state not in _REPLIED:
-        replied = threading.Event()
-        store = state.store_message_res
-
-        def store_message_res(message: Message) -> str | None:
+        def store_and_notify(message: Message) -> str | None:
             message_id = store(message)
-            replied.set()
+            stored.set()
             return message_id
 
-        state.store_message_res = store_message_res  # type: ignore[method-assign]
-        _REPLIED[state] = replied
-    return _REPLIED[state]
+        setattr(state, method, store_and_notify)
+        events[method] = stored
+    return events[method]
 
 
 def _send_and_receive(
@@ -114,7 +104,7 @@ def _send_and_receive(
     """Flower's ``InMemoryGrid.send_and_receive``, looking for replies when one is stored."""
     if not isinstance(self.state, InMemoryLinkState):
         return _FLOWER_SEND(self, messages, timeout=timeout)
-    replied = _notify_on_reply(self.state)
+    replied = _notify_on_store(self.state, "store_message_res")
     msg_ids = set(self.push_messages(messages))
     del messages
     end_time = time.time() + (timeout if timeout is not None else 0.0)
@@ -139,7 +129,7 @@ def _add_messages_to_queue(
     if not isinstance(state, InMemoryLinkState):
         _FLOWER_LOOP(state, queue, nodes_mapping, f_stop)
         return
-    pushed = _notify_on_push(state)
+    pushed = _notify_on_store(state, "store_message_ins")
     while not f_stop.is_set():
         pushed.clear()  # before the sweep: a message stored during it wakes the next one
         for msg in next_messages(state, nodes_mapping):
