@@ -435,6 +435,8 @@ def test_width_client_at_a_memory_limit_is_memory_bound_and_fits_it() -> None:
     assert tight["memory-estimate-bytes"] <= limit
     # the measured peak of the steps it trained is the estimate's, within 10 %
     assert abs(tight["memory-measured-bytes"] / tight["memory-estimate-bytes"] - 1) <= 0.1
+    with pytest.raises(ValueError, match="width method should be one of"):
+        client_round(config, 0, 2, state, None, device=device, width="heterofl2")
 
 
 def test_compare_names_the_width_methods() -> None:

@@ -183,8 +183,6 @@ def width_round(
 
     ``model`` holds the global state; it is left unchanged.
     """
-    if method not in WIDTH_METHODS:
-        raise ValueError(f"width method should be one of {WIDTH_METHODS}, got {method!r}")
     head = model_head(config.model.name)
     always = (head,) if config.model.head == "always" else ()
     statistics = config.train.bn_stats != "frozen"
