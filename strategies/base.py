@@ -215,23 +215,22 @@ def update_rms(
     A mean per value, so that a device that trains 1 % of the model and one
     that trains all of it are comparable; ``keys`` are the parameters
     (BatchNorm running statistics legitimately move far on a new task and are
-    left out). 0.0 when the update sends none of ``keys``.
+    left out). 0.0 when the update sends none of ``keys``. ``global_state`` is
+    the reference ``update`` was decoded against: its unsent rows and
+    elements hold the reference's values, so the change summed over whole
+    tensors is the change of the sent values (two fused ops for all tensors,
+    rather than a few per tensor).
     """
-    total, count = 0.0, 0
-    for key in keys:
-        sent = update.rows.get(key)
-        if sent is None:
-            continue
-        if key in update.elements:  # element blocks: the sent elements only
-            mask = update.elements[key]
-            diff = update.values[key][mask].to(torch.float64) - global_state[key][mask].to(torch.float64)
-            total += float((diff**2).sum())
-            count += diff.numel()
-            continue
-        new = as_rows(update.values[key])[sent].to(torch.float64)  # (k, L)
-        old = as_rows(global_state[key])[sent].to(torch.float64)
-        total += float(((new - old) ** 2).sum())
-        count += new.numel()
+    sent = [key for key in keys if key in update.rows]
+    if not sent:
+        return 0.0
+    changes = torch._foreach_sub([update.values[k] for k in sent], [global_state[k] for k in sent])
+    total = float(torch.stack(torch._foreach_norm(changes)).double().square().sum())
+    count = sum(
+        int(update.elements[k].sum()) if k in update.elements
+        else int(update.rows[k].sum()) * as_rows(global_state[k]).shape[1]
+        for k in sent
+    )  # fmt: skip
     return math.sqrt(total / count) if count else 0.0
 
 
