@@ -57,6 +57,7 @@ so the same config gives the same rounds.csv.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -415,12 +416,13 @@ def budget_limits(
     """
     selectable = strategy.neuron_map.selectable_params
     full = bool(strategy.train_config(server_round).get("full-budget", False))
-    limits: dict[int, BudgetLimit] = {}
-    for pid, node in node_of.items():
-        profile = profiles[pid]
+
+    @functools.cache  # one limit per device class: 10 000 nodes share a few
+    def limit(profile: DeviceProfile) -> BudgetLimit:
         params = selectable if full else profile.budget_params(selectable)
-        limits[node] = BudgetLimit(max(1, params), profile.local_epochs)
-    return limits
+        return BudgetLimit(max(1, params), profile.local_epochs)
+
+    return {node: limit(profiles[pid]) for pid, node in node_of.items()}
 
 
 def free_tensors(config: Config, neuron_map: NeuronMap) -> frozenset[str]:
