@@ -7,11 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from safetensors.torch import save as st_save
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
 from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
-from fedneq.federation.state_store import load_client_state, save_client_state, store_usage
+from fedneq.federation.state_store import (
+    load_client_state,
+    save_client_state,
+    state_bytes,
+    store_usage,
+)
 from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
 from sims.results import read_csv
@@ -39,6 +45,18 @@ def test_a_saved_state_reads_back_bit_for_bit(tmp_path: Path) -> None:
         assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape
         assert _bits(got[key]) == _bits(tensor), key
     assert store_usage(tmp_path) == (1, (tmp_path / "7" / "round-00003.safetensors").stat().st_size)
+
+
+def test_the_numpy_writer_writes_what_torchs_writer_writes(tmp_path: Path) -> None:
+    state = {
+        "half": torch.randn(4, 3).half(), "steps": torch.arange(5), "flag": torch.tensor([True, False]),
+        "scalar": torch.randn(()), "empty": torch.zeros(0, 3), "view": torch.randn(6, 4)[:, 1],
+    }  # fmt: skip
+    assert state_bytes(state) == st_save({k: v.contiguous() for k, v in state.items()})
+    with_bf16 = {**state, "brain": torch.randn(5, dtype=torch.bfloat16)}  # numpy has no bfloat16
+    save_client_state(tmp_path, 0, 1, with_bf16)
+    got = load_client_state(tmp_path, 0, before_round=2)[1]
+    assert all(_bits(got[k]) == _bits(v) and got[k].dtype == v.dtype for k, v in with_bf16.items())
 
 
 def _message(config: Config, state, rnd: int, state_dir: str | None) -> Message:
