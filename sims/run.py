@@ -236,9 +236,11 @@ def simulate_many(
     from flwr.simulation import run_simulation
 
     from fedneq.federation.client_app import app as client_app
-    from sims.vce_sweep import install
+    from sims import vce_actors, vce_sweep
 
-    install()  # Flower's delivery loop costs nodes x messages per sweep (sims/vce_sweep.py)
+    vce_sweep.install()  # Flower's delivery loop costs nodes x messages per sweep (sims/vce_sweep.py)
+    # the next client queued at each actor, unless a straggler's sleep would hold it (sims/vce_actors.py)
+    vce_actors.install(vce_actors.slots_for(spec.config for spec in runs))
 
     first = runs[0].config
     for spec in runs[1:]:
