@@ -29,6 +29,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from fedneq.config import Config
+from fedneq.federation.client_app import NO_DYNAMO_ENV
 from fedneq.task import build_model, check_partitions, load_task
 from sims.checkpoint import load_run_checkpoint
 from sims.cli import (
@@ -134,6 +135,27 @@ def _quiet(verbose: bool) -> Iterator[None]:
     finally:
         flwr_log.removeFilter(banner)
         flwr_log.setLevel(level)
+
+
+@contextmanager
+def _actors_skip_dynamo() -> Iterator[None]:
+    """The client actors Ray starts meanwhile use the device stub for ``torch._dynamo``
+    (``FEDNEQ_NO_DYNAMO=1``, :func:`fedneq.federation.client_app.skip_torch_dynamo`).
+
+    ``torch.optim`` imports the real one on a client's first step only to call
+    no-ops (~140 MB per actor with sympy and triton); the actors never compile.
+    A local Ray's workers inherit this process's environment; this process
+    keeps the real one. ``FEDNEQ_NO_DYNAMO=0`` in the environment keeps it in
+    the actors too.
+    """
+    if NO_DYNAMO_ENV in os.environ:
+        yield
+        return
+    os.environ[NO_DYNAMO_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(NO_DYNAMO_ENV, None)
 
 
 STOP_GRACE_S = 5.0  # after the first Ctrl-C: longer than this in the round in flight -> leave
@@ -258,7 +280,7 @@ def simulate_many(
         check_tensorboard()
         tracking = TensorBoardLog(tensorboard, {s.label or s.out_dir.name: s.out_dir for s in runs})
     resume = resume_command or f"python -m sims.run --resume {runs[0].out_dir}"
-    with _quiet(verbose), _stop_on_ctrl_c(resume), tracking:
+    with _quiet(verbose), _stop_on_ctrl_c(resume), tracking, _actors_skip_dynamo():
         run_simulation(
             server_app=make_sequence_app(runs),
             client_app=client_app,

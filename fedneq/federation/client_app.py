@@ -74,8 +74,11 @@ def skip_torch_dynamo() -> bool:
     ``torch.compile``. fedneq never compiles, so on a device short of memory
     (``FEDNEQ_NO_DYNAMO=1`` in the SuperNode's environment, docs/DEPLOY.md)
     the ClientApp process uses a stub with those two functions instead.
-    ``torch.compile`` is then unavailable in that process. Does nothing if
-    ``torch._dynamo`` is already imported.
+    ``torch.compile`` is then unavailable in that process. torchvision (for
+    MobileNetV2 and ResNet18) imports ``torch._dynamo.utils.is_compile_supported``
+    (for ``roi_align``, which fedneq never calls): the stub's ``utils`` answers
+    False, compile is not supported. Does nothing if ``torch._dynamo`` is
+    already imported.
     """
     import sys
     import types
@@ -90,7 +93,11 @@ def skip_torch_dynamo() -> bool:
         fn if fn is not None else (lambda f: f)
     )
     stub.is_compiling = lambda: False  # type: ignore[attr-defined]
+    utils = types.ModuleType("torch._dynamo.utils")
+    utils.is_compile_supported = lambda device_type: False  # type: ignore[attr-defined]
+    stub.utils = utils  # type: ignore[attr-defined]
     sys.modules["torch._dynamo"] = stub
+    sys.modules["torch._dynamo.utils"] = utils
     torch._dynamo = stub  # type: ignore[attr-defined]
     return True
 
