@@ -14,11 +14,20 @@ The statistics are computed once per process in float64 over chunks of the
 training split (:func:`channel_statistics`); no process ever holds the whole
 split as float32 unless it asks for it (:meth:`ImagePool.materialize`, which
 :func:`fedneq.data.datasets.get_dataset` does).
+
+Chunks are small (:func:`chunk_rows`: ~4 MiB of float64 values, whatever
+the image size), and the statistics hand their freed chunks back to the OS
+(:func:`release_freed_memory`). glibc's malloc keeps freed blocks for reuse:
+4096-sample chunks (26 MB of float64 for Fashion-MNIST) left 2-180 MB of heap
+behind in every process that loads a task, the Ray workers and the driver
+alike (docs/SCALE.md).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +39,23 @@ import torch.nn.functional as F
 from fedneq.data.datasets import ArrayDataset, check_dataset_args, load_raw
 
 __all__ = [
-    "CHUNK",
+    "CHUNK_BYTES",
     "ImagePool",
     "Normalizer",
     "PoolSplits",
     "channel_statistics",
+    "chunk_rows",
+    "release_freed_memory",
     "clear_pools",
     "get_pools",
 ]
 
-CHUNK = 4096  # samples normalised at a time
+CHUNK_BYTES = 1 << 22  # float64 bytes of samples normalised at a time
+
+
+def chunk_rows(image_shape: Sequence[int]) -> int:
+    """Samples normalised at a time: :data:`CHUNK_BYTES` of their float64 values, at least 1."""
+    return max(1, CHUNK_BYTES // (8 * math.prod(image_shape)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +79,18 @@ class Normalizer:
         return (self.natural(raw) - self.mean) / self.std
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    glibc keeps freed blocks for reuse, and after a burst of large temporary
+    ones (the statistics' chunks) that is tens of MB per process that nothing
+    will reuse.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def channel_statistics(
     raw: np.ndarray, divisor: float, image_size: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,15 +100,20 @@ def channel_statistics(
     becomes 1.
     """
     plain = Normalizer(divisor, image_size, torch.zeros(()), torch.ones(()))
-    channels = raw.shape[1]
+    channels, height, width = raw.shape[1:]
+    if image_size is not None:
+        height = width = image_size
+    rows = chunk_rows((channels, height, width))
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for start in range(0, len(raw), CHUNK):
-        x = plain.natural(raw[start : start + CHUNK]).to(torch.float64)
+    for start in range(0, len(raw), rows):
+        x = plain.natural(raw[start : start + rows]).to(torch.float64)
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
         count += x.numel() // channels
+    del x
+    release_freed_memory()
     mean = total / max(count, 1)
     var = (squares - count * mean * mean) / max(count - 1, 1)
     std = var.clamp_min(0).sqrt()
@@ -145,8 +178,9 @@ class ImagePool:
         rows = self.rows[idx]
         c, h, w = self.image_shape
         x = torch.empty((len(rows), c, h, w), dtype=torch.float32)
-        for start in range(0, len(rows), CHUNK):
-            x[start : start + CHUNK] = self.normalize(self.raw[rows[start : start + CHUNK]])
+        step = chunk_rows((c, h, w))
+        for start in range(0, len(rows), step):
+            x[start : start + step] = self.normalize(self.raw[rows[start : start + step]])
         return ArrayDataset(x, self.y[torch.from_numpy(idx)].clone())
 
     def materialize(self) -> ArrayDataset:
