@@ -259,6 +259,7 @@ def simulate_many(
 
     from fedneq.federation.client_app import app as client_app
     from sims import vce_actors, vce_sweep
+    from sims.ray_node import without_unused_daemons
 
     vce_sweep.install()  # Flower's delivery loop costs nodes x messages per sweep (sims/vce_sweep.py)
     # the next client queued at each actor, unless a straggler's sleep would hold it (sims/vce_actors.py)
@@ -280,7 +281,10 @@ def simulate_many(
         check_tensorboard()
         tracking = TensorBoardLog(tensorboard, {s.label or s.out_dir.name: s.out_dir for s in runs})
     resume = resume_command or f"python -m sims.run --resume {runs[0].out_dir}"
-    with _quiet(verbose), _stop_on_ctrl_c(resume), tracking, _actors_skip_dynamo():
+    with (
+        _quiet(verbose), _stop_on_ctrl_c(resume), tracking, _actors_skip_dynamo(),
+        without_unused_daemons(keep_all=verbose),  # ~170 MB of Ray's (sims/ray_node.py)
+    ):
         run_simulation(
             server_app=make_sequence_app(runs),
             client_app=client_app,
