@@ -1,4 +1,4 @@
-"""A run's results folder: CSV tables rewritten atomically every round, and plots.
+"""A run's results folder: CSV tables that grow by one round's rows at a time, and plots.
 
 ::
 
@@ -10,6 +10,13 @@
     <results>/status.json         written at the end: "completed", or "failed" and why
     <results>/initial.json        the global model's test accuracy and loss before round 1
     <results>/accuracy_vs_round.png, accuracy_vs_upload.png, accuracy_vs_time.png
+
+Each round's rows are appended in one write per table (the header and first
+rows are written to a new file, renamed into place), so a round costs the
+same at round 1000 as at round 1 and the driver keeps only ``rounds.csv``'s
+rows. A process that dies while appending leaves at most part of one round's
+rows, a round that has no checkpoint yet: :meth:`Recorder.resume` keeps the
+complete rows of the checkpointed rounds and rewrites each table once.
 """
 
 from __future__ import annotations
@@ -62,10 +69,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+def csv_text(
+    columns: Sequence[str], rows: Sequence[Mapping[str, Any]], *, header: bool = True
+) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     for row in rows:
         writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
     return buf.getvalue()
@@ -76,8 +86,13 @@ def _fmt(value: Any) -> Any:
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
+    """A table's complete rows: a last line without its newline (rows being appended) and
+    rows short of the header's columns are left out."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values() and None not in r]
 
 
 def write_initial(out_dir: Path, accuracy: float, loss: float) -> None:
@@ -91,37 +106,50 @@ def _initial_accuracy(rounds_csv: Path) -> float | None:
 
 
 class Recorder:
-    """Collects a run's rows and rewrites its tables after every round."""
+    """Collects a run's rows and appends each round's to its tables (see the module docstring)."""
 
     def __init__(self, out_dir: Path, config: Mapping[str, Any]) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
-        self.tables: dict[str, tuple[Sequence[str], list[dict[str, Any]]]] = {
-            "rounds.csv": (ROUND_COLUMNS, []),
-            "clients.csv": (CLIENT_COLUMNS, []),
-            "device_classes.csv": (CLASS_COLUMNS, []),
-            "timing.csv": (TIMING_COLUMNS, []),
+        self.columns: dict[str, Sequence[str]] = {
+            "rounds.csv": ROUND_COLUMNS,
+            "clients.csv": CLIENT_COLUMNS,
+            "device_classes.csv": CLASS_COLUMNS,
+            "timing.csv": TIMING_COLUMNS,
         }
+        self.rounds: list[dict[str, Any]] = []  # every round's row, for the run's summary
+        self._pending: dict[str, list[dict[str, Any]]] = {name: [] for name in self.columns}
+        self._started: set[str] = set()  # tables whose file this run has written
 
     def resume(self, last_round: int) -> None:
-        """Reload the rows of rounds ``<= last_round`` written by an earlier process."""
-        for name, (_, rows) in self.tables.items():
+        """Keep the complete rows of rounds ``<= last_round`` written by an earlier process."""
+        for name, columns in self.columns.items():
             path = self.out_dir / name
-            rows.clear()
-            if path.exists():
-                rows.extend(r for r in read_csv(path) if int(r["round"]) <= last_round)
-
-    @property
-    def rounds(self) -> list[dict[str, Any]]:
-        return self.tables["rounds.csv"][1]
+            kept = [r for r in read_csv(path) if int(r["round"]) <= last_round] if path.exists() else []
+            atomic_write_text(path, csv_text(columns, kept))
+            self._started.add(name)
+            if name == "rounds.csv":
+                self.rounds = kept
 
     def add(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.tables[table][1].extend(dict(r) for r in rows)
+        self._pending[table].extend(dict(r) for r in rows)
+        if table == "rounds.csv":
+            self.rounds.extend(dict(r) for r in rows)
 
     def flush(self) -> None:
-        for name, (columns, rows) in self.tables.items():
-            atomic_write_text(self.out_dir / name, csv_text(columns, rows))
+        """Write the rows added since the last flush."""
+        for name, rows in self._pending.items():
+            path = self.out_dir / name
+            if name not in self._started:  # a new file: replaces what an earlier run left there
+                atomic_write_text(path, csv_text(self.columns[name], rows))
+                self._started.add(name)
+            elif rows:
+                with open(path, "a") as f:
+                    f.write(csv_text(self.columns[name], rows, header=False))
+                    f.flush()
+                    os.fsync(f.fileno())
+            rows.clear()
 
     def plot(self, label: str = "") -> list[Path]:
         return plot_runs({label or self.out_dir.name: self.out_dir / "rounds.csv"}, self.out_dir)
