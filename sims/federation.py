@@ -673,11 +673,10 @@ def run_federation(
     _warn_declared(declared, devices)
     partition_of = {n: p for p, n in node_of.items()}  # every node id ever known
     total = config.run.rounds
-    loop_t0 = time.monotonic()
+    loop_t0 = t0 = time.monotonic()  # a round's seconds run from the previous round's row
     for rnd in range(first_round, total + 1):
         if _STOP.is_set():
             break
-        t0 = time.monotonic()
         live = rediscover_nodes(
             grid, config, node_of, declared, partition_of, timeout_s=config.run.round_timeout_s,
             allowed=allowed,
@@ -777,7 +776,9 @@ def run_federation(
                 }
             ],
         )
-        recorder.add("timing.csv", [{"round": rnd, "seconds": time.monotonic() - t0}])
+        now = time.monotonic()  # the previous round's tables and checkpoint count in this one
+        seconds, t0 = now - t0, now
+        recorder.add("timing.csv", [{"round": rnd, "seconds": seconds}])
         recorder.flush()
         save_run_checkpoint(
             out_dir, config, rnd, unpack_model(arrays), strategy.state_dict()
@@ -788,7 +789,7 @@ def run_federation(
             f"clients {len(accepted)}/{len(sampled)} ok, {failed} failed/rejected/dropped"
             f"{'' if committed else '  NOT COMMITTED (' + note + ')'}  up {bytes_up / 1e3:.1f} kB  "
             f"trainable {_fmt_pct(_mean(accepted, 'trainable_fraction'))}  "
-            f"sim {_fmt_seconds(round_time)}  {time.monotonic() - t0:.1f}s"
+            f"sim {_fmt_seconds(round_time)}  {seconds:.1f}s"
             f"  eta {_eta((time.monotonic() - loop_t0) / (rnd - first_round + 1) * (total - rnd))}",
             flush=True,
         )

@@ -6,7 +6,7 @@
     <results>/rounds.csv          one row per round (deterministic: no wall-clock)
     <results>/clients.csv         one row per sampled client per round
     <results>/device_classes.csv  per round, aggregates per device class
-    <results>/timing.csv          wall-clock seconds per round
+    <results>/timing.csv          wall-clock seconds per round (since the previous round's row)
     <results>/status.json         written at the end: "completed", or "failed" and why
     <results>/initial.json        the global model's test accuracy and loss before round 1
     <results>/accuracy_vs_round.png, accuracy_vs_upload.png, accuracy_vs_time.png

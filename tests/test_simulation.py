@@ -128,3 +128,27 @@ def test_local_ray_workers_run_at_the_drivers_niceness(monkeypatch) -> None:
     finally:
         ray.shutdown()
     assert niceness == os.nice(0)
+
+
+def test_a_rounds_seconds_include_the_previous_rounds_tables_and_checkpoint(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """timing.csv covers the run's wall clock: what the server does after a round's row (its
+    tables, its checkpoint) counts in the next round's seconds."""
+    import time
+
+    from sims import federation
+
+    save = federation.save_run_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.0)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(federation, "save_run_checkpoint", slow_save)
+    config = tiny_sim.tiny_config(
+        tmp_path, run={"num_clients": 2, "clients_per_round": 2, "rounds": 2}
+    )
+    simulate(config, tmp_path / "run")
+    seconds = [float(r["seconds"]) for r in read_csv(tmp_path / "run" / "timing.csv")]
+    assert len(seconds) == 2 and seconds[1] >= 1.0

@@ -18,7 +18,8 @@ framework's overhead). For every N, each in a fresh process:
 
 1. the simulation (``sims.run.simulate``: Flower's simulation engine on Ray,
    2 client actors of 1 CPU): seconds per round (median of rounds 2.., from
-   timing.csv), start-up seconds (Ray, node discovery), peak memory of the
+   timing.csv: each round from the previous round's row, so the server's
+   tables and checkpoint count), start-up seconds (Ray, node discovery), peak memory of the
    whole process tree (driver + Ray daemons + workers; RSS summed, and PSS,
    which counts shared pages once), read from /proc;
 2. the same rounds without Flower and Ray: the same sampled clients run the
