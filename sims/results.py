@@ -133,9 +133,10 @@ class Recorder:
                 self.rounds = kept
 
     def add(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._pending[table].extend(dict(r) for r in rows)
+        copied = [dict(r) for r in rows]
+        self._pending[table].extend(copied)
         if table == "rounds.csv":
-            self.rounds.extend(dict(r) for r in rows)
+            self.rounds.extend(copied)
 
     def flush(self) -> None:
         """Write the rows added since the last flush."""

@@ -10,33 +10,13 @@ import pytest
 import tiny_sim
 from ray._private import node, parameter
 
+from sims.benchmarks.scale import TreeMemory, cmdline
 from sims.ray_node import UNUSED_DAEMONS, without_unused_daemons
 from sims.run import simulate
 
 
-def _descendants() -> set[str]:
-    """Command lines of this process's descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    lines, todo = set(), list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        try:
-            lines.add(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-        todo.extend(children.get(pid, []))
-    return lines
-
-
 class ProcessLog:
-    """Every command line among this process's descendants, sampled until the block ends."""
+    """Every command line in this process's tree, sampled until the block ends."""
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
@@ -45,7 +25,7 @@ class ProcessLog:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.seen |= _descendants()
+            self.seen |= {cmdline(pid) for pid in TreeMemory(os.getpid()).pids()}
 
     def __enter__(self) -> ProcessLog:
         self._thread.start()

@@ -78,6 +78,11 @@ class Normalizer:
     def __call__(self, raw: np.ndarray) -> torch.Tensor:
         return (self.natural(raw) - self.mean) / self.std
 
+    def sample_shape(self, raw_shape: Sequence[int]) -> tuple[int, int, int]:
+        """``(C, H, W)`` of a normalised sample whose stored shape is ``raw_shape``."""
+        c, h, w = (int(n) for n in raw_shape)
+        return (c, self.image_size, self.image_size) if self.image_size is not None else (c, h, w)
+
 
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's ``malloc_trim``; elsewhere a no-op).
@@ -100,10 +105,8 @@ def channel_statistics(
     becomes 1.
     """
     plain = Normalizer(divisor, image_size, torch.zeros(()), torch.ones(()))
-    channels, height, width = raw.shape[1:]
-    if image_size is not None:
-        height = width = image_size
-    rows = chunk_rows((channels, height, width))
+    channels = raw.shape[1]
+    rows = chunk_rows(plain.sample_shape(raw.shape[1:]))
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0
@@ -142,9 +145,7 @@ class ImagePool:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one normalised sample."""
-        c, h, w = self.raw.shape[1:]
-        size = self.normalize.image_size
-        return (int(c), size, size) if size is not None else (int(c), int(h), int(w))
+        return self.normalize.sample_shape(self.raw.shape[1:])
 
     @property
     def x(self) -> torch.Tensor:

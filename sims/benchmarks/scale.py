@@ -78,6 +78,7 @@ __all__ = [
     "MODELS",
     "TreeMemory",
     "baseline_rounds",
+    "cmdline",
     "main",
     "scale_config",
     "state_report",
@@ -133,7 +134,8 @@ def _ppid(pid: str) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ("" if it is gone)."""
     try:
         return (
             Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -176,7 +178,7 @@ class TreeMemory:
             parent = _ppid(entry)
             if parent is not None:
                 children[parent].append(int(entry))
-            if self.also and any(s in _cmdline(int(entry)) for s in self.also):
+            if self.also and any(s in cmdline(int(entry)) for s in self.also):
                 matched.add(int(entry))
         tree, todo = set(), [self.root, *matched]
         while todo:
@@ -193,7 +195,7 @@ class TreeMemory:
         for pid in pids:
             r, p = _kib(pid)
             rss, pss = rss + r, pss + p
-            by_process[f"{pid} {_cmdline(pid)[:60]}"] = p
+            by_process[f"{pid} {cmdline(pid)[:60]}"] = p
         self.peak_rss_kib = max(self.peak_rss_kib, rss)
         if pss > self.peak_pss_kib:
             self.peak_by_process = by_process
