@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedneq.config import Config, did_you_mean
-from fedneq.federation.width_client import WIDTH_METHODS
+from fedneq.federation.protocol import WIDTH_METHODS
 from fedneq.selection.selectors import list_selectors
 from sims.cli import (
     Parser,

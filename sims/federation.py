@@ -78,8 +78,8 @@ from flwr.serverapp import Grid
 
 from fedneq.config import Config
 from fedneq.federation.client import rollback_client_state
-from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.protocol import ATTEMPT_KEY, CONFIG_KEY, FULL_BUDGET_KEY, STATE_DIR_KEY
 from fedneq.federation.wire import (
     from_array_record,
     model_nbytes,
@@ -415,7 +415,7 @@ def budget_limits(
     local epochs.
     """
     selectable = strategy.neuron_map.selectable_params
-    full = bool(strategy.train_config(server_round).get("full-budget", False))
+    full = bool(strategy.train_config(server_round).get(FULL_BUDGET_KEY, False))
 
     @functools.cache  # one limit per device class: 10 000 nodes share a few
     def limit(profile: DeviceProfile) -> BudgetLimit:

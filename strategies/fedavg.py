@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecordValues
 
+from fedneq.federation.protocol import FULL_BUDGET_KEY
+
 from .neuron_avg import NeuronAvg
 
 __all__ = ["DenseFedAvg"]
@@ -16,7 +18,7 @@ __all__ = ["DenseFedAvg"]
 class DenseFedAvg(NeuronAvg):
     """FedAvg: clients train everything, the server averages everything.
 
-    The training config carries ``"full-budget": True`` so every client trains
+    The training config carries :data:`~fedneq.federation.protocol.FULL_BUDGET_KEY` set so every client trains
     (and sends) all its neurons; aggregation is :class:`NeuronAvg`'s
     :func:`~strategies.neuron_avg.neuron_average`, which equals FedAvg when
     every row is sent. Parameters are those of
@@ -24,4 +26,4 @@ class DenseFedAvg(NeuronAvg):
     """
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
-        return {"full-budget": True}
+        return {FULL_BUDGET_KEY: True}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecordValues
 
-from fedneq.federation.width_client import WIDTH_KEY
+from fedneq.federation.protocol import WIDTH_KEY
 from fedneq.federation.wire import SparseUpdate, element_mask
 from fedneq.neurons import NeuronMap
 

@@ -10,7 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedneq.config import Config
 from fedneq.federation.client import client_evaluate, client_round
-from fedneq.federation.client_app import CONFIG_KEY, app, node_identity
+from fedneq.federation.client_app import app, node_identity
+from fedneq.federation.protocol import CONFIG_KEY
 from fedneq.federation.wire import (
     WireFormatError,
     decode,

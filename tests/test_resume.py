@@ -13,7 +13,8 @@ from tiny_sim import tiny_config
 
 from fedneq.config import Config
 from fedneq.federation.client import load_client_state, rollback_client_state, save_client_state
-from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
+from fedneq.federation.client_app import app
+from fedneq.federation.protocol import CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
 from sims.checkpoint import load_run_checkpoint, save_run_checkpoint

@@ -11,7 +11,8 @@ from safetensors.torch import save as st_save
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
-from fedneq.federation.client_app import CONFIG_KEY, STATE_DIR_KEY, app
+from fedneq.federation.client_app import app
+from fedneq.federation.protocol import CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.state_store import (
     load_client_state,
     save_client_state,

@@ -46,16 +46,20 @@ from fedneq.federation.client import (
 )
 from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
 from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
-from fedneq.federation.width_client import WIDTH_KEY
+from fedneq.federation.protocol import (
+    ATTEMPT_KEY,
+    CONFIG_KEY,
+    FULL_BUDGET_KEY,
+    STATE_DIR_KEY,
+    STATE_RUN_KEY,
+    WIDTH_KEY,
+)
 from fedneq.federation.wire import to_array_record, unpack_model
 
 __all__ = [
     "app",
-    "ATTEMPT_KEY",
-    "CONFIG_KEY",
     "NODE_CONFIG_KEYS",
     "NO_DYNAMO_ENV",
-    "STATE_DIR_KEY",
     "device_partition",
     "device_state_dir",
     "node_identity",
@@ -104,11 +108,6 @@ def skip_torch_dynamo() -> bool:
 
 if os.environ.get(NO_DYNAMO_ENV) == "1":
     skip_torch_dynamo()
-
-CONFIG_KEY = "fedneq-config"
-ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)
-STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
-STATE_RUN_KEY = "velocity-run"  # Context.state: the STATE_DIR_KEY the kept velocity belongs to
 
 app = ClientApp()
 
@@ -268,7 +267,7 @@ def train(msg: Message, context: Context) -> Message:
         global_state,
         velocity_state,
         device=device,
-        full_budget=bool(server_config.get("full-budget", False)),
+        full_budget=bool(server_config.get(FULL_BUDGET_KEY, False)),
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
         local=local,
         width=str(server_config.get(WIDTH_KEY, "")),

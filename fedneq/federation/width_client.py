@@ -45,6 +45,7 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile, mask_cost, profile_model
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.protocol import WIDTH_METHODS
 from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask
@@ -66,12 +67,10 @@ from fedneq.training.submodel import (
 )
 
 __all__ = [
-    "FJORD_LEVELS", "WIDTH_KEY", "WIDTH_METHODS", "device_width", "fjord_levels",
+    "FJORD_LEVELS", "device_width", "fjord_levels",
     "submodel_memory_bytes", "width_plan", "width_round",
 ]  # fmt: skip
 
-WIDTH_KEY = "width-method"  # training-config key a width strategy sets
-WIDTH_METHODS = ("heterofl", "fjord", "fedrolex")
 FJORD_LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)  # FjORD's uniform width levels
 
 

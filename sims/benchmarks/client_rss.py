@@ -88,8 +88,9 @@ def _round(config_path: str, parts: str, partition_id: int, blocker: _Blocker) -
 
     from fedneq.config import load_config
     from fedneq.federation.client import _local_key, _runtime  # the model the client builds
-    from fedneq.federation.client_app import ATTEMPT_KEY, CONFIG_KEY, app
+    from fedneq.federation.client_app import app
     from fedneq.federation.device_data import read_partition_file
+    from fedneq.federation.protocol import ATTEMPT_KEY, CONFIG_KEY
     from fedneq.federation.wire import pack_model
 
     torch.set_num_threads(1)
