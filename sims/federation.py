@@ -102,7 +102,7 @@ from sims.sim_time import (
     time_row,
 )
 from strategies import SparseStrategy, get_strategy
-from strategies.base import BudgetLimit
+from strategies.budget import BudgetLimit
 
 __all__ = [
     "DeviceTable", "RunFailed", "budget_limits", "discover_nodes", "free_tensors",
@@ -426,7 +426,7 @@ def budget_limits(
 
 
 def free_tensors(config: Config, neuron_map: NeuronMap) -> frozenset[str]:
-    """Whole tensors this run's clients train outside their budget (:func:`strategies.base.trained_params`).
+    """Whole tensors this run's clients train outside their budget (:func:`strategies.budget.trained_params`).
 
     A static selector or initializer: the neuron layers' bias-only tensors (a
     Sparse Update scheme's bias depth); ``[train] bn_stats = "all"``: every
@@ -454,9 +454,11 @@ def set_server_knowledge(
     class it must declare, and at most ``examples[pid]`` (its partition's
     training examples, computed on the server from the seed) as its weight.
     """
-    strategy.budget_limits = budget_limits(config, strategy, server_round, node_of, profiles)
-    strategy.device_classes = {node: profiles[pid].name for pid, node in node_of.items()}
-    strategy.max_examples = {node: examples[pid] for pid, node in node_of.items()}
+    strategy.set_server_inputs(
+        budget_limits=budget_limits(config, strategy, server_round, node_of, profiles),
+        device_classes={node: profiles[pid].name for pid, node in node_of.items()},
+        max_examples={node: examples[pid] for pid, node in node_of.items()},
+    )
 
 
 def _warn_declared(declared: Mapping[int, str], devices: Mapping[int, str]) -> None:
@@ -631,7 +633,7 @@ def run_federation(
     state = initial_state(config, task, model, cache_dir=Path(config.run.out_dir) / "_pretrained")
     model.load_state_dict(state)
     strategy = build_strategy(config, neuron_map, state)
-    strategy.free_tensors = free_tensors(config, neuron_map)
+    strategy.set_server_inputs(free_tensors=free_tensors(config, neuron_map))
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     recorder = Recorder(out_dir, config.to_dict())
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
@@ -683,9 +685,9 @@ def run_federation(
         )
         sampled = sample_partitions(config, rnd)
         gone = [p for p in sampled if node_of[p] not in live]  # not sent: recorded as failed
-        strategy.sample = lambda _grid, _round, chosen=sampled, skip=set(gone): [
+        strategy.set_server_inputs(sample=lambda _grid, _round, chosen=sampled, skip=set(gone): [
             node_of[p] for p in chosen if p not in skip
-        ]
+        ])
         set_server_knowledge(strategy, config, rnd, node_of, profiles, examples)
         raw_replies, skipped, sent_to = _send_round(grid, strategy, config, rnd, arrays, state_dir)
         if _STOP.is_set():  # interrupted: this round is not committed

@@ -11,10 +11,12 @@ from flwr.app import ConfigRecordValues
 from fedneq.federation.protocol import FULL_BUDGET_KEY
 
 from .neuron_avg import NeuronAvg
+from .registry import register_strategy
 
 __all__ = ["DenseFedAvg"]
 
 
+@register_strategy("fedavg")
 class DenseFedAvg(NeuronAvg):
     """FedAvg: clients train everything, the server averages everything.
 

@@ -24,8 +24,9 @@ import torch
 from fedneq.federation.wire import SparseUpdate, as_rows
 
 from .base import SparseStrategy
+from .registry import register_strategy
 
-__all__ = ["NeuronAvg", "RowAverage", "average_rows", "neuron_average"]
+__all__ = ["NeuronAvg", "RowAverage", "average_rows", "check_weights", "neuron_average"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class RowAverage:
     weights: dict[str, torch.Tensor]  # key -> (rows,) float64, total weight of each row's senders
 
 
-def _check_weights(weights: Sequence[float], num_updates: int) -> None:
+def check_weights(weights: Sequence[float], num_updates: int) -> None:
+    """Raise ``ValueError`` unless ``weights`` holds one finite weight >= 0 per update."""
     if len(weights) != num_updates:
         raise ValueError(f"weights has {len(weights)} entries for {num_updates} updates")
     bad = [w for w in weights if not (math.isfinite(w) and w >= 0)]
@@ -71,7 +73,7 @@ def average_rows(
         source and ``weights`` holds each row's total sender weight, for every
         key some update touched.
     """
-    _check_weights(weights, len(updates))
+    check_weights(weights, len(updates))
     sums: dict[str, torch.Tensor] = {}  # key -> (R, L) float64 weighted sum of sent rows
     totals: dict[str, torch.Tensor] = {}  # key -> (R,) float64 total weight per row
     for update, weight in zip(updates, weights, strict=True):
@@ -115,11 +117,14 @@ def neuron_average(
     return average_rows(global_state, updates, weights).values
 
 
+@register_strategy("neuron-avg")
 class NeuronAvg(SparseStrategy):
     """Neuron-wise FedAvg over sparse replies (:func:`neuron_average`).
 
     Parameters are those of :class:`~strategies.base.SparseStrategy`.
     """
+
+    fedavg_at_full_budget = True
 
     def aggregate(
         self,

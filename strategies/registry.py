@@ -1,6 +1,7 @@
 """Strategies by name: ``get_strategy("neuron-avg", neuron_map=..., table=...)``.
 
-Users add their own with the :func:`register_strategy` decorator::
+Built-ins and users' strategies alike register with the
+:func:`register_strategy` decorator::
 
     @register_strategy("my-rule")
     class MyRule(SparseStrategy):
@@ -8,6 +9,8 @@ Users add their own with the :func:`register_strategy` decorator::
 
 and select it as ``"my-rule"`` once its module is imported, or from a config
 as ``"my_module:my-rule"`` / ``"my_module:MyRule"`` (the module is imported).
+A built-in is one module of the ``strategies`` package: the package imports
+every module it holds (:func:`import_strategies`), which runs their decorators.
 A strategy's *options* are the keyword arguments of its own constructor(s),
 not :class:`SparseStrategy`'s plumbing (``neuron_map``, ``table``, ...):
 :func:`check_strategy` checks a config's name and options without building
@@ -18,31 +21,22 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from fedneq.config import did_you_mean
 
 from .base import SparseStrategy
-from .fedavg import DenseFedAvg
-from .neuron_avg import NeuronAvg
-from .server_momentum import ServerMomentum
-from .sparse_fedavg import SparseFedAvg
-from .width_avg import FedRolex, FjORD, HeteroFL
 
-__all__ = ["check_strategy", "get_strategy", "list_strategies", "register_strategy", "strategy_options"]
+__all__ = [
+    "check_strategy", "get_strategy", "import_strategies", "list_strategies", "register_strategy",
+    "strategy_options",
+]  # fmt: skip
 
 S = TypeVar("S", bound=type[SparseStrategy])
 
-_REGISTRY: dict[str, type[SparseStrategy]] = {
-    "neuron-avg": NeuronAvg,
-    "fedavg": DenseFedAvg,
-    "server-momentum": ServerMomentum,
-    "sparse-fedavg": SparseFedAvg,
-    "heterofl": HeteroFL,
-    "fjord": FjORD,
-    "fedrolex": FedRolex,
-}
+_REGISTRY: dict[str, type[SparseStrategy]] = {}  # filled by @register_strategy
 
 
 def register_strategy(name: str) -> Callable[[S], S]:
@@ -72,6 +66,27 @@ def register_strategy(name: str) -> Callable[[S], S]:
 def list_strategies() -> list[str]:
     """Registered strategy names, sorted."""
     return sorted(_REGISTRY)
+
+
+def import_strategies(package: str) -> list[str]:
+    """Import every module of ``package``, running their :func:`register_strategy` decorators.
+
+    The ``strategies`` package calls it on itself, so that a built-in
+    strategy is one file; a user's package of strategies may do the same.
+    Returns the imported module names, sorted.
+
+    Raises
+    ------
+    ValueError
+        If ``package`` is not an importable package.
+    """
+    module = importlib.import_module(package)
+    if not hasattr(module, "__path__"):
+        raise ValueError(f"import_strategies needs a package, got module {package!r}")
+    names = sorted(f"{package}.{info.name}" for info in pkgutil.iter_modules(module.__path__))
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 def _resolve(name: str) -> type[SparseStrategy]:

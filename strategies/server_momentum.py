@@ -27,6 +27,7 @@ from fedneq.neurons import NeuronMap
 
 from .base import SparseStrategy
 from .neuron_avg import RowAverage, average_rows
+from .registry import register_strategy
 
 __all__ = ["MomentumStep", "ServerMomentum", "momentum_step", "parameter_keys"]
 
@@ -93,6 +94,7 @@ def parameter_keys(neuron_map: NeuronMap) -> frozenset[str]:
     return frozenset(keys)
 
 
+@register_strategy("server-momentum")
 class ServerMomentum(SparseStrategy):
     """FedAvgM-style server momentum over neuron-wise averages.
 

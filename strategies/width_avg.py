@@ -18,7 +18,7 @@ nobody trained keeps its global value (HeteroFL's rule; with every client at
   around, so it rolls over every channel.
 
 These strategies need the client's cooperation: :meth:`WidthAvg.train_config`
-puts ``"width-method"`` in the training config, and the client then trains
+puts :data:`~fedneq.federation.protocol.WIDTH_KEY` in the training config, and the client then trains
 its sub-model (:mod:`fedneq.federation.width_client`) instead of a neuron mask.
 Differences from the papers: the server averages weighted by examples
 (HeteroFL counts clients); BatchNorm follows ``[train] bn_stats`` (frozen by
@@ -39,10 +39,11 @@ from fedneq.federation.wire import SparseUpdate, element_mask
 from fedneq.neurons import NeuronMap
 
 from .base import SparseStrategy
-from .neuron_avg import _check_weights
+from .neuron_avg import check_weights
+from .registry import register_strategy
 
 __all__ = [
-    "FedRolex", "FjORD", "HeteroFL", "WIDTH_KEY", "WIDTH_UPDATE_RATIO", "WidthAvg", "element_average",
+    "FedRolex", "FjORD", "HeteroFL", "WIDTH_UPDATE_RATIO", "WidthAvg", "element_average",
 ]  # fmt: skip
 
 WIDTH_UPDATE_RATIO = 100.0  # default max_update_ratio of the width strategies (WidthAvg)
@@ -60,7 +61,7 @@ def element_average(
     their sent rows whole. Elements with no sender (or zero total weight) keep
     their global value; float64 accumulation, cast back to the global dtype.
     """
-    _check_weights(weights, len(updates))
+    check_weights(weights, len(updates))
     sums: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor] = {}
     for update, weight in zip(updates, weights, strict=True):
@@ -100,6 +101,7 @@ class WidthAvg(SparseStrategy):
 
     method: str = "heterofl"
     reply_format = "blocks"
+    fedavg_at_full_budget = True  # every client at width 1
 
     def __init__(
         self,
@@ -123,18 +125,21 @@ class WidthAvg(SparseStrategy):
         return element_average(global_state, updates, weights)
 
 
+@register_strategy("heterofl")
 class HeteroFL(WidthAvg):
     """HeteroFL: nested sub-models of the first channels (module notes)."""
 
     method = "heterofl"
 
 
+@register_strategy("fjord")
 class FjORD(WidthAvg):
     """FjORD: nested sub-models trained with ordered dropout (module notes)."""
 
     method = "fjord"
 
 
+@register_strategy("fedrolex")
 class FedRolex(WidthAvg):
     """FedRolex: a rolling window of channels, one step per round (module notes)."""
 

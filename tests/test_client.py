@@ -227,7 +227,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
     arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     # statistics sent whole without their neurons: only a run with bn_stats = "all" allows it
     assert "running statistic" in strategy.last_rejected[5]
-    strategy.free_tensors = free_tensors(config, nmap)  # what the server of this run sets
+    strategy.set_server_inputs(free_tensors=free_tensors(config, nmap))  # what this run's server sets
     arrays, _ = strategy.aggregate_train(1, [Message(content, reply_to=msg)])
     assert not strategy.last_rejected
     new = unpack_model(arrays)

@@ -215,7 +215,7 @@ def test_sparse_aggregation_matches_row_by_row_reference(setup: Setup) -> None:
     masks[2] = TrainMask(masks[2].neurons, frozenset({"bn2.running_var"}))  # a client sending no neuron
     weights = [5, 2, 3]
     strategy = NeuronAvg(**kwargs(setup))
-    strategy.free_tensors = frozenset({"bn2.running_var"})  # as in a run with bn_stats = "all"
+    strategy.set_server_inputs(free_tensors={"bn2.running_var"})  # as in a run with bn_stats = "all"
     msgs = train_messages(strategy, setup.state, 3)
     replies = [
         reply(m, to_array_record(encode(c, setup.nm, k, setup.table)), w, 0.0)

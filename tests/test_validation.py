@@ -50,15 +50,10 @@ from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, client_data, load_task
 from sims.federation import budget_limits, run_federation, set_server_knowledge
 from sims.results import read_csv
-from strategies.base import (
-    BudgetLimit,
-    SparseStrategy,
-    aggregate_metrics,
-    clip_factors,
-    oversized_updates,
-    trained_params,
-    update_rms,
-)
+from strategies.base import SparseStrategy
+from strategies.budget import BudgetLimit, trained_params
+from strategies.metrics import aggregate_metrics
+from strategies.robust import clip_factors, oversized_updates, update_rms
 from strategies.fedavg import DenseFedAvg
 from strategies.neuron_avg import NeuronAvg
 
@@ -104,9 +99,9 @@ GOOD_IDS = ([0, 1, 16, 48], [1, 2, 17, 49])  # the two good clients overlap on n
 BAD_IDS = [5, 20, 60, 61]  # neurons only the bad client sends
 
 
-def strategy_for(m: Model, cls: type[SparseStrategy] = NeuronAvg) -> SparseStrategy:
-    strategy = cls(m.nm, m.table, min_train_nodes=1, min_available_nodes=1)
-    strategy.sample = lambda _grid, _round: [*GOOD_NODES, BAD_NODE]
+def strategy_for(m: Model, cls: type[SparseStrategy] = NeuronAvg, **options) -> SparseStrategy:
+    strategy = cls(m.nm, m.table, min_train_nodes=1, min_available_nodes=1, **options)
+    strategy.set_server_inputs(sample=lambda _grid, _round: [*GOOD_NODES, BAD_NODE])
     return strategy
 
 
@@ -344,14 +339,14 @@ def test_a_declared_budget_beyond_the_device_class_is_rejected(m: Model) -> None
     for limit, reason in ((BudgetLimit(736, 1), "more than its device is assigned (736 parameters"),
                           (BudgetLimit(737, 1), None)):  # fmt: skip
         strategy = strategy_for(m)
-        strategy.budget_limits = {BAD_NODE: limit}
+        strategy.set_server_inputs(budget_limits={BAD_NODE: limit})
         msgs = train_messages(strategy, m)
         strategy.aggregate_train(1, [reply(msgs[BAD_NODE], arrays, metrics)])
         assert (
             (reason in strategy.last_rejected[BAD_NODE]) if reason else not strategy.last_rejected
         )
     strategy = strategy_for(m)
-    strategy.budget_limits = {BAD_NODE: BudgetLimit(10_000, 1)}
+    strategy.set_server_inputs(budget_limits={BAD_NODE: BudgetLimit(10_000, 1)})
     _, got, _ = run_round(m, lambda to: reply(to, arrays, metrics | {"local-epochs": 2}), strategy)
     assert_only_the_good_aggregated(
         m, strategy, got, "local-epochs=2, more than its device is assigned"
@@ -398,7 +393,7 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
     for cls, full in ((NeuronAvg, False), (DenseFedAvg, True)):
         strategy = cls(nm, tensor_table(state), min_train_nodes=1, min_available_nodes=1)
         set_server_knowledge(strategy, config, 1, node_of, profiles, examples)
-        strategy.sample = lambda _grid, _round: list(node_of.values())
+        strategy.set_server_inputs(sample=lambda _grid, _round: list(node_of.values()))
         msgs = {
             m.metadata.dst_node_id: m
             for m in strategy.configure_train(1, pack_model(state), ConfigRecord(), None)
@@ -413,7 +408,7 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
             replies.append(reply(msgs[node], out.arrays, out.metrics, device=out.device))
         arrays, _ = strategy.aggregate_train(1, replies)
         assert strategy.last_rejected == {} and arrays is not None, strategy.last_rejected
-        assert strategy.budget_limits[10].params == (
+        assert strategy.server_inputs.budget_limits[10].params == (
             nm.selectable_params if full else replies[0].content["metrics"]["budget-params"]
         )
     # a node the operator gave its own budget is held to it
@@ -527,12 +522,10 @@ def test_an_exploded_but_well_formed_reply_is_rejected(m: Model) -> None:
     assert strategy.last_update_rms == pytest.approx({1: 0.1, 2: 0.2, BAD_NODE: 100.0}, rel=1e-3)
     assert agg["train-loss"] == 0.5
     # the same reply passes with the rule off, and an absolute bound catches it alone
-    lenient = strategy_for(m)
-    lenient.max_update_ratio = None
+    lenient = strategy_for(m, max_update_ratio=None)
     lenient.aggregate_train(1, [reply(train_messages(lenient, m)[BAD_NODE], arrays, metrics)])
     assert not lenient.last_rejected
-    strict = strategy_for(m)
-    strict.max_update_rms = 50.0
+    strict = strategy_for(m, max_update_rms=50.0)
     strict.aggregate_train(1, [reply(train_messages(strict, m)[BAD_NODE], arrays, metrics)])
     assert "exceeds max_update_rms=50" in strict.last_rejected[BAD_NODE]
 
@@ -541,8 +534,7 @@ def test_a_large_honest_update_is_clipped_to_the_bound_not_dropped(m: Model) -> 
     """clip_update_ratio scales a far-drifted reply's change down to the bound, keeping it."""
     metrics = metrics_for(m, BAD_IDS, 1000)
     far = encode(m.trained(1.0), m.nm, m.mask(BAD_IDS), m.table)  # RMS 1.0; others 0.1, 0.2
-    clipping = strategy_for(m)
-    clipping.clip_update_ratio = 2.0  # bound: 2 x median(0.1, 0.2) = 0.3
+    clipping = strategy_for(m, clip_update_ratio=2.0)  # bound: 2 x median(0.1, 0.2) = 0.3
     strategy, got, _ = run_round(m, lambda to: reply(to, far, metrics), clipping)
     assert not strategy.last_rejected and strategy.last_clip == {BAD_NODE: pytest.approx(0.3)}
     # the same as a reply whose parameters moved by 0.3, its running statistics as sent
@@ -586,17 +578,15 @@ def test_update_size_rules_by_hand(m: Model) -> None:
 def test_a_huge_num_examples_is_rejected(m: Model) -> None:
     """In simulation and deployment alike the server knows each partition's size."""
     arrays, metrics = bad_parts(m)
-    strategy = strategy_for(m)
-    strategy.max_update_ratio = None  # only the declared weight is wrong
-    strategy.max_examples = {BAD_NODE: 1000, 1: 10, 2: 20}
+    strategy = strategy_for(m, max_update_ratio=None)  # only the declared weight is wrong
+    strategy.set_server_inputs(max_examples={BAD_NODE: 1000, 1: 10, 2: 20})
     bad = metrics | {"num-examples": 10**9}
     _, got, _ = run_round(m, lambda to: reply(to, arrays, bad), strategy)
     assert_only_the_good_aggregated(
         m, strategy, got, "num-examples=1000000000, more than the 1000 examples"
     )
-    strategy = strategy_for(m)
-    strategy.max_update_ratio = None
-    strategy.max_examples = {BAD_NODE: 1000}
+    strategy = strategy_for(m, max_update_ratio=None)
+    strategy.set_server_inputs(max_examples={BAD_NODE: 1000})
     run_round(m, lambda to: reply(to, arrays, metrics), strategy)  # exactly its partition: fine
     assert BAD_NODE not in strategy.last_rejected
 
@@ -609,8 +599,7 @@ def test_whole_bias_and_bn_tensors_over_budget_are_rejected(m: Model) -> None:
          "trains 112 selectable parameters, more than its declared budget"),
         ([k for k in m.table if "running_" in k], "running statistic"),
     ):  # fmt: skip
-        strategy = strategy_for(m)
-        strategy.max_update_ratio = None
+        strategy = strategy_for(m, max_update_ratio=None)
 
         def bad(to: Message, whole=whole) -> Message:
             arrays = encode(m.trained(0.5), m.nm, m.mask([]), m.table)
@@ -642,9 +631,8 @@ def test_absurd_finite_values_are_rejected_even_alone(m: Model) -> None:
 def test_a_node_claiming_a_device_class_it_was_not_given_is_rejected(m: Model) -> None:
     """The operator's table says mcu; the node says phone and trains a phone's budget."""
     arrays, metrics = bad_parts(m)
-    strategy = strategy_for(m)
-    strategy.max_update_ratio = None
-    strategy.device_classes = {1: "pi-4", 2: "pi-4", BAD_NODE: "mcu"}
+    strategy = strategy_for(m, max_update_ratio=None)
+    strategy.set_server_inputs(device_classes={1: "pi-4", 2: "pi-4", BAD_NODE: "mcu"})
 
     def good_with_device(msgs: dict[int, Message]) -> list[Message]:
         return [
@@ -660,7 +648,7 @@ def test_a_node_claiming_a_device_class_it_was_not_given_is_rejected(m: Model) -
         "declares device 'phone', but the operator's table gives this node the device class 'mcu'",
     )  # fmt: skip
     missing = strategy_for(m)  # a reply that does not say which device it is
-    missing.device_classes = {BAD_NODE: "mcu"}
+    missing.set_server_inputs(device_classes={BAD_NODE: "mcu"})
     missing.aggregate_train(1, [reply(train_messages(missing, m)[BAD_NODE], arrays, metrics)])
     assert "declares device None" in missing.last_rejected[BAD_NODE]
 

@@ -39,7 +39,7 @@ from fedneq.training.submodel import (
     width_for_budget,
     write_back,
 )
-from strategies.base import trained_params
+from strategies.budget import trained_params
 from strategies.neuron_avg import NeuronAvg
 from strategies.registry import get_strategy
 from strategies.width_avg import FedRolex, HeteroFL, element_average

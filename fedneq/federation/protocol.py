@@ -8,21 +8,41 @@ of the arrays themselves lives in :mod:`fedneq.federation.wire`.
 from __future__ import annotations
 
 __all__ = [
+    "ARRAYS_RECORD",
     "ATTEMPT_KEY",
+    "BUDGET_KEY",
     "CONFIG_KEY",
+    "CONFIG_RECORD",
+    "DEVICE_KEY",
+    "EPOCHS_KEY",
     "FULL_BUDGET_KEY",
+    "INFO_RECORD",
+    "NUM_EXAMPLES_KEY",
+    "SERVER_ROUND_KEY",
     "STATE_DIR_KEY",
     "STATE_RUN_KEY",
     "WIDTH_KEY",
     "WIDTH_METHODS",
 ]
 
-# training config ("config" ConfigRecord of a train message), set by the server
+# records of a message (Flower's FedAvg names for the first two)
+ARRAYS_RECORD = "arrays"  # ArrayRecord: the packed global model, or a reply's upload
+CONFIG_RECORD = "config"  # ConfigRecord of a train message: the keys below
+INFO_RECORD = "info"  # ConfigRecord of a reply: what the node says about itself (DEVICE_KEY)
+
+# training config (CONFIG_RECORD of a train message), set by the server
+SERVER_ROUND_KEY = "server-round"  # the round, 1 first (Flower's FedAvg sets it too)
 CONFIG_KEY = "fedneq-config"  # the run's Config as JSON
 ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault injection)
 STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
 FULL_BUDGET_KEY = "full-budget"  # True: train every parameter, whatever the device's budget
 WIDTH_KEY = "width-method"  # a width strategy's sub-model rule, one of WIDTH_METHODS
+
+# a training reply: its metrics the server checks, and its INFO_RECORD
+NUM_EXAMPLES_KEY = "num-examples"  # the reply's weight (FedAvg's weighted_by_key)
+BUDGET_KEY = "budget-params"  # declared budget, selectable parameters per local epoch
+EPOCHS_KEY = "local-epochs"  # declared number of local epochs
+DEVICE_KEY = "device"  # in INFO_RECORD: the node's device class name
 
 # Context.state of a client node
 STATE_RUN_KEY = "velocity-run"  # the STATE_DIR_KEY the kept velocity belongs to
