@@ -27,7 +27,7 @@ def _example_code() -> str:
     return code
 
 
-def test_readme_strategy_example_loads_by_class_path_and_aggregates() -> None:
+def test_readme_strategy_example_loads_by_class_path_and_aggregates(strategy_registry) -> None:
     module = types.ModuleType("readme_strategies")
     exec(compile(_example_code(), "README.md", "exec"), module.__dict__)
     sys.modules["readme_strategies"] = module
@@ -64,6 +64,3 @@ def test_readme_strategy_example_loads_by_class_path_and_aggregates() -> None:
         assert torch.equal(new["0.weight"][0], state["0.weight"][0])
     finally:
         sys.modules.pop("readme_strategies", None)
-        from strategies import registry
-
-        registry._REGISTRY.pop("damped-neuron-avg", None)

@@ -1,9 +1,20 @@
-"""Server strategies: neuron-wise averaging, the FedAvg baseline, server momentum, registry."""
+"""Server strategies: neuron-wise averaging, the FedAvg baseline, server momentum, registry.
+
+``check_contract`` holds every registered strategy, built-in or a user's, to
+what the server relies on; the contract test runs it over ``list_strategies()``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import shutil
+import sys
 from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -11,11 +22,14 @@ from flwr.serverapp.strategy import FedAvg
 from helpers import LocalGrid, small_cnn
 from torch import nn
 
+import strategies
+from fedneq.federation.protocol import ARRAYS_RECORD, CONFIG_RECORD, SERVER_ROUND_KEY
 from fedneq.federation.wire import (
     SparseUpdate,
     decode,
     dense_arrays,
     encode,
+    encode_blocks,
     full_mask,
     pack_model,
     payload_nbytes,
@@ -24,10 +38,13 @@ from fedneq.federation.wire import (
     unpack_model,
 )
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
+from fedneq.training.submodel import Block
+from strategies import ServerInputs
 from strategies.base import SparseStrategy
 from strategies.fedavg import DenseFedAvg
 from strategies.neuron_avg import NeuronAvg, average_rows, neuron_average
 from strategies.registry import get_strategy, list_strategies, register_strategy
+from strategies.robust import screen_sizes
 from strategies.server_momentum import ServerMomentum
 from strategies.sparse_fedavg import sparse_fedavg
 
@@ -65,7 +82,7 @@ def train_messages(strategy: FedAvg, state: dict[str, torch.Tensor], n: int, con
     """Real train messages from ``strategy.configure_train`` to nodes 0..n-1."""
     grid = LocalGrid(range(n))
     # fedneq's strategies take the packed global model; Flower's FedAvg (the reference) a record per tensor
-    record = pack_model(state) if isinstance(strategy, SparseStrategy) else ArrayRecord(state)
+    record = ArrayRecord(state) if type(strategy) is FedAvg else pack_model(state)
     messages = strategy.configure_train(1, record, config or ConfigRecord(), grid)
     return sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
@@ -410,25 +427,191 @@ def test_server_momentum_rejects_bad_hyperparameters(beta: float, eta: float, me
         ServerMomentum(nm, table, beta=beta, eta=eta)
 
 
-# --- registry ------------------------------------------------------------------------
+# --- the contract every registered strategy keeps ------------------------------------
 
 
-def test_builtin_names() -> None:
-    assert {"neuron-avg", "fedavg", "server-momentum", "sparse-fedavg"} <= set(list_strategies())
+def reply_arrays(strategy: SparseStrategy, nm: NeuronMap, table: tuple[str, ...],
+                 state: dict[str, torch.Tensor], neurons: torch.Tensor) -> dict[str, np.ndarray]:
+    """``state``'s rows of ``neurons`` ((N,) bool) and the head, in ``strategy.reply_format``."""
+    mask = nm.train_mask(neurons)
+    if strategy.reply_format == "neurons":
+        return encode(state, nm, mask, table)
+    assert strategy.reply_format == "blocks", f"no contract reply in the {strategy.reply_format!r} format"
+    blocks = {}
+    for key, rows in nm.row_masks(mask, state).items():  # every input column of a sent row
+        t = state[key]
+        cols = torch.arange(t.shape[1]) if t.dim() > 1 else None
+        blocks[key] = Block(rows.nonzero().flatten(), cols, t[rows])
+    return encode_blocks(blocks, table, state)
 
 
-@pytest.mark.parametrize("name", ["neuron-avg", "fedavg", "server-momentum", "sparse-fedavg"])
-def test_every_builtin_returns_the_common_model_when_all_clients_agree(setup: Setup, name: str) -> None:
-    """Contract: identical full-budget replies on round 1 give exactly that model."""
-    strategy = get_strategy(name, **kwargs(setup))
-    assert isinstance(strategy, SparseStrategy)
-    target = setup.perturbed(81)
-    msgs = train_messages(strategy, setup.state, 2)
-    wire = encode(target, setup.nm, full_mask(setup.nm), setup.table)
-    arrays, _ = strategy.aggregate_train(1, [reply(m, to_array_record(wire), n, 0.0) for m, n in zip(msgs, (3, 9), strict=True)])
+def check_contract(get: Callable[..., FedAvg], name: str, setup: Setup) -> None:
+    """What every strategy ``get(name, ...)`` builds must do, whatever its rule.
+
+    It sends every sampled node the global model and its ``train_config``;
+    from replies that leave a neuron of every layer unsent, an error reply
+    among them, it returns every global key (same order, shape, dtype, finite
+    values) with the unsent neurons' rows and the entries outside the tensor
+    table unchanged; replies that change nothing give the global model back;
+    its ``state_dict`` loads into a new one; and one that declares
+    ``fedavg_at_full_budget`` equals Flower's FedAvg on full-budget replies.
+    """
+    nm, table, state = setup.nm, setup.table, setup.state
+
+    def build() -> FedAvg:
+        return get(name, **kwargs(setup))
+
+    strategy = build()
+    assert isinstance(strategy, FedAvg)
+    msgs = train_messages(strategy, state, 3)
+    assert [m.metadata.dst_node_id for m in msgs] == [0, 1, 2]
+    for m in msgs:
+        sent = unpack_model(m.content[ARRAYS_RECORD])
+        assert list(sent) == list(state) and all(torch.equal(sent[k], state[k]) for k in state)
+        config = dict(m.content[CONFIG_RECORD])
+        assert config[SERVER_ROUND_KEY] == 1 and config.items() >= strategy.train_config(1).items()
+
+    unsent = torch.zeros(nm.num_neurons, dtype=torch.bool)
+    unsent[[layer.offset for layer in nm.layers]] = True  # the first neuron of every layer
+    masks = [(setup.random_mask(s).neurons & ~unsent) for s in (101, 102)]
+    clients = [setup.perturbed(s) for s in (103, 104)]
+
+    def replies(strategy: FedAvg, msgs: list[Message], clients: list[dict]) -> list[Message]:
+        out = [
+            reply(m, to_array_record(reply_arrays(strategy, nm, table, c, k)), n, 1.0)
+            for m, c, k, n in zip(msgs, clients, masks, (3, 5), strict=False)
+        ]
+        return [*out, Message(Error(code=0, reason="client crashed"), reply_to=msgs[-1])]
+
+    arrays, metrics = strategy.aggregate_train(1, replies(strategy, msgs, clients))
+    assert strategy.last_rejected == {} and arrays is not None and metrics["loss"] == 1.0
+    summary = strategy.summaries[-1]
+    assert (summary.num_results, summary.num_failures, summary.num_examples) == (2, 1, 8.0)
     got = unpack_model(arrays)
-    for key in setup.table:
-        torch.testing.assert_close(got[key], target[key], rtol=0, atol=1e-6)
+    assert list(got) == list(state)
+    for key, value in state.items():
+        assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+        assert bool(torch.isfinite(got[key].float()).all()), key
+        if key not in table:  # e.g. num_batches_tracked
+            assert torch.equal(got[key], value), key
+    for layer in nm.layers:
+        for key in layer.tensors:
+            assert torch.equal(got[key][0], state[key][0]), f"{name} moved unsent row 0 of {key}"
+
+    twin = build()
+    twin.load_state_dict(strategy.state_dict())
+    assert twin.state_dict().keys() == strategy.state_dict().keys()
+
+    still = build()
+    unchanged, _ = still.aggregate_train(1, replies(still, train_messages(still, state, 3), [state, state]))
+    for key, value in unpack_model(unchanged).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=1e-6, msg=key)
+
+    if not strategy.fedavg_at_full_budget:
+        return
+    examples, losses = [10, 30, 60], [0.5, 1.0, 2.0]
+    clients = [setup.perturbed(s) for s in (105, 106, 107)]
+    flower = FedAvg(min_train_nodes=1, min_available_nodes=1)
+    ref_replies = [
+        reply(m, ArrayRecord({k: c[k] for k in table}), n, ls)
+        for m, c, n, ls in zip(train_messages(flower, state, 3), clients, examples, losses, strict=True)
+    ]
+    ref_arrays, ref_metrics = flower.aggregate_train(1, ref_replies)
+    full = build()
+    every = torch.ones(nm.num_neurons, dtype=torch.bool)
+    arrays, metrics = full.aggregate_train(1, [
+        reply(m, to_array_record(reply_arrays(full, nm, table, c, every)), n, ls)
+        for m, c, n, ls in zip(train_messages(full, state, 3), clients, examples, losses, strict=True)
+    ])  # fmt: skip
+    got, ref = unpack_model(arrays), ref_arrays.to_torch_state_dict()
+    for key in table:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=key)
+    assert dict(metrics) == pytest.approx(dict(ref_metrics))
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_every_registered_strategy_keeps_the_contract(setup: Setup, name: str) -> None:
+    check_contract(get_strategy, name, setup)
+
+
+BUILTINS = ("fedavg", "fedrolex", "fjord", "heterofl", "neuron-avg", "server-momentum", "sparse-fedavg")
+
+
+def test_the_builtins_are_registered() -> None:
+    assert set(list_strategies()) >= set(BUILTINS)
+
+
+NEW_BUILTIN = """
+from .base import SparseStrategy
+from .neuron_avg import neuron_average
+from .registry import register_strategy
+
+
+@register_strategy("test-one-file")
+class OneFile(SparseStrategy):
+    fedavg_at_full_budget = True
+
+    def aggregate(self, global_state, updates, weights):
+        return neuron_average(global_state, updates, weights)
+"""
+
+
+def test_a_new_builtin_is_one_file_the_contract_test_picks_up(setup: Setup, tmp_path, monkeypatch) -> None:
+    """A copy of the package plus one module: listed, built and held to the contract, no other edit."""
+    package = Path(strategies.__file__).parent
+    shutil.copytree(package, tmp_path / "strategies_copy", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "strategies_copy" / "one_file.py").write_text(NEW_BUILTIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        copy = importlib.import_module("strategies_copy")
+        assert set(copy.list_strategies()) >= {*BUILTINS, "test-one-file"}
+        assert "test-one-file" not in list_strategies()  # the package's own registry is untouched
+        check_contract(copy.get_strategy, "test-one-file", setup)
+    finally:
+        for module in [m for m in sys.modules if m.split(".")[0] == "strategies_copy"]:
+            del sys.modules[module]
+
+
+# --- what the server tells a strategy, and the rules it applies -----------------------
+
+
+def test_server_inputs_are_set_through_one_checked_interface(setup: Setup) -> None:
+    strategy = NeuronAvg(**kwargs(setup))
+    assert strategy.server_inputs == ServerInputs()  # nothing known: every such check is off
+    first = strategy.set_server_inputs(max_examples={1: 10}, free_tensors=["bn2.running_var"])
+    second = strategy.set_server_inputs(device_classes={1: "mcu"})
+    assert second.max_examples == {1: 10} and second.free_tensors == frozenset({"bn2.running_var"})
+    assert second.device_classes == {1: "mcu"} and first.device_classes == {}  # a new value each time
+    assert strategy.server_inputs is second
+    with pytest.raises(TypeError):
+        second.max_examples[2] = 1  # read-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        second.sample = None
+    with pytest.raises(ValueError, match=r"unknown inputs \['free_tensor'\]; known: \['budget_limits'"):
+        strategy.set_server_inputs(free_tensor=[])
+    for bad, message in (
+        ({"max_examples": {1: -1}}, "max_examples must map node ids .* got 1: -1"),
+        ({"budget_limits": {1: 5}}, "to BudgetLimit, got 1: 5"),
+        ({"device_classes": {"1": "mcu"}}, "got '1': 'mcu'"),
+        ({"free_tensors": "bn2.running_var"}, "set of tensor names"),
+        ({"sample": 3}, "None or a callable"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            strategy.set_server_inputs(**bad)
+    assert strategy.server_inputs is second  # a refused change changes nothing
+
+
+def test_screen_sizes_rejects_then_clips_against_the_kept_ones_by_hand() -> None:
+    # 100 > 10 x median(1, 1.2, 3) = 12: rejected. Then among 1, 1.2, 3 with clip ratio 2:
+    # 3 > 2 x median(1, 1.2) = 2.2 -> factor 2.2 / 3; 1 and 1.2 are within 2 x 2.1 and 2 x 2
+    screen = screen_sizes([1.0, 1.2, 100.0, 3.0], max_ratio=10.0, max_size=None, clip_ratio=2.0)
+    assert list(screen.rejected) == [2] and "max_update_ratio=10" in screen.rejected[2]
+    assert screen.factors == {3: pytest.approx(2.2 / 3)}
+    off = screen_sizes([1.0, 100.0], max_ratio=None, max_size=None, clip_ratio=None)
+    assert off.rejected == {} and off.factors == {}
+
+
+# --- registry ------------------------------------------------------------------------
 
 
 def test_get_strategy_types_and_errors(setup: Setup) -> None:
@@ -442,11 +625,13 @@ def test_get_strategy_types_and_errors(setup: Setup) -> None:
         get_strategy("neuron-avg", **kwargs(setup, beta=0.5))
 
 
-def test_register_custom_strategy(setup: Setup) -> None:
+def test_register_custom_strategy(setup: Setup, strategy_registry) -> None:
     @register_strategy("test-keep-global")
     class KeepGlobal(SparseStrategy):
         def aggregate(self, global_state, updates, weights):
             return global_state
+
+    check_contract(get_strategy, "test-keep-global", setup)  # a user's strategy keeps it too
 
     strategy = get_strategy("test-keep-global", **kwargs(setup))
     assert type(strategy) is KeepGlobal and "test-keep-global" in list_strategies()

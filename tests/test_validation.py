@@ -52,10 +52,10 @@ from sims.federation import budget_limits, run_federation, set_server_knowledge
 from sims.results import read_csv
 from strategies.base import SparseStrategy
 from strategies.budget import BudgetLimit, trained_params
-from strategies.metrics import aggregate_metrics
-from strategies.robust import clip_factors, oversized_updates, update_rms
 from strategies.fedavg import DenseFedAvg
+from strategies.metrics import aggregate_metrics
 from strategies.neuron_avg import NeuronAvg
+from strategies.robust import clip_factors, oversized_updates, update_rms
 
 GOOD_NODES, BAD_NODE = (1, 2), 3
 

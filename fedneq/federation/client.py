@@ -43,6 +43,7 @@ from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
 from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.protocol import BUDGET_KEY, NUM_EXAMPLES_KEY
 from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.state_store import (
     load_client_state,
@@ -313,7 +314,7 @@ def client_round(
         "memory-bound": int(any(bound)),  # the memory limit, not the budget, binds
         "state-bytes": int(state_bytes),
         "used-initializer": int(0 in initialized),
-        "budget-params": int(selector.budget),
+        BUDGET_KEY: int(selector.budget),
     }
     # simulated time on the device (fedneq.federation.timing): the cost model's FLOPs of every epoch's mask
     flops = round_flops(
@@ -342,4 +343,4 @@ def client_evaluate(
     if len(data.test) == 0:
         raise ValueError(f"client {partition_id} has no local test data ([data] test_fraction = 0)")
     loss, acc = evaluate(rt.model, data.test)
-    return {"num-examples": len(data.test), "loss": loss, "accuracy": acc}
+    return {NUM_EXAMPLES_KEY: len(data.test), "loss": loss, "accuracy": acc}

@@ -47,9 +47,14 @@ from fedneq.federation.client import (
 from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
 from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
 from fedneq.federation.protocol import (
+    ARRAYS_RECORD,
     ATTEMPT_KEY,
     CONFIG_KEY,
+    CONFIG_RECORD,
+    DEVICE_KEY,
     FULL_BUDGET_KEY,
+    INFO_RECORD,
+    SERVER_ROUND_KEY,
     STATE_DIR_KEY,
     STATE_RUN_KEY,
     WIDTH_KEY,
@@ -220,7 +225,7 @@ def device_state_dir(
 
 def _config(msg: Message) -> Config:
     try:
-        return _parse(str(msg.content["config"][CONFIG_KEY]))
+        return _parse(str(msg.content[CONFIG_RECORD][CONFIG_KEY]))
     except KeyError as err:
         raise ValueError(
             f"message carries no '{CONFIG_KEY}' in its config record: was it sent by the "
@@ -235,7 +240,7 @@ def query(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord({"partition-id": partition_id}),
-            "info": ConfigRecord({"device": device.name}),
+            INFO_RECORD: ConfigRecord({DEVICE_KEY: device.name}),
         }
     )
     return Message(content, reply_to=msg)
@@ -244,10 +249,10 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, partition_id, device = node_identity(context.node_config, _config(msg))
-    server_config = msg.content["config"]
-    server_round = int(server_config["server-round"])
+    server_config = msg.content[CONFIG_RECORD]
+    server_round = int(server_config[SERVER_ROUND_KEY])
     local = device_partition(context.node_config, config, partition_id)
-    global_state = unpack_model(msg.content["arrays"], model_layout(config, local))
+    global_state = unpack_model(msg.content[ARRAYS_RECORD], model_layout(config, local))
     state_dir = device_state_dir(context.node_config, server_config)
     named = str(server_config.get(STATE_DIR_KEY, ""))  # the run the kept velocity belongs to
     velocity_state = None
@@ -274,9 +279,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": to_array_record(reply.arrays),
+            ARRAYS_RECORD: to_array_record(reply.arrays),
             "metrics": MetricRecord(reply.metrics),
-            "info": ConfigRecord({"device": reply.device}),
+            INFO_RECORD: ConfigRecord({DEVICE_KEY: reply.device}),
         }
     )
     if state_dir is None:  # no store: Context.state keeps it (it travels with every message)
@@ -292,6 +297,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on the client's local test split."""
     config, partition_id, _ = node_identity(context.node_config, _config(msg))
     local = device_partition(context.node_config, config, partition_id)
-    global_state = unpack_model(msg.content["arrays"], model_layout(config, local))
+    global_state = unpack_model(msg.content[ARRAYS_RECORD], model_layout(config, local))
     metrics = client_evaluate(config, partition_id, global_state, local)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

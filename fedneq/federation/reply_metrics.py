@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedneq.federation.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY
 from fedneq.federation.wire import payload_nbytes
 from fedneq.training.loop import TrainResult
 
@@ -29,7 +30,7 @@ def training_metrics(
     costs = [e.cost for e in result.epochs if e.cost is not None]
     measured = [e.measured.peak_bytes for e in result.epochs if e.measured is not None]
     return {
-        "num-examples": int(num_examples),
+        NUM_EXAMPLES_KEY: int(num_examples),
         "partition-id": int(partition_id),
         "train-loss": float(result.loss),
         "smallest-batch": int(result.smallest_batch),
@@ -39,5 +40,5 @@ def training_metrics(
         "upload-bytes": payload_nbytes(arrays),
         "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
         "memory-measured-bytes": int(max(measured)),
-        "local-epochs": int(local_epochs),
+        EPOCHS_KEY: int(local_epochs),
     }

@@ -45,7 +45,7 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile, mask_cost, profile_model
 from fedneq.federation.devices import DeviceProfile
-from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.federation.protocol import BUDGET_KEY, WIDTH_METHODS
 from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask
@@ -244,7 +244,7 @@ def width_round(
         "flops-saved": 1.0 - max(c.total_flops for c in costs) / full_cost.total_flops,
         "state-bytes": 0,
         "used-initializer": 0,
-        "budget-params": int(budget),
+        BUDGET_KEY: int(budget),
         "memory-limit-bytes": int(limit or 0),  # 0: no limit
         "memory-bound": int(memory_bound),
         "width": float(plan.width),
