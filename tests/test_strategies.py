@@ -23,7 +23,7 @@ from helpers import LocalGrid, small_cnn
 from torch import nn
 
 import strategies
-from fedneq.federation.protocol import ARRAYS_RECORD, CONFIG_RECORD, SERVER_ROUND_KEY
+from fedneq.federation.protocol import ARRAYS_RECORD, CONFIG_RECORD, SERVER_ROUND_KEY, WIDTH_METHODS
 from fedneq.federation.wire import (
     SparseUpdate,
     decode,
@@ -47,6 +47,7 @@ from strategies.registry import get_strategy, list_strategies, register_strategy
 from strategies.robust import screen_sizes
 from strategies.server_momentum import ServerMomentum
 from strategies.sparse_fedavg import sparse_fedavg
+from strategies.width_avg import FedRolex, FjORD, HeteroFL
 
 # --- fixtures ------------------------------------------------------------------
 
@@ -539,6 +540,9 @@ BUILTINS = ("fedavg", "fedrolex", "fjord", "heterofl", "neuron-avg", "server-mom
 
 def test_the_builtins_are_registered() -> None:
     assert set(list_strategies()) >= set(BUILTINS)
+    # the width strategies ask for exactly the methods a client can run
+    width = {cls.method for cls in (HeteroFL, FjORD, FedRolex)}
+    assert width == set(WIDTH_METHODS) and width <= set(BUILTINS)
 
 
 NEW_BUILTIN = """
