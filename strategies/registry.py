@@ -11,6 +11,8 @@ and select it as ``"my-rule"`` once its module is imported, or from a config
 as ``"my_module:my-rule"`` / ``"my_module:MyRule"`` (the module is imported).
 A built-in is one module of the ``strategies`` package: the package imports
 every module it holds (:func:`import_strategies`), which runs their decorators.
+A ``"module:Class"`` naming a Flower strategy (``"flwr.serverapp.strategy:FedAdam"``)
+runs behind :mod:`strategies.flower_adapter`, its constructor's options as options.
 A strategy's *options* are the keyword arguments of its own constructor(s),
 not :class:`SparseStrategy`'s plumbing (``neuron_map``, ``table``, ...):
 :func:`check_strategy` checks a config's name and options without building
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 from fedneq.config import did_you_mean
 
 from .base import SparseStrategy
+from .flower_adapter import flower_strategy, is_flower_strategy
 
 __all__ = [
     "check_strategy", "get_strategy", "import_strategies", "list_strategies", "register_strategy",
@@ -107,8 +110,16 @@ def _resolve(name: str) -> type[SparseStrategy]:
     cls = getattr(module, attr, None)
     if cls is None:
         raise ValueError(f"cannot load strategy {name!r}: module {module_name!r} has no {attr!r}")
+    if is_flower_strategy(cls):  # Flower's own (Message API): aggregates densified replies
+        try:
+            return flower_strategy(cls)
+        except ValueError as err:
+            raise ValueError(f"strategy {name!r}: {err}") from None
     if not (inspect.isclass(cls) and issubclass(cls, SparseStrategy)) or inspect.isabstract(cls):
-        raise ValueError(f"strategy {name!r} is not a concrete SparseStrategy subclass")
+        raise ValueError(
+            f"strategy {name!r} is neither a concrete SparseStrategy subclass nor a Flower "
+            f"strategy (a flwr.serverapp.strategy.Strategy subclass), got {cls!r}"
+        )
     return cls
 
 
