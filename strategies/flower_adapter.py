@@ -263,12 +263,10 @@ class FlowerStrategy(SparseStrategy):
     flower : flwr.serverapp.strategy.Strategy, or a Strategy class
         The wrapped strategy. A class is built here with ``options`` and, where
         its constructor takes them, fedneq's ``weighted_by_key``, record keys and
-        metric averaging, and sampling arguments under which its
-        ``configure_train`` lists every replying node (``fraction_train=1.0``,
-        ``min_train_nodes=0``, ``min_available_nodes=0``). A strategy already
-        built is used as it is (a FedAvg-style one built with fewer than
-        ``min_available_nodes`` replying would wait for nodes in its
-        ``configure_train``).
+        metric averaging. Either way its sampling attributes, where it has them,
+        are set so that its ``configure_train`` lists every replying node
+        without waiting for more (``fraction_train=1.0``, ``min_train_nodes=0``,
+        ``min_available_nodes=0``): fedneq samples.
     options : dict (default: none)
         Keyword arguments for the ``flower`` class, checked against its
         constructor (names, and the type of each default).
@@ -308,6 +306,9 @@ class FlowerStrategy(SparseStrategy):
         super().__init__(neuron_map, table, **kwargs)
         if inspect.isclass(flower):
             flower = self._build(flower, options)
+        for name, value in _SAMPLING.items():
+            if hasattr(flower, name):
+                setattr(flower, name, value)
         self.flower = flower
         self._initial = {
             k: copy.deepcopy(v) for k, v in vars(flower).items() if v is None or _state_kind(v)
@@ -324,7 +325,6 @@ class FlowerStrategy(SparseStrategy):
         for name, value in options.items():
             _check_option(cls, name, value, params[name].default)
         plumbing = {n: getattr(self, n) for n in _SHARED if n in params}
-        plumbing |= {n: v for n, v in _SAMPLING.items() if n in params}
         try:
             return cls(**plumbing, **options)
         except (TypeError, ValueError) as err:

@@ -115,6 +115,11 @@ def test_fedmedian_is_the_median_of_densified_replies_and_leans_to_unchanged() -
     # row 2 only u2 sent: median(2, 5, 2) = 2 = global; bias: one sender per element = global
     assert torch.equal(out["0.weight"], torch.tensor([[0.0, 2.0], [3.0, 4.0], [2.0, 2.0]]))
     assert torch.equal(out["0.bias"], GLOBAL["0.bias"])
+    # a strategy built beforehand (min_available_nodes=5 > 3 replies) gives the same, unblocked
+    named = linear_strategy("FedMedian")
+    built = FlowerStrategy(named.neuron_map, named.table, flower=FedMedian(min_available_nodes=5))
+    again = built.aggregate(dict(GLOBAL), three_updates(), WEIGHTS)
+    assert all(torch.equal(again[k], out[k]) for k in GLOBAL)
 
 
 @identity
