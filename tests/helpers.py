@@ -10,6 +10,10 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from torch import nn
 
+from fedneq.federation.wire import tensor_table
+from fedneq.models import get_model
+from fedneq.neurons import NeuronMap, enumerate_neurons
+
 
 def small_cnn(seed: int = 0) -> nn.Sequential:
     """Conv->BN->ReLU->Conv->BN->pool->Linear with seeded random params and BN statistics."""
@@ -144,3 +148,34 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
     other = b.state_dict()
     for key, value in a.state_dict().items():
         assert torch.equal(value, other[key]), key
+
+
+# --- width sub-models (HeteroFL, FjORD, FedRolex) ------------------------------------
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights and BatchNorm statistics (so a dropped channel would show), eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if not torch.is_floating_point(t):
+                continue
+            if key.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(0.3 * torch.randn(t.shape, generator=g))
+    return model.eval()
+
+
+WIDTH_MODELS = {
+    "small-cnn": lambda: get_model("small-cnn", num_classes=5, in_channels=1),
+    "mobilenet_v2": lambda: get_model("mobilenet_v2", num_classes=5, in_channels=3, width_mult=0.35),
+}
+WIDTH_SHAPES = {"small-cnn": (1, 8, 8), "mobilenet_v2": (3, 32, 32)}
+
+
+def width_cnn() -> tuple[nn.Module, NeuronMap, dict[str, torch.Tensor], tuple[str, ...]]:
+    """A randomized 5-class small CNN, its neuron map (head always trained, no statistics), state, table."""
+    model = randomized(WIDTH_MODELS["small-cnn"]())
+    state = model.state_dict()
+    return model, enumerate_neurons(model, always_trained=("head",), statistics=False), state, tensor_table(state)

@@ -91,3 +91,14 @@ def test_legends_name_the_method_and_its_budget() -> None:
     homogeneous = base.replace(fleet={"preset": "homogeneous", "budget": 0.05})
     assert label("random@sparse-fedavg", homogeneous) == "random@sparse-fedavg, budget 5%"
     assert label("fedavg", base) == "fedavg (full budget)"
+
+
+def test_compare_names_the_width_methods() -> None:
+    from sims.cli import load_cli_config
+    from sims.compare import method_config
+
+    config = load_cli_config("default", [])
+    for method in ("heterofl", "fjord", "fedrolex"):
+        assert method_config(config, method).strategy.name == method
+    with pytest.raises(ValueError, match="'heterofl'"):
+        method_config(config, "heterofl2")

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from helpers import small_cnn
+from helpers import small_cnn, width_cnn
 from torch import nn
 
 from fedneq.federation.wire import (
@@ -21,6 +21,7 @@ from fedneq.federation.wire import (
     decode,
     dense_arrays,
     encode,
+    encode_blocks,
     from_array_record,
     full_mask,
     model_nbytes,
@@ -29,9 +30,18 @@ from fedneq.federation.wire import (
     tensor_table,
     to_array_record,
     unpack_model,
+    wire_format,
 )
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
+from fedneq.training.submodel import (
+    Block,
+    extract_submodel,
+    plan_channels,
+    submodel_blocks,
+    write_back,
+)
+from strategies.budget import trained_params
 
 CONV1_ROW = 3 * 3 * 3 + 1 + 4  # weight row, bias, BN weight/bias/running_mean/running_var
 CONV2_ROW = 8 * 3 * 3 + 0 + 4  # conv2 has no bias
@@ -404,3 +414,68 @@ def test_a_per_tensor_record_is_not_a_packed_model() -> None:
 def test_pack_rejects_a_dtype_numpy_cannot_hold() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         pack_model({"w": torch.zeros(2, dtype=torch.bfloat16)})
+
+
+# --- element blocks (width sub-models) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return width_cnn()
+
+
+def test_block_wire_round_trip(cnn) -> None:
+    model, nm, state, table = cnn
+    plan = plan_channels(model, 0.5, 7)
+    sub = extract_submodel(model, plan)
+    keys = [k for k, _ in sub.named_parameters()]
+    blocks = submodel_blocks(sub.state_dict(), plan, keys)
+    arrays = encode_blocks(blocks, table, state)
+    assert wire_format(arrays) == "blocks"
+    update = decode(arrays, nm, table, state)
+    expected = write_back(state, blocks)
+    assert set(update.values) == set(keys)
+    for key in keys:
+        assert torch.equal(update.values[key], expected[key])
+        assert int(update.elements[key].sum()) == sub.state_dict()[key].numel()
+        assert torch.equal(update.rows[key], update.elements[key].flatten(1).any(1) if state[key].dim() > 1 else update.elements[key])
+    # the budget counts the neuron layers' elements sent; the head is outside it
+    selectable = sum(sub.state_dict()[k].numel() for k in keys if not k.startswith("head."))
+    assert trained_params(arrays, nm, table, state) == selectable
+    # the bytes sent: every value, every row and column index, 3 ints per tensor (id, counts)
+    values = sum(sub.state_dict()[k].numel() for k in keys)
+    indices = sum(len(b.rows) + (0 if b.cols is None else len(b.cols)) + 3 for b in blocks.values())
+    assert sum(a.nbytes for a in arrays.values()) == 4 * (values + indices)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update(block_rows=a["block_rows"][::-1].copy()), "strictly ascending"),
+        (lambda a: a.update(block_cols=a["block_cols"] + 100), "allowed range"),
+        (lambda a: a.update(block_values=a["block_values"][:-1].copy()), "values, expected"),
+        (lambda a: a["block_values"].__setitem__(0, np.nan), "non-finite"),
+        (lambda a: a.update(block_tensors=a["block_tensors"].astype(np.int64)), "dtype int32"),
+        (lambda a: a.update(block_row_counts=a["block_row_counts"][:-1].copy()), "entries for"),
+        (lambda a: a.pop("block_cols"), "reply keys must be exactly"),
+    ],
+)
+def test_block_wire_validation(cnn, change, message) -> None:
+    model, nm, state, table = cnn
+    plan = plan_channels(model, 0.5)
+    blocks = submodel_blocks(extract_submodel(model, plan).state_dict(), plan, ["features.0.0.weight", "features.0.1.bias"])
+    arrays = encode_blocks(blocks, table, state)
+    change(arrays)
+    with pytest.raises(WireFormatError, match=message):
+        decode(arrays, nm, table, state)
+
+
+def test_block_wire_refuses_columns_on_a_vector(cnn) -> None:
+    _, nm, state, table = cnn
+    arrays = encode_blocks(
+        {"features.0.1.bias": Block(torch.tensor([0, 2]), None, torch.tensor([1.0, 2.0]))}, table, state
+    )
+    arrays["block_col_counts"] = np.array([1], dtype=np.int32)
+    arrays["block_cols"] = np.array([0], dtype=np.int32)
+    with pytest.raises(WireFormatError, match="takes no columns"):
+        decode(arrays, nm, table, state)
