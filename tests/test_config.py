@@ -175,3 +175,28 @@ def test_bad_run_config_names_the_key(run_config: dict, message: str) -> None:
     with pytest.raises((ValueError, FileNotFoundError)) as info:
         parse_run_config(run_config)
     assert message in str(info.value), str(info.value)
+
+
+def test_csv_fleet_config_errors(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text("budget\n0.1\n0.2\n")
+    with pytest.raises(ValueError, match=r"num_clients \(20\) should equal the 2 devices"):
+        Config.from_dict({"fleet": {"preset": "csv", "csv": str(path)}})
+    with pytest.raises(ValueError, match="preset 'csv' needs `csv`"):
+        Config.from_dict({"fleet": {"preset": "csv"}})
+    with pytest.raises(ValueError, match="only used with preset 'csv'"):
+        Config.from_dict({"fleet": {"csv": str(path)}})
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        Config.from_dict({"fleet": {"preset": "csv", "csv": str(tmp_path / "nowhere.csv")}})
+
+
+def test_time_config_errors() -> None:
+    with pytest.raises(ValueError, match=r"\[run\] round_deadline_s .* got -1"):
+        Config.from_dict({"run": {"round_deadline_s": -1}})
+    with pytest.raises(ValueError, match=r"\[fleet\] reference_gflops .* got 0"):
+        Config.from_dict({"fleet": {"reference_gflops": 0}})
+    with pytest.raises(ValueError, match="availability"):
+        Config.from_dict(
+            {"fleet": {"preset": "custom", "classes": [{"name": "a", "share": 1, "budget": 0.1,
+                                                        "availability": 0}]}}
+        )  # fmt: skip

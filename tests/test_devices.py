@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+from fedneq.config import Config, load_config
 from fedneq.federation.devices import (
     DeviceProfile,
     Fleet,
     default_fleet,
     homogeneous_fleet,
     profile_from_node_config,
+    read_fleet_csv,
 )
+from fedneq.federation.timing import REFERENCE_GFLOPS
 
 # --- DeviceProfile ---------------------------------------------------------
 
@@ -245,3 +251,120 @@ def test_node_config_missing_keys_error_names_them():
         ValueError, match=r"'device'.*'budget'.*missing \['partition-id', 'num-partitions'\]"
     ):
         profile_from_node_config({}, None, seed=0)
+
+
+# --- time fields and the default figures ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("download_mbps", 0.0),
+        ("upload_mbps", -1.0),
+        ("upload_mbps", float("nan")),
+        ("availability", 0.0),
+        ("availability", 1.5),
+        ("availability", "0.5"),
+    ],
+)
+def test_bad_time_fields_raise_naming_field_and_value(field, value) -> None:
+    with pytest.raises(ValueError, match=field) as info:
+        DeviceProfile("d", budget=0.1, **{field: value})
+    assert repr(value) in str(info.value)
+
+
+def test_default_classes_are_ordered_by_compute_and_in_real_orders_of_magnitude() -> None:
+    by = {p.name: p for p, _ in default_fleet().classes}
+    gflops = {n: REFERENCE_GFLOPS * p.speed for n, p in by.items()}
+    assert gflops["mcu"] < gflops["pi-zero"] < gflops["pi-4"] < gflops["phone"]
+    assert 0.05 <= gflops["mcu"] <= 0.5  # a Cortex-M7: well under a GFLOP/s
+    assert 1 <= gflops["pi-4"] <= 20 and 10 <= gflops["phone"] <= 200
+    assert by["mcu"].upload_mbps < 1 < by["pi-zero"].upload_mbps < by["pi-4"].upload_mbps
+    assert by["phone"].upload_mbps < by["phone"].download_mbps  # cellular is asymmetric
+
+
+# --- fleets from a CSV and listed fleets ---------------------------------------------
+
+
+CSV = """name,budget,speed,download_mbps,upload_mbps,memory_limit_bytes,availability
+watch,0.01,0.05,2,1,300000,0.5
+phone,0.2,3.5,45,12,,0.8
+phone,0.2,1.5,20,5,2000000,
+pi,5000,1,100,100,,1
+"""
+
+
+def test_a_csv_fleet_assigns_each_device_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.csv"
+    path.write_text(CSV)
+    fleet = read_fleet_csv(path)
+    assert fleet.is_listed and fleet.names == ("watch", "phone", "pi")
+    assert [share for _, share in fleet.classes] == [0.25, 0.5, 0.25]
+    devices = fleet.assign(4, seed=123)
+    assert devices == fleet.assign(4, seed=0)  # rows, not a seeded placement
+    assert devices[0] == DeviceProfile(
+        "watch", budget=0.01, speed=0.05, download_mbps=2.0, upload_mbps=1.0,
+        memory_limit_bytes=300_000, availability=0.5,
+    )  # fmt: skip
+    assert (devices[1].speed, devices[1].memory_limit_bytes, devices[1].availability) == (
+        3.5,
+        None,
+        0.8,
+    )
+    assert (devices[2].speed, devices[2].upload_mbps, devices[2].availability) == (1.5, 5.0, 1.0)
+    assert devices[3].budget == 5000 and devices[3].name == "pi"
+    with pytest.raises(ValueError, match="num_clients must equal the 4 devices"):
+        fleet.assign(5, seed=0)
+
+    # through the config: a relative path is the TOML file's neighbour; the rows travel in JSON
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[run]\nnum_clients = 4\nclients_per_round = 2\n[fleet]\npreset = "csv"\ncsv = "fleet.csv"\n'
+    )
+    config = load_config(toml)
+    assert [config.device(p) for p in range(4)] == list(devices)
+    again = Config.from_json(config.to_json())
+    assert again == config and [again.device(p) for p in range(4)] == list(devices)
+    assert config.replace(fleet={"preset": "default"}).fleet.fleet() == default_fleet()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("budget,cpu\n0.1,3\n", r"unknown columns \['cpu'\]; known columns"),
+        ("budget,speed\n0.1,fast\n", r"line 2, column 'speed': must be a number, got 'fast'"),
+        ("budget,batch_size\n0.1,2.5\n", r"column 'batch_size': must be an int"),
+        ("budget,speed\n0.1,-1\n", r"line 2: speed must be a finite number > 0"),
+        ("speed\n1\n", "no 'budget' column and no default budget"),
+        ("budget\n", "no device rows"),
+        ("name,budget\na,0.1\na,0.2\n", r"devices 0 and 1 are both named 'a' but differ in budget"),
+        ("budget,speed\n0.1,1,7\n", "more cells than the 2 columns"),
+    ],
+)
+def test_bad_csv_fleets_raise_naming_what_is_wrong(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_fleet_csv(path)
+
+
+def test_listed_fleet_keeps_devices_through_overrides() -> None:
+    devices = [DeviceProfile("a", budget=0.1, speed=s) for s in (0.5, 1.0, 2.0)]
+    fleet = Fleet.listed(devices).replace_all(batch_size=4)
+    assert [d.speed for d in fleet.devices] == [0.5, 1.0, 2.0]
+    assert {d.batch_size for d in fleet.devices} == {4}
+    assert fleet.by_name("a") == dataclasses.replace(devices[0], batch_size=4)
+    assert math.isclose(fleet.classes[0][1], 1.0)
+
+
+def test_a_real_node_declares_its_bandwidth_and_availability() -> None:
+    from fedneq.federation.devices import profile_from_node_config
+
+    node = {"budget": "0.05", "speed": "0.3", "download-mbps": "12.5", "upload-mbps": "2",
+            "availability": "0.75"}  # fmt: skip
+    profile = profile_from_node_config(node, None, seed=0)
+    assert (profile.speed, profile.download_mbps, profile.upload_mbps, profile.availability) == (
+        0.3, 12.5, 2.0, 0.75,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="upload_mbps"):
+        profile_from_node_config({"budget": 0.1, "upload-mbps": "0"}, None, seed=0)
