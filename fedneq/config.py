@@ -216,7 +216,7 @@ class TrainConfig:
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
     # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
     # "selected": statistics train and travel with their neuron; "all": every BatchNorm
-    # updates and uploads its running statistics (README, "Federated fine-tuning that learns")
+    # updates and uploads its running statistics (docs/TUNING.md)
     bn_stats: str = "frozen"
     # "balanced-softmax" (default): the client's log label counts added to its logits;
     # "cross-entropy": plain
