@@ -57,6 +57,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "assignment,needles",
     [
@@ -74,6 +75,7 @@ def test_a_misspelled_name_fails_fast_in_one_line(
     assert not (tmp_path / "results").exists()  # nothing started, nothing written
 
 
+@pytest.mark.slow
 def test_a_misspelled_strategy_option_names_only_real_options(tmp_path: Path, fast: float) -> None:
     config = tmp_path / "mine.toml"
     config.write_text('extends = "default"\n[strategy]\nname = "server-momentum"\noptions = { betta = 0.5 }\n')
@@ -85,6 +87,7 @@ def test_a_misspelled_strategy_option_names_only_real_options(tmp_path: Path, fa
     assert seconds < fast, f"took {seconds:.1f} s"
 
 
+@pytest.mark.slow
 def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     config = tmp_path / "broken.toml"
     config.write_text("[run\nrounds = 3\n")
@@ -94,6 +97,7 @@ def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows it
 
 
+@pytest.mark.slow
 def test_existing_results_are_never_overwritten(tmp_path: Path) -> None:
     for command in ("sims.run", "sims.single_device"):
         out = tmp_path / "earlier"
@@ -121,6 +125,7 @@ batch_size = 64
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_a_checkpoint_and_a_resume_hint(tmp_path: Path) -> None:
     """One real run: --set reaches config.json, the console is quiet, Ctrl-C (to the whole
     process group, as a terminal sends it) exits within 10 s; its --resume refuses other
@@ -191,6 +196,7 @@ def test_flwr_run_config_keys_set_the_common_fields() -> None:
         config_from_run_config(base | {"round": 3})
 
 
+@pytest.mark.slow
 def test_a_benchmark_writes_its_table_to_csv(tmp_path: Path) -> None:
     done, _ = fedneq(
         "sims.benchmarks.grad_filter", "--quick", "--csv", str(tmp_path / "gf.csv"), cwd=tmp_path
@@ -203,6 +209,7 @@ def test_a_benchmark_writes_its_table_to_csv(tmp_path: Path) -> None:
     assert all(float(r.split(",")[2]) > 0 for r in rows[1:])
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_after_starting_exits_non_zero_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "boom_strategy.py").write_text(
         "from strategies.neuron_avg import NeuronAvg\n\n\n"
@@ -220,6 +227,7 @@ def test_a_run_that_fails_after_starting_exits_non_zero_in_one_line(tmp_path: Pa
     assert "Traceback" not in done.stdout
 
 
+@pytest.mark.slow
 def test_a_bad_flag_value_is_one_line_too(tmp_path: Path) -> None:
     done, _ = fedneq("sims.run", "default", "--rounds", "0", cwd=tmp_path)
     assert_one_line_error(done, "--rounds", "should be an integer >= 1, got 0")

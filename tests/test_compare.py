@@ -58,6 +58,7 @@ def test_summarize_reports_simulated_time_to_95pct_of_best() -> None:
     assert math.isnan(older["time_to_95pct_best_s"])  # results from before the time model
 
 
+@pytest.mark.slow
 def test_compare_methods_in_one_engine_and_skip_completed_runs(tmp_path: Path, capsys) -> None:
     config = tiny_config(  # 2 local epochs: a client has a velocity after one round
         tmp_path, run={"num_clients": 4, "clients_per_round": 2, "rounds": 1},

@@ -109,7 +109,10 @@ def test_registry_names() -> None:
     assert list_datasets() == ["digits", "fashion-mnist", "mnist1d", "cifar10", "cifar100"]
 
 
-@pytest.mark.parametrize("name", list(OFFLINE))
+# generating mnist1d takes seconds: with the slow tests
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "mnist1d" else n for n in OFFLINE]
+)
 def test_offline_entries_load(name: str) -> None:
     n_train, n_test, shape, k = OFFLINE[name]
     s = get_dataset(name)
@@ -212,6 +215,7 @@ def test_fashion_mnist_bad_idx(tmp_path: Path) -> None:
         get_dataset("fashion-mnist", root=tmp_path)
 
 
+@pytest.mark.slow
 def test_mnist1d_matches_make_dataset_and_keeps_global_rng() -> None:
     from mnist1d.data import get_dataset_args, make_dataset
 

@@ -35,6 +35,8 @@ from sims.deploy import TlsFiles, make_certificates
 from sims.results import read_csv
 from sims.server_app import config_path
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONNECTION = "loopback"

@@ -25,6 +25,8 @@ from fedneq.federation.device_data import read_partition_file
 from fedneq.task import client_data
 from sims.server_app import config_path
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = config_path("deploy-test")
 DEVICE_LESS = {"ray", "torchvision", "datasets", "pyarrow", "pandas", "sklearn", "matplotlib"}

@@ -26,7 +26,7 @@ from fedneq.federation.client_app import app
 from sims.federation import DeviceTable, run_federation
 from sims.results import read_csv
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 
 
 class SuperLinkLikeGrid(LocalGrid):

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedneq.federation.client_app import NO_DYNAMO_ENV
 from sims.run import _actors_skip_dynamo
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 

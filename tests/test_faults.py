@@ -62,6 +62,7 @@ def expected_rounds(config: Config) -> list[tuple[int, dict[int, str], int]]:
     return out
 
 
+@pytest.mark.slow
 def test_failed_clients_per_round_are_the_seeded_draws_and_the_run_completes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,6 +20,7 @@ TINY = paper.Plan(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
     out = tmp_path / "frontier"
     methods = {"single": ["velocity-region", "random", "static:SU-1"], "fleet": ["velocity-per-byte", "heterofl"]}

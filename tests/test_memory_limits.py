@@ -89,6 +89,7 @@ def _limit(meter: MemoryMeter, share: float) -> int:
     return resolve_memory_limit(meter, fraction=share)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward", ["sparse", "masked"])
 @pytest.mark.parametrize("fixture", ["small", "mobilenet"])
 def test_measured_peak_within_ten_percent_of_the_estimate(fixture, backward, request) -> None:

@@ -368,6 +368,7 @@ def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     assert write_report(None, tmp_path / "docs").read_text().count(mine) == 1
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_resumes_and_reproduces(tmp_path: Path, capsys) -> None:
     plan = Plan(
         name="tiny", seeds=(0,), tiers=("SU-1",), settings=("single", "homogeneous"), epochs=1,

@@ -90,6 +90,7 @@ print(json.dumps({"anon_mib": (anon_kib() - before) / 1024, "file": str(task.tra
 """
 
 
+@pytest.mark.slow
 def test_a_process_serving_every_client_adds_no_copy_of_the_dataset() -> None:
     """A fresh process (as a Ray worker) loads the task and serves every client in turn.
 

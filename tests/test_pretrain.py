@@ -176,6 +176,7 @@ def test_cli_in_process(tmp_path: Path, capsys) -> None:
     assert (meta["epochs"], meta["train_samples"], meta["test_samples"]) == (2, 200, 60)
 
 
+@pytest.mark.slow
 def test_cli_module_entry_point(tmp_path: Path) -> None:
     out = tmp_path / "m"
     args = ["--model", "small-cnn", "--dataset", "digits", "--epochs", "1", "--out", str(out)]

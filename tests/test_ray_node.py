@@ -14,6 +14,8 @@ from sims.benchmarks.scale import TreeMemory, cmdline
 from sims.ray_node import UNUSED_DAEMONS, without_unused_daemons
 from sims.run import simulate
 
+pytestmark = pytest.mark.slow
+
 
 class ProcessLog:
     """Every command line in this process's tree, sampled until the block ends."""

@@ -47,6 +47,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Pat
     return config, root / "uninterrupted"
 
 
+@pytest.mark.slow
 def test_the_same_config_and_seed_give_identical_results(
     uninterrupted: tuple[Config, Path],
 ) -> None:
@@ -64,6 +65,7 @@ def test_the_same_config_and_seed_give_identical_results(
         ).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_round_1_equals_the_uninterrupted_run(
     uninterrupted: tuple[Config, Path],
 ) -> None:

@@ -26,7 +26,7 @@ from fedneq.federation.client_app import app
 from fedneq.federation.wire import to_array_record
 from sims.federation import RunFailed, run_federation
 
-pytestmark = pytest.mark.usefixtures("task_identity")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 REPO = Path(__file__).resolve().parents[1]
 
 

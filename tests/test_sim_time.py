@@ -88,6 +88,7 @@ def _expected_seconds(config: Config, pid: int) -> dict[str, float]:
     return parts | {"time_s": sum(parts.values()), "flops": flops, "up": up}
 
 
+@pytest.mark.slow
 def test_hand_computed_round_time_of_a_two_client_fleet(tmp_path: Path) -> None:
     config = _two_class_config(tmp_path)
     assert {config.device(p).name for p in (0, 1)} == {"slow", "fast"}
@@ -109,6 +110,7 @@ def test_hand_computed_round_time_of_a_two_client_fleet(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "accuracy_vs_time.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_deadline_drops_exactly_the_clients_that_would_miss_it(tmp_path: Path) -> None:
     # four devices, four speeds: the deadline falls between the 2nd and 3rd fastest
     speeds = [0.02, 0.5, 0.1, 3.0]
@@ -146,6 +148,7 @@ def test_a_deadline_drops_exactly_the_clients_that_would_miss_it(tmp_path: Path)
     assert float(free_rounds[0]["round_time_s"]) == pytest.approx(max(times.values()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_deadline_every_reply_misses_skips_the_round(tmp_path: Path) -> None:
     config = _two_class_config(tmp_path, round_deadline_s=1e-6)
     with pytest.raises(RunFailed, match="no round of 2 was committed"):  # recorded, then raised
@@ -156,6 +159,7 @@ def test_a_deadline_every_reply_misses_skips_the_round(tmp_path: Path) -> None:
     assert rounds[0]["accuracy"] == rounds[1]["accuracy"]  # the model never changed
 
 
+@pytest.mark.slow
 def test_speed_changes_the_recorded_time_and_nothing_else(tmp_path: Path) -> None:
     config = _two_class_config(tmp_path)
     classes = [dict(c) for c in config.fleet.classes]
@@ -217,6 +221,7 @@ def test_fewer_reachable_than_clients_per_round_samples_all_of_them(tmp_path: Pa
         assert sample_partitions(config, rnd) == reachable_partitions(config, rnd)
 
 
+@pytest.mark.slow
 def test_a_csv_fleet_run_prices_every_device_with_its_own_row(tmp_path: Path) -> None:
     path = tmp_path / "fleet.csv"
     path.write_text("download_mbps,upload_mbps,speed\n1,2,0.5\n8,4,2\n4,1,1\n")

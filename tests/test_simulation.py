@@ -27,6 +27,7 @@ def tiny_config(tmp_path: Path, **strategy) -> Config:
     )
 
 
+@pytest.mark.slow
 def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
     config = tiny_config(tmp_path)
     out = tmp_path / "run"
@@ -88,6 +89,7 @@ class HalfStep(SparseStrategy):
         return {k: (global_state[k] + avg[k]) / 2 if v.is_floating_point() else v for k, v in avg.items()}
 
 
+@pytest.mark.slow
 def test_a_custom_strategy_plugged_in_by_name_runs(tmp_path: Path) -> None:
     calls.clear()
     config = tiny_config(tmp_path, name="test-half-step")
@@ -112,6 +114,7 @@ def test_bad_config_fails_before_anything_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "bad" / "rounds.csv").exists()
 
 
+@pytest.mark.slow
 def test_local_ray_workers_run_at_the_drivers_niceness(monkeypatch) -> None:
     """Ray starts workers 15 nicer than the driver by default: the client actors then lose
     the CPU to the driver and to any other job of the machine (docs/SCALE.md)."""
@@ -130,6 +133,7 @@ def test_local_ray_workers_run_at_the_drivers_niceness(monkeypatch) -> None:
     assert niceness == os.nice(0)
 
 
+@pytest.mark.slow
 def test_a_rounds_seconds_include_the_previous_rounds_tables_and_checkpoint(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -12,6 +12,7 @@ from sims.results import read_csv
 from sims.single_device import run_single_device
 
 
+@pytest.mark.slow
 def test_runs_each_selector_at_one_budget_and_writes_metrics(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, fleet={"batch_size": 32})
     selectors = ["velocity", "random", "static", "full"]

@@ -99,6 +99,7 @@ def test_a_client_restored_from_the_store_trains_as_one_that_kept_its_state(tmp_
         assert second_stored.content["arrays"][key].numpy().tobytes() == array.numpy().tobytes()
 
 
+@pytest.mark.slow
 def test_a_resume_restores_every_clients_state_exactly(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, run={"seed": 2, "rounds": 3})
     simulate(config, tmp_path / "full")

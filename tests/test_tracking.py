@@ -43,6 +43,7 @@ def test_rounds_reach_tensorboard_once_each_with_round_zero(tmp_path: Path) -> N
     assert "mean_flops_saved" not in events.Tags()["scalars"]  # empty cells are not logged
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
 def test_tensorboard_flag_without_the_package_is_refused_in_one_line(tmp_path: Path) -> None:
     done = subprocess.run(

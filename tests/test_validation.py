@@ -461,6 +461,7 @@ def test_aggregate_metrics_by_hand_and_like_flower_on_equal_keys() -> None:
 # --- the server loop with a bad client ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_server_loop_survives_a_bad_client_and_records_it(tmp_path: Path) -> None:
     """run_federation over the real ClientApp; node 100 (partition 0) corrupts every reply.
 

@@ -58,6 +58,7 @@ def test_install_makes_the_ray_backend_build_the_queued_pool(monkeypatch) -> Non
             vce_actors.install(bad)
 
 
+@pytest.mark.slow
 def test_runs_with_stragglers_keep_one_task_per_actor() -> None:
     """A straggler sleeps in its actor: a client queued behind it would miss the timeout too."""
     plain = Config()
@@ -67,6 +68,7 @@ def test_runs_with_stragglers_keep_one_task_per_actor() -> None:
     assert vce_actors.slots_for([plain, stragglers]) == 1
 
 
+@pytest.mark.slow
 def test_one_actor_runs_two_clients_back_to_back(monkeypatch) -> None:
     """Two worker threads submit at once to the one actor: the second client is queued at
     it (Flower's pool has no actor left for it) and starts as the first one ends."""

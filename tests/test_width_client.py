@@ -12,6 +12,7 @@ from fedneq.federation.wire import decode
 from strategies.budget import trained_params
 
 
+@pytest.mark.slow
 def test_width_client_trains_a_smaller_model_with_less_measured_memory() -> None:
     from fedneq.federation.client import _runtime, client_round
     from fedneq.federation.devices import DeviceProfile
@@ -36,6 +37,7 @@ def test_width_client_trains_a_smaller_model_with_less_measured_memory() -> None
     assert moved  # it trained
 
 
+@pytest.mark.slow
 def test_device_width_honours_the_memory_limit() -> None:
     from fedneq.federation.width_client import device_width, submodel_memory_bytes
 
@@ -56,6 +58,7 @@ def test_device_width_honours_the_memory_limit() -> None:
         device_width(0.7, memory(0.001) - 1, memory)
 
 
+@pytest.mark.slow
 def test_width_client_at_a_memory_limit_is_memory_bound_and_fits_it() -> None:
     from fedneq.federation.client import _runtime, client_round
     from fedneq.federation.devices import DeviceProfile
