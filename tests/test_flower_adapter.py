@@ -279,6 +279,7 @@ def test_a_round_the_wrapped_strategy_cannot_aggregate_leaves_the_model() -> Non
 # --- through `python -m sims.run default` -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "options"),
     [("FedAdam", ["eta=0.01"]), ("FedMedian", []), ("FedTrimmedAvg", ["beta=0.2"]),
