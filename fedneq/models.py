@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fedneq._validate import check_int
+
 __all__ = [
     "SmallCNN",
     "default_input_size",
@@ -127,11 +129,6 @@ def default_input_size(name: str) -> int:
     return _entry(name).input_size
 
 
-def _check_positive_int(arg: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
-
-
 def _replace_stem(model: nn.Module, stem: str, in_channels: int) -> None:
     """Swap the first conv for one with ``in_channels`` inputs, same everything else."""
     parent_name, _, attr = stem.rpartition(".")
@@ -176,8 +173,8 @@ def get_model(
         global torch RNG state is left untouched. If None, the global RNG is used.
     """
     entry = _entry(name)
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
+    check_int("num_classes", num_classes, 1)
+    check_int("in_channels", in_channels, 1)
     if (
         isinstance(width_mult, bool)
         or not isinstance(width_mult, int | float)

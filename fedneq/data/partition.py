@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedneq._validate import check_int
+
 if TYPE_CHECKING:  # imported lazily: a SuperNode starts a fresh process per message
     from flwr_datasets.partitioner.partitioner import Partitioner
 
@@ -42,15 +44,6 @@ __all__ = [
 ]
 
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -87,8 +80,8 @@ class PartitionSpec:
         if not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         object.__setattr__(self, "alpha", float(alpha))
-        _check_int("classes_per_client", self.classes_per_client, 1)
-        _check_int("min_partition_size", self.min_partition_size, 1)
+        check_int("classes_per_client", self.classes_per_client, 1)
+        check_int("min_partition_size", self.min_partition_size, 1)
 
 
 def _check_labels(labels: np.ndarray) -> np.ndarray:
@@ -118,8 +111,8 @@ def _quantity_sizes(
 
 
 def _check_count(num_samples: int, num_partitions: int, seed: int) -> None:
-    _check_int("num_partitions", num_partitions, 1)
-    _check_int("seed", seed, 0)
+    check_int("num_partitions", num_partitions, 1)
+    check_int("seed", seed, 0)
     if num_partitions > num_samples:
         raise ValueError(
             f"num_partitions={num_partitions} exceeds the {num_samples} samples: at least "
@@ -298,8 +291,8 @@ def partition_indices(
     """
 
     labels = _check_labels(labels)
-    _check_int("num_partitions", num_partitions, 1)
-    _check_int("seed", seed, 0)
+    check_int("num_partitions", num_partitions, 1)
+    check_int("seed", seed, 0)
     if not isinstance(spec, PartitionSpec):
         raise ValueError(f"spec must be a PartitionSpec, got {spec!r}")
     return list(_partition_cached(labels.tobytes(), int(num_partitions), spec, int(seed)))
@@ -335,9 +328,9 @@ def split_client(
             f"indices must be a 1-D integer array, got dtype {indices.dtype} "
             f"and shape {indices.shape}"
         )
-    _check_int("probe_size", probe_size, 1)
-    _check_int("seed", seed, 0)
-    _check_int("partition_id", partition_id, 0)
+    check_int("probe_size", probe_size, 1)
+    check_int("seed", seed, 0)
+    check_int("partition_id", partition_id, 0)
     if (
         isinstance(test_fraction, bool)
         or not isinstance(test_fraction, (int, float, np.floating))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from fedneq._validate import is_int
 from fedneq.data.datasets import ArrayDataset, class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
 from fedneq.training.loop import batch_slices, evaluate
@@ -63,10 +64,6 @@ def _train_epoch(
         total += loss.detach().item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def limit_subset(ds: ArrayDataset, limit: int, seed: int) -> ArrayDataset:
@@ -141,7 +138,7 @@ def pretrain(
     _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 2, "an int >= 2")
     _check("lr", lr, isinstance(lr, int | float) and lr > 0, "a number > 0")
     for name, value in (("train_limit", train_limit), ("test_limit", test_limit)):
-        _check(name, value, _is_int(value) and value >= 0, "an int >= 0 (0: no limit)")
+        _check(name, value, is_int(value) and value >= 0, "an int >= 0 (0: no limit)")
     model_head(model_name)  # unknown model name: fail before loading data
     splits = get_dataset(dataset_name, root=data_root, image_size=image_size, seed=seed)
     classes = list(
