@@ -2,7 +2,7 @@
 
 from fedneq.config import Config, load_config
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection.selectors import Budget, get_selector, list_selectors
+from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.training.loop import OptimizerConfig, train_masked
 

@@ -60,7 +60,7 @@ from fedneq.federation.devices import (
 )
 from fedneq.federation.timing import REFERENCE_GFLOPS
 from fedneq.models import list_models
-from fedneq.selection.selectors import list_selectors
+from fedneq.selection import list_selectors
 from fedneq.selection.sparse_update import SCHEMES
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.loop import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig

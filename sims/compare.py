@@ -29,7 +29,7 @@ from typing import Any
 
 from fedneq.config import Config, did_you_mean
 from fedneq.federation.protocol import WIDTH_METHODS
-from fedneq.selection.selectors import list_selectors
+from fedneq.selection import list_selectors
 from sims.cli import (
     Parser,
     UserError,

@@ -52,7 +52,7 @@ import torch
 
 from fedneq.config import Config
 from fedneq.costs import mask_cost, profile_model
-from fedneq.selection.selectors import MemoryMeter, get_selector
+from fedneq.selection import MemoryMeter, get_selector
 from fedneq.task import build_model, load_task
 from sims import paper
 from sims.results import atomic_write_text, csv_text, read_csv

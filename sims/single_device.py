@@ -25,7 +25,7 @@ import torch
 
 from fedneq.config import Config, did_you_mean
 from fedneq.costs import profile_model
-from fedneq.selection.selectors import Budget, get_selector, list_selectors
+from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, generator, load_task
 from fedneq.training.loop import EpochStats, evaluate, train_masked

@@ -19,7 +19,7 @@ from fedneq.federation.wire import (
     tensor_table,
     unpack_model,
 )
-from fedneq.selection.selectors import Budget
+from fedneq.selection import Budget
 from fedneq.task import build_model, load_task
 from strategies.neuron_avg import neuron_average
 

@@ -29,7 +29,7 @@ import pytest
 import tomli_w
 
 from fedneq.config import Config, load_config
-from fedneq.selection.selectors import Budget
+from fedneq.selection import Budget
 from fedneq.task import build_model, client_data, load_task
 from sims.deploy import TlsFiles, make_certificates
 from sims.results import read_csv

@@ -22,8 +22,13 @@ from fedneq.data.datasets import ArrayDataset
 from fedneq.federation.devices import DeviceProfile, default_fleet
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.selection.memory import memory_bound, resolve_memory_limit
-from fedneq.selection.selectors import MemoryMeter, get_selector, select_ordered
+from fedneq.selection import (
+    MemoryMeter,
+    get_selector,
+    memory_bound,
+    resolve_memory_limit,
+    select_ordered,
+)
 from fedneq.training.loop import OptimizerConfig, train_masked
 from fedneq.training.memory import StepMemory, StepMemoryMeter, measure_step_memory
 
@@ -154,7 +159,7 @@ def test_velocity_per_byte_ranks_by_velocity_per_stand_alone_byte(small) -> None
     velocity = torch.rand(nm.num_neurons, generator=torch.Generator().manual_seed(3))
     score = velocity.double() / meter.neuron_bytes().double()
     order = torch.sort(score, descending=True, stable=True).indices
-    from fedneq.selection.selectors import MemoryLimit
+    from fedneq.selection import MemoryLimit
 
     expected = select_ordered(order, nm.costs(), sel.budget, "prefix", MemoryLimit(meter, limit))
     assert torch.equal(sel.select(velocity, None).neurons, expected)
@@ -183,7 +188,7 @@ def test_velocity_region_picks_the_start_with_the_most_velocity(mobilenet) -> No
     layer_of = nm.layer_index()
     per_param = velocity.double() / nm.costs().double()
     order = torch.sort(per_param, descending=True, stable=True).indices
-    from fedneq.selection.selectors import MemoryLimit
+    from fedneq.selection import MemoryLimit
 
     best = 0.0
     for first in range(len(nm.layers)):

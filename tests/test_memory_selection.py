@@ -18,7 +18,7 @@ from torch import nn
 from fedneq.costs import CostProfile, mask_cost, measure_saved_bytes, profile_model
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection.selectors import MemoryLimit, MemoryMeter, get_selector, select_ordered
+from fedneq.selection import MemoryLimit, MemoryMeter, get_selector, select_ordered
 from fedneq.selection.sparse_update import StaticScheme, scheme_bias_tensors
 
 B = 2  # batch size of the hand computations
@@ -361,7 +361,7 @@ def test_bad_memory_limits_raise(tiny_setup) -> None:
     other = enumerate_neurons(model)  # the head selectable: another neuron map
     with pytest.raises(ValueError, match="different neuron map"):
         get_selector("velocity", **{**kw, "neuron_map": other}, memory_limit_bytes=10**6)
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         get_selector("velocity", **{**kw, "batch_size": 0}, memory_limit_bytes=10**6)
     with pytest.raises(ValueError, match=r"optimizer must be one of .*got 'rmsprop'"):
         get_selector("velocity", **kw, optimizer="rmsprop", memory_limit_bytes=10**6)

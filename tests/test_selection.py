@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection.selectors import (
+from fedneq.selection import (
     Budget,
     Selector,
     get_selector,

@@ -54,8 +54,7 @@ from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import width_round
 from fedneq.federation.wire import ModelLayout, encode, tensor_table
 from fedneq.neurons import NeuronMap
-from fedneq.selection.memory import memory_bound, resolve_memory_limit
-from fedneq.selection.selectors import MemoryMeter, get_selector
+from fedneq.selection import MemoryMeter, get_selector, memory_bound, resolve_memory_limit
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
 from fedneq.training.loop import evaluate, train_masked
@@ -260,7 +259,7 @@ def client_round(
             tracker.load_state_dict(velocity_state)
         initialized: list[int] = []
         probed: list[int] = []  # epochs before which the probe set ran (simulated time)
-        bound: list[bool] = []  # per epoch: the memory limit binds (fedneq.selection.memory)
+        bound: list[bool] = []  # per epoch: the memory limit binds (fedneq.selection.memory_meter.memory_bound)
 
         def mask_for_epoch(epoch: int):
             velocity = None

@@ -97,7 +97,7 @@ class DeviceProfile:
         0 is the least memory that trains one neuron, 1 what training
         everything needs (weights, gradients, optimizer state, saved
         activations at the device's batch size); resolved to bytes by the
-        client (:func:`fedneq.selection.memory.resolve_memory_limit`). Not
+        client (:func:`fedneq.selection.memory_meter.resolve_memory_limit`). Not
         together with ``memory_limit_bytes``.
     """
 

@@ -51,8 +51,7 @@ from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.selection.memory import resolve_memory_limit
-from fedneq.selection.selectors import MemoryMeter
+from fedneq.selection import MemoryMeter, resolve_memory_limit
 from fedneq.task import ClientData, derive_seed, generator
 from fedneq.training.loop import train_masked
 from fedneq.training.submodel import (

@@ -5,16 +5,16 @@ bytes is not additive: besides each neuron's gradient and optimizer state,
 the earliest trained layer decides which activations autograd keeps (every
 module call from it on keeps its input or output), so a neuron in an early
 layer opens a region of activations that a deep neuron does not
-(:class:`~fedneq.selection.selectors.MemoryMeter`). Both selectors keep the
+(:class:`~fedneq.selection.memory_meter.MemoryMeter`). Both selectors keep the
 parameter budget *and* the memory limit, with the prefix / fill rules of
-:func:`~fedneq.selection.selectors.select_ordered`, and fall back to their
+:func:`~fedneq.selection.rules.select_ordered`, and fall back to their
 initializer before any velocity exists. Without a memory limit they rank as
 ``"velocity-per-param"`` does (``|v_i| / c_i``).
 
 * ``"velocity-per-byte"``: score ``|v_i| / m_i``, where ``m_i``
   (:meth:`MemoryMeter.neuron_bytes`) is what the neuron alone adds to the
   fixed memory: its gradient and optimizer state and the activation region
-  its layer opens. The velocity per byte of the issue's definition; it is
+  its layer opens. Velocity per byte in its plain form: it is
   greedy on stand-alone costs, so it charges every neuron of a layer the
   whole region again, even after an earlier pick opened it.
 * ``"velocity-per-param-truncated"``: ``|v_i| / c_i``, the memory limit only
@@ -36,64 +36,18 @@ initializer before any velocity exists. Without a memory limit they rank as
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from fedneq.neurons import TrainMask
-from fedneq.selection.selectors import (
-    MemoryMeter,
-    _ranked,
-    _VelocitySelector,
-    register_selector,
-)
+from fedneq.selection.base import ScoredSelector
+from fedneq.selection.registry import register_selector
+from fedneq.selection.rules import ranked
 
 __all__ = [
     "TruncatedVelocityPerParamSelector",
     "VelocityPerByteSelector",
     "VelocityRegionSelector",
-    "memory_bound",
-    "resolve_memory_limit",
 ]
-
-
-def resolve_memory_limit(
-    meter: MemoryMeter, limit_bytes: int | None = None, fraction: float | None = None
-) -> int | None:
-    """A device's training-memory limit in bytes for the model ``meter`` prices.
-
-    ``limit_bytes`` is returned as is. ``fraction`` (in ``[0, 1]``) places
-    the limit between the least memory that trains anything, ``low`` (the
-    cheapest neuron alone, :meth:`MemoryMeter.alone_bytes`: the weights, its
-    layer's gradient and optimizer state and the activations from its layer
-    on), and training everything, ``full``:
-    ``low + floor(fraction * (full - low))``. So every memory-limited device
-    can train something, whatever the model. Neither: ``None`` (no limit).
-    """
-    if limit_bytes is not None and fraction is not None:
-        raise ValueError(
-            f"give limit_bytes or fraction, not both (got {limit_bytes!r} and {fraction!r})"
-        )
-    if fraction is None:
-        return limit_bytes
-    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
-    everything = meter.mask_bytes(torch.ones(meter._layer_of.numel(), dtype=torch.bool))
-    low = int(meter.alone_bytes().min())
-    return low + int(float(fraction) * (everything - low))
-
-
-def memory_bound(meter: MemoryMeter, budget_only: torch.Tensor, limit_bytes: int | None) -> bool:
-    """Whether the memory limit, not the parameter budget, binds a selection.
-
-    ``budget_only`` is the (N,) bool selection the same selector makes with
-    the parameter budget alone; the memory limit binds when that selection
-    would not fit it (``meter.mask_bytes(budget_only) > limit_bytes``). No
-    limit: never memory-bound.
-    """
-    return limit_bytes is not None and meter.mask_bytes(budget_only) > limit_bytes
 
 
 def _per_param(velocity: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
@@ -101,7 +55,7 @@ def _per_param(velocity: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
 
 
 @register_selector("velocity-per-byte")
-class VelocityPerByteSelector(_VelocitySelector):
+class VelocityPerByteSelector(ScoredSelector):
     """Score ``|v_i| / m_i``: velocity per byte the neuron adds alone (see the module)."""
 
     def __init__(self, **kwargs: object) -> None:
@@ -112,12 +66,12 @@ class VelocityPerByteSelector(_VelocitySelector):
 
     def scores(self, velocity: torch.Tensor) -> torch.Tensor:
         if self._bytes is None:
-            return _per_param(velocity, self._costs)
+            return _per_param(velocity, self.costs)
         return velocity.abs() / self._bytes
 
 
 @register_selector("velocity-per-param-truncated")
-class TruncatedVelocityPerParamSelector(_VelocitySelector):
+class TruncatedVelocityPerParamSelector(ScoredSelector):
     """Score ``|v_i| / c_i`` whatever the memory limit, which only truncates the walk.
 
     The baseline of the frontier: the paper's best parameter ranking, cut where
@@ -126,32 +80,32 @@ class TruncatedVelocityPerParamSelector(_VelocitySelector):
     """
 
     def scores(self, velocity: torch.Tensor) -> torch.Tensor:
-        return _per_param(velocity, self._costs)
+        return _per_param(velocity, self.costs)
 
 
 @register_selector("velocity-region")
-class VelocityRegionSelector(_VelocitySelector):
+class VelocityRegionSelector(ScoredSelector):
     """The start layer with the most velocity inside both limits, then velocity per parameter."""
 
     def scores(self, velocity: torch.Tensor) -> torch.Tensor:
-        return _per_param(velocity, self._costs)
+        return _per_param(velocity, self.costs)
 
-    def _select(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
+    def choose(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
         if velocity is None or self.memory is None:
-            return super()._select(velocity, generator)
+            return super().choose(velocity, generator)
         region = self.region(velocity)
-        order = _ranked(self.scores(velocity), self._costs)
+        order = ranked(self.scores(velocity), self.costs)
         order = order[region[order]]
-        return self.neuron_map.train_mask(self._ordered(order))
+        return self.neuron_map.train_mask(self.ordered(order))
 
     def region(self, velocity: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the neurons of the chosen start layer and of every layer after it."""
         assert self.memory is not None
         meter, limit = self.memory.meter, self.memory.limit_bytes
         speed = velocity.abs()
-        order = _ranked(self.scores(velocity), self._costs)  # (N,) best first
-        layer_start = meter._start  # (L,) execution order of each layer's earliest module
-        neuron_start = layer_start[meter._layer_of]  # (N,)
+        order = ranked(self.scores(velocity), self.costs)  # (N,) best first
+        layer_start = meter.layer_start  # (L,) execution order of each layer's earliest module
+        neuron_start = layer_start[meter.layer_of]  # (N,)
         alone = meter.neuron_bytes() + meter.fixed_bytes  # (N,) memory of each neuron alone
         best_value, best_start = -1.0, None
         for start in sorted(set(layer_start.tolist()), reverse=True):  # deepest first
@@ -159,7 +113,7 @@ class VelocityRegionSelector(_VelocitySelector):
             if int(alone[neuron_start == start].min()) > limit:
                 continue  # the region's own activations do not fit
             candidate = order[inside[order]]
-            fits = torch.cumsum(self._costs[candidate], 0) <= self.budget
+            fits = torch.cumsum(self.costs[candidate], 0) <= self.budget
             fits &= meter.prefix_bytes(candidate) <= limit
             value = float(speed[candidate[: int(fits.sum())]].sum())
             if value > best_value:  # strictly: ties keep the deeper start

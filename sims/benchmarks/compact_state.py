@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from fedneq.data.datasets import ArrayDataset, get_dataset
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from fedneq.selection.selectors import get_selector
+from fedneq.selection import get_selector
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.training.loop import OptimizerConfig, train_masked
 from sims.benchmarks import default_csv, write_table

@@ -25,8 +25,7 @@ import torch
 from fedneq.costs import mask_cost, profile_model
 from fedneq.models import get_model, model_head
 from fedneq.neurons import enumerate_neurons
-from fedneq.selection.memory import resolve_memory_limit
-from fedneq.selection.selectors import MemoryMeter, get_selector
+from fedneq.selection import MemoryMeter, get_selector, resolve_memory_limit
 from fedneq.training.memory import measure_step_memory
 from sims.benchmarks import default_csv, write_table
 

@@ -26,7 +26,7 @@ frozen rows' gradients zeroed) and ``backward="sparse"``
 The velocity comes from two tracker measures on a probe of 10 images around
 one full SGD step (the first velocity a client would have). ``--selector``
 picks the selector (default ``velocity``); ``--memory-fraction f`` also gives
-it a memory limit (:func:`~fedneq.selection.memory.resolve_memory_limit`,
+it a memory limit (:func:`~fedneq.selection.memory_meter.resolve_memory_limit`,
 whole-tensor gradients: what training allocates), for memory-aware masks
 such as ``velocity-region``.
 
@@ -50,8 +50,7 @@ from torch import nn
 from fedneq.costs import mask_cost, measure_saved_bytes, profile_model
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
-from fedneq.selection.memory import resolve_memory_limit
-from fedneq.selection.selectors import MemoryMeter, get_selector
+from fedneq.selection import MemoryMeter, get_selector, resolve_memory_limit
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.training.loop import OptimizerConfig, train_step
 from fedneq.training.masking import RowFreezer
