@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedneq.data.datasets import list_datasets
 from fedneq.data.partition import PARTITION_KINDS, PartitionSpec
+from fedneq.data.raw import list_datasets
 from fedneq.federation.devices import (
     DeviceProfile,
     Fleet,

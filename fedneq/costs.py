@@ -485,7 +485,7 @@ def mask_cost(
         only (a sparse-update implementation). ``True``: of every whole
         parameter tensor with a trained row, which is what PyTorch's ``.grad``
         and ``torch.optim`` state hold, so what fedneq's training allocates
-        (:func:`fedneq.training.memory.measure_step_memory` measures it).
+        (:func:`fedneq.training.loop.measure_step_memory` measures it).
 
     Notes
     -----

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fedneq.config import Config, DataConfig
-from fedneq.data.datasets import ArrayDataset, class_subset
+from fedneq.data.arrays import ArrayDataset
+from fedneq.data.datasets import class_subset
 from fedneq.data.partition import ClientSplit, partition_indices, split_client
 from fedneq.data.pool import ImagePool, PoolSplits, get_pools
 from fedneq.models import get_model, model_head

@@ -1,4 +1,4 @@
-"""Tests for fedneq.data.datasets: offline dataset registry, file parsers, class subsets."""
+"""Tests for fedneq.data.raw and fedneq.data.datasets: offline dataset registry, file parsers, class subsets."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedneq.data.datasets import (
-    DEBIAN_FASHION_MNIST,
-    ArrayDataset,
-    _stratified_split,
-    class_subset,
-    clear_cache,
-    get_dataset,
-    half_split,
-    list_datasets,
-)
+from fedneq.data.arrays import ArrayDataset
+from fedneq.data.datasets import class_subset, clear_cache, get_dataset, half_split
+from fedneq.data.raw import DEBIAN_FASHION_MNIST, _stratified_split, list_datasets
 
 # ----------------------------------------------------------------------------- file writers
 

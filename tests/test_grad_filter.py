@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedneq.costs import measure_saved_bytes
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.neurons import enumerate_neurons
 from fedneq.training.grad_filter import GradFilterConfig, patch_mean
 from fedneq.training.loop import OptimizerConfig, train_masked

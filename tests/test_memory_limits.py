@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedneq.costs import CostProfile, mask_cost, profile_model
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.federation.devices import DeviceProfile, default_fleet
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, enumerate_neurons
@@ -29,8 +29,8 @@ from fedneq.selection import (
     resolve_memory_limit,
     select_ordered,
 )
-from fedneq.training.loop import OptimizerConfig, train_masked
-from fedneq.training.memory import StepMemory, StepMemoryMeter, measure_step_memory
+from fedneq.training.loop import OptimizerConfig, measure_step_memory, train_masked
+from fedneq.training.memory import StepMemory, StepMemoryMeter
 
 NEW = ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fedneq.training.sparse_backward as sparse_backward
 from fedneq.costs import profile_model
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 from fedneq.training.loop import OptimizerConfig, train_masked
 from fedneq.training.masking import RowFreezer

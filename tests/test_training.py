@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.federation.wire import encode, tensor_table
 from fedneq.models import get_model
 from fedneq.neurons import enumerate_neurons

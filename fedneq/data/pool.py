@@ -1,7 +1,7 @@
 """A dataset held once, as stored, and normalised only for the samples asked for.
 
 :class:`ImagePool` is a list of rows into the dataset's raw images
-(:func:`fedneq.data.datasets.load_raw`: uint8, memory-mapped from the
+(:func:`fedneq.data.raw.load_raw`: uint8, memory-mapped from the
 machine's shared cache) with their labels. Narrowing it (:meth:`ImagePool.view`:
 a class subset, a seeded limit, a client's partition) copies index arrays,
 never pixels. :meth:`ImagePool.subset` returns the float32 samples at some
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedneq.data.datasets import ArrayDataset, check_dataset_args, load_raw
+from fedneq.data.arrays import ArrayDataset
+from fedneq.data.raw import check_dataset_args, load_raw
 
 __all__ = [
     "CHUNK_BYTES",

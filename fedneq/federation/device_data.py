@@ -35,7 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedneq.config import Config
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.task import ClientData
 
 __all__ = ["PartitionFile", "check_partition_file", "read_partition_file", "write_partition_files"]

@@ -4,10 +4,12 @@ Every method (velocity, random, static, full) trains through
 :func:`train_masked`; they differ only in the masks they hand it. Between
 epochs the caller may re-select (the paper's protocol: probe, compute velocity,
 select), by passing ``masks`` as a function of the epoch index.
+:func:`measure_step_memory` measures one step of the loop on a copy of a model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedneq.costs import CostProfile, MaskCost, mask_cost, profile_model
-from fedneq.data.datasets import ArrayDataset
+from fedneq.data.arrays import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
@@ -32,6 +34,7 @@ __all__ = [
     "batch_slices",
     "evaluate",
     "label_log_prior",
+    "measure_step_memory",
     "train_masked",
     "train_step",
     "union_mask",
@@ -464,3 +467,42 @@ def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tup
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     return total_loss / len(data), correct / len(data)
+
+
+def measure_step_memory(
+    model: nn.Module,
+    neuron_map: NeuronMap,
+    mask: TrainMask,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    optimizer: object | None = None,
+    backward: str = "sparse",
+    profile: CostProfile | None = None,
+) -> StepMemory:
+    """Memory of one training step of ``mask`` on the batch ``(x, y)``, measured.
+
+    Runs :func:`train_step` on a deep copy of ``model`` (the model itself is
+    not changed) with the freezer and ops :func:`train_masked` installs
+    (``backward``, ``profile``: as there; batch size ``len(x)``) and a fresh
+    optimizer (``optimizer``: an :class:`OptimizerConfig`, default SGD with
+    momentum 0.9), under a :class:`~fedneq.training.memory.StepMemoryMeter`. The optimizer state is the state after that step.
+    """
+    config = OptimizerConfig() if optimizer is None else optimizer
+    if not isinstance(config, OptimizerConfig):
+        raise ValueError(f"optimizer must be an OptimizerConfig or None, got {optimizer!r}")
+    if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(
+            f"x and y must be a non-empty batch of equal length, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    model = copy.deepcopy(model)
+    model.train()
+    opt = config.build(list(model.parameters()))
+    meter = StepMemoryMeter(model, opt)
+    with RowFreezer(
+        model, neuron_map, mask, backward=backward, profile=profile, batch_size=len(x)
+    ) as freezer, meter.step():
+        train_step(model, x, y, opt, freezer)
+    assert meter.peak is not None
+    return meter.peak

@@ -23,12 +23,12 @@ allocator peak); the same holds for the estimate.
 
 :class:`StepMemoryMeter` is reusable inside a training loop
 (:func:`fedneq.training.loop.train_masked` with ``measure_memory=True``);
-:func:`measure_step_memory` measures one step of a mask on a copy of a model.
+:func:`fedneq.training.loop.measure_step_memory` measures one step of a mask on
+a copy of a model.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,10 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedneq.costs import CostProfile
-from fedneq.neurons import NeuronMap, TrainMask
-
-__all__ = ["StepMemory", "StepMemoryMeter", "measure_step_memory"]
+__all__ = ["StepMemory", "StepMemoryMeter"]
 
 
 @dataclass(frozen=True)
@@ -136,46 +133,3 @@ class StepMemoryMeter:
         self.steps += 1
         if self.peak is None or measured.peak_bytes > self.peak.peak_bytes:
             self.peak = measured
-
-
-def measure_step_memory(
-    model: nn.Module,
-    neuron_map: NeuronMap,
-    mask: TrainMask,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    optimizer: object | None = None,
-    backward: str = "sparse",
-    profile: CostProfile | None = None,
-) -> StepMemory:
-    """Memory of one training step of ``mask`` on the batch ``(x, y)``, measured.
-
-    Runs :func:`fedneq.training.loop.train_step` on a deep copy of ``model``
-    (the model itself is not changed) with the freezer and ops
-    :func:`~fedneq.training.loop.train_masked` installs (``backward``,
-    ``profile``: as there; batch size ``len(x)``) and a fresh optimizer
-    (``optimizer``: an :class:`~fedneq.training.loop.OptimizerConfig`, default
-    SGD with momentum 0.9). The optimizer state is the state after that step.
-    """
-    from fedneq.training.loop import OptimizerConfig, train_step  # loop imports this module
-    from fedneq.training.masking import RowFreezer
-
-    config = OptimizerConfig() if optimizer is None else optimizer
-    if not isinstance(config, OptimizerConfig):
-        raise ValueError(f"optimizer must be an OptimizerConfig or None, got {optimizer!r}")
-    if x.dim() < 1 or len(x) != len(y) or len(x) == 0:
-        raise ValueError(
-            f"x and y must be a non-empty batch of equal length, got {tuple(x.shape)} and "
-            f"{tuple(y.shape)}"
-        )
-    model = copy.deepcopy(model)
-    model.train()
-    opt = config.build(list(model.parameters()))
-    meter = StepMemoryMeter(model, opt)
-    with RowFreezer(
-        model, neuron_map, mask, backward=backward, profile=profile, batch_size=len(x)
-    ) as freezer, meter.step():
-        train_step(model, x, y, opt, freezer)
-    assert meter.peak is not None
-    return meter.peak

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fedneq._validate import is_int
-from fedneq.data.datasets import ArrayDataset, class_subset, get_dataset, half_split
+from fedneq.data.arrays import ArrayDataset
+from fedneq.data.datasets import class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
 from fedneq.training.loop import batch_slices, evaluate
 
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         prog="python -m fedneq.training.pretrain", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--model", required=True, help="one of fedneq.models.list_models()")
-    p.add_argument("--dataset", required=True, help="one of fedneq.data.datasets.list_datasets()")
+    p.add_argument("--dataset", required=True, help="one of fedneq.data.raw.list_datasets()")
     p.add_argument(
         "--out", required=True, type=Path, help="path stem of <out>.safetensors / <out>.json"
     )

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from fedneq.data.datasets import ArrayDataset, get_dataset
+from fedneq.data.arrays import ArrayDataset
+from fedneq.data.datasets import get_dataset
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.selection import get_selector

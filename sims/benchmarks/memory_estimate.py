@@ -5,7 +5,7 @@ mask — the ``velocity`` selection at a parameter budget (no memory limit) and
 the ``velocity-region`` selection at a memory level (0: the least memory that
 trains one neuron, 1: full training; parameter budget 100 %) — one real
 training step (batch of random images, SGD with momentum) is measured with
-:func:`~fedneq.training.memory.measure_step_memory` (weights + gradients +
+:func:`~fedneq.training.loop.measure_step_memory` (weights + gradients +
 optimizer state + saved activations) and compared with the cost model's
 estimate (``mask_cost(..., dense_grads=True).training_memory_bytes``), for
 ``backward="masked"`` and ``"sparse"``.
@@ -26,7 +26,7 @@ from fedneq.costs import mask_cost, profile_model
 from fedneq.models import get_model, model_head
 from fedneq.neurons import enumerate_neurons
 from fedneq.selection import MemoryMeter, get_selector, resolve_memory_limit
-from fedneq.training.memory import measure_step_memory
+from fedneq.training.loop import measure_step_memory
 from sims.benchmarks import default_csv, write_table
 
 __all__ = ["Row", "main", "measure"]

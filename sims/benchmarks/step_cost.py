@@ -19,7 +19,7 @@ frozen rows' gradients zeroed) and ``backward="sparse"``
   (:func:`~fedneq.costs.mask_cost`, which assumes PyTorch's own conv);
 * the cost model's ideal FLOPs ratio (mask / full) and measured / ideal.
 
-* measured training memory (:func:`~fedneq.training.memory.measure_step_memory`:
+* measured training memory (:func:`~fedneq.training.loop.measure_step_memory`:
   weights + gradients + optimizer state + saved activations of one real step)
   and its ratio to the full step's, next to the saved-activation ratio.
 
@@ -52,9 +52,8 @@ from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, TrainMask, enumerate_neurons
 from fedneq.selection import MemoryMeter, get_selector, resolve_memory_limit
 from fedneq.selection.velocity import VelocityTracker
-from fedneq.training.loop import OptimizerConfig, train_step
+from fedneq.training.loop import OptimizerConfig, measure_step_memory, train_step
 from fedneq.training.masking import RowFreezer
-from fedneq.training.memory import measure_step_memory
 from sims.benchmarks import default_csv, write_table
 
 __all__ = ["Row", "main", "measure_model", "velocity_of"]
