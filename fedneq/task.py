@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedneq.config import Config, DataConfig
+from fedneq.config import Config
+from fedneq.config.schema import DataConfig
 from fedneq.data.arrays import ArrayDataset
 from fedneq.data.datasets import class_subset
 from fedneq.data.partition import ClientSplit, partition_indices, split_client

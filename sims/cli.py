@@ -21,7 +21,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedneq.config import Config, did_you_mean, load_config
+from fedneq._validate import did_you_mean
+from fedneq.config import Config, load_config
 from strategies.registry import check_strategy
 
 __all__ = [

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedneq.config import Config, did_you_mean
+from fedneq._validate import did_you_mean
+from fedneq.config import Config
 from fedneq.federation.protocol import WIDTH_METHODS
 from fedneq.selection import list_selectors
 from sims.cli import (

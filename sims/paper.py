@@ -60,7 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedneq.config import Config, did_you_mean
+from fedneq._validate import did_you_mean
+from fedneq.config import Config
 from fedneq.federation.devices import default_fleet
 from fedneq.selection.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
 from fedneq.task import build_model, load_task

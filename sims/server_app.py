@@ -28,7 +28,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedneq.config import Config, did_you_mean
+from fedneq._validate import did_you_mean
+from fedneq.config import Config
 from sims.cli import CONFIG_DIR, claim_out_dir, config_path, load_cli_config
 from sims.federation import DeviceTable, read_device_table, run_federation, stop_requested
 

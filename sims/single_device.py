@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from fedneq.config import Config, did_you_mean
+from fedneq._validate import did_you_mean
+from fedneq.config import Config
 from fedneq.costs import profile_model
 from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.selection.velocity import VelocityTracker

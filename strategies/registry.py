@@ -27,7 +27,7 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from fedneq.config import did_you_mean
+from fedneq._validate import did_you_mean
 
 from .base import SparseStrategy
 from .flower_adapter import flower_strategy, is_flower_strategy

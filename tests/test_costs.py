@@ -296,7 +296,7 @@ def test_validation_errors(tiny_setup):
     model, neuron_map, state = tiny_setup
     profile = profile_model(model, neuron_map, (3, 8, 8))
     mask = TrainMask(neuron_map.empty_mask())
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         mask_cost(profile, mask, state, batch_size=0)
     with pytest.raises(ValueError, match="bytes_per_value"):
         mask_cost(profile, mask, state, batch_size=1, bytes_per_value=0)

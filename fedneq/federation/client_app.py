@@ -36,7 +36,8 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedneq.config import Config, did_you_mean
+from fedneq._validate import did_you_mean
+from fedneq.config import Config
 from fedneq.federation.client import (
     client_evaluate,
     client_round,

@@ -1,54 +1,22 @@
-"""Typed, validated run configuration, parsed once at the boundary.
+"""The run configuration's schema: one frozen dataclass per TOML table, and :class:`Config`.
 
-A run is described by one TOML file with these tables (every key optional;
-see ``sims/configs/default.toml``)::
-
-    [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
-                 round_timeout_s, round_deadline_s, out_dir, participants
-    [data]       dataset, root, image_size, partition, alpha, classes_per_client,
-                 min_partition_size, probe_size, test_fraction, classes,
-                 train_limit, test_limit
-    [model]      name, width_mult, checkpoint, pretrain_epochs, head
-    [selection]  selector, rule, initializer, scheme, velocity_mode, mu, storage_dtype
-    [train]      optimizer, lr, momentum, weight_decay, backward, grad_filter_last_k,
-                 bn_stats
-    [strategy]   name, options (a table passed to the strategy's constructor)
-    [fleet]      preset ("default" | "homogeneous" | "custom" | "csv"), budget,
-                 local_epochs, batch_size, classes (array of tables, see
-                 fedneq.federation.devices), csv (per-device CSV, fedneq.federation.devices.read_fleet_csv),
-                 reference_gflops (fedneq.federation.timing)
-    [faults]     crash_prob, straggler_prob, straggler_delay_s
-    [simulation] cpus_per_client, ray_address
-
-Unknown tables or keys, names that no registry knows (selector, dataset,
-model, scheme) and values of the wrong type are rejected in one line naming the
-table, key, value and what is allowed, with a "did you mean" for near misses.
-
-Composition: a file may start from another with a top-level
-``extends = "default"`` (a file path relative to it, or a name searched in
-``search_dirs``: ``sims`` passes ``sims/configs/``); its own tables are merged
-into the base's key by key. ``overrides`` (``--set section.key=value``) are
-applied last. A key that the file or an override sets but that has no effect
-under the chosen settings (``[fleet] budget`` without the ``homogeneous``
-preset, ``[data] alpha`` under an ``iid`` partition, ...) is an error, not
-silence (unless it is set to its default value). Without ``extends`` a file starts from the code defaults below.
-
-The resolved config is plain JSON (``Config.to_dict``): the server sends it to every client
-with the first message, so a ClientApp needs no other configuration source.
+Every table's keys, defaults and range checks (:mod:`fedneq.config` describes
+the tables); :meth:`Config.from_dict` rejects unknown tables or keys and
+values of the wrong type in one line naming the table, key, value and what is
+allowed. Reading files, ``extends`` and ``--set`` overrides are
+:mod:`fedneq.config.loader`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from fedneq._validate import check_positive, did_you_mean
 from fedneq.data.partition import PARTITION_KINDS, PartitionSpec
 from fedneq.data.raw import list_datasets
 from fedneq.federation.devices import (
@@ -66,22 +34,19 @@ from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.loop import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig
 from fedneq.training.sparse_backward import BACKWARDS
 
-__all__ = ["Config", "apply_overrides", "did_you_mean", "load_config", "parse_assignment"]
-
-
-def did_you_mean(value: object, allowed: Iterable[object]) -> str:
-    """`` (did you mean 'x'?)`` for a near miss of ``value`` among ``allowed``, else ``""``."""
-    names = [str(a) for a in allowed]
-    text = str(value)
-    # an abbreviation ("fmnist" -> "fashion-mnist"): its letters in order in one name
-    spelled_out = [n for n in names if len(text) > 2 and _in_order(text, n)]
-    close = difflib.get_close_matches(text, spelled_out or names, n=1, cutoff=0.6 if not spelled_out else 0)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _in_order(short: str, name: str) -> bool:
-    rest = iter(name)
-    return all(char in rest for char in short)
+__all__ = [
+    "SECTIONS",
+    "Config",
+    "DataConfig",
+    "FaultConfig",
+    "FleetConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SelectionConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+    "TrainConfig",
+]
 
 
 def _check_choice(section: str, name: str, value: object, allowed: Sequence) -> None:
@@ -90,12 +55,6 @@ def _check_choice(section: str, name: str, value: object, allowed: Sequence) -> 
             f"[{section}] {name} should be one of {tuple(allowed)}, got {value!r}"
             + did_you_mean(value, allowed)
         )
-
-
-def _check_positive(section: str, name: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"[{section}] {name} should be {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -113,8 +72,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
-            _check_positive("run", name, getattr(self, name))
-        _check_positive("run", "round_timeout_s", self.round_timeout_s)
+            check_positive(f"[run] {name}", getattr(self, name))
+        check_positive("[run] round_timeout_s", self.round_timeout_s)
         if not math.isfinite(self.round_deadline_s) or self.round_deadline_s < 0:
             raise ValueError(
                 "[run] round_deadline_s should be a finite number of simulated seconds >= 0 "
@@ -151,10 +110,10 @@ class DataConfig:
         _check_choice("data", "dataset", self.dataset, tuple(list_datasets()))
         _check_choice("data", "partition", self.partition, PARTITION_KINDS)
         _check_choice("data", "classes", self.classes, ("all", "downstream"))
-        _check_positive("data", "train_limit", self.train_limit, zero_ok=True)
-        _check_positive("data", "test_limit", self.test_limit, zero_ok=True)
-        _check_positive("data", "image_size", self.image_size, zero_ok=True)
-        _check_positive("data", "probe_size", self.probe_size)
+        check_positive("[data] train_limit", self.train_limit, zero_ok=True)
+        check_positive("[data] test_limit", self.test_limit, zero_ok=True)
+        check_positive("[data] image_size", self.image_size, zero_ok=True)
+        check_positive("[data] probe_size", self.probe_size)
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"[data] test_fraction should be in [0, 1), got {self.test_fraction}")
         self.partition_spec()  # validates partition, alpha, classes_per_client
@@ -179,8 +138,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model", "name", self.name, tuple(list_models()))
         _check_choice("model", "head", self.head, ("always", "selectable"))
-        _check_positive("model", "width_mult", self.width_mult)
-        _check_positive("model", "pretrain_epochs", self.pretrain_epochs, zero_ok=True)
+        check_positive("[model] width_mult", self.width_mult)
+        check_positive("[model] pretrain_epochs", self.pretrain_epochs, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -228,7 +187,7 @@ class TrainConfig:
         _check_choice("train", "loss", self.loss, LOSSES)
         _check_choice("train", "backward", self.backward, BACKWARDS)
         _check_choice("train", "bn_stats", self.bn_stats, BN_STATS)
-        _check_positive("train", "grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
+        check_positive("[train] grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(
@@ -263,8 +222,8 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom", "csv"))
-        _check_positive("fleet", "local_epochs", self.local_epochs, zero_ok=True)
-        _check_positive("fleet", "batch_size", self.batch_size, zero_ok=True)
+        check_positive("[fleet] local_epochs", self.local_epochs, zero_ok=True)
+        check_positive("[fleet] batch_size", self.batch_size, zero_ok=True)
         if not math.isfinite(self.reference_gflops) or self.reference_gflops <= 0:
             raise ValueError(
                 f"[fleet] reference_gflops should be a finite number > 0, got {self.reference_gflops!r}"
@@ -314,7 +273,7 @@ class FaultConfig:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"[faults] {name} should be in [0, 1], got {value}")
-        _check_positive("faults", "straggler_delay_s", self.straggler_delay_s, zero_ok=True)
+        check_positive("[faults] straggler_delay_s", self.straggler_delay_s, zero_ok=True)
 
 
 @dataclass(frozen=True)
@@ -323,7 +282,7 @@ class SimulationConfig:
     ray_address: str = ""  # "" = RAY_ADDRESS if set, else a local Ray instance
 
     def __post_init__(self) -> None:
-        _check_positive("simulation", "cpus_per_client", self.cpus_per_client)
+        check_positive("[simulation] cpus_per_client", self.cpus_per_client)
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -359,7 +318,7 @@ def _check_types(section: str, section_cls: type, values: dict[str, Any]) -> Non
             )
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
     "model": ModelConfig,
@@ -386,14 +345,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
-        unknown = sorted(set(raw) - set(_SECTIONS))
+        unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
             raise ValueError(
-                f"unknown config table(s) {unknown}; known: {sorted(_SECTIONS)}"
-                + did_you_mean(unknown[0], _SECTIONS)
+                f"unknown config table(s) {unknown}; known: {sorted(SECTIONS)}"
+                + did_you_mean(unknown[0], SECTIONS)
             )
         sections = {}
-        for name, section_cls in _SECTIONS.items():
+        for name, section_cls in SECTIONS.items():
             values = raw.get(name, {})
             if not isinstance(values, dict):
                 raise ValueError(f"[{name}] should be a table, got {values!r}")
@@ -467,7 +426,7 @@ class Config:
         raw = self.to_dict()
         for name, values in sections.items():
             if name not in raw:
-                raise ValueError(f"unknown config table {name!r}; known: {sorted(_SECTIONS)}")
+                raise ValueError(f"unknown config table {name!r}; known: {sorted(SECTIONS)}")
             raw[name].update(values)
             if name == "fleet" and "devices" not in values:
                 if "csv" in values:
@@ -485,201 +444,3 @@ class Config:
     def device(self, partition_id: int) -> DeviceProfile:
         """The device profile of a simulated client (seeded fleet assignment)."""
         return self.fleet.fleet().profile(partition_id, self.run.num_clients, self.run.seed)
-
-
-def parse_assignment(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=0.003"`` -> ``(["train", "lr"], 0.003)``; the value is read as TOML,
-    and as a plain string when it is not TOML (``selection.selector=random``)."""
-    key, sep, value_text = text.partition("=")
-    path = [part.strip() for part in key.split(".")]
-    if not sep or len(path) < 2 or not all(path):
-        raise ValueError(
-            f"--set expects SECTION.KEY=VALUE (e.g. train.lr=0.003), got {text!r}"
-        )
-    try:
-        value = tomllib.loads(f"value = {value_text.strip()}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = value_text.strip()
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
-    """``raw`` (a config as nested dicts) with ``--set`` assignments applied (a copy).
-
-    Raises
-    ------
-    ValueError
-        If an assignment is malformed or names a table or key that does not exist.
-    """
-    raw = json.loads(json.dumps(raw))  # a deep copy
-    for text in assignments:
-        path, value = parse_assignment(text)
-        section, key = path[0], path[1]
-        if section not in _SECTIONS:
-            raise ValueError(
-                f"--set {text}: unknown table [{section}]; known: {sorted(_SECTIONS)}"
-                + did_you_mean(section, _SECTIONS)
-            )
-        known = [f.name for f in dataclasses.fields(_SECTIONS[section])]
-        if key not in known:
-            raise ValueError(
-                f"--set {text}: unknown key {key!r} in [{section}]; known: {known}"
-                + did_you_mean(key, known)
-            )
-        if len(path) > 2 and (section, key) != ("strategy", "options"):
-            raise ValueError(f"--set {text}: [{section}] {key} has no sub-keys")
-        target = raw.setdefault(section, {})
-        for part in path[1:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = value
-    return raw
-
-
-# Keys that do nothing unless another key has a certain value: (table, key) ->
-# (does it take effect?, what it needs). Checked on the keys a user sets.
-_EFFECTIVE = {
-    ("fleet", "budget"): (
-        lambda c: c.fleet.preset == "homogeneous",
-        "only preset 'homogeneous' uses it (the other presets' device classes have their own "
-        "budgets; a custom fleet sets them in [[fleet.classes]])",
-    ),
-    ("data", "alpha"): (
-        lambda c: c.data.partition in ("dirichlet", "quantity"),
-        "only partition 'dirichlet' or 'quantity' uses it",
-    ),
-    ("data", "classes_per_client"): (
-        lambda c: c.data.partition == "pathological",
-        "only partition 'pathological' uses it",
-    ),
-    ("selection", "scheme"): (
-        lambda c: "static" in (c.selection.selector, c.selection.initializer),
-        "only selector or initializer 'static' uses it",
-    ),
-    ("train", "momentum"): (
-        lambda c: c.train.optimizer == "sgd",
-        "only optimizer 'sgd' uses it",
-    ),
-}
-
-
-def _check_effective(config: Config, explicit: Iterable[tuple[str, str]]) -> None:
-    """A key set to something other than its default that has no effect is an error (a file
-    that lists every key at its default, e.g. a dumped config, is fine)."""
-    for section, key in explicit:
-        rule = _EFFECTIVE.get((section, key))
-        value = getattr(getattr(config, section), key)
-        if rule is not None and not rule[0](config) and value != getattr(_SECTIONS[section](), key):
-            raise ValueError(f"[{section}] {key} = {value!r} has no effect: {rule[1]}")
-
-
-def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """Tables merged key by key; a child that names another strategy drops the base's options."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for name, table in child.items():
-        if not isinstance(table, dict) or not isinstance(out.get(name), dict):
-            out[name] = table
-            continue
-        if name == "strategy" and table.get("name", out[name].get("name")) != out[name].get("name"):
-            out[name].pop("options", None)
-        out[name].update(table)
-    return out
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from None
-
-
-def _find_base(name: str, parent: Path, search_dirs: Sequence[Path]) -> Path:
-    candidates = [parent.parent / name]
-    file_name = name if name.endswith(".toml") else f"{name}.toml"
-    candidates += [Path(d) / file_name for d in (parent.parent, *search_dirs)]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    known = sorted({p.stem for d in search_dirs for p in Path(d).glob("*.toml")})
-    raise FileNotFoundError(
-        f"{parent}: extends = {name!r} is neither a file next to it nor one of {known}"
-        + did_you_mean(name, known)
-    )
-
-
-def _read_layers(path: Path, search_dirs: Sequence[Path], seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's tables on top of those of the files it ``extends``."""
-    if path.resolve() in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
-        raise ValueError(f"{path}: extends forms a cycle: {chain}")
-    raw = _read_toml(path)
-    fleet = raw.get("fleet")
-    if isinstance(fleet, dict) and isinstance(fleet.get("csv"), str) and fleet["csv"]:
-        csv_path = Path(fleet["csv"]).expanduser()  # relative to the TOML file's folder
-        fleet["csv"] = str(csv_path if csv_path.is_absolute() else path.parent / csv_path)
-    base_name = raw.pop("extends", None)
-    if base_name is None:
-        return raw
-    if not isinstance(base_name, str) or not base_name:
-        raise ValueError(f"{path}: extends should be a config name or a file path, got {base_name!r}")
-    base = _read_layers(_find_base(base_name, path, search_dirs), search_dirs, (*seen, path.resolve()))
-    return _merge(base, raw)
-
-
-def load_config(
-    path: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    search_dirs: Sequence[str | Path] = (),
-) -> Config:
-    """Parse and validate a TOML run configuration.
-
-    A relative ``[fleet] csv`` path is taken relative to the TOML file's folder.
-    ``[data] root`` and ``[model] checkpoint``, when given, must exist (on the
-    machine that loads the file: the server).
-
-    Parameters
-    ----------
-    path:
-        The TOML file.
-    overrides:
-        ``SECTION.KEY=VALUE`` assignments applied after the file (``--set``).
-    search_dirs:
-        Folders where ``extends = "<name>"`` finds ``<name>.toml``.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the file (or a file it extends) does not exist.
-    ValueError
-        One line naming the file, the table, key and value and what is allowed.
-    """
-    path = Path(path)
-    dirs = tuple(Path(d) for d in search_dirs)
-    own = _read_toml(path)
-    try:
-        raw = _read_layers(path, dirs)
-        raw = apply_overrides(raw, overrides)
-        config = Config.from_dict(raw)
-        explicit = {
-            (section, key)
-            for section, table in own.items()
-            if isinstance(table, dict)
-            for key in table
-        }
-        explicit |= {tuple(parse_assignment(a)[0][:2]) for a in overrides}
-        _check_effective(config, explicit)
-        for section, key, value in (
-            ("data", "root", config.data.root),
-            ("model", "checkpoint", config.model.checkpoint),
-        ):  # on the machine that loads the file: the server
-            if value and not Path(value).expanduser().exists():
-                raise ValueError(f"[{section}] {key} {value!r} does not exist")
-        return config
-    except (TypeError, ValueError) as err:
-        message = str(err)
-        if message.startswith((str(path), "--set")):
-            raise
-        raise ValueError(f"{path}: {message}") from err
