@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 # Throughput of the reference device (speed 1.0), a Raspberry Pi 4, in GFLOP/s:
-# ~8 GFLOP/s in High Performance Linpack (sources in fedneq/federation/devices.py).
+# ~8 GFLOP/s in High Performance Linpack (sources in docs/DEVICES.md).
 REFERENCE_GFLOPS = 8.0
 
 _AVAILABILITY_STREAM = 17  # derive-seed tag of the availability draw
