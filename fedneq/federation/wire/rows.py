@@ -1,0 +1,215 @@
+"""The neuron-row reply format: :func:`encode`, :func:`decode` (either format), :func:`dense_arrays`.
+
+A reply carries exactly four 1-D numpy arrays, always under the same keys
+(:data:`WIRE_KEYS`; Flower's strategies reject replies whose ``ArrayRecord``
+keys differ), of variable length:
+
+``"neurons"`` — int32 ``(K,)``
+    Global ids of the sent neurons (:class:`~fedneq.neurons.NeuronMap`
+    numbering), strictly ascending.
+``"neuron_values"`` — float32 ``(sum of row lengths,)``
+    For each sent neuron, in that order, the concatenation over its layer's
+    :attr:`~fedneq.neurons.NeuronLayer.tensors` (in that order) of row ``i``
+    flattened: conv/linear weight row, bias, and BatchNorm weight, bias,
+    running mean and running variance when a BatchNorm is attached.
+``"tensors"`` — int32 ``(T,)``
+    Strictly ascending indices into the *tensor table* of whole tensors sent
+    (:attr:`~fedneq.neurons.TrainMask.full_tensors`, e.g. a new head).
+``"tensor_values"`` — float32
+    The concatenation of those tensors, each flattened.
+
+The *tensor table* is :func:`~fedneq.federation.wire.reply.tensor_table`.
+Values travel as float32: a float32 model round-trips bit-exactly, other
+float dtypes are cast back on decode.
+
+:func:`decode` reads either format (:func:`~fedneq.federation.wire.blocks.wire_format`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedneq._validate import row_numel
+from fedneq.federation.wire.blocks import decode_blocks, wire_format
+from fedneq.federation.wire.reply import (
+    SparseUpdate,
+    WireFormatError,
+    as_rows,
+    check_array_structure,
+    check_compatible,
+    check_indices,
+    float32_concat,
+)
+from fedneq.neurons import NeuronMap, TrainMask
+
+__all__ = ["WIRE_KEYS", "decode", "dense_arrays", "encode"]
+
+WIRE_KEYS: tuple[str, ...] = ("neurons", "neuron_values", "tensors", "tensor_values")
+_DTYPES: dict[str, np.dtype] = {
+    "neurons": np.dtype(np.int32),
+    "neuron_values": np.dtype(np.float32),
+    "tensors": np.dtype(np.int32),
+    "tensor_values": np.dtype(np.float32),
+}
+
+
+def _layer_row_lengths(neuron_map: NeuronMap, state: Mapping[str, torch.Tensor]) -> list[int]:
+    """Floats sent per neuron, for every layer."""
+    return [sum(row_numel(state[k]) for k in layer.tensors) for layer in neuron_map.layers]
+
+
+def encode(
+    state: Mapping[str, torch.Tensor],
+    neuron_map: NeuronMap,
+    mask: TrainMask,
+    table: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Encode what ``mask`` trained in ``state`` as the four wire arrays.
+
+    Parameters
+    ----------
+    state:
+        The client's model ``state_dict()`` after local training.
+    neuron_map:
+        The model's neurons (:func:`~fedneq.neurons.enumerate_neurons`).
+    mask:
+        What local training was allowed to change.
+    table:
+        The tensor table (:func:`tensor_table` of the global model).
+
+    Raises
+    ------
+    ValueError
+        If the mask does not fit the neuron map, or names a whole tensor that
+        is not in the table.
+    """
+    if mask.neurons.shape != (neuron_map.num_neurons,):
+        raise ValueError(
+            f"mask.neurons must have shape ({neuron_map.num_neurons},), "
+            f"got {tuple(mask.neurons.shape)}"
+        )
+    check_compatible(neuron_map, table, state, "state")
+    index = {k: i for i, k in enumerate(table)}
+    unknown = sorted(k for k in mask.full_tensors if k not in index)
+    if unknown:
+        raise ValueError(
+            f"mask.full_tensors {unknown} are not in the tensor table "
+            "(only floating-point state entries can be sent)"
+        )
+
+    blocks: list[torch.Tensor] = []
+    for layer in neuron_map.layers:
+        idx = mask.neurons[layer.slice].nonzero().flatten()  # (k,)
+        if idx.numel():
+            parts = [as_rows(state[key].detach())[idx] for key in layer.tensors]  # (k, len_t) each
+            blocks.append(torch.cat(parts, dim=1).flatten())
+    tensor_ids = sorted(index[k] for k in mask.full_tensors)
+    whole = [state[table[i]].detach().flatten() for i in tensor_ids]
+
+    return {
+        "neurons": mask.neurons.nonzero().flatten().numpy().astype(np.int32),
+        "neuron_values": float32_concat(blocks),
+        "tensors": np.asarray(tensor_ids, dtype=np.int32),
+        "tensor_values": float32_concat(whole),
+    }
+
+
+def dense_arrays(state: Mapping[str, torch.Tensor], table: Sequence[str]) -> dict[str, np.ndarray]:
+    """Wire arrays sending every tensor of the table whole (no neuron rows)."""
+    missing = [k for k in table if k not in state]
+    if missing:
+        raise ValueError(f"state lacks tensor-table keys {missing}")
+    return {
+        "neurons": np.zeros(0, dtype=np.int32),
+        "neuron_values": np.zeros(0, dtype=np.float32),
+        "tensors": np.arange(len(table), dtype=np.int32),
+        "tensor_values": float32_concat([state[k].detach().flatten() for k in table]),
+    }
+
+
+def decode(
+    arrays: Mapping[str, np.ndarray],
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    reference_state: Mapping[str, torch.Tensor],
+) -> SparseUpdate:
+    """Decode and validate a reply.
+
+    Parameters
+    ----------
+    arrays:
+        The four wire arrays (:func:`from_array_record` of the reply).
+    neuron_map, table:
+        The global model's neurons and tensor table.
+    reference_state:
+        The model the client started from (the global model sent this round):
+        gives every tensor's shape and dtype, and the value of unsent rows.
+
+    Raises
+    ------
+    WireFormatError
+        Missing or extra keys, a wrong dtype or rank, indices out of range,
+        unsorted or duplicated, value lengths not matching the indices, or
+        non-finite values.
+    ValueError
+        If ``neuron_map`` / ``table`` do not describe ``reference_state``.
+    """
+    check_compatible(neuron_map, table, reference_state, "reference_state")
+    if wire_format(arrays) == "blocks":
+        return decode_blocks(arrays, table, reference_state)
+    check_array_structure(arrays, WIRE_KEYS, _DTYPES, ("neuron_values", "tensor_values"))
+    neurons, tensors = arrays["neurons"], arrays["tensors"]
+    check_indices("neurons", neurons, neuron_map.num_neurons)
+    check_indices("tensors", tensors, len(table))
+
+    row_lengths = _layer_row_lengths(neuron_map, reference_state)
+    starts = np.array([layer.offset for layer in neuron_map.layers] + [neuron_map.num_neurons])
+    bounds = np.searchsorted(neurons, starts)  # (L+1,) position of each layer's first sent neuron
+    counts = np.diff(bounds)  # (L,) neurons sent per layer
+    expected = int(np.dot(counts, row_lengths))
+    if arrays["neuron_values"].size != expected:
+        raise WireFormatError(
+            f"'neuron_values' has {arrays['neuron_values'].size} values, expected {expected} "
+            f"for the {neurons.size} neurons sent"
+        )
+    sizes = [reference_state[table[i]].numel() for i in tensors]
+    if arrays["tensor_values"].size != sum(sizes):
+        raise WireFormatError(
+            f"'tensor_values' has {arrays['tensor_values'].size} values, expected {sum(sizes)} "
+            f"for tensors {tensors.tolist()}"
+        )
+
+    values: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+    flat = torch.from_numpy(arrays["neuron_values"].copy())
+    pos = 0
+    for layer, count, length, first in zip(
+        neuron_map.layers, counts, row_lengths, bounds[:-1], strict=True
+    ):
+        if count == 0:
+            continue
+        idx = torch.from_numpy(neurons[first : first + count].astype(np.int64)) - layer.offset
+        block = flat[pos : pos + count * length].view(int(count), length)  # (k, row_len)
+        pos += int(count) * length
+        col = 0
+        for key in layer.tensors:
+            ref = reference_state[key]
+            width = row_numel(ref)
+            out = values.setdefault(key, ref.detach().clone(memory_format=torch.contiguous_format))
+            as_rows(out)[idx] = block[:, col : col + width].to(ref.dtype)
+            col += width
+            sent = rows.setdefault(key, torch.zeros(layer.num_neurons, dtype=torch.bool))
+            sent[idx] = True
+
+    flat = torch.from_numpy(arrays["tensor_values"].copy())
+    pos = 0
+    for i, size in zip(tensors, sizes, strict=True):
+        key = table[i]
+        ref = reference_state[key]
+        values[key] = flat[pos : pos + size].view(ref.shape).to(ref.dtype).clone()
+        rows[key] = torch.ones(as_rows(ref).shape[0], dtype=torch.bool)
+        pos += size
+    return SparseUpdate(values=values, rows=rows)
