@@ -66,6 +66,16 @@ class MemoryMeter:
         whole tensors' gradient and optimizer state once, when its first
         neuron is selected (what PyTorch allocates); ``False`` (default)
         charges every selected neuron its own rows.
+
+    Attributes
+    ----------
+    fixed_bytes:
+        Memory before any neuron is selected (weights, the always-trained set
+        and ``extra``, their saved activations).
+    layer_of:
+        (N,) int64 neuron -> index of its layer in ``neuron_map.layers``.
+    layer_start:
+        (L,) int64 execution order of each layer's earliest module.
     """
 
     def __init__(
