@@ -26,7 +26,7 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
   limit, :func:`fedneq.federation.width_client.device_width`), federated
   (``sims.compare``, one engine per level, seed and group: the dynamic
   masks, each SU scheme, the width sub-models). Replies are clipped as in
-  :mod:`sims.paper` (:func:`sims.paper.strategy_options`: at the plan's
+  :mod:`sims.paper` (:func:`sims.paper.plan.strategy_options`: at the plan's
   ``clip_update_ratio`` times the round's median change, the width
   sub-models' not).
 
@@ -52,9 +52,11 @@ import torch
 
 from fedneq.config import Config
 from fedneq.costs import mask_cost, profile_model
+from fedneq.federation.protocol import WIDTH_METHODS
 from fedneq.selection import MemoryMeter, get_selector
 from fedneq.task import build_model, load_task
-from sims import paper
+from sims.paper.plan import FULL, Plan, base_config, strategy_options
+from sims.paper.sweep import pretrained_checkpoint, steps_done
 from sims.results import atomic_write_text, csv_text, read_csv
 
 __all__ = ["FleetLevel", "main", "memory_span", "run_frontier"]
@@ -64,7 +66,7 @@ METHODS = {
     "single": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated",
                "velocity-per-param", "random", "static:SU-1", "static:SU-3", "static:SU-5"),
     "fleet": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated", "random",
-              "static:SU-1", "heterofl", "fjord", "fedrolex"),
+              "static:SU-1", *WIDTH_METHODS),
 }  # fmt: skip
 LEVELS = (0.0, 0.1, 0.3, 1.0)
 COLUMNS = (
@@ -75,7 +77,7 @@ COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class FleetLevel:
-    """The federated setting's size (a scaled-down :data:`sims.paper.FULL`)."""
+    """The federated setting's size (a scaled-down :data:`sims.paper.plan.FULL`)."""
 
     rounds: int = 12
     num_clients: int = 50
@@ -108,7 +110,7 @@ def _limit(level: float, span: tuple[int, int]) -> int:
     return low + int(level * (high - low))
 
 
-def _single_config(plan: paper.Plan, base: Config, method: str, seed: int) -> Config:
+def _single_config(plan: Plan, base: Config, method: str, seed: int) -> Config:
     return base.replace(
         run={"name": f"frontier-single-{method.replace(':', '-')}", "seed": seed},
         data={"train_limit": plan.single_train_limit},
@@ -118,13 +120,13 @@ def _single_config(plan: paper.Plan, base: Config, method: str, seed: int) -> Co
 
 
 def _run_single(
-    plan: paper.Plan, base: Config, method: str, seed: int, limit: int | None, run_dir: Path
+    plan: Plan, base: Config, method: str, seed: int, limit: int | None, run_dir: Path
 ) -> dict[str, Any] | None:
     """The run's figures, or None where the method cannot train within ``limit`` at all."""
     from sims.single_device import run_single_device
 
     done = run_dir / "single_device.csv"
-    if not (done.exists() and len(read_csv(done)) == plan.epochs + 1):
+    if steps_done(run_dir, federated=False) != plan.epochs + 1:  # + epoch 0
         config = _single_config(plan, base, method, seed)
         try:
             run_single_device(
@@ -165,13 +167,13 @@ def _fleet_config(base: Config, fleet: FleetLevel, seed: int, limit: int | None)
 
 def _group(method: str) -> str:
     """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, or ``width``."""
-    if method in paper.WIDTH_BASELINES:
+    if method in WIDTH_METHODS:
         return "width"
     return _selection(method)["scheme"] or "dynamic"
 
 
 def _run_fleet(
-    plan: paper.Plan, base: Config, fleet: FleetLevel, methods: Sequence[str], seed: int,
+    plan: Plan, base: Config, fleet: FleetLevel, methods: Sequence[str], seed: int,
     limit: int | None, out: Path,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     from sims.compare import compare
@@ -186,7 +188,7 @@ def _run_fleet(
         # the sweep's stabiliser: replies clipped, except the width sub-models'
         scoped = config.replace(
             selection={"scheme": scheme} if scheme else {},
-            strategy={"options": paper.strategy_options(plan, _selection(mine[0])["selector"])},
+            strategy={"options": strategy_options(plan, _selection(mine[0])["selector"])},
         )
         compare(scoped, [_selection(m)["selector"] for m in mine], out / group)
         for method in mine:
@@ -205,7 +207,7 @@ def _run_fleet(
 def run_frontier(
     out: Path,
     *,
-    plan: paper.Plan = paper.FULL,
+    plan: Plan = FULL,
     levels: Sequence[float] = LEVELS,
     settings: Sequence[str] = SETTINGS,
     methods: dict[str, Sequence[str]] | None = None,
@@ -220,9 +222,9 @@ def run_frontier(
         raise ValueError(f"levels must be numbers in [0, 1], got {list(levels)}")
     methods = {**METHODS, **(methods or {})}
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = paper.pretrained_checkpoint(plan, pretrained_dir or out.parent / "_pretrained")
+    checkpoint = pretrained_checkpoint(plan, pretrained_dir or out.parent / "_pretrained")
     # the fill rule: under a memory limit, skip what does not fit and keep going
-    base = paper.base_config(plan, out, checkpoint).replace(selection={"rule": "fill"})
+    base = base_config(plan, out, checkpoint).replace(selection={"rule": "fill"})
     rows: list[dict[str, Any]] = []
     for setting in settings:
         config = _single_config(plan, base, "velocity", 0) if setting == "single" else base
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory levels: 0 = SU-1's memory, 1 = full training's")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--settings", default=",".join(SETTINGS))
-    p.add_argument("--epochs", type=int, default=paper.FULL.epochs, help="single device")
+    p.add_argument("--epochs", type=int, default=FULL.epochs, help="single device")
     p.add_argument("--rounds", type=int, default=FleetLevel.rounds, help="fleet")
     p.add_argument("--num-clients", type=int, default=FleetLevel.num_clients)
     p.add_argument("--clients-per-round", type=int, default=FleetLevel.clients_per_round)
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet = FleetLevel(args.rounds, args.num_clients, args.clients_per_round)
     if args.quick:
         levels, seeds, epochs, fleet = [0.0, 0.3], (0,), 3, FleetLevel(4, 20, 5)
-    plan = dataclasses.replace(paper.FULL, seeds=seeds, epochs=epochs)
+    plan = dataclasses.replace(FULL, seeds=seeds, epochs=epochs)
     methods = {"single": args.single_methods.split(","), "fleet": args.fleet_methods.split(",")}
     torch.set_num_threads(1)
     rows = run_frontier(

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from sims import paper
 from sims.frontier import FleetLevel, _fleet_config, memory_span, run_frontier
+from sims.paper.plan import Plan, base_config
+from sims.paper.sweep import pretrained_checkpoint
 from sims.results import read_csv
 
-TINY = paper.Plan(
+TINY = Plan(
     name="tiny", seeds=(0,), tiers=("SU-1",), epochs=1, rounds=1, dataset="digits",
     image_size=32, width_mult=0.25, single_train_limit=74, fed_train_limit=200, test_limit=100,
     num_clients=4, clients_per_round=2, min_partition_size=20, pretrain_epochs=1,
@@ -28,7 +29,7 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
         out, plan=TINY, levels=[0.0, 0.5], methods=methods, fleet=FleetLevel(1, 4, 2),
     )  # fmt: skip
     assert len(rows) == 2 * 3 + 2 * 2
-    base = paper.base_config(TINY, out, paper.pretrained_checkpoint(TINY, tmp_path / "_pretrained"))
+    base = base_config(TINY, out, pretrained_checkpoint(TINY, tmp_path / "_pretrained"))
     su1, full = memory_span(base)
     assert 0 < su1 < full
     for r in rows:
@@ -65,7 +66,7 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
 
 
 def test_fleet_config_gives_every_class_the_limit() -> None:
-    base = paper.base_config(TINY, Path("unused"))
+    base = base_config(TINY, Path("unused"))
     config = _fleet_config(base, FleetLevel(3, 10, 5), seed=1, limit=123_456)
     classes = config.fleet.classes
     assert [c["memory_limit_bytes"] for c in classes] == [123_456] * 4

@@ -13,27 +13,36 @@ import pytest
 from fedneq.config import Config
 from fedneq.models import get_model
 from sims import single_device
-from sims.paper import (
+from sims.paper.cli import main
+from sims.paper.plan import (
     FULL,
     QUICK,
-    READING_END,
-    READING_START,
     Plan,
     Run,
-    aggregate,
     base_config,
     expand,
-    invocation_lines,
-    main,
-    mean_std,
     override,
     run_config,
-    run_sweep,
-    setting_bullets,
-    summarize_run,
     tier_budgets,
+)
+from sims.paper.report import (
+    READING_END,
+    READING_START,
+    device_table,
+    invocation_lines,
+    setting_bullets,
     write_report,
 )
+from sims.paper.summary import (
+    CURVE_COLUMNS,
+    SUMMARY_COLUMNS,
+    aggregate,
+    device_rows,
+    mean_std,
+    summarize_run,
+    worst_drop,
+)
+from sims.paper.sweep import run_sweep
 from sims.results import CLIENT_COLUMNS, ROUND_COLUMNS, atomic_write_text, csv_text, read_csv
 
 
@@ -250,8 +259,6 @@ def test_summarize_federated_run_by_hand(tmp_path: Path) -> None:
 
 def test_device_rows_and_table_per_class_by_hand(tmp_path: Path) -> None:
     """Per device class: means over accepted replies per seed, then over seeds; memory the largest."""
-    from sims.paper import device_rows, device_table
-
     def client(device, status, params, measured, bound):
         return {"round": 1, "partition_id": 0, "device": device, "status": status,
                 "trainable_params": params, "train_flops": 2e9, "upload_bytes": 4000,
@@ -324,8 +331,6 @@ def _sweep_meta() -> dict:
 def test_report_tables_plots_and_kept_reading(tmp_path: Path) -> None:
     res = tmp_path / "docs" / "results"
     res.mkdir(parents=True)
-    from sims.paper import CURVE_COLUMNS, SUMMARY_COLUMNS
-
     summaries = [_summary("velocity", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))]
     summaries += [_summary("fedavg", 0, 0.9, tier="full", upload_mb=30.0)]
     curves = [
@@ -400,17 +405,18 @@ def test_tiny_sweep_end_to_end_resumes_and_reproduces(tmp_path: Path, capsys) ->
 
 
 def test_a_sweep_stored_before_a_plan_field_existed_still_continues(tmp_path: Path) -> None:
-    from sims.paper import _plan_dict, _sweep_meta
+    from sims.paper.plan import plan_dict
+    from sims.paper.sweep import sweep_meta
 
     ckpt = tmp_path / "up.safetensors"
     ckpt.with_suffix(".json").write_text(json.dumps({"test_accuracy": 0.9, "train_samples": 10}))
-    stored = _plan_dict(FULL)
+    stored = plan_dict(FULL)
     del stored["strategy"]  # a sweep.json written before Plan.strategy existed
     (tmp_path / "sweep.json").write_text(json.dumps({"plan": stored, "invocations": [{"x": 1}]}))
-    meta = _sweep_meta(FULL, tmp_path, {}, ckpt, Config())  # the default is what that sweep ran
+    meta = sweep_meta(FULL, tmp_path, {}, ckpt, Config())  # the default is what that sweep ran
     assert meta["invocations"] == [{"x": 1}] and meta["plan"]["strategy"] == FULL.strategy
     with pytest.raises(ValueError, match="holds a sweep of another plan"):
-        _sweep_meta(dataclasses.replace(FULL, strategy="neuron-avg"), tmp_path, {}, ckpt, Config())
+        sweep_meta(dataclasses.replace(FULL, strategy="neuron-avg"), tmp_path, {}, ckpt, Config())
 
 
 def test_methods_restricts_the_runs_of_a_plan() -> None:
@@ -425,7 +431,5 @@ def test_methods_restricts_the_runs_of_a_plan() -> None:
 
 
 def test_worst_drop_is_the_largest_fall_between_consecutive_steps() -> None:
-    from sims.paper import worst_drop
-
     assert worst_drop([0.5, 0.7, 0.4, 0.6, 0.55]) == pytest.approx(0.3)
     assert worst_drop([0.5, 0.6, 0.7]) == 0.0 and worst_drop([0.5]) == 0.0

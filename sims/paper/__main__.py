@@ -1,0 +1,8 @@
+"""``python -m sims.paper``."""
+
+import sys
+
+from sims.cli import run_command
+from sims.paper.cli import main
+
+sys.exit(run_command(main, None, "sims.paper"))
