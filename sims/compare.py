@@ -46,13 +46,19 @@ from sims.run import check_runnable, simulate_many
 from sims.server_app import RunSpec
 from strategies import list_strategies
 
-__all__ = ["compare", "device_costs", "method_config", "summarize"]
+__all__ = ["compare", "device_costs", "method_config", "method_names", "summarize"]
 
 COLUMNS = (
     "method", "final_accuracy", "best_accuracy", "rounds_to_95pct_best", "upload_mb",
     "mean_trainable_fraction", "mean_flops_saved", "failed_clients", "time_to_95pct_best_s",
     "total_time_s",
 )  # fmt: skip
+
+
+def method_names() -> list[str]:
+    """Every method :func:`method_config` takes (a selector also as ``<selector>@<strategy>``):
+    the registered selectors, ``fedavg`` and the width sub-models."""
+    return [*list_selectors(), "fedavg", *WIDTH_METHODS]
 
 
 def method_config(config: Config, method: str) -> Config:
@@ -62,11 +68,13 @@ def method_config(config: Config, method: str) -> Config:
     if method in WIDTH_METHODS:  # a width sub-model per device: the strategy drives the client
         return config.replace(strategy={"name": method})
     selector, _, strategy = method.partition("@")
+    if selector in ("fedavg", *WIDTH_METHODS):
+        raise ValueError(f"method {method!r}: {selector!r} sets its own strategy, not @<strategy>")
     if selector not in list_selectors():
         raise ValueError(
-            f"method {method!r}: selector {selector!r} is not one of {list_selectors()} (or "
-            f"'fedavg', {', '.join(map(repr, WIDTH_METHODS))})"
-            + did_you_mean(selector, [*list_selectors(), "fedavg", *WIDTH_METHODS])
+            f"method {method!r}: selector {selector!r} is not known; a method is a selector "
+            f"{list_selectors()} (optionally @<strategy>), 'fedavg', or a width sub-model "
+            f"{list(WIDTH_METHODS)}" + did_you_mean(selector, method_names())
         )
     if strategy and strategy not in list_strategies():
         raise ValueError(

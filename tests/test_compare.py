@@ -9,8 +9,10 @@ import pytest
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
+from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.selection import list_selectors
 from sims.cli import UserError
-from sims.compare import compare, label, method_config, summarize
+from sims.compare import compare, label, method_config, method_names, summarize
 from sims.results import read_csv
 
 
@@ -24,6 +26,22 @@ def test_method_config_maps_names_to_selector_and_strategy() -> None:
         method_config(base, "fast")
     with pytest.raises(ValueError, match="strategy 'nope'"):
         method_config(base, "velocity@nope")
+
+
+def test_unknown_method_error_names_every_method() -> None:
+    every = [*list_selectors(), "fedavg", *WIDTH_METHODS]
+    assert {"velocity", "velocity-per-param", "velocity-region", "random", "static", "full",
+            "fedavg", "heterofl", "fjord", "fedrolex"} <= set(every)  # fmt: skip
+    assert method_names() == every
+    with pytest.raises(ValueError) as info:
+        method_config(Config(), "no-such-method")
+    message = str(info.value)
+    missing = [m for m in every if repr(m) not in message]
+    assert not missing, f"the error leaves out {missing}: {message}"
+    with pytest.raises(ValueError, match="did you mean 'heterofl'"):
+        method_config(Config(), "heterof")
+    with pytest.raises(ValueError, match="'fedavg' sets its own strategy"):
+        method_config(Config(), "fedavg@sparse-fedavg")
 
 
 def test_summarize_by_hand() -> None:
