@@ -4,7 +4,7 @@
 field with :func:`override`) expands into :class:`Run` s (:func:`expand`),
 each a setting, a budget tier, a method and a seed; :func:`run_config` turns
 one into the fedneq :class:`~fedneq.config.Config` it trains with. Why the
-plan's defaults are what they are: the comments on its fields.
+plan's defaults are what they are: docs/TUNING.md, "The paper sweep's plan".
 """
 
 from __future__ import annotations
@@ -80,33 +80,31 @@ class Plan:
     test_limit: int = 1000
     num_clients: int = 50
     clients_per_round: int = 10
-    alpha: float = 1.0  # at 0.5 dense FedAvg ends at 18.5 / 41.2 / 75.7 % (seeds 0-2): too seed-bound
+    alpha: float = 1.0  # at 0.5 dense FedAvg is too seed-bound (docs/TUNING.md, "alpha")
     min_partition_size: int = 15
     probe_size: int = 10
     batch_size: int = 32
     local_epochs: int = 2  # federated; velocity re-selects in between, even at a first round
     single_lr: float = 0.01
-    fed_lr: float = 0.03  # with frozen BatchNorm and the balanced softmax (0.01: dense FedAvg 69-78 %)
+    fed_lr: float = 0.03  # tuned with frozen BatchNorm and the balanced softmax (docs/TUNING.md)
     hetero_scheme: str = "SU-5"
-    # aggregation of the budgeted runs (FedAvg runs use "fedavg"): neuron-avg let random and
-    # plain velocity collapse (worst one-round drops 25-39 points, seed 0); sparse-fedavg did not
+    # aggregation of the budgeted runs (FedAvg runs use "fedavg"): neuron-avg gives a neuron
+    # one client trained that client's update whole, and random and plain velocity collapsed
+    # with it; sparse-fedavg counts the other clients as unchanged (docs/TUNING.md)
     strategy: str = "sparse-fedavg"
     pretrain_epochs: int = 4
-    # federated: BatchNorm in eval mode (train mode on small label-skewed clients: 74 % vs 86 %
-    # final for dense FedAvg, issue 10); one device: every BatchNorm re-estimates its statistics
-    # (velocity / param at SU-1: 89.3 % "all", 86.7 % "frozen", 75.8 % "selected"; 3 seeds)
+    # federated: BatchNorm in eval mode (a small label-skewed client cannot estimate statistics
+    # worth averaging); one device, with all its data: every BatchNorm re-estimates its
+    # statistics (docs/TUNING.md, "BatchNorm")
     bn_stats: str = "frozen"
     single_bn_stats: str = "all"
     loss: str = "balanced-softmax"  # label-skewed clients leave the classes they lack alone
-    # federated stabilisers (issue 10, docs/variants/fedavg-stability): FedProx's pull toward
-    # the global model ([train] prox_mu) for the dense FedAvg runs only (it slows a budgeted
-    # run, whose few trainable rows it pulls back), and norm bounding of every federated
-    # reply at this many times the round's median update ([strategy.options]
-    # clip_update_ratio), except the width sub-models' (a width reply's change grows with
-    # its width: a phone's full-width update is 11-18x the median of a mostly narrow round,
-    # and clipped at 2x HeteroFL / FjORD / FedRolex ended at 45.3 / 38.3 / 46.6 %, 3 seeds);
-    # 0 = off. Dense FedAvg over 3 seeds: neither 88.4 % final with drops of 13.5 / 11.3 /
-    # 8.4 points; both 86.4 %, worst drop 8.5 (clipping alone: 17.1)
+    # federated stabilisers (docs/TUNING.md, docs/variants/fedavg-stability): FedProx's pull
+    # toward the global model ([train] prox_mu) for the dense FedAvg runs only (it slows a
+    # budgeted run, whose few trainable rows it pulls back), and norm bounding of every
+    # federated reply at this many times the round's median update ([strategy.options]
+    # clip_update_ratio), except the width sub-models' (a width reply's change grows with its
+    # width, so clipping cuts down exactly the full-width replies they need); 0 = off
     prox_mu: float = 1.0
     clip_update_ratio: float = 2.0
     pretrain_train_limit: int = 0
