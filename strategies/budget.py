@@ -12,7 +12,6 @@ calls them for every reply.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from fedneq.federation.protocol import BUDGET_KEY, EPOCHS_KEY
-from fedneq.federation.wire import wire_format
+from fedneq.federation.wire import block_sent_counts, wire_format
 from fedneq.neurons import NeuronMap
 
 __all__ = ["BudgetLimit", "check_budget", "trained_params"]
@@ -123,18 +122,19 @@ def _block_trained_params(
 ) -> int:
     """:func:`trained_params` of an element-block reply: the elements of neuron-layer parameters.
 
-    Its rows and columns are known valid (decoded); a block of a never-trained
-    tensor raises ``ValueError``.
+    Its rows and columns are known valid (decoded); every element a block
+    sends counts (its whole rows x columns, or the elements its
+    ``block_elements`` bits name); a block of a never-trained tensor raises
+    ``ValueError``.
     """
     params = {key for layer in neuron_map.layers for key in layer.param_tensors}
     owned = {key for layer in neuron_map.layers for key in layer.tensors}
     always = set(neuron_map.always_trained)
     always_modules = {key.rsplit(".", 1)[0] for key in always}
     free = set(free)
-    row_counts = arrays["block_row_counts"].astype(np.int64)
-    col_counts = arrays["block_col_counts"].astype(np.int64)
+    counts = block_sent_counts(arrays, table, reference_state)
     total = 0
-    for i, r, c in zip(arrays["block_tensors"].tolist(), row_counts, col_counts, strict=True):
+    for i, count in zip(arrays["block_tensors"].tolist(), counts, strict=True):
         key = table[i]
         if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
             continue
@@ -144,9 +144,7 @@ def _block_trained_params(
                 "layer nor in the always-trained set)"
             )
         if key in params:
-            shape = reference_state[key].shape
-            per_cell = math.prod(shape[2:]) if len(shape) > 2 else 1  # a conv's kernel
-            total += int(r) * max(int(c), 1) * per_cell
+            total += count
     return total
 
 

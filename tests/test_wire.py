@@ -479,3 +479,56 @@ def test_block_wire_refuses_columns_on_a_vector(cnn) -> None:
     arrays["block_cols"] = np.array([0], dtype=np.int32)
     with pytest.raises(WireFormatError, match="takes no columns"):
         decode(arrays, nm, table, state)
+
+
+def test_block_wire_element_bits_round_trip_and_budget(cnn) -> None:
+    """An element-wise mask inside blocks: only the set bits' values travel, the rest stay global."""
+    _, nm, state, table = cnn
+    gen = torch.Generator().manual_seed(3)
+    blocks, expected = {}, {}
+    for key in ("features.0.0.weight", "features.1.1.weight", "head.weight"):  # conv, BN, always
+        t = state[key]
+        keep = torch.rand(t.shape, generator=gen) < 0.3
+        cols = torch.arange(t.shape[1]) if t.dim() > 1 else None
+        new = t + 1.0
+        blocks[key] = Block(torch.arange(t.shape[0]), cols, new, keep)
+        expected[key] = (torch.where(keep, new, t), keep)
+    arrays = encode_blocks(blocks, table, state)
+    bits = sum(int(np.prod(state[k].shape)) for k in blocks)
+    assert arrays["block_elements"].nbytes == (bits + 7) // 8
+    assert arrays["block_values"].size == sum(int(k.sum()) for _, k in expected.values())
+    update = decode(arrays, nm, table, state)
+    for key, (values, keep) in expected.items():
+        assert torch.equal(update.values[key], values) and torch.equal(update.elements[key], keep)
+    # the budget counts the sent elements of the neuron layers (the head is outside it)
+    assert trained_params(arrays, nm, table, state) == sum(
+        int(expected[k][1].sum()) for k in ("features.0.0.weight", "features.1.1.weight")
+    )
+    # width replies carry no bits: the key is there, empty
+    plan = plan_channels(cnn[0], 0.5)
+    full = encode_blocks(submodel_blocks(extract_submodel(cnn[0], plan).state_dict(), plan, ["features.0.0.weight"]), table, state)
+    assert full["block_elements"].size == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.update(block_elements=a["block_elements"][:-1].copy()), "bytes, expected"),
+        (lambda a: a["block_elements"].__setitem__(-1, 0xFF), "padding bits"),
+        (lambda a: a.update(block_elements=np.zeros_like(a["block_elements"])), "values, expected"),
+    ],
+)
+def test_block_wire_element_bits_validation(cnn, change, message) -> None:
+    _, nm, state, table = cnn
+    t = state["features.1.1.weight"]  # 32 elements: 5 bytes with a padding byte when 33
+    keep = torch.zeros(t.shape, dtype=torch.bool)
+    keep[::3] = True
+    arrays = encode_blocks(
+        {"features.1.1.weight": Block(torch.arange(t.shape[0]), None, t, keep),
+         "features.0.1.bias": Block(torch.tensor([0]), None, state["features.0.1.bias"][:1])},
+        table, state,
+    )  # fmt: skip
+    decode(arrays, nm, table, state)
+    change(arrays)
+    with pytest.raises(WireFormatError, match=message):
+        decode(arrays, nm, table, state)

@@ -106,6 +106,7 @@ class Block:
     rows: torch.Tensor  # (r,) int64, strictly ascending
     cols: torch.Tensor | None  # (c,) int64, strictly ascending; None for a tensor of rank < 2
     values: torch.Tensor  # (r, c, ...) or (r,)
+    elements: torch.Tensor | None = None  # bool like values: the elements sent (None: all)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,13 @@
   (:class:`SparseUpdate`, the tensor table, ``ArrayRecord`` conversion).
 * :mod:`~fedneq.federation.wire.rows`: neuron rows (:func:`encode`), and
   :func:`decode`, which reads either reply format.
-* :mod:`~fedneq.federation.wire.blocks`: element blocks of a width sub-model
-  (:func:`encode_blocks`).
+* :mod:`~fedneq.federation.wire.blocks`: element blocks of a width sub-model, or
+  the elements of an element-wise mask within them (:func:`encode_blocks`).
 * :mod:`~fedneq.federation.wire.model`: the global model packed, one flat
   array per dtype (:func:`pack_model` / :func:`unpack_model`).
 """
 
-from fedneq.federation.wire.blocks import BLOCK_KEYS, encode_blocks, wire_format
+from fedneq.federation.wire.blocks import BLOCK_KEYS, block_sent_counts, encode_blocks, wire_format
 from fedneq.federation.wire.model import (
     MODEL_LAYOUT_KEY,
     ModelLayout,
@@ -40,6 +40,7 @@ __all__ = [
     "SparseUpdate",
     "WireFormatError",
     "as_rows",
+    "block_sent_counts",
     "check_compatible",
     "decode",
     "dense_arrays",

@@ -12,9 +12,17 @@ The second reply format (:data:`BLOCK_KEYS`): a width sub-model's update
 ``"block_col_counts"``, ``"block_cols"`` — int32 ``(T,)``, ``(sum of counts,)``
     For each tensor of rank >= 2, how many dim-1 indices and which, strictly
     ascending; 0 for a tensor of rank < 2.
+``"block_elements"`` — uint8 ``(ceil(E / 8),)`` or ``(0,)``
+    Empty: every element of every block is sent (a width sub-model). Else
+    one bit per element of the blocks, ``E`` in all, in the order of the
+    blocks' flattened values (``np.packbits``, little bit order, padding
+    bits 0): which elements of the blocks are sent, for an element-wise mask
+    (FIARSE's magnitude top-K, :mod:`fedneq.federation.element_client`) that
+    no rows x columns block fits.
 ``"block_values"`` — float32
     For each tensor, ``tensor[rows][:, cols]`` flattened (rank < 2:
-    ``tensor[rows]``).
+    ``tensor[rows]``); with ``block_elements``, only the elements whose bit
+    is set.
 
 :func:`~fedneq.federation.wire.rows.decode` reads either format
 (:func:`wire_format`); a decoded block reply's
@@ -37,14 +45,15 @@ from fedneq.federation.wire.reply import (
     float32_concat,
 )
 
-__all__ = ["BLOCK_KEYS", "decode_blocks", "encode_blocks", "wire_format"]
+__all__ = ["BLOCK_KEYS", "block_sent_counts", "decode_blocks", "encode_blocks", "wire_format"]
 
 BLOCK_KEYS: tuple[str, ...] = (
     "block_tensors", "block_row_counts", "block_rows", "block_col_counts", "block_cols",
-    "block_values",
+    "block_elements", "block_values",
 )  # fmt: skip
 _BLOCK_DTYPES: dict[str, np.dtype] = {
-    k: np.dtype(np.float32 if k == "block_values" else np.int32) for k in BLOCK_KEYS
+    k: np.dtype(np.float32 if k == "block_values" else np.uint8 if k == "block_elements" else np.int32)
+    for k in BLOCK_KEYS
 }
 
 
@@ -73,16 +82,19 @@ def encode_blocks(
     ``blocks`` maps table keys to objects with ``rows`` (ascending int64),
     ``cols`` (ascending int64, or None for a tensor of rank < 2) and
     ``values`` (``tensor[rows][:, cols]``), e.g.
-    :func:`fedneq.training.submodel.submodel_blocks`; ``state`` (the full
-    model) gives each tensor's shape. Raises ``ValueError`` for a key not in
-    the table or a block that does not fit its tensor.
+    :func:`fedneq.training.submodel.submodel_blocks`, and optionally
+    ``elements`` (bool, the shape of ``values``: the elements sent; ``None``
+    or absent: all); ``state`` (the full model) gives each tensor's shape.
+    Raises ``ValueError`` for a key not in the table or a block that does
+    not fit its tensor.
     """
     index = {k: i for i, k in enumerate(table)}
     unknown = sorted(k for k in blocks if k not in index)
     if unknown:
         raise ValueError(f"blocks {unknown} are not in the tensor table")
     keys = sorted(blocks, key=index.__getitem__)
-    row_counts, rows, col_counts, cols, values = [], [], [], [], []
+    row_counts, rows, col_counts, cols, values, bits = [], [], [], [], [], []
+    partial = any(getattr(blocks[k], "elements", None) is not None for k in keys)
     for key in keys:
         block = blocks[key]
         r, c = block.rows, block.cols  # type: ignore[attr-defined]
@@ -99,13 +111,30 @@ def encode_blocks(
         col_counts.append(0 if c is None else len(c))
         if c is not None:
             cols.append(c)
-        values.append(block.values.detach().flatten())  # type: ignore[attr-defined]
+        flat = block.values.detach().flatten()  # type: ignore[attr-defined]
+        if partial:
+            sent = getattr(block, "elements", None)
+            if sent is None:
+                sent = torch.ones(flat.shape, dtype=torch.bool)
+            elif sent.shape != block.values.shape or sent.dtype != torch.bool:  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"block {key!r} elements must be bool of shape {tuple(block.values.shape)}, "  # type: ignore[attr-defined]
+                    f"got {sent.dtype} of shape {tuple(sent.shape)}"
+                )
+            sent = sent.flatten()
+            bits.append(sent)
+            flat = flat[sent]
+        values.append(flat)
+    packed = (
+        np.packbits(torch.cat(bits).numpy(), bitorder="little") if bits else np.zeros(0, np.uint8)
+    )
     return {
         "block_tensors": np.asarray([index[k] for k in keys], dtype=np.int32),
         "block_row_counts": np.asarray(row_counts, dtype=np.int32),
         "block_rows": _int32_concat(rows),
         "block_col_counts": np.asarray(col_counts, dtype=np.int32),
         "block_cols": _int32_concat(cols),
+        "block_elements": packed.astype(np.uint8),
         "block_values": float32_concat(values),
     }
 
@@ -136,10 +165,12 @@ def decode_blocks(
                 f"{name!r} must be >= 0 and sum to the {flat.size} indices sent, got {counts.tolist()}"
             )
     shapes = [_block_shape(reference_state[table[i]]) for i in tensors]
-    expected = sum(
+    sizes = [
         int(r) * (1 if n_cols is None else int(c)) * rest
         for r, c, (_, n_cols, rest) in zip(row_counts, col_counts, shapes, strict=True)
-    )
+    ]
+    bits = _element_bits(arrays["block_elements"], sum(sizes))
+    expected = sum(sizes) if bits is None else int(bits.sum())
     if flat_values.size != expected:
         raise WireFormatError(
             f"'block_values' has {flat_values.size} values, expected {expected} for the blocks sent"
@@ -148,8 +179,10 @@ def decode_blocks(
     rows: dict[str, torch.Tensor] = {}
     elements: dict[str, torch.Tensor] = {}
     flat = torch.from_numpy(flat_values.copy())
-    r_pos = c_pos = v_pos = 0
-    for i, r, c, (n_rows, n_cols, rest) in zip(tensors, row_counts, col_counts, shapes, strict=True):
+    r_pos = c_pos = v_pos = e_pos = 0
+    for b, (i, r, c, (n_rows, n_cols, _)) in enumerate(
+        zip(tensors, row_counts, col_counts, shapes, strict=True)
+    ):
         key = table[i]
         if r < 1:
             raise WireFormatError(f"block {key!r} sends no row")
@@ -160,17 +193,17 @@ def decode_blocks(
         out = ref.detach().clone(memory_format=torch.contiguous_format)
         sent = torch.zeros(ref.shape, dtype=torch.bool)
         ri = torch.from_numpy(row_ids.astype(np.int64))
+        size = sizes[b]
         if n_cols is None:
             if c != 0:
                 raise WireFormatError(f"block {key!r} has rank {ref.dim()}: it takes no columns, got {c}")
-            count = int(r)
-            block = flat[v_pos : v_pos + count].to(ref.dtype)
+            block, keep, count = _fill(ref[ri] if ref.dim() else ref.view(1), flat, v_pos, bits, e_pos, size)
             if ref.dim() == 0:
                 out.copy_(block.view(()))
-                sent.fill_(True)
+                sent.fill_(bool(keep.all()))
             else:
                 out[ri] = block
-                sent[ri] = True
+                sent[ri] = keep
         else:
             if c < 1:
                 raise WireFormatError(f"block {key!r} has rank {ref.dim()}: it needs columns, got none")
@@ -178,14 +211,67 @@ def decode_blocks(
             c_pos += int(c)
             check_indices(f"block_cols of {key!r}", col_ids, n_cols)
             ci = torch.from_numpy(col_ids.astype(np.int64))
-            count = int(r) * int(c) * rest
-            block = flat[v_pos : v_pos + count].view(int(r), int(c), *ref.shape[2:]).to(ref.dtype)
+            block, keep, count = _fill(ref[ri[:, None], ci[None, :]], flat, v_pos, bits, e_pos, size)
             out[ri[:, None], ci[None, :]] = block
-            sent[ri[:, None], ci[None, :]] = True
+            sent[ri[:, None], ci[None, :]] = keep
+        if not bool(keep.any()):
+            raise WireFormatError(f"block {key!r} sends no element")
         v_pos += count
+        e_pos += size
         values[key] = out
-        row_sent = torch.zeros(n_rows, dtype=torch.bool)
-        row_sent[ri] = True
-        rows[key] = row_sent
+        rows[key] = sent.flatten(1).any(1) if sent.dim() > 1 else sent.clone().view(-1)
         elements[key] = sent
     return SparseUpdate(values=values, rows=rows, elements=elements)
+
+
+def _element_bits(packed: np.ndarray, total: int) -> torch.Tensor | None:
+    """(total,) bool of the elements sent, or ``None`` (every element) for an empty bitmap."""
+    if packed.size == 0:
+        return None
+    if packed.size != (total + 7) // 8:
+        raise WireFormatError(
+            f"'block_elements' has {packed.size} bytes, expected {(total + 7) // 8} for the "
+            f"{total} elements of the blocks (or none)"
+        )
+    bits = np.unpackbits(packed, bitorder="little")
+    if bits[total:].any():
+        raise WireFormatError("'block_elements' sets padding bits past the blocks' elements")
+    return torch.from_numpy(bits[:total].astype(bool))
+
+
+def _fill(
+    ref_block: torch.Tensor, flat: torch.Tensor, v_pos: int, bits: torch.Tensor | None,
+    e_pos: int, size: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """``(block values, bool of the elements sent, values read)``: a block from the flat values,
+    the elements not sent holding ``ref_block``'s."""
+    if bits is None:
+        block = flat[v_pos : v_pos + size].view(ref_block.shape).to(ref_block.dtype)
+        return block, torch.ones(ref_block.shape, dtype=torch.bool), size
+    keep = bits[e_pos : e_pos + size].view(ref_block.shape)
+    count = int(keep.sum())
+    block = ref_block.detach().clone(memory_format=torch.contiguous_format)
+    block[keep] = flat[v_pos : v_pos + count].to(ref_block.dtype)
+    return block, keep, count
+
+
+def block_sent_counts(
+    arrays: Mapping[str, np.ndarray], table: Sequence[str], reference_state: Mapping[str, torch.Tensor]
+) -> list[int]:
+    """Elements each block of a valid element-block reply sends, in block order.
+
+    Every element of its rows x columns block, or the elements whose
+    ``block_elements`` bit is set. ``arrays`` must have passed :func:`decode_blocks`.
+    """
+    shapes = [_block_shape(reference_state[table[i]]) for i in arrays["block_tensors"].tolist()]
+    sizes = [
+        int(r) * (1 if n_cols is None else int(c)) * rest
+        for r, c, (_, n_cols, rest) in zip(
+            arrays["block_row_counts"], arrays["block_col_counts"], shapes, strict=True
+        )
+    ]
+    bits = _element_bits(arrays["block_elements"], sum(sizes))
+    if bits is None:
+        return sizes
+    ends = np.cumsum([0, *sizes])
+    return [int(bits[a:b].sum()) for a, b in zip(ends[:-1], ends[1:], strict=True)]
