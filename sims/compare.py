@@ -4,9 +4,11 @@
     python -m sims.compare default --methods velocity,velocity@server-momentum
 
 A method is ``<selector>[@<strategy>]`` (strategy defaults to the config's),
-``fedavg`` (dense FedAvg: every client at full budget), or a width sub-model
+``fedavg`` (dense FedAvg: every client at full budget), a width sub-model
 baseline ``heterofl``, ``fjord``, ``fedrolex`` (each device trains the
-sub-network its budget allows, :mod:`strategies.width_avg`). All methods run one
+sub-network its budget allows, :mod:`strategies.width_avg`), or ``fiarse``
+(each device trains the global model's largest-magnitude elements its budget
+and memory allow, :mod:`strategies.fiarse`). All methods run one
 after the other in one simulation engine (Ray and the client actors start
 once), each into ``<out>/<method>/``; a method whose results are already
 complete there (same config) is not run again, so an interrupted comparison
@@ -29,7 +31,7 @@ from typing import Any
 
 from fedneq._validate import did_you_mean
 from fedneq.config import Config
-from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
 from fedneq.selection import list_selectors
 from sims.cli import (
     Parser,
@@ -46,7 +48,10 @@ from sims.run import check_runnable, simulate_many
 from sims.server_app import RunSpec
 from strategies import list_strategies
 
-__all__ = ["compare", "device_costs", "method_config", "method_names", "summarize"]
+__all__ = ["SUBMODEL_METHODS", "compare", "device_costs", "method_config", "method_names", "summarize"]
+
+# methods whose strategy has the client train a sub-model (a width, or FIARSE's elements)
+SUBMODEL_METHODS = (*WIDTH_METHODS, *ELEMENT_METHODS)
 
 COLUMNS = (
     "method", "final_accuracy", "best_accuracy", "rounds_to_95pct_best", "upload_mb",
@@ -57,24 +62,24 @@ COLUMNS = (
 
 def method_names() -> list[str]:
     """Every method :func:`method_config` takes (a selector also as ``<selector>@<strategy>``):
-    the registered selectors, ``fedavg`` and the width sub-models."""
-    return [*list_selectors(), "fedavg", *WIDTH_METHODS]
+    the registered selectors, ``fedavg`` and the sub-models (widths, FIARSE)."""
+    return [*list_selectors(), "fedavg", *SUBMODEL_METHODS]
 
 
 def method_config(config: Config, method: str) -> Config:
-    """The config of one method: ``fedavg``, a width method or ``<selector>[@<strategy>]``."""
+    """The config of one method: ``fedavg``, a sub-model method or ``<selector>[@<strategy>]``."""
     if method == "fedavg":
         return config.replace(strategy={"name": "fedavg"})
-    if method in WIDTH_METHODS:  # a width sub-model per device: the strategy drives the client
+    if method in SUBMODEL_METHODS:  # a sub-model per device: the strategy drives the client
         return config.replace(strategy={"name": method})
     selector, _, strategy = method.partition("@")
-    if selector in ("fedavg", *WIDTH_METHODS):
+    if selector in ("fedavg", *SUBMODEL_METHODS):
         raise ValueError(f"method {method!r}: {selector!r} sets its own strategy, not @<strategy>")
     if selector not in list_selectors():
         raise ValueError(
             f"method {method!r}: selector {selector!r} is not known; a method is a selector "
-            f"{list_selectors()} (optionally @<strategy>), 'fedavg', or a width sub-model "
-            f"{list(WIDTH_METHODS)}" + did_you_mean(selector, method_names())
+            f"{list_selectors()} (optionally @<strategy>), 'fedavg', or a sub-model "
+            f"{list(SUBMODEL_METHODS)}" + did_you_mean(selector, method_names())
         )
     if strategy and strategy not in list_strategies():
         raise ValueError(

@@ -535,7 +535,7 @@ def test_every_registered_strategy_keeps_the_contract(setup: Setup, name: str) -
     check_contract(get_strategy, name, setup)
 
 
-BUILTINS = ("fedavg", "fedrolex", "fjord", "heterofl", "neuron-avg", "server-momentum", "sparse-fedavg")
+BUILTINS = ("fedavg", "fedrolex", "fiarse", "fjord", "heterofl", "neuron-avg", "server-momentum", "sparse-fedavg")
 
 
 def test_the_builtins_are_registered() -> None:

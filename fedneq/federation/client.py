@@ -43,6 +43,7 @@ from fedneq.config import Config
 from fedneq.costs import CostProfile, profile_model
 from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.element_client import element_round
 from fedneq.federation.protocol import BUDGET_KEY, NUM_EXAMPLES_KEY
 from fedneq.federation.reply_metrics import training_metrics
 from fedneq.federation.state_store import (
@@ -181,6 +182,7 @@ def client_round(
     attempt: int = 0,
     local: PartitionFile | None = None,
     width: str = "",
+    element: str = "",
 ) -> ClientReply:
     """Run one client's local training round and build its sparse reply.
 
@@ -189,7 +191,9 @@ def client_round(
     partition file (:mod:`fedneq.federation.device_data`): its data is used and the
     dataset is never loaded. ``width`` (a width strategy's ``"width-method"``:
     ``heterofl``, ``fjord``, ``fedrolex``) trains a width sub-model instead of a
-    neuron mask (:func:`fedneq.federation.width_client.width_round`).
+    neuron mask (:func:`fedneq.federation.width_client.width_round`); ``element``
+    (an element-wise strategy's ``"element-method"``: ``fiarse``) trains the
+    magnitude top-K elements (:func:`fedneq.federation.element_client.element_round`).
 
     Raises
     ------
@@ -209,11 +213,12 @@ def client_round(
     model.load_state_dict(global_state)
     device = device or config.device(partition_id)
     data = local.data if local is not None else client_data(config, partition_id)
-    if width:
-        arrays, metrics = width_round(
-            config, model, neuron_map, rt.table, rt.num_params, rt.cost_profile, method=width,
-            device=device, data=data, partition_id=partition_id, server_round=server_round,
-            attempt=attempt, global_state=global_state,
+    if width or element:
+        submodel_round = width_round if width else element_round
+        arrays, metrics = submodel_round(
+            config, model, neuron_map, rt.table, rt.num_params, rt.cost_profile,
+            method=width or element, device=device, data=data, partition_id=partition_id,
+            server_round=server_round, attempt=attempt, global_state=global_state,
         )  # fmt: skip
         if faults.crash:
             raise InjectedFault(

@@ -53,6 +53,7 @@ from fedneq.federation.protocol import (
     CONFIG_KEY,
     CONFIG_RECORD,
     DEVICE_KEY,
+    ELEMENT_KEY,
     FULL_BUDGET_KEY,
     INFO_RECORD,
     SERVER_ROUND_KEY,
@@ -277,6 +278,7 @@ def train(msg: Message, context: Context) -> Message:
         attempt=int(server_config.get(ATTEMPT_KEY, 0)),
         local=local,
         width=str(server_config.get(WIDTH_KEY, "")),
+        element=str(server_config.get(ELEMENT_KEY, "")),
     )
     content = RecordDict(
         {

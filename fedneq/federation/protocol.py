@@ -14,6 +14,8 @@ __all__ = [
     "CONFIG_KEY",
     "CONFIG_RECORD",
     "DEVICE_KEY",
+    "ELEMENT_KEY",
+    "ELEMENT_METHODS",
     "EPOCHS_KEY",
     "FULL_BUDGET_KEY",
     "INFO_RECORD",
@@ -37,6 +39,7 @@ ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault 
 STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
 FULL_BUDGET_KEY = "full-budget"  # True: train every parameter, whatever the device's budget
 WIDTH_KEY = "width-method"  # a width strategy's sub-model rule, one of WIDTH_METHODS
+ELEMENT_KEY = "element-method"  # an element-wise strategy's sub-model rule, one of ELEMENT_METHODS
 
 # a training reply: its metrics the server checks, and its INFO_RECORD
 NUM_EXAMPLES_KEY = "num-examples"  # the reply's weight (FedAvg's weighted_by_key)
@@ -49,3 +52,6 @@ STATE_RUN_KEY = "velocity-run"  # the STATE_DIR_KEY the kept velocity belongs to
 
 # the width sub-model methods a client can run (fedneq.federation.width_client)
 WIDTH_METHODS = ("heterofl", "fjord", "fedrolex")
+
+# the element-wise sub-model methods a client can run (fedneq.federation.element_client)
+ELEMENT_METHODS = ("fiarse",)
