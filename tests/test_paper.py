@@ -48,9 +48,9 @@ from sims.results import CLIENT_COLUMNS, ROUND_COLUMNS, atomic_write_text, csv_t
 
 def test_expand_full_plan_method_by_method() -> None:
     runs = expand(FULL)
-    assert len(runs) == 105 and len({r.key for r in runs}) == 105
-    assert [r.seed for r in runs[:35]] == [0] * 35  # seed by seed
-    seed0 = [(r.setting, r.tier, r.method) for r in runs[:35]]
+    assert len(runs) == 108 and len({r.key for r in runs}) == 108
+    assert [r.seed for r in runs[:36]] == [0] * 36  # seed by seed
+    seed0 = [(r.setting, r.tier, r.method) for r in runs[:36]]
     budgeted = ["velocity", "velocity-per-param", "random", "static"]
     for setting, last in (("single", "full"), ("homogeneous", "fedavg")):
         mine = [(t, m) for s, t, m in seed0 if s == setting]
@@ -59,14 +59,14 @@ def test_expand_full_plan_method_by_method() -> None:
     hetero = [m for s, t, m in seed0 if s == "heterogeneous"]
     assert hetero == [
         "velocity", "velocity-per-param", "random", "static", "smallest", "fedavg-phones",
-        "heterofl", "fjord", "fedrolex",
+        "heterofl", "fjord", "fedrolex", "fiarse",
     ]  # fmt: skip
     quick = expand(QUICK)
     assert [r.key for r in quick[:5]] == [
         "single/SU-1/velocity/seed0", "single/SU-1/velocity-per-param/seed0",
         "single/SU-1/random/seed0", "single/SU-1/static/seed0", "single/full/full/seed0",
     ]  # fmt: skip
-    assert len(quick) == 19
+    assert len(quick) == 20
 
 
 def test_plan_rejects_bad_values() -> None:
@@ -196,10 +196,10 @@ def test_run_config_for_every_kind_of_run(tmp_path: Path) -> None:
     assert (c.train.prox_mu, c.strategy.options) == (0.0, {})
     assert "FedProx pull μ = 1" in setting_bullets(dataclasses.asdict(stable))[1]
     assert "Static: scheme SU-5 truncated" in setting_bullets(dataclasses.asdict(stable))[2]
-    for method in ("heterofl", "fjord", "fedrolex"):  # width sub-models: the strategy drives the client
+    for method in ("heterofl", "fjord", "fedrolex", "fiarse"):  # sub-models: the strategy drives the client
         c = cfg("heterogeneous", "mixed", method)
         assert (c.fleet.preset, c.strategy.name) == ("default", method)
-        assert c.strategy.options == {}  # not clipped: a reply's change grows with its width
+        assert c.strategy.options == {}  # not clipped: a width reply's change grows with its width
     c = cfg("heterogeneous", "mixed", "velocity-per-param")
     assert (c.fleet.preset, c.selection.selector) == ("default", "velocity-per-param")
     with pytest.raises(ValueError, match="heterogeneous method should be one of"):

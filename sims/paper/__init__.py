@@ -19,8 +19,10 @@ upstream half of Fashion-MNIST's classes is fine-tuned on the other half:
 3. ``heterogeneous`` — the default mixed fleet (budgets 1 % to 100 %):
    velocity, velocity-per-param, random, static (the scheme truncated to each
    device's budget), everyone at the smallest budget, FedAvg on the
-   full-budget devices only, and the width sub-model baselines HeteroFL,
-   FjORD and FedRolex (each device the widest sub-model its budget allows).
+   full-budget devices only, the width sub-model baselines HeteroFL,
+   FjORD and FedRolex (each device the widest sub-model its budget allows)
+   and FIARSE (each device the largest-magnitude elements its budget and
+   memory allow).
 
 Budget tiers are the paper's SU-1/3/5 schemes: static trains the scheme (at
 its own budget); velocity and random get the scheme's conv-weight parameter

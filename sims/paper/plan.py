@@ -21,7 +21,7 @@ import torch
 from fedneq._validate import did_you_mean
 from fedneq.config import Config
 from fedneq.federation.devices import default_fleet
-from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
 from fedneq.selection.sparse_update import conv_weight_params, get_scheme, scheme_conv_weight_params
 from fedneq.training.loop import BN_STATS, LOSSES
 from strategies import list_strategies
@@ -45,8 +45,11 @@ __all__ = [
 
 SETTINGS = ("single", "homogeneous", "heterogeneous")
 BUDGETED = ("velocity", "velocity-per-param", "random", "static")
+# sub-models the strategy has the client train: the widths, FIARSE's magnitude top-K elements
+SUBMODEL_METHODS = (*WIDTH_METHODS, *ELEMENT_METHODS)
 HETERO_METHODS = (
-    "velocity", "velocity-per-param", "random", "static", "smallest", "fedavg-phones", *WIDTH_METHODS,
+    "velocity", "velocity-per-param", "random", "static", "smallest", "fedavg-phones",
+    *SUBMODEL_METHODS,
 )  # fmt: skip
 PAPER_FRACTION = {"SU-1": 0.088, "SU-3": 0.212, "SU-5": 0.308}  # of MobileNetV2's conv weights
 BASES = ("scheme", "paper")
@@ -103,8 +106,9 @@ class Plan:
     # toward the global model ([train] prox_mu) for the dense FedAvg runs only (it slows a
     # budgeted run, whose few trainable rows it pulls back), and norm bounding of every
     # federated reply at this many times the round's median update ([strategy.options]
-    # clip_update_ratio), except the width sub-models' (a width reply's change grows with its
-    # width, so clipping cuts down exactly the full-width replies they need); 0 = off
+    # clip_update_ratio), except the sub-models' (a width reply's change grows with its
+    # width, so clipping cuts down exactly the full-width replies they need; FIARSE averages
+    # each element over the clients that moved it); 0 = off
     prox_mu: float = 1.0
     clip_update_ratio: float = 2.0
     pretrain_train_limit: int = 0
@@ -285,10 +289,11 @@ def strategy_options(plan: Plan, method: str) -> dict[str, Any]:
     """The strategy options ``plan``'s update clipping gives a federated run of ``method``.
 
     Every reply is clipped at ``plan.clip_update_ratio`` times the round's
-    median change, except the width sub-models' (a width reply's change grows
-    with its width); 0 turns clipping off.
+    median change, except the sub-models' (a width reply's change grows with
+    its width; FIARSE averages each element over the clients that moved it);
+    0 turns clipping off.
     """
-    if plan.clip_update_ratio > 0 and method not in WIDTH_METHODS:
+    if plan.clip_update_ratio > 0 and method not in SUBMODEL_METHODS:
         return {"clip_update_ratio": plan.clip_update_ratio}
     return {}
 
@@ -325,8 +330,8 @@ def run_config(plan: Plan, run: Run, base: Config, tiers: dict[str, Tier]) -> Co
                 "participants": phones,
                 "clients_per_round": min(plan.clients_per_round, eligible),
             }
-        elif run.method in WIDTH_METHODS:  # each device trains the sub-model its budget allows
-            selection["selector"] = "velocity"  # unused: the strategy has the client train a width
+        elif run.method in SUBMODEL_METHODS:  # each device trains the sub-model it can hold
+            selection["selector"] = "velocity"  # unused: the strategy has the client train a sub-model
             strategy["name"] = run.method
         elif run.method not in HETERO_METHODS:
             raise ValueError(

@@ -40,6 +40,7 @@ METHOD_LABELS = {
     "heterofl": "HeteroFL (width sub-models)",
     "fjord": "FjORD (ordered dropout)",
     "fedrolex": "FedRolex (rolling sub-models)",
+    "fiarse": "FIARSE (magnitude top-K sub-models)",
 }
 STEP_NAMES = {"single": "epoch", "homogeneous": "round", "heterogeneous": "round"}
 TITLES = {
