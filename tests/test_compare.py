@@ -9,7 +9,7 @@ import pytest
 from tiny_sim import tiny_config
 
 from fedneq.config import Config
-from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
 from fedneq.selection import list_selectors
 from sims.cli import UserError
 from sims.compare import compare, label, method_config, method_names, summarize
@@ -22,6 +22,9 @@ def test_method_config_maps_names_to_selector_and_strategy() -> None:
     cfg = method_config(base, "random@server-momentum")
     assert (cfg.selection.selector, cfg.strategy.name) == ("random", "server-momentum")
     assert method_config(base, "velocity-per-param").strategy.name == base.strategy.name
+    assert method_config(base, "fiarse").strategy.name == "fiarse"  # its strategy drives the client
+    with pytest.raises(ValueError, match="sets its own strategy"):
+        method_config(base, "fiarse@neuron-avg")
     with pytest.raises(ValueError, match="selector 'fast'"):
         method_config(base, "fast")
     with pytest.raises(ValueError, match="strategy 'nope'"):
@@ -29,9 +32,9 @@ def test_method_config_maps_names_to_selector_and_strategy() -> None:
 
 
 def test_unknown_method_error_names_every_method() -> None:
-    every = [*list_selectors(), "fedavg", *WIDTH_METHODS]
+    every = [*list_selectors(), "fedavg", *WIDTH_METHODS, *ELEMENT_METHODS]
     assert {"velocity", "velocity-per-param", "velocity-region", "random", "static", "full",
-            "fedavg", "heterofl", "fjord", "fedrolex"} <= set(every)  # fmt: skip
+            "fedavg", "heterofl", "fjord", "fedrolex", "fiarse"} <= set(every)  # fmt: skip
     assert method_names() == every
     with pytest.raises(ValueError) as info:
         method_config(Config(), "no-such-method")
