@@ -1,0 +1,234 @@
+"""An emulated Raspberry Pi: a Debian arm64 root run under qemu-user, built once and cached.
+
+:func:`ensure_root` makes (or reuses) a Debian bookworm arm64 root with
+``debootstrap --variant=minbase`` (the host needs ``qemu-user-static``,
+``binfmt-support`` and ``debootstrap``: installed with apt-get when missing),
+then installs fedneq's device side into it with the Pi install command of
+docs/DEPLOY.md, :data:`PI_INSTALL_COMMAND`, run as-is inside the root as a Pi
+would run it. Every aarch64 program in the root runs under
+``qemu-aarch64-static`` through binfmt_misc.
+
+:func:`mounted` binds ``/proc`` and ``/sys`` into the root (torch reads the
+CPU's description there) and always unmounts them; :func:`cleanup` unmounts
+whatever a killed run left under a root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "PI_INSTALL_COMMAND",
+    "PI_VENV",
+    "DeviceInstall",
+    "chroot_command",
+    "cleanup",
+    "ensure_root",
+    "mounted",
+    "mounts_under",
+    "processes_in",
+]
+
+DEFAULT_CACHE = Path("/var/cache/fedneq-pi")
+PI_VENV = "/root/fedneq"  # ~/fedneq of the install command, as root
+# The device install of docs/DEPLOY.md, word for word: torch's aarch64 wheels on the
+# package index are CPU builds up to 2.10; from 2.11 on they pull CUDA (nvidia-*).
+PI_INSTALL_COMMAND = (
+    'python3 -m venv ~/fedneq && ~/fedneq/bin/pip install "flwr==1.41.0" '
+    '"torch>=2.10,<2.11" "numpy>=1.26" "safetensors>=0.4"'
+)
+DEBOOTSTRAP_INCLUDE = "python3,python3-venv,python3-pip,ca-certificates"
+HOST_PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
+                 "update-binfmts": "binfmt-support"}  # fmt: skip
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NVIDIA_MARKERS = ("nvidia", "cuda", "cudnn", "cublas", "nccl", "triton")
+
+
+def _run(args: list[str], log: Path | None = None, timeout: float = 3600, **kw) -> None:
+    if log is None:
+        subprocess.run(args, check=True, timeout=timeout, **kw)
+        return
+    with open(log, "ab") as out:
+        out.write(f"$ {' '.join(args)}\n".encode())
+        out.flush()
+        done = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, **kw)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        raise RuntimeError(f"{args[0]} failed ({done.returncode}); {log}:\n" + "\n".join(tail))
+
+
+def ensure_host_tools(log: Path) -> None:
+    """apt-get install what emulation needs, if missing; register qemu-aarch64 with binfmt_misc."""
+    missing = sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if shutil.which(cmd) is None})
+    if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        _run(["apt-get", "update", "-q"], log, env=env)
+        _run(["apt-get", "install", "-y", "-q", *missing], log, env=env)
+    if not (BINFMT / "status").exists():  # a system facility: left mounted, as at boot
+        _run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], log)
+    if not (BINFMT / "qemu-aarch64").exists():
+        _run(["update-binfmts", "--enable", "qemu-aarch64"], log)
+    flags = (BINFMT / "qemu-aarch64").read_text()
+    if "enabled" not in flags or "F" not in flags.split("flags:", 1)[1].split()[0]:
+        raise RuntimeError(
+            "qemu-aarch64 is not registered with binfmt_misc with the F flag (needed in a "
+            f"chroot):\n{flags}"
+        )
+
+
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points at or below ``root`` (from /proc/self/mounts), deepest first."""
+    root = root.resolve()
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        target = Path(line.split()[1].replace("\\040", " "))
+        if target == root or root in target.parents:
+            found.append(target)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def processes_in(root: Path) -> list[int]:
+    """Live processes whose root directory is ``root`` (chrooted into it)."""
+    root, found = root.resolve(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "root")) == root:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def cleanup(root: Path) -> list[Path]:
+    """Unmount everything below ``root`` (lazily if busy); returns what was unmounted."""
+    gone = []
+    for target in mounts_under(root):
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], check=True, capture_output=True)
+        gone.append(target)
+    return gone
+
+
+@contextlib.contextmanager
+def mounted(root: Path) -> Iterator[Path]:
+    """Bind ``/proc`` and ``/sys`` into ``root`` for the block; unmounted after, on error too."""
+    try:
+        for name in ("proc", "sys"):
+            (root / name).mkdir(exist_ok=True)
+            subprocess.run(["mount", "--bind", f"/{name}", str(root / name)], check=True)
+            subprocess.run(["mount", "--make-rslave", str(root / name)], check=True)
+        yield root
+    finally:
+        cleanup(root)
+
+
+def chroot_command(root: Path, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """``argv`` run inside ``root`` with only ``env`` (plus PATH, HOME) in its environment."""
+    base = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+    pairs = [f"{k}={v}" for k, v in {**base, **(env or {})}.items()]
+    return ["chroot", str(root), "/usr/bin/env", "-i", *pairs, *argv]
+
+
+@dataclass(frozen=True)
+class DeviceInstall:
+    """What the Pi install command put into the root (``pip list`` and sizes)."""
+
+    root: Path
+    command: str
+    packages: dict[str, str]  # name -> version, from ``pip list`` in the root
+    venv_mb: float
+    download_mb: float  # the wheels pip fetched (its cache), what a Pi downloads
+    seconds: float  # the install under emulation (0 when reused from the cache)
+
+    def nvidia_packages(self) -> list[str]:
+        return sorted(n for n in self.packages if any(m in n.lower() for m in NVIDIA_MARKERS))
+
+
+def _du_mb(path: Path) -> float:
+    if not path.exists():
+        return 0.0
+    out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0]) / 1024
+
+
+def _debootstrap(root: Path, log: Path) -> None:
+    partial = root.with_name(root.name + ".partial")
+    cleanup(partial)
+    shutil.rmtree(partial, ignore_errors=True)
+    _run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={DEBOOTSTRAP_INCLUDE}",
+          "bookworm", str(partial)], log)  # fmt: skip
+    partial.rename(root)
+
+
+def _pip_list(root: Path) -> dict[str, str]:
+    with mounted(root):
+        done = subprocess.run(
+            chroot_command(root, [f"{PI_VENV}/bin/pip", "list", "--format", "json"]),
+            capture_output=True, text=True, timeout=600, check=True,
+        )  # fmt: skip
+    return {p["name"]: p["version"] for p in json.loads(done.stdout)}
+
+
+def ensure_root(
+    cache: Path = DEFAULT_CACHE,
+    command: str = PI_INSTALL_COMMAND,
+    extra: tuple[str, ...] = (),
+    log: Path | None = None,
+) -> DeviceInstall:
+    """The cached arm64 root with ``command`` installed in it (built or re-installed as needed).
+
+    ``extra`` are further pip requirements installed after ``command`` into the
+    same venv (``torchvision==0.25.0`` for MobileNetV2); the record of what
+    was installed (``<root>/fedneq-install.json``) decides whether to reinstall.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    log = log or cache / "build.log"
+    root = cache / "bookworm-arm64"
+    ensure_host_tools(log)
+    if not (root / "usr/bin/python3").exists():
+        _debootstrap(root, log)
+    stamp = root / "fedneq-install.json"
+    wanted = {"command": command, "extra": list(extra)}
+    seconds = 0.0
+    recorded = json.loads(stamp.read_text()) if stamp.exists() else {}
+    if {k: recorded.get(k) for k in wanted} != wanted:
+        t0 = time.monotonic()
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(root / PI_VENV.lstrip("/"), ignore_errors=True)
+        shutil.rmtree(root / "root/.cache/pip", ignore_errors=True)
+        # the host's CA bundle (it may hold a proxy's CA) and name resolution, for pip
+        shutil.copy2(Path("/") / CA_BUNDLE, root / CA_BUNDLE)
+        shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
+        (root / "etc/pip.conf").write_text(f"[global]\ncert = /{CA_BUNDLE}\n")
+        pip_env = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_DEFAULT_TIMEOUT": "180"}
+        with mounted(root):
+            _run(chroot_command(root, ["/bin/bash", "-c", command], pip_env), log)
+            if extra:
+                _run(chroot_command(root, [f"{PI_VENV}/bin/pip", "install", *extra], pip_env), log)
+        seconds = time.monotonic() - t0
+        recorded = {
+            **wanted,
+            "seconds": round(seconds, 1),
+            "download_mb": round(_du_mb(root / "root/.cache/pip"), 1),
+        }
+        stamp.write_text(json.dumps(recorded, indent=1))
+    return DeviceInstall(
+        root=root,
+        command=command,
+        packages=_pip_list(root),
+        venv_mb=round(_du_mb(root / PI_VENV.lstrip("/")), 1),
+        download_mb=recorded.get("download_mb", 0.0),
+        seconds=recorded.get("seconds", 0.0) if not seconds else round(seconds, 1),
+    )
