@@ -1,4 +1,4 @@
-"""TLS certificates for a Flower deployment (docs/DEPLOY.md).
+"""TLS certificates for a Flower deployment, and emulated Raspberry Pis (docs/DEPLOY.md).
 
     python -m sims.deploy certs certs/ --host 127.0.0.1 --host localhost --host 192.168.1.10
 
@@ -7,6 +7,11 @@ writes ``ca.pem`` (give it to every SuperNode and to the ``flwr`` CLI),
 The server certificate names every ``--host`` the SuperNodes use to reach the
 SuperLink (its subject alternative names). The CA's private key is never
 written: to add a host, make a new set and hand out the new ``ca.pem``.
+
+    python -m sims.deploy emulate-pi /tmp/pi --boards pi-zero-2w,pi-4-1gb,pi-4-1gb --rounds 3
+
+runs a loopback deployment whose SuperNodes are emulated arm64 Pis, each in a
+memory cgroup at its board's RAM, and prints what they used (:mod:`sims.pi`).
 """
 
 from __future__ import annotations
@@ -148,7 +153,41 @@ def main(argv: list[str] | None = None) -> int:
         "--host", action="append", required=True, help="an IP or DNS name of the SuperLink (repeat)"
     )
     certs.add_argument("--days", type=int, default=365)
+    pi = sub.add_parser("emulate-pi", help="emulated Raspberry Pis on loopback (sims.pi)")
+    pi.add_argument("out_dir", type=Path)
+    pi.add_argument(
+        "--boards",
+        default="pi-zero-2w,pi-4-1gb,pi-4-1gb",
+        help="one board per device, comma-separated (pi-zero-2w, pi-4-1gb)",
+    )
+    pi.add_argument("--config", default="deploy-test")
+    pi.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="a config override section.key=value (repeat)",
+    )
+    pi.add_argument("--rounds", type=int, default=3)
+    pi.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        help="a further pip requirement for the devices (torchvision==0.25.0)",
+    )
+    pi.add_argument(
+        "--dynamo", action="store_true", help="keep torch._dynamo (no FEDNEQ_NO_DYNAMO)"
+    )
+    pi.add_argument(
+        "--probe",
+        action="store_true",
+        help="also time a bare Python, import torch and the ClientApp imports",
+    )
     args = p.parse_args(argv)
+    if args.command == "emulate-pi":
+        from sims.pi.report import main as emulate_main  # qemu, debootstrap: only when asked
+
+        return emulate_main(args)
     files = make_certificates(args.out_dir, args.host, days=args.days)
     print(f"wrote {files.ca_cert}, {files.server_cert}, {files.server_key}")
     return 0

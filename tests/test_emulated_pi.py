@@ -57,16 +57,18 @@ def test_process_roles_come_from_the_command_line() -> None:
     qemu = "/usr/libexec/qemu-binfmt/aarch64-binfmt-P"
     assert process_role([qemu, "/root/fedneq/bin/python3", "/root/fedneq/bin/flwr-clientapp",
                          "--token", "x"]) == "clientapp"  # fmt: skip
-    assert process_role([qemu, "/root/fedneq/bin/python3", "/root/fedneq/bin/flower-superexec"]) == (
-        "superexec"
-    )
+    assert process_role(
+        [qemu, "/root/fedneq/bin/python3", "/root/fedneq/bin/flower-superexec"]
+    ) == ("superexec")
     assert process_role(["chroot", "/r", "/usr/bin/env", "-i", "flower-supernode"]) == "supernode"
     assert process_role(["/usr/bin/python3", "flower-supernode-notes.txt"]) == "other"
 
 
 def _hold_mb(mb: int) -> subprocess.Popen:
     """A child that allocates ``mb`` MiB, says so, and waits."""
-    code = f"b = bytearray({mb} * 1024 * 1024); print('ok', flush=True); import time; time.sleep(60)"
+    code = (
+        f"b = bytearray({mb} * 1024 * 1024); print('ok', flush=True); import time; time.sleep(60)"
+    )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 

@@ -6,4 +6,11 @@
 from sims.pi.emulate import BOARDS, EmulationReport, emulate, probe_guest
 from sims.pi.rootfs import PI_INSTALL_COMMAND, ensure_root
 
-__all__ = ["BOARDS", "PI_INSTALL_COMMAND", "EmulationReport", "emulate", "ensure_root", "probe_guest"]
+__all__ = [
+    "BOARDS",
+    "PI_INSTALL_COMMAND",
+    "EmulationReport",
+    "emulate",
+    "ensure_root",
+    "probe_guest",
+]

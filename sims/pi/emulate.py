@@ -248,8 +248,11 @@ def _device_report(pid: int, board: str, group: MemoryCgroup, sampler: Sampler) 
         peak_total_pss_mb=round(sampler.peak_total_pss[name] / MIB, 1),
         peak_total_rss_mb=round(sampler.peak_total_rss[name] / MIB, 1),
         processes={
-            role: {"count": p.processes, "peak_rss_mb": round(p.peak_rss / MIB, 1),
-                   "peak_pss_mb": round(p.peak_pss / MIB, 1)}
+            role: {
+                "count": p.processes,
+                "peak_rss_mb": round(p.peak_rss / MIB, 1),
+                "peak_pss_mb": round(p.peak_pss / MIB, 1),
+            }
             for role, p in sorted(sampler.peaks[name].items())
         },  # fmt: skip
     )
