@@ -21,7 +21,14 @@ import pytest
 from packaging.requirements import Requirement
 
 from sims.pi.cgroup import MEMORY_ROOT, MemoryCgroup, stale_cgroups
-from sims.pi.rootfs import PI_INSTALL_COMMAND, cleanup, mounted, mounts_under, processes_in
+from sims.pi.rootfs import (
+    PI_INSTALL_COMMAND,
+    cleanup,
+    downloaded_mb,
+    mounted,
+    mounts_under,
+    processes_in,
+)
 from sims.pi.sampler import Sampler, process_role, read_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +58,15 @@ def test_device_dependencies_give_aarch64_only_the_cpu_torch_releases() -> None:
     # the Pi command of the docs asks for the same range, word for word
     assert '"torch>=2.10,<2.11"' in PI_INSTALL_COMMAND
     assert PI_INSTALL_COMMAND in (REPO / "docs" / "DEPLOY.md").read_text()
+
+
+def test_download_size_is_read_from_pip_output() -> None:
+    out = (
+        "Collecting torch\n  Downloading torch-2.10.0-cp311-cp311-manylinux_2_28_aarch64.whl"
+        " (146.0 MB)\n  Downloading typer-0.20.1-py3-none-any.whl (47 kB)\n  Using cached x.whl\n"
+    )
+    assert downloaded_mb(out) == pytest.approx(146.047)
+    assert downloaded_mb("") == 0
 
 
 def test_process_roles_come_from_the_command_line() -> None:

@@ -35,6 +35,7 @@ from fedneq.config import load_config
 from sims.pi.cgroup import MemoryCgroup
 from sims.pi.rootfs import (
     DEFAULT_CACHE,
+    GUEST_PATH,
     PI_VENV,
     chroot_command,
     ensure_root,
@@ -130,6 +131,8 @@ def _host_env(home: Path) -> dict[str, str]:
 
 def _guest_env(pid: int, no_dynamo: bool) -> dict[str, str]:
     env = {
+        # the SuperNode starts `flower-superexec` by name: the venv's bin must be on PATH
+        "PATH": f"{PI_VENV}/bin:{GUEST_PATH}",
         "FLWR_HOME": f"{GUEST_DIR}/node-{pid}/flwr-home",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -393,8 +396,11 @@ def emulate(
 
 
 PROBE = """
-import json, resource, sys, time
-def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import json, sys, time
+def peak():  # VmHWM: this program's own peak (ru_maxrss would keep the forking parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 what, t0 = sys.argv[1], time.monotonic()
 if what == "torch":
     import torch

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -148,9 +149,9 @@ class DeviceInstall:
     root: Path
     command: str
     packages: dict[str, str]  # name -> version, from ``pip list`` in the root
-    venv_mb: float
-    download_mb: float  # the wheels pip fetched (its cache), what a Pi downloads
-    seconds: float  # the install under emulation (0 when reused from the cache)
+    venv_mb: float  # the venv right after ``command`` (before any extra requirement)
+    download_mb: float  # what pip downloaded for ``command``: what a Pi downloads
+    seconds: float  # ``command``'s wall time under emulation, when it was run
 
     def nvidia_packages(self) -> list[str]:
         return sorted(n for n in self.packages if any(m in n.lower() for m in NVIDIA_MARKERS))
@@ -161,6 +162,13 @@ def _du_mb(path: Path) -> float:
         return 0.0
     out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0]) / 1024
+
+
+def downloaded_mb(pip_output: str) -> float:
+    """Megabytes pip says it downloaded (its ``Downloading name (12.3 MB)`` lines)."""
+    scale = {"kB": 1e-3, "MB": 1.0, "GB": 1e3}
+    found = re.findall(r"Downloading \S+ \(([\d.]+) (kB|MB|GB)\)", pip_output)
+    return sum(float(size) * scale[unit] for size, unit in found)
 
 
 def _debootstrap(root: Path, log: Path) -> None:
@@ -190,8 +198,9 @@ def ensure_root(
     """The cached arm64 root with ``command`` installed in it (built or re-installed as needed).
 
     ``extra`` are further pip requirements installed after ``command`` into the
-    same venv (``torchvision==0.25.0`` for MobileNetV2); the record of what
-    was installed (``<root>/fedneq-install.json``) decides whether to reinstall.
+    same venv (``torchvision==0.25.0`` for MobileNetV2); they stay installed
+    until ``command`` changes. ``<root>/fedneq-install.json`` records what was
+    installed, the venv's size right after ``command`` and the download size.
     """
     cache.mkdir(parents=True, exist_ok=True)
     log = log or cache / "build.log"
@@ -200,35 +209,43 @@ def ensure_root(
     if not (root / "usr/bin/python3").exists():
         _debootstrap(root, log)
     stamp = root / "fedneq-install.json"
-    wanted = {"command": command, "extra": list(extra)}
-    seconds = 0.0
     recorded = json.loads(stamp.read_text()) if stamp.exists() else {}
-    if {k: recorded.get(k) for k in wanted} != wanted:
+    pip_env = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_DEFAULT_TIMEOUT": "180"}
+    seconds = 0.0
+    if recorded.get("command") != command:
         t0 = time.monotonic()
         stamp.unlink(missing_ok=True)
         shutil.rmtree(root / PI_VENV.lstrip("/"), ignore_errors=True)
-        shutil.rmtree(root / "root/.cache/pip", ignore_errors=True)
         # the host's CA bundle (it may hold a proxy's CA) and name resolution, for pip
         shutil.copy2(Path("/") / CA_BUNDLE, root / CA_BUNDLE)
         shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
         (root / "etc/pip.conf").write_text(f"[global]\ncert = /{CA_BUNDLE}\n")
-        pip_env = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_DEFAULT_TIMEOUT": "180"}
+        start = log.stat().st_size if log.exists() else 0
         with mounted(root):
             _run(chroot_command(root, ["/bin/bash", "-c", command], pip_env), log)
-            if extra:
-                _run(chroot_command(root, [f"{PI_VENV}/bin/pip", "install", *extra], pip_env), log)
         seconds = time.monotonic() - t0
+        with open(log, "rb") as f:
+            f.seek(start)
+            pip_output = f.read().decode(errors="replace")
         recorded = {
-            **wanted,
+            "command": command,
+            "extra": [],
             "seconds": round(seconds, 1),
-            "download_mb": round(_du_mb(root / "root/.cache/pip"), 1),
+            "venv_mb": round(_du_mb(root / PI_VENV.lstrip("/")), 1),
+            "download_mb": round(downloaded_mb(pip_output), 1),
         }
+        stamp.write_text(json.dumps(recorded, indent=1))
+    missing = [r for r in extra if r not in recorded["extra"]]
+    if missing:
+        with mounted(root):
+            _run(chroot_command(root, [f"{PI_VENV}/bin/pip", "install", *missing], pip_env), log)
+        recorded["extra"] = [*recorded["extra"], *missing]
         stamp.write_text(json.dumps(recorded, indent=1))
     return DeviceInstall(
         root=root,
         command=command,
         packages=_pip_list(root),
-        venv_mb=round(_du_mb(root / PI_VENV.lstrip("/")), 1),
-        download_mb=recorded.get("download_mb", 0.0),
-        seconds=recorded.get("seconds", 0.0) if not seconds else round(seconds, 1),
+        venv_mb=recorded["venv_mb"],
+        download_mb=recorded["download_mb"],
+        seconds=recorded["seconds"],
     )
