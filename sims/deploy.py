@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a further pip requirement for the devices (torchvision==0.25.0)",
     )
     pi.add_argument(
+        "--subprocess",
+        action="store_true",
+        help="Flower's default isolation (a fresh flwr-clientapp per message), not the warm one",
+    )
+    pi.add_argument(
         "--dynamo", action="store_true", help="keep torch._dynamo (no FEDNEQ_NO_DYNAMO)"
     )
     pi.add_argument(

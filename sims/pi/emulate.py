@@ -51,6 +51,7 @@ CONFIG_DIR = REPO / "sims" / "configs"
 MIB = 1024 * 1024
 GUEST_DIR = "/srv/fedneq"  # partition files, state, FLWR_HOME and the probe, inside the root
 CONNECTION = "loopback"
+WARM_SUPEREXEC = REPO / "fedneq" / "federation" / "warm_superexec.py"
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,7 @@ def emulate(
     overrides: Sequence[str] = (),
     rounds: int = 3,
     no_dynamo: bool = True,
+    warm: bool = True,
     extra_packages: tuple[str, ...] = (),
     cache: Path = DEFAULT_CACHE,
     timeout_s: float = 3600,
@@ -285,6 +287,11 @@ def emulate(
         A config name or path and ``section.key=value`` overrides.
     no_dynamo : bool, default True
         ``FEDNEQ_NO_DYNAMO=1`` in the devices' environment.
+    warm : bool, default True
+        SuperNodes with ``--isolation process`` beside
+        :mod:`fedneq.federation.warm_superexec` (torch imported once, a fork
+        per message); False: Flower's default ``subprocess`` isolation (a
+        ``flower-superexec`` and a fresh ``flwr-clientapp`` per message).
     extra_packages : tuple of str
         pip requirements installed into the device venv after the Pi install
         command (``torchvision==0.25.0`` for MobileNetV2).
@@ -340,13 +347,22 @@ def emulate(
                     f"data-file='{GUEST_DIR}/parts/partition-{pid}.safetensors' "
                     f"state-dir='{GUEST_DIR}/node-{pid}/state'"
                 )
+                api_port = _free_port()
                 argv = chroot_command(root, [
                     f"{PI_VENV}/bin/flower-supernode", "--insecure", "--superlink",
-                    f"127.0.0.1:{port}", "--port", str(_free_port()), "--node-config", node_config,
+                    f"127.0.0.1:{port}", "--port", str(api_port), "--node-config", node_config,
+                    *(["--isolation", "process"] if warm else []),
                 ], _guest_env(pid, no_dynamo))  # fmt: skip
                 (guest / f"node-{pid}" / "flwr-home").mkdir(parents=True)
                 procs.start(f"device-{pid}", argv, env, preexec=group.join)
                 names.append(f"device-{pid}")
+                if warm:
+                    shutil.copy2(WARM_SUPEREXEC, guest / WARM_SUPEREXEC.name)
+                    argv = chroot_command(root, [
+                        f"{PI_VENV}/bin/python", f"{GUEST_DIR}/{WARM_SUPEREXEC.name}",
+                        "--runtime-api-address", f"127.0.0.1:{api_port}", "--insecure",
+                    ], _guest_env(pid, no_dynamo))  # fmt: skip
+                    procs.start(f"device-{pid}-superexec", argv, env, preexec=group.join)
             sampler = Sampler({f"device-{i}": g.pids for i, g in enumerate(groups)}).start()
             _wait_registered(names, procs, timeout_s=600)
             run = subprocess.run(
@@ -368,12 +384,11 @@ def emulate(
             rounds_csv = out / "run" / "rounds.csv"
             if rounds_csv.exists():
                 finished = len(rounds_csv.read_text().strip().splitlines()) - 1
+    finally:
+        if sampler is not None:  # what the devices used, on failure too
             sampler.stop()
             reports = [_device_report(i, b, g, sampler) for i, (b, g) in
                        enumerate(zip(boards, groups, strict=True))]  # fmt: skip
-    finally:
-        if sampler is not None:
-            sampler.stop()
         procs.stop()
         for group in groups:
             group.remove()
@@ -383,7 +398,7 @@ def emulate(
             except ProcessLookupError:
                 pass
     report = EmulationReport(
-        config=str(toml), isolation="subprocess", no_dynamo=no_dynamo, status=status,
+        config=str(toml), isolation="process (warm)" if warm else "subprocess", no_dynamo=no_dynamo, status=status,
         rounds=finished, seconds=round(time.monotonic() - t0, 1),
         install={"root": str(root), "command": install.command, "extra": list(extra_packages),
                  "venv_mb": install.venv_mb, "download_mb": install.download_mb,

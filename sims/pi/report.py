@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         rounds=args.rounds,
         no_dynamo=not args.dynamo,
+        warm=not args.subprocess,
         extra_packages=tuple(args.pip),
     )
     print(format_report(report))

@@ -23,6 +23,7 @@ ROLES = (
     ("flwr-clientapp", "clientapp"),
     ("flower-superexec", "superexec"),
     ("flower-supernode", "supernode"),
+    ("warm_superexec.py", "superexec"),  # fedneq.federation.warm_superexec and its forks
 )
 
 
@@ -54,6 +55,13 @@ def read_memory(pid: int) -> tuple[int, int, int] | None:
     return kb["Rss"], kb.get("Pss", 0), kb.get("VmHWM", kb["Rss"])
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 @dataclass
 class ProcessPeak:
     """The peaks of one role on one device, over all its processes (one at a time or more)."""
@@ -83,7 +91,10 @@ class Sampler:
                 raw = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 return None
-            self._roles[pid] = process_role(raw.decode(errors="replace").split("\0"))
+            role = process_role(raw.decode(errors="replace").split("\0"))
+            if role == "superexec" and self._role(_parent(pid)) == "superexec":
+                role = "clientapp"  # a fork of the warm SuperExec runs one ClientApp
+            self._roles[pid] = role
         return self._roles[pid]
 
     def sample(self) -> None:
