@@ -105,6 +105,7 @@ def test_sampler_records_a_process_peak() -> None:
     assert read_memory(child.pid) is None
 
 
+@pytest.mark.slow
 @needs_cgroup
 def test_memory_cgroup_counts_kills_and_is_removed_with_its_processes() -> None:
     group = MemoryCgroup("test", 64 * MIB).create()
