@@ -37,6 +37,7 @@ __all__ = [
     "mounted",
     "mounts_under",
     "processes_in",
+    "root_lock",
 ]
 
 DEFAULT_CACHE = Path("/var/cache/fedneq-pi")
@@ -133,6 +134,20 @@ def mounted(root: Path) -> Iterator[Path]:
         yield root
     finally:
         cleanup(root)
+
+
+@contextlib.contextmanager
+def root_lock(cache: Path = DEFAULT_CACHE) -> Iterator[None]:
+    """One user of the cached root at a time: a run's cleanup unmounts the root's binds."""
+    import fcntl
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def chroot_command(root: Path, argv: list[str], env: dict[str, str] | None = None) -> list[str]:
