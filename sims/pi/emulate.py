@@ -41,6 +41,7 @@ from sims.pi.rootfs import (
     ensure_root,
     mounted,
     processes_in,
+    root_lock,
 )
 from sims.pi.sampler import Sampler
 
@@ -296,6 +297,13 @@ def emulate(
         pip requirements installed into the device venv after the Pi install
         command (``torchvision==0.25.0`` for MobileNetV2).
     """
+    with root_lock(cache):  # one run at a time: a run's cleanup unmounts the root's binds
+        return _emulate(out, boards, config, overrides, rounds, no_dynamo, warm, extra_packages,
+                        cache, timeout_s)  # fmt: skip
+
+
+def _emulate(out, boards, config, overrides, rounds, no_dynamo, warm, extra_packages, cache,
+             timeout_s) -> EmulationReport:  # fmt: skip
     unknown = [b for b in boards if b not in BOARDS]
     if not boards or unknown:
         raise ValueError(f"boards must be a non-empty list of {sorted(BOARDS)}, got {list(boards)}")
@@ -429,6 +437,11 @@ print(json.dumps({"what": what, "seconds": round(time.monotonic() - t0, 2),
 def probe_guest(cache: Path = DEFAULT_CACHE, no_dynamo: bool = True) -> list[dict]:
     """Under emulation: a bare Python's peak RSS (qemu's own cost), ``import torch``, and the
     imports a ``flwr-clientapp`` process pays before its first message (one process each)."""
+    with root_lock(cache):
+        return _probe(cache, no_dynamo)
+
+
+def _probe(cache: Path, no_dynamo: bool) -> list[dict]:
     install = ensure_root(cache)
     root = install.root
     code = root / GUEST_DIR.lstrip("/") / "code"

@@ -6,7 +6,6 @@ import argparse
 import json
 
 from sims.pi.emulate import EmulationReport, emulate, probe_guest
-from sims.pi.rootfs import root_lock
 
 __all__ = ["format_report", "main"]
 
@@ -37,11 +36,6 @@ def format_report(report: EmulationReport) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    with root_lock():
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
     if args.probe:
         for row in probe_guest(no_dynamo=not args.dynamo):
             print(json.dumps(row))
