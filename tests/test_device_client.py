@@ -6,7 +6,7 @@ training message in a fresh process where Ray, torchvision, datasets,
 pyarrow, pandas, scikit-learn, scipy, matplotlib, flwr-datasets and mnist1d
 cannot be imported (as on a device with only ``fedneq[client]``). Set
 ``FEDNEQ_CLIENT_PYTHON`` to the python of a venv with only ``fedneq[client]``
-installed to run the same round there too (docs/DEPLOY.md measures with one).
+installed to run the same round there too (the emulated Pis of docs/DEPLOY.md run it on aarch64).
 """
 
 from __future__ import annotations
