@@ -4,7 +4,7 @@ The fast tests check the pieces that must never leak: a memory cgroup is
 made, holds a process, counts its memory and is removed with the process in
 it; the bind mounts are gone after an error inside :func:`sims.pi.rootfs.mounted`;
 :func:`sims.pi.rootfs.cleanup` unmounts what a killed run left. The test
-marked ``emulated_pi`` (deselected by .ci/run; docs/DEPLOY.md says how to run
+marked ``emulated_pi`` (deselected by default, in pyproject.toml's addopts; docs/DEPLOY.md says how to run
 it) builds the arm64 root if it is not cached and runs three emulated devices
 through a loopback deployment.
 """
@@ -155,6 +155,7 @@ def test_bind_mounts_are_gone_after_an_error_and_cleanup_unmounts_leftovers(tmp_
     assert cleanup(root) == [root / "proc"] and mounts_under(root) == []
 
 
+@pytest.mark.slow
 @pytest.mark.emulated_pi
 @needs_cgroup
 def test_three_emulated_pis_train_three_rounds_and_leave_nothing_behind(tmp_path) -> None:
