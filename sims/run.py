@@ -258,11 +258,11 @@ def simulate_many(
     from flwr.simulation import run_simulation
 
     from fedneq.federation.client_app import app as client_app
-    from sims import vce_actors, vce_sweep
-    from sims.ray_node import without_unused_daemons
+    from sims.engine import vce_actors, vce_sweep
+    from sims.engine.ray_node import without_unused_daemons
 
-    vce_sweep.install()  # Flower's delivery loop costs nodes x messages per sweep (sims/vce_sweep.py)
-    # the next client queued at each actor, unless a straggler's sleep would hold it (sims/vce_actors.py)
+    vce_sweep.install()  # Flower's delivery loop costs nodes x messages per sweep (sims/engine/vce_sweep.py)
+    # the next client queued at each actor, unless a straggler's sleep would hold it (sims/engine/vce_actors.py)
     vce_actors.install(vce_actors.slots_for(spec.config for spec in runs))
 
     first = runs[0].config
@@ -283,7 +283,7 @@ def simulate_many(
     resume = resume_command or f"python -m sims.run --resume {runs[0].out_dir}"
     with (
         _quiet(verbose), _stop_on_ctrl_c(resume), tracking, _actors_skip_dynamo(),
-        without_unused_daemons(keep_all=verbose),  # ~170 MB of Ray's (sims/ray_node.py)
+        without_unused_daemons(keep_all=verbose),  # ~170 MB of Ray's (sims/engine/ray_node.py)
     ):
         run_simulation(
             server_app=make_sequence_app(runs),

@@ -1,4 +1,4 @@
-"""sims.ray_node: the local Ray node of a simulation runs none of the daemons it never uses."""
+"""sims.engine.ray_node: the local Ray node of a simulation runs none of the daemons it never uses."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tiny_sim
 from ray._private import node, parameter
 
 from sims.benchmarks.scale import TreeMemory, cmdline
-from sims.ray_node import UNUSED_DAEMONS, without_unused_daemons
+from sims.engine.ray_node import UNUSED_DAEMONS, without_unused_daemons
 from sims.run import simulate
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""sims.vce_actors: each Ray actor holds the next client queued behind the one it runs."""
+"""sims.engine.vce_actors: each Ray actor holds the next client queued behind the one it runs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
 from fedneq.config import Config
-from sims import vce_actors
-from sims.vce_actors import SLOTS, QueuedActorPool
+from sims.engine import vce_actors
+from sims.engine.vce_actors import SLOTS, QueuedActorPool
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

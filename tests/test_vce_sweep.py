@@ -1,4 +1,4 @@
-"""sims.vce_sweep: the one-pass delivery hands out what Flower's per-node loop hands out."""
+"""sims.engine.vce_sweep: the one-pass delivery hands out what Flower's per-node loop hands out."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from sims import vce_sweep
-from sims.vce_sweep import next_messages
+from sims.engine import vce_sweep
+from sims.engine.vce_sweep import next_messages
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
