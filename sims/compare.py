@@ -38,14 +38,13 @@ from sims.cli import (
     UserError,
     add_common_arguments,
     exit_now,
-    load_cli_config,
     positive_int,
     run_command,
     unique_dir,
 )
-from sims.results import atomic_write_text, csv_text, plot_runs, read_csv
 from sims.run import check_runnable, simulate_many
-from sims.server_app import RunSpec
+from sims.server import RunSpec, load_cli_config
+from sims.server.results import atomic_write_text, csv_text, plot_runs, read_csv
 from strategies import list_strategies
 
 __all__ = ["SUBMODEL_METHODS", "compare", "device_costs", "method_config", "method_names", "summarize"]
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         out = args.out
         if args.overwrite and out.exists():
-            from sims.cli import claim_out_dir
+            from sims.server.results import claim_out_dir
 
             claim_out_dir(out, overwrite=True)
     else:

@@ -57,7 +57,7 @@ from fedneq.selection import MemoryMeter, get_selector
 from fedneq.task import build_model, load_task
 from sims.paper.plan import FULL, Plan, base_config, strategy_options
 from sims.paper.sweep import pretrained_checkpoint, steps_done
-from sims.results import atomic_write_text, csv_text, read_csv
+from sims.server.results import atomic_write_text, csv_text, read_csv
 
 __all__ = ["FleetLevel", "main", "memory_span", "run_frontier"]
 

@@ -7,7 +7,7 @@
     python -m sims.run --resume results/default-20261121-101500 --rounds 20   # extend
     python -m sims.run default --ray-address 127.0.0.1:6379   # an existing Ray cluster
 
-Writes the results folder described in sims/results.py and prints one line per
+Writes the results folder described in sims/server/results.py and prints one line per
 round. ``RAY_ADDRESS`` in the environment attaches to a running cluster too.
 Every name and value is checked before Ray starts; an existing ``--out`` is
 refused unless ``--overwrite``; the first Ctrl-C abandons the round in flight,
@@ -31,21 +31,28 @@ from pathlib import Path
 from fedneq.config import Config
 from fedneq.federation.client_app import NO_DYNAMO_ENV
 from fedneq.task import build_model, check_partitions, load_task
-from sims.checkpoint import load_run_checkpoint
 from sims.cli import (
     Parser,
     UserError,
     add_common_arguments,
-    claim_out_dir,
     exit_now,
-    load_cli_config,
     positive_int,
     run_command,
     unique_dir,
 )
-from sims.federation import STATUS_FILE, RunFailed, build_strategy, request_stop, stop_requested
-from sims.results import read_csv
-from sims.server_app import RunSpec, default_out_dir, make_sequence_app
+from sims.server import (
+    STATUS_FILE,
+    RunFailed,
+    RunSpec,
+    build_strategy,
+    default_out_dir,
+    load_cli_config,
+    make_sequence_app,
+    request_stop,
+    stop_requested,
+)
+from sims.server.checkpoint import load_run_checkpoint
+from sims.server.results import claim_out_dir, read_csv
 
 __all__ = ["RunInterrupted", "check_runnable", "main", "simulate", "simulate_many"]
 

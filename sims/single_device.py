@@ -30,8 +30,8 @@ from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, generator, load_task
 from fedneq.training.loop import EpochStats, evaluate, train_masked
-from sims.initial import initial_state
-from sims.results import atomic_write_text, csv_text
+from sims.server.initial import initial_state
+from sims.server.results import atomic_write_text, csv_text
 
 __all__ = ["run_single_device"]
 
@@ -156,14 +156,9 @@ def _plot(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sims.cli import (
-        Parser,
-        add_common_arguments,
-        claim_out_dir,
-        load_cli_config,
-        positive_int,
-        unique_dir,
-    )
+    from sims.cli import Parser, add_common_arguments, positive_int, unique_dir
+    from sims.server import load_cli_config
+    from sims.server.results import claim_out_dir
 
     p = Parser(prog="python -m sims.single_device", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", default="default")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from sims.results import read_csv
+from sims.server.results import read_csv
 
 __all__ = ["TensorBoardLog", "check_tensorboard"]
 

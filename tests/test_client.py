@@ -204,7 +204,7 @@ def test_bn_stats_all_uploads_statistics_the_server_accepts_and_averages(task_id
     from helpers import LocalGrid
 
     from fedneq.federation.wire import to_array_record
-    from sims.federation import free_tensors
+    from sims.server.knowledge import free_tensors
     from strategies import get_strategy
 
     config = tiny_config().replace(train={"bn_stats": "all"})

@@ -13,7 +13,7 @@ from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
 from fedneq.selection import list_selectors
 from sims.cli import UserError
 from sims.compare import compare, label, method_config, method_names, summarize
-from sims.results import read_csv
+from sims.server.results import read_csv
 
 
 def test_method_config_maps_names_to_selector_and_strategy() -> None:
@@ -116,8 +116,8 @@ def test_legends_name_the_method_and_its_budget() -> None:
 
 
 def test_compare_names_the_width_methods() -> None:
-    from sims.cli import load_cli_config
     from sims.compare import method_config
+    from sims.server.config_files import load_cli_config
 
     config = load_cli_config("default", [])
     for method in ("heterofl", "fjord", "fedrolex"):

@@ -170,7 +170,7 @@ def test_bad_node_config_names_the_key(node_config: dict, message: str) -> None:
     ],
 )  # fmt: skip
 def test_bad_run_config_names_the_key(run_config: dict, message: str) -> None:
-    from sims.server_app import parse_run_config
+    from sims.server.server_app import parse_run_config
 
     with pytest.raises((ValueError, FileNotFoundError)) as info:
         parse_run_config(run_config)

@@ -32,8 +32,8 @@ from fedneq.config import Config, load_config
 from fedneq.selection import Budget
 from fedneq.task import build_model, client_data, load_task
 from sims.deploy import TlsFiles, make_certificates
-from sims.results import read_csv
-from sims.server_app import config_path
+from sims.server.config_files import config_path
+from sims.server.results import read_csv
 
 pytestmark = pytest.mark.slow
 

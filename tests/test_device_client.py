@@ -23,7 +23,7 @@ from fedneq.config import load_config
 from fedneq.federation.client_app import device_partition
 from fedneq.federation.device_data import read_partition_file
 from fedneq.task import client_data
-from sims.server_app import config_path
+from sims.server.config_files import config_path
 
 pytestmark = pytest.mark.slow
 

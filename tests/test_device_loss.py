@@ -23,8 +23,9 @@ from helpers import LocalGrid
 from tiny_sim import tiny_config
 
 from fedneq.federation.client_app import app
-from sims.federation import DeviceTable, run_federation
-from sims.results import read_csv
+from sims.server.device_table import DeviceTable
+from sims.server.results import read_csv
+from sims.server.round_loop import run_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 

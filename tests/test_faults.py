@@ -14,10 +14,10 @@ from tiny_sim import tiny_config
 from fedneq.config import Config, load_config
 from fedneq.federation.client import InjectedFault, client_round, draw_faults
 from fedneq.task import build_model, derive_seed, load_task
-from sims.federation import sample_partitions
-from sims.results import read_csv
 from sims.run import simulate
-from sims.server_app import config_path
+from sims.server.config_files import config_path
+from sims.server.exchange import sample_partitions
+from sims.server.results import read_csv
 
 SEED = 211  # its draws cover every case in 3 rounds (checked in the test)
 

@@ -30,8 +30,8 @@ from fedneq.federation.wire import (
     unpack_model,
 )
 from fedneq.neurons import enumerate_neurons
-from sims.results import read_csv
 from sims.run import main as run_main
+from sims.server.results import read_csv
 from strategies.flower_adapter import FlowerStrategy, densify, flower_strategy
 from strategies.neuron_avg import neuron_average
 from strategies.registry import check_strategy, get_strategy, strategy_options

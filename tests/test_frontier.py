@@ -11,7 +11,7 @@ import pytest
 from sims.frontier import FleetLevel, _fleet_config, memory_span, run_frontier
 from sims.paper.plan import Plan, base_config
 from sims.paper.sweep import pretrained_checkpoint
-from sims.results import read_csv
+from sims.server.results import read_csv
 
 TINY = Plan(
     name="tiny", seeds=(0,), tiers=("SU-1",), epochs=1, rounds=1, dataset="digits",

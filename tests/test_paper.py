@@ -43,7 +43,7 @@ from sims.paper.summary import (
     worst_drop,
 )
 from sims.paper.sweep import run_sweep
-from sims.results import CLIENT_COLUMNS, ROUND_COLUMNS, atomic_write_text, csv_text, read_csv
+from sims.server.results import CLIENT_COLUMNS, ROUND_COLUMNS, atomic_write_text, csv_text, read_csv
 
 
 def test_expand_full_plan_method_by_method() -> None:

@@ -1,10 +1,10 @@
-"""sims.results: a run's tables grow by one round's rows at a time and survive a crash mid-append."""
+"""sims.server.results: a run's tables grow by one round's rows at a time and survive a crash mid-append."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sims.results import CLIENT_COLUMNS, ROUND_COLUMNS, Recorder, csv_text, read_csv
+from sims.server.results import CLIENT_COLUMNS, ROUND_COLUMNS, Recorder, csv_text, read_csv
 
 
 def _round(recorder: Recorder, rnd: int) -> None:

@@ -17,10 +17,10 @@ from fedneq.federation.client_app import app
 from fedneq.federation.protocol import CONFIG_KEY, STATE_DIR_KEY
 from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
-from sims.checkpoint import load_run_checkpoint, save_run_checkpoint
-from sims.federation import sample_partitions
-from sims.results import read_csv
 from sims.run import simulate
+from sims.server.checkpoint import load_run_checkpoint, save_run_checkpoint
+from sims.server.exchange import sample_partitions
+from sims.server.results import read_csv
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -24,7 +24,8 @@ from tiny_sim import tiny_config
 
 from fedneq.federation.client_app import app
 from fedneq.federation.wire import to_array_record
-from sims.federation import RunFailed, run_federation
+from sims.server.round_loop import run_federation
+from sims.server.run_status import RunFailed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 REPO = Path(__file__).resolve().parents[1]

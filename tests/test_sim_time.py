@@ -15,9 +15,11 @@ from fedneq.config import Config
 from fedneq.costs import upload_nbytes
 from fedneq.federation.client_app import app
 from fedneq.task import build_model, client_data, derive_seed, load_task
-from sims.federation import RunFailed, run_federation, sample_partitions
-from sims.results import read_csv
-from sims.sim_time import reachable_partitions
+from sims.server.exchange import sample_partitions
+from sims.server.results import read_csv
+from sims.server.round_loop import run_federation
+from sims.server.run_status import RunFailed
+from sims.server.sim_time import reachable_partitions
 
 
 @pytest.fixture(autouse=True)
@@ -246,8 +248,8 @@ def test_a_csv_fleet_run_prices_every_device_with_its_own_row(tmp_path: Path) ->
 
 def test_a_resumed_run_adds_up_to_the_same_cumulative_time() -> None:
     """What federation writes (``repr`` of :func:`add_seconds`) and reads back on resume."""
-    from sims.results import csv_text
-    from sims.sim_time import add_seconds
+    from sims.server.results import csv_text
+    from sims.server.sim_time import add_seconds
 
     seconds = [3.2475613, 3.4798125, 0.1 + 0.2, 2.1e-7, 7.0000004]
 

@@ -11,8 +11,8 @@ import tiny_sim
 import torch
 
 from fedneq.config import Config
-from sims.results import read_csv
 from sims.run import backend_config, simulate
+from sims.server.results import read_csv
 from strategies import SparseStrategy, get_strategy, register_strategy
 from strategies.neuron_avg import neuron_average
 
@@ -141,15 +141,15 @@ def test_a_rounds_seconds_include_the_previous_rounds_tables_and_checkpoint(
     tables, its checkpoint) counts in the next round's seconds."""
     import time
 
-    from sims import federation
+    from sims.server import round_loop
 
-    save = federation.save_run_checkpoint
+    save = round_loop.save_run_checkpoint
 
     def slow_save(*args, **kwargs):
         time.sleep(1.0)
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(federation, "save_run_checkpoint", slow_save)
+    monkeypatch.setattr(round_loop, "save_run_checkpoint", slow_save)
     config = tiny_sim.tiny_config(
         tmp_path, run={"num_clients": 2, "clients_per_round": 2, "rounds": 2}
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tiny_sim import tiny_config
 
-from sims.results import read_csv
+from sims.server.results import read_csv
 from sims.single_device import run_single_device
 
 

@@ -21,8 +21,8 @@ from fedneq.federation.state_store import (
 )
 from fedneq.federation.wire import pack_model
 from fedneq.task import build_model, load_task
-from sims.results import read_csv
 from sims.run import simulate
+from sims.server.results import read_csv
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sims.results import ROUND_COLUMNS, atomic_write_text, csv_text
+from sims.server.results import ROUND_COLUMNS, atomic_write_text, csv_text
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 

@@ -48,8 +48,9 @@ from fedneq.federation.wire import (
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, client_data, load_task
-from sims.federation import budget_limits, run_federation, set_server_knowledge
-from sims.results import read_csv
+from sims.server.knowledge import budget_limits, set_server_knowledge
+from sims.server.results import read_csv
+from sims.server.round_loop import run_federation
 from strategies.base import SparseStrategy
 from strategies.budget import BudgetLimit, trained_params
 from strategies.fedavg import DenseFedAvg
@@ -655,7 +656,7 @@ def test_a_node_claiming_a_device_class_it_was_not_given_is_rejected(m: Model) -
 
 
 def test_the_device_table_is_read_and_checked(tmp_path: Path) -> None:
-    from sims.federation import read_device_table
+    from sims.server.device_table import read_device_table
 
     config = Config().replace(run={"num_clients": 3, "clients_per_round": 3})
     good = tmp_path / "devices.csv"

@@ -16,7 +16,7 @@ from strategies.budget import trained_params
 def test_width_client_trains_a_smaller_model_with_less_measured_memory() -> None:
     from fedneq.federation.client import _runtime, client_round
     from fedneq.federation.devices import DeviceProfile
-    from sims.cli import load_cli_config
+    from sims.server.config_files import load_cli_config
 
     config = load_cli_config("default", ["model.pretrain_epochs=0", "fleet.local_epochs=1"])
     rt = _runtime(config.to_json())
@@ -62,7 +62,7 @@ def test_device_width_honours_the_memory_limit() -> None:
 def test_width_client_at_a_memory_limit_is_memory_bound_and_fits_it() -> None:
     from fedneq.federation.client import _runtime, client_round
     from fedneq.federation.devices import DeviceProfile
-    from sims.cli import load_cli_config
+    from sims.server.config_files import load_cli_config
 
     config = load_cli_config("default", ["model.pretrain_epochs=0", "fleet.local_epochs=1"])
     rt = _runtime(config.to_json())

@@ -35,7 +35,7 @@ def _flat(row: Any) -> dict[str, Any]:
 
 def write_table(rows: Sequence[Any], path: Path) -> Path:
     """Write ``rows`` (dataclasses or mappings) to ``path`` as CSV; returns the path."""
-    from sims.results import atomic_write_text, csv_text
+    from sims.server.results import atomic_write_text, csv_text
 
     flat = [_flat(r) for r in rows]
     columns = list(dict.fromkeys(k for r in flat for k in r))

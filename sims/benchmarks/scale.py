@@ -68,11 +68,10 @@ from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
 from fedneq.training.loop import evaluate
 from sims.benchmarks import default_csv, write_table
-from sims.federation import build_strategy, sample_partitions
-from sims.initial import initial_state
-from sims.results import read_csv
 from sims.run import simulate
-from sims.server_app import config_path
+from sims.server import build_strategy, config_path, sample_partitions
+from sims.server.initial import initial_state
+from sims.server.results import read_csv
 
 __all__ = [
     "MODELS",

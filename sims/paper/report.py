@@ -14,7 +14,7 @@ import numpy as np
 from fedneq.federation.devices import default_fleet
 from sims.paper.plan import HETERO_METHODS, PAPER_FRACTION, QUICK, Plan, plan_changes
 from sims.paper.summary import aggregate, collect, mean_std, read_tables, write_tables
-from sims.results import atomic_write_text
+from sims.server.results import atomic_write_text
 
 __all__ = [
     "READING_END",

@@ -22,7 +22,7 @@ import numpy as np
 from sims.compare import COST_COLUMNS, device_costs, summarize
 from sims.paper.plan import Plan, Run, expand
 from sims.paper.sweep import is_complete
-from sims.results import atomic_write_text, csv_text, read_csv
+from sims.server.results import atomic_write_text, csv_text, read_csv
 
 __all__ = [
     "CURVE_COLUMNS",

@@ -44,7 +44,7 @@ from sims.paper.plan import (
     run_config,
     tier_budgets,
 )
-from sims.results import atomic_write_text, read_csv
+from sims.server.results import atomic_write_text, read_csv
 
 __all__ = [
     "Job",

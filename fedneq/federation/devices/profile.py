@@ -292,7 +292,7 @@ class Fleet:
         Devices with the same name form a class (its share: their fraction of
         the fleet). They may differ in compute, bandwidth, memory and
         availability, but not in what the server holds a class to: ``budget``
-        and ``local_epochs`` (:func:`sims.federation.budget_limits`).
+        and ``local_epochs`` (:func:`sims.server.knowledge.budget_limits`).
         """
         devices = tuple(devices)
         if not devices:

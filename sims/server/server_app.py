@@ -13,7 +13,7 @@ checked for its type before anything starts (:func:`parse_run_config`):
               ``[run] rounds``, ``[run] seed``, ``[selection] selector``,
               ``[strategy] name``, ``[fleet] budget`` (0 / -1 / "" = the config's)
 ``set``       more ``SECTION.KEY=VALUE`` assignments, space-separated
-``devices``   the operator's device table (:func:`sims.federation.read_device_table`;
+``devices``   the operator's device table (:func:`sims.server.device_table.read_device_table`;
               "" = the seeded fleet)
 """
 
@@ -30,12 +30,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedneq._validate import did_you_mean
 from fedneq.config import Config
-from sims.cli import CONFIG_DIR, claim_out_dir, config_path, load_cli_config
-from sims.federation import DeviceTable, read_device_table, run_federation, stop_requested
+from sims.server.config_files import load_cli_config
+from sims.server.device_table import DeviceTable, read_device_table
+from sims.server.results import claim_out_dir
+from sims.server.round_loop import run_federation
+from sims.server.run_status import stop_requested
 
 __all__ = [
-    "CONFIG_DIR", "RunSpec", "app", "config_path", "default_out_dir", "make_sequence_app",
-    "make_server_app", "parse_run_config",
+    "RunSpec", "app", "default_out_dir", "make_sequence_app", "make_server_app", "parse_run_config",
 ]  # fmt: skip
 
 # run-config key -> (type, what is allowed, the config key it sets or "", the value that

@@ -17,6 +17,9 @@ same at round 1000 as at round 1 and the driver keeps only ``rounds.csv``'s
 rows. A process that dies while appending leaves at most part of one round's
 rows, a round that has no checkpoint yet: :meth:`Recorder.resume` keeps the
 complete rows of the checkpointed rounds and rewrites each table once.
+
+:func:`claim_out_dir` hands a run a folder that holds no earlier run's results
+(or clears one when told to overwrite it).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ import csv
 import io
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "Recorder", "atomic_write_bytes", "atomic_write_text", "csv_text", "plot_runs", "read_csv",
-    "write_initial",
+    "OutDirError", "Recorder", "atomic_write_bytes", "atomic_write_text", "claim_out_dir", "csv_text",
+    "holds_results", "plot_runs", "read_csv", "write_initial",
 ]  # fmt: skip
 
 ROUND_COLUMNS = (
@@ -53,6 +57,43 @@ CLASS_COLUMNS = (
 )  # fmt: skip
 TIMING_COLUMNS = ("round", "seconds")
 INITIAL = "initial.json"  # round 0: the model every client starts from, evaluated once
+RESULT_MARKERS = ("config.json", "rounds.csv", "single_device.csv", "comparison.csv", "checkpoint")
+
+
+class OutDirError(ValueError):
+    """A results folder that cannot take a new run (shown as one line by the commands)."""
+
+
+def holds_results(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RESULT_MARKERS)
+
+
+def claim_out_dir(out: Path, *, overwrite: bool, resume_hint: bool = True) -> Path:
+    """``out``, checked to hold no earlier results (removed first with ``overwrite``).
+
+    Raises
+    ------
+    OutDirError
+        If ``out`` holds results and ``overwrite`` is not set, or ``out`` is a
+        non-empty folder that is not a results folder (never deleted).
+    """
+    out = Path(out)
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise OutDirError(f"--out {out}: exists and is not a folder")
+    if not any(out.iterdir()):
+        return out
+    if not holds_results(out):
+        raise OutDirError(f"--out {out}: a non-empty folder that holds no fedneq results; choose another")
+    if not overwrite:
+        hint = f" --resume {out} to continue it," if resume_hint else ""
+        raise OutDirError(
+            f"--out {out} already holds results; use{hint} --overwrite to replace them, "
+            "or another --out"
+        )
+    shutil.rmtree(out)
+    return out
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

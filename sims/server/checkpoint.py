@@ -28,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedneq.config import Config
-from sims.results import atomic_write_bytes, atomic_write_text
+from sims.server.results import atomic_write_bytes, atomic_write_text
 
 __all__ = ["RunCheckpoint", "load_run_checkpoint", "save_run_checkpoint"]
 

@@ -2,7 +2,7 @@
 
 The time model itself (what one client's round costs on its device) is
 :mod:`fedneq.federation.timing`; each client reports its simulated seconds with its reply
-(``download-s``, ``compute-s``, ``upload-s``). Here :func:`sims.federation.run_federation`
+(``download-s``, ``compute-s``, ``upload-s``). Here :func:`sims.server.round_loop.run_federation`
 finds:
 
 * the partitions reachable in a round (:func:`reachable_partitions`: the
