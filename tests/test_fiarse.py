@@ -254,7 +254,7 @@ def test_fiarse_strategy_asks_clients_for_fiarse_and_checks_server_lr() -> None:
 def test_fiarse_client_round_fits_its_device_and_the_server_accepts_it() -> None:
     from fedneq.federation.client import _runtime, client_round
     from fedneq.federation.devices import DeviceProfile
-    from sims.cli import load_cli_config
+    from sims.server.config_files import load_cli_config
     from strategies.budget import check_budget
 
     config = load_cli_config("default", ["model.pretrain_epochs=0", "fleet.local_epochs=1"])
@@ -275,7 +275,7 @@ def test_fiarse_client_round_fits_its_device_and_the_server_accepts_it() -> None
 
 @pytest.mark.slow
 def test_fiarse_runs_through_sims_compare_and_learns(tmp_path: Path) -> None:
-    from sims.results import read_csv
+    from sims.server.results import read_csv
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}

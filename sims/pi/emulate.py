@@ -31,7 +31,6 @@ from pathlib import Path
 
 import tomli_w
 
-from fedneq.config import load_config
 from sims.pi.cgroup import MemoryCgroup
 from sims.pi.rootfs import (
     DEFAULT_CACHE,
@@ -44,11 +43,11 @@ from sims.pi.rootfs import (
     root_lock,
 )
 from sims.pi.sampler import Sampler
+from sims.server.config_files import load_cli_config
 
 __all__ = ["BOARDS", "Board", "DeviceReport", "EmulationReport", "emulate", "probe_guest"]
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO / "sims" / "configs"
 MIB = 1024 * 1024
 GUEST_DIR = "/srv/fedneq"  # partition files, state, FLWR_HOME and the probe, inside the root
 CONNECTION = "loopback"
@@ -101,17 +100,6 @@ class EmulationReport:
 
     def ok(self) -> bool:
         return self.status == "finished:completed" and all(d.oom_kills == 0 for d in self.devices)
-
-
-def _config_file(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
-    if not shipped.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-        raise ValueError(f"config must be a file or one of {known}, got {name_or_path!r}")
-    return shipped
 
 
 def _free_port() -> int:
@@ -219,7 +207,7 @@ def _wait_registered(names: list[str], procs: _Processes, timeout_s: float) -> N
 
 
 def _write_config(config: str, overrides: Sequence[str], rounds: int, out: Path) -> Path:
-    loaded = load_config(_config_file(config), list(overrides), search_dirs=[CONFIG_DIR])
+    loaded = load_cli_config(config, list(overrides))
     # emulated rounds are slow: the round timeout covers qemu, never cuts a device off
     loaded = loaded.replace(
         run={"rounds": rounds, "round_timeout_s": max(loaded.run.round_timeout_s, 3600)}
