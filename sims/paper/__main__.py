@@ -5,4 +5,5 @@ import sys
 from sims.cli import run_command
 from sims.paper.cli import main
 
-sys.exit(run_command(main, None, "sims.paper"))
+if __name__ == "__main__":
+    sys.exit(run_command(main, None, "sims.paper"))
