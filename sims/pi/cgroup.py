@@ -1,6 +1,6 @@
 """A cgroup-v1 memory cgroup per emulated device: a board's RAM as a hard limit.
 
-Each emulated device (:mod:`sims.pi.devices`) runs its SuperNode, and so every
+Each emulated device (:mod:`sims.pi.emulate`) runs its SuperNode, and so every
 process the SuperNode starts, inside one memory cgroup whose
 ``memory.limit_in_bytes`` is the board's RAM. The kernel then counts the
 device's processes together (anonymous memory plus the page cache they
