@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from fedneq.federation.protocol import BUDGET_KEY, EPOCHS_KEY
-from fedneq.federation.wire import block_sent_counts, wire_format
-from fedneq.neurons import NeuronMap
+from fedneq.federation.wire import block_sent_counts, decode, element_mask, wire_format
+from fedneq.neurons import NeuronLayer, NeuronMap
 
 __all__ = ["BudgetLimit", "check_budget", "trained_params"]
 
@@ -83,12 +83,14 @@ def trained_params(
     always_modules = {key.rsplit(".", 1)[0] for key in always}
     free = set(free)
     whole = [table[i] for i in arrays["tensors"].tolist()]
-    # layers every neuron of which the reply trains: sent as neurons, or a parameter sent whole
+    sent_whole = set(whole)
+    # layers whose running statistics the reply may send whole: every neuron sent as a neuron,
+    # or every affine parameter of its BatchNorm sent whole (charged below)
     covered = {
         layer.name
         for layer in neuron_map.layers
         if sent[layer.offset : layer.offset + layer.num_neurons].all()
-        or any(key in layer.param_tensors for key in whole)
+        or sent_whole.issuperset(_affine_tensors(layer))
     }
     for key in whole:
         if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
@@ -103,14 +105,25 @@ def trained_params(
             if layer.name in covered:
                 continue  # running statistics of neurons it trains: no parameters
             raise ValueError(
-                f"the reply sends the running statistic {key!r} whole without training every "
-                "neuron of its layer: statistics travel only with their neuron (or every one "
-                "with [train] bn_stats = 'all')"
+                f"the reply sends the running statistic {key!r} whole without training its "
+                "BatchNorm's affine parameters of every neuron: statistics travel only with "
+                "their neuron (or every one with [train] bn_stats = 'all')"
             )
         tensor = reference_state[key]
         unsent = int((~sent[layer.offset : layer.offset + layer.num_neurons]).sum())
         total += tensor.numel() // tensor.shape[0] * unsent
     return total
+
+
+def _affine_tensors(layer: NeuronLayer) -> tuple[str, ...]:
+    """The parameters a layer's running statistics belong to: its BatchNorm's affine ones.
+
+    A BatchNorm without affine parameters (or a layer without one): every
+    parameter of the layer.
+    """
+    prefix = f"{layer.bn}." if layer.bn else None
+    affine = tuple(k for k in layer.param_tensors if prefix and k.startswith(prefix))
+    return affine or layer.param_tensors
 
 
 def _block_trained_params(
@@ -125,7 +138,10 @@ def _block_trained_params(
     Its rows and columns are known valid (decoded); every element a block
     sends counts (its whole rows x columns, or the elements its
     ``block_elements`` bits name); a block of a never-trained tensor raises
-    ``ValueError``.
+    ``ValueError``, and so does a block of running statistics (outside
+    ``free``) with a row (channel) in which the reply trains no parameter
+    element of that layer: statistics travel only with a neuron the reply
+    trains, as a width sub-model's and FIARSE's touched neurons' do.
     """
     params = {key for layer in neuron_map.layers for key in layer.param_tensors}
     owned = {key for layer in neuron_map.layers for key in layer.tensors}
@@ -134,6 +150,7 @@ def _block_trained_params(
     free = set(free)
     counts = block_sent_counts(arrays, table, reference_state)
     total = 0
+    statistics = []
     for i, count in zip(arrays["block_tensors"].tolist(), counts, strict=True):
         key = table[i]
         if key in always or key.rsplit(".", 1)[0] in always_modules or key in free:
@@ -145,7 +162,36 @@ def _block_trained_params(
             )
         if key in params:
             total += count
+        else:
+            statistics.append(key)
+    if statistics:
+        _check_block_statistics(arrays, neuron_map, table, reference_state, statistics)
     return total
+
+
+def _check_block_statistics(
+    arrays: Mapping[str, np.ndarray],
+    neuron_map: NeuronMap,
+    table: Sequence[str],
+    reference_state: Mapping[str, torch.Tensor],
+    statistics: Sequence[str],
+) -> None:
+    """Raise ``ValueError`` if a statistics block has a row none of its layer's parameters trains."""
+    update = decode(arrays, neuron_map, table, reference_state)
+    layer_of = {key: layer for layer in neuron_map.layers for key in layer.tensors}
+    for key in statistics:
+        layer = layer_of[key]
+        trained = torch.zeros(layer.num_neurons, dtype=torch.bool)
+        for param in layer.param_tensors:
+            if param in update.rows:
+                sent = element_mask(update, param, reference_state[param].shape)
+                trained |= sent.reshape(layer.num_neurons, -1).any(dim=1)  # (neurons,)
+        if bool((update.rows[key] & ~trained).any()):
+            raise ValueError(
+                f"the reply sends running statistics of {key!r} for channels of which it trains "
+                "no parameter: statistics travel only with a neuron the reply trains (or every "
+                "one with [train] bn_stats = 'all')"
+            )
 
 
 def check_budget(
