@@ -130,3 +130,38 @@ def test_a_node_claiming_a_partition_the_table_gives_another_node_is_ignored(tmp
     assert not [n for _, n in grid.sent if n == 300]  # never trained
     with pytest.raises(RuntimeError, match="two nodes claim partition-id 1"):  # without the ids
         run_federation(SuperLinkLikeGrid(contexts), config, tmp_path / "run2")
+
+
+def test_a_second_live_claimant_is_refused_until_the_bound_node_is_gone(tmp_path: Path) -> None:
+    """A partition is bound to its first node; a newcomer claiming it waits for that node to go."""
+    contexts = {100 + p: _context(100 + p, p, 3) for p in range(3)}
+    grid = SuperLinkLikeGrid(contexts)
+
+    def intruder() -> None:  # a second node claims partition 2 while node 102 still serves it
+        grid.contexts[300] = _context(300, 2, 3)
+
+    def gone() -> None:  # node 102 drops out of the SuperLink's list
+        del grid.contexts[102]
+
+    grid.after = {1: intruder, 3: gone}
+    rounds = run_federation(grid, _config(tmp_path, 4), tmp_path / "run")
+    assert [r["replied"] for r in rounds] == [3, 3, 3, 3]
+    assert [n for rnd, n in grid.sent if rnd in (2, 3) and n in (102, 300)] == [102, 102]
+    assert (4, 300) in grid.sent and (4, 102) not in grid.sent  # then it takes the partition
+
+
+def test_a_claimant_takes_over_a_node_the_superlink_answered_for(tmp_path: Path) -> None:
+    """A lost node still listed (its heartbeats not yet expired) but answered for by the SuperLink."""
+    contexts = {100 + p: _context(100 + p, p, 3) for p in range(3)}
+    grid = SuperLinkLikeGrid(contexts)
+
+    def lost_and_restarted() -> None:
+        grid.lost.add(102)
+        grid.contexts[205] = _context(205, 2, 3)
+
+    grid.after = {1: lost_and_restarted}
+    out = tmp_path / "run"
+    rounds = run_federation(grid, _config(tmp_path, 3), out)
+    assert [r["failed"] for r in rounds] == [0, 1, 0]  # round 2: 102 is still bound, and lost
+    assert (2, 102) in grid.sent and (2, 205) not in grid.sent
+    assert (3, 205) in grid.sent and (3, 102) not in grid.sent

@@ -45,13 +45,20 @@ from fedneq.federation.client import (
     model_layout,
     save_client_state,
 )
-from fedneq.federation.device_data import PartitionFile, check_partition_file, read_partition_file
+from fedneq.federation.device_data import (
+    PartitionFile,
+    check_partition_file,
+    partition_file_identity,
+    read_partition_file,
+)
 from fedneq.federation.devices import NODE_DEVICE_KEYS, DeviceProfile, profile_from_node_config
 from fedneq.federation.protocol import (
     ARRAYS_RECORD,
     ATTEMPT_KEY,
     CONFIG_KEY,
     CONFIG_RECORD,
+    DATA_FINGERPRINT_KEY,
+    DATA_PARTITION_KEY,
     DEVICE_KEY,
     ELEMENT_KEY,
     FULL_BUDGET_KEY,
@@ -237,14 +244,25 @@ def _config(msg: Message) -> Config:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is (partition id and device class)."""
+    """Tell the server who this node is: partition id, device class and its data-file's identity.
+
+    The data-file's partition and split fingerprint (read from its header;
+    ``-1`` / ``""`` without one) let the server refuse a file cut for another
+    run or partition before the first round (:func:`sims.server.discovery.identify`).
+    """
     config, partition_id, device = node_identity(context.node_config, _config(msg))
+    path = _node_path(context.node_config, "data-file", must_exist=True)
+    data_partition, fingerprint = partition_file_identity(path) if path is not None else (-1, "")
     content = RecordDict(
         {
             "metrics": MetricRecord({"partition-id": partition_id}),
-            INFO_RECORD: ConfigRecord({DEVICE_KEY: device.name}),
+            INFO_RECORD: ConfigRecord({
+                DEVICE_KEY: device.name,
+                DATA_PARTITION_KEY: data_partition,
+                DATA_FINGERPRINT_KEY: fingerprint,
+            }),
         }
-    )
+    )  # fmt: skip
     return Message(content, reply_to=msg)
 
 

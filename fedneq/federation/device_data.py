@@ -38,7 +38,10 @@ from fedneq.config import Config
 from fedneq.data.arrays import ArrayDataset
 from fedneq.task import ClientData
 
-__all__ = ["PartitionFile", "check_partition_file", "read_partition_file", "write_partition_files"]
+__all__ = [
+    "PartitionFile", "check_partition_file", "partition_file_identity", "read_partition_file",
+    "split_fingerprint", "write_partition_files",
+]  # fmt: skip
 
 _SPLITS = ("train", "probe", "test")
 
@@ -101,17 +104,39 @@ def write_partition_files(config: Config, out_dir: str | Path) -> list[Path]:
     return paths
 
 
+_META_KEYS = ("partition_id", "num_classes", "in_channels", "shape", "fingerprint")
+
+
+def _metadata(path: Path, header: bytes) -> dict[str, str]:
+    """The JSON metadata of a partition file, from its first bytes (safetensors' header)."""
+    try:
+        header_len = int.from_bytes(header[:8], "little")
+        meta = json.loads(header[8 : 8 + header_len]).get("__metadata__", {})
+    except (ValueError, AttributeError):
+        meta = None
+    missing = [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a fedneq partition file: metadata misses {missing}")
+    return meta
+
+
+def partition_file_identity(path: str | Path) -> tuple[int, str]:
+    """``(partition id, split fingerprint)`` of a partition file, reading its header only."""
+    path = Path(path)
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 0 < header_len <= 1 << 20:
+            raise ValueError(f"{path} is not a fedneq partition file (no safetensors header)")
+        meta = _metadata(path, header_len.to_bytes(8, "little") + f.read(header_len))
+    return int(meta["partition_id"]), meta["fingerprint"]
+
+
 def read_partition_file(path: str | Path) -> PartitionFile:
     """Read a file written by :func:`write_partition_files` (no pickle: safetensors + JSON)."""
     path = Path(path)
     raw = path.read_bytes()
     tensors = st_load(raw)
-    header_len = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
-    missing = [k for k in ("partition_id", "num_classes", "in_channels", "shape", "fingerprint")
-               if k not in meta]  # fmt: skip
-    if missing:
-        raise ValueError(f"{path} is not a fedneq partition file: metadata misses {missing}")
+    meta = _metadata(path, raw)
     data = ClientData(
         *(ArrayDataset(tensors[f"{split}.x"], tensors[f"{split}.y"]) for split in _SPLITS)
     )

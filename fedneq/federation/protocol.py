@@ -13,6 +13,8 @@ __all__ = [
     "BUDGET_KEY",
     "CONFIG_KEY",
     "CONFIG_RECORD",
+    "DATA_FINGERPRINT_KEY",
+    "DATA_PARTITION_KEY",
     "DEVICE_KEY",
     "ELEMENT_KEY",
     "ELEMENT_METHODS",
@@ -46,6 +48,9 @@ NUM_EXAMPLES_KEY = "num-examples"  # the reply's weight (FedAvg's weighted_by_ke
 BUDGET_KEY = "budget-params"  # declared budget, selectable parameters per local epoch
 EPOCHS_KEY = "local-epochs"  # declared number of local epochs
 DEVICE_KEY = "device"  # in INFO_RECORD: the node's device class name
+# in INFO_RECORD of an identity reply: the node's data-file, "" / -1 without one
+DATA_FINGERPRINT_KEY = "data-fingerprint"  # the split fingerprint it was cut with
+DATA_PARTITION_KEY = "data-partition-id"  # the partition it holds
 
 # Context.state of a client node
 STATE_RUN_KEY = "velocity-run"  # the STATE_DIR_KEY the kept velocity belongs to

@@ -21,8 +21,9 @@ Failures a run survives:
   SuperLink no longer lists is not sent and is ``failed`` ("no live node");
 * a restarted SuperNode (a new node id): before every round the server asks
   the nodes it does not know yet who they are
-  (:func:`sims.server.discovery.rediscover_nodes`), and the newest node of a
-  partition takes it over;
+  (:func:`sims.server.discovery.rediscover_nodes`); a partition stays bound to
+  its node while the SuperLink lists it, then the first live claimant takes
+  it over (a second live claimant is refused);
 * a malformed, over-budget or exploded reply: ``rejected`` by the strategy
   (:meth:`strategies.SparseStrategy.check_replies`), the others aggregated;
   every node is held to what the *server* knows of it, never to what it
@@ -78,7 +79,7 @@ from fedneq.federation.wire import model_nbytes, unpack_model
 from fedneq.training.loop import evaluate
 from sims.server.checkpoint import save_run_checkpoint
 from sims.server.device_table import DeviceTable
-from sims.server.discovery import Nodes, discover_nodes, rediscover_nodes, warn_declared
+from sims.server.discovery import Nodes, discover_nodes, rediscover_nodes
 from sims.server.exchange import attribute_replies, sample_partitions, send_round
 from sims.server.knowledge import set_round_inputs
 from sims.server.records import (
@@ -179,6 +180,9 @@ def play_round(grid: Grid, run: RunState, nodes: Nodes, server_round: int) -> Ro
     if stop_requested():  # interrupted: this round is not committed
         return None
     pairs = attribute_replies(sent.replies, sent.sent_to, nodes.partition_of)
+    # an error reply from another node id than the one sent to: the SuperLink answered for a
+    # lost node, which then no longer holds its partition against a restarted one
+    nodes.unreachable |= {n for m, n in pairs if m.has_error() and m.metadata.src_node_id != n}
     pid_of = {id(m): nodes.partition_of[n] for m, n in pairs}
     split = apply_deadline(server_round, [m for m, _ in pairs], nodes.partition_of, devices, deadline)
     replies = split.on_time  # the dropped ones are neither aggregated nor checked
@@ -286,8 +290,9 @@ def run_federation(
     run = start_run(config, Path(out_dir), resume=resume, devices=devices)
     if stop_requested():
         return run.recorder.rounds
-    nodes = discover_nodes(grid, config, allowed=run.knowledge.allowed)
-    warn_declared(nodes.declared, run.knowledge.devices)
+    nodes = discover_nodes(
+        grid, config, allowed=run.knowledge.allowed, devices=run.knowledge.devices
+    )
     _play_rounds(grid, run, nodes)
     return finish_run(run.recorder, run.out_dir, config)
 
