@@ -178,12 +178,21 @@ class Deployment:
         return sorted(found)
 
     def stop(self, grace_s: float = 10.0) -> list[int]:
-        """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors."""
+        """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors.
+
+        Each process it started leads its own process group (``start_new_session``):
+        the group is signalled, its children (``flower-superexec``, ``flwr-clientapp``)
+        with it, then any process still carrying this FLWR_HOME.
+        """
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGINT)
         for pid in self.processes():
             _signal(pid, signal.SIGINT)
         deadline = time.monotonic() + grace_s
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.2)
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGKILL)
         for pid in self.processes():
             _signal(pid, signal.SIGKILL)
         for proc in self.procs.values():
@@ -201,6 +210,13 @@ def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
 
 

@@ -1,0 +1,219 @@
+"""A deployment's bad day on loopback: bad nodes caught at discovery, a partition bound to its node,
+the device service's command and process-group kill.
+
+Real ``flower-superlink`` / ``flower-supernode`` processes and ``flwr run``, as in
+``tests/test_deployment.py`` (whose :class:`Deployment` they use).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+from test_deployment import CONNECTION, NODE_CONFIGS, REPO, RUN_TIMEOUT_S, Deployment, device_table
+
+from fedneq.config import load_config
+from fedneq.federation.device_data import write_partition_files
+from sims.server.config_files import config_path
+from sims.server.results import read_csv
+
+UNIT = REPO / "deploy" / "systemd" / "fedneq-supernode@.service"
+ENV_EXAMPLE = REPO / "deploy" / "systemd" / "supernode.env.example"
+DEPLOY_MD = REPO / "docs" / "DEPLOY.md"
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Callable[[], Deployment]]:
+    """Make deployments under ``tmp_path``; every one is stopped at the end, on failure too."""
+    made: list[Deployment] = []
+
+    def make() -> Deployment:
+        made.append(Deployment(tmp_path / f"deployment-{len(made)}"))
+        return made[-1]
+
+    yield make
+    for dep in made:
+        dep.stop()
+
+
+def _wait_for(condition, timeout_s: float, what: str, dep: Deployment) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{dep.logs()}"
+        time.sleep(0.5)
+
+
+def _run_in_background(dep: Deployment, run_config: str, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            ["flwr", "run", str(REPO), CONNECTION, "--run-config", run_config, "--stream"],
+            stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.root,
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_stale_data_file_and_a_wrong_device_fail_at_discovery_in_the_stream(
+    deployment, tmp_path: Path
+) -> None:
+    """Both reasons are in what ``flwr run --stream`` prints, and no round ran."""
+    config = load_config(config_path("deploy-test")).replace(
+        run={"num_clients": 2, "clients_per_round": 2, "min_replies": 1, "round_timeout_s": 60}
+    )
+    toml = tmp_path / "two-nodes.toml"
+    toml.write_text(tomli_w.dumps(config.to_dict()))
+    other_run = write_partition_files(
+        config.replace(run={"seed": config.run.seed + 1}), tmp_path / "old"
+    )
+    table = tmp_path / "devices.csv"
+    table.write_text("partition_id,device\n0,mcu\n1,mcu\n")
+    dep = deployment()
+    dep.start_superlink()
+    dep.start_supernode(
+        "supernode-0", f"partition-id=0 num-partitions=2 device='mcu' data-file='{other_run[0]}'"
+    )
+    dep.start_supernode("supernode-1", "partition-id=1 num-partitions=2 device='pi-4'")
+    t0 = time.monotonic()
+    run_id, output = dep.run_app(f"config='{toml}' out-dir='{tmp_path / 'out'}' devices='{table}'")
+    seconds = time.monotonic() - t0
+    assert dep.run_status(run_id)["status"] == "finished:failed"
+    assert "node discovery failed before round 1" in output, output
+    assert "data-file (partition 0) was cut for another run" in output, output
+    assert "partition-id 1 declares device 'pi-4', the server's table gives it 'mcu'" in output
+    assert "[fedneq] round 1" not in output and not (tmp_path / "out" / "rounds.csv").exists()
+    assert seconds < 120, f"failed after {seconds:.0f} s"
+    assert dep.stop() == []
+
+
+@pytest.mark.slow
+def test_a_second_claimant_of_a_partition_is_refused_while_its_node_serves(
+    deployment, tmp_path: Path
+) -> None:
+    """A fourth SuperNode claims partition 2 after round 1: it is refused, node 2 keeps training."""
+    config = load_config(config_path("deploy-test")).replace(run={"rounds": 3})
+    toml = tmp_path / "three-rounds.toml"
+    toml.write_text(tomli_w.dumps(config.to_dict()))
+    intruder_state = tmp_path / "intruder-state"
+    dep = deployment()
+    dep.start_superlink()
+    for pid, node_config in NODE_CONFIGS.items():
+        dep.start_supernode(f"supernode-{pid}", node_config)
+    out = tmp_path / "out"
+    log_path = tmp_path / "flwr-run.log"
+    run = _run_in_background(
+        dep, f"config='{toml}' out-dir='{out}' devices='{device_table(tmp_path)}'", log_path
+    )
+    try:
+        rounds_file = out / "rounds.csv"
+        _wait_for(
+            lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240, "round 1", dep
+        )
+        dep.start_supernode("intruder", NODE_CONFIGS[2] + f" state-dir='{intruder_state}'")
+        run.wait(timeout=RUN_TIMEOUT_S + 60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = log_path.read_text(errors="replace")
+    found = re.search(r"Successfully started run (\d+)", output)
+    assert run.returncode == 0 and found, f"flwr run failed:\n{output}\n{dep.logs()}"
+    assert dep.run_status(int(found.group(1)))["status"] == "finished:completed", output
+    assert re.search(r"claims partition-id 2, which is bound to node \d+, still connected: refused",
+                     output), output  # fmt: skip
+    rows = {(int(c["round"]), int(c["partition_id"])): c for c in read_csv(out / "clients.csv")}
+    assert [rows[(r, 2)]["status"] for r in (1, 2, 3)] == ["ok"] * 3
+    # node 2 kept training from its own velocity; the intruder never trained
+    assert [rows[(r, 2)]["used_initializer"] for r in (1, 2, 3)] == ["1", "0", "0"]
+    assert not intruder_state.exists()
+    assert dep.stop() == []
+
+
+def _unit_exec_start() -> list[str]:
+    (line,) = [ln for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStart=")]
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def _example_env() -> dict[str, str]:
+    env = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            (assignment,) = shlex.split(line)
+            key, value = assignment.split("=", 1)
+            env[key] = value
+    return env
+
+
+def test_the_service_runs_the_command_deploy_md_documents() -> None:
+    unit = UNIT.read_text()
+    for setting in ("Restart=on-failure", "KillMode=control-group", "StateDirectory=fedneq/%i",
+                    "Environment=PATH=/home/pi/fedneq/bin:"):  # fmt: skip
+        assert setting in unit, setting
+    env = _example_env()
+    # systemd: ${VAR} as a word of its own is one argument, the variable's value
+    command = [env[w[2:-1]] if re.fullmatch(r"\$\{\w+\}", w) else w for w in _unit_exec_start()]
+    assert command[0] == "/home/pi/fedneq/bin/flower-supernode"
+    section = DEPLOY_MD.read_text().split("## Run it as a service", 1)[1].split("\n## ", 1)[0]
+    documented = [
+        shlex.split(ln) for ln in section.splitlines() if ln.startswith("flower-supernode ")
+    ]
+    assert documented == [["flower-supernode", *command[1:]]]
+    assert "state-dir='/var/lib/fedneq/0'" in env["NODE_CONFIG"]  # the StateDirectory of instance 0
+    for line in ("install -m 644 deploy/systemd/fedneq-supernode@.service /etc/systemd/system/",
+                 "systemctl daemon-reload && systemctl enable --now fedneq-supernode@0"):  # fmt: skip
+        assert line in section
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")).decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_killing_a_supernodes_process_group_takes_its_children(deployment) -> None:
+    """What ``KillMode=control-group`` does with the unit's cgroup, with a process group here."""
+    dep = deployment()
+    dep.start_superlink()
+    dep.start_supernode("supernode", NODE_CONFIGS[0])
+    node = dep.procs["supernode"].pid
+    assert os.getpgid(node) == node  # it leads its own process group
+
+    def superexec() -> list[int]:
+        return [c for c in _children(node) if "flower-superexec" in _cmdline(c)]
+
+    _wait_for(superexec, 60, "the SuperNode's flower-superexec", dep)
+    (child,) = superexec()
+    assert os.getpgid(child) == node  # the child is in the SuperNode's group
+    os.killpg(node, signal.SIGKILL)
+    dep.procs["supernode"].wait(timeout=10)
+    _wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in _state(child), 5,
+              "the SuperExec to die with its group", dep)  # fmt: skip
+    assert dep.procs["superlink"].poll() is None  # another group: untouched
+    assert dep.stop() == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
