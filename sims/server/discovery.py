@@ -247,8 +247,9 @@ def rediscover_nodes(grid: Grid, config: Config, nodes: Nodes, *, timeout_s: flo
     bound to its node while the SuperLink lists that node: another node
     claiming it is refused (a warning; it waits in ``nodes.refused``). Once
     the bound node is no longer listed (a lost SuperNode drops out of the list
-    when its heartbeats expire), the first live claimant takes the partition
-    over. A node that does not answer, names no valid partition, declares
+    when its heartbeats expire) or the SuperLink answered for it as lost
+    (``nodes.unreachable``, set by the round loop), the first live claimant
+    takes the partition over. A node that does not answer, names no valid partition, declares
     another device than the server's table or holds a data-file cut for
     another run is ignored, with a warning: it cannot stop the run. ``nodes``
     is updated in place.
