@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
 from fedneq.training.memory import StepMemory, StepMemoryMeter
+from fedneq.training.shape_memo import lookup, mask_key, memo, remember
 from fedneq.training.sparse_backward import BACKWARDS
 
 __all__ = [
@@ -184,8 +186,15 @@ def train_masked(
         data were balanced. On balanced data it equals cross-entropy (a
         constant added to every logit). Evaluation always uses plain logits.
     measure_memory:
-        Measure every step's memory (:class:`~fedneq.training.memory.StepMemoryMeter`)
-        and attach each epoch's largest to its :class:`EpochStats`.
+        Measure the steps' memory (:class:`~fedneq.training.memory.StepMemoryMeter`)
+        and attach each epoch's largest to its :class:`EpochStats`. A step's
+        memory depends only on the mask, the batch's shape and which parameters
+        hold optimizer state, so each such combination is measured once per
+        model (:mod:`fedneq.training.shape_memo`) and reused after.
+
+    The cost (``cost_profile``), the trained parameter count and the shapes
+    the sparse backward profiles are likewise computed once per model and
+    mask (or input shape) and reused: they depend on no weight.
 
     The attached cost (``cost_profile``) prices gradients and optimizer
     state of whole tensors (``mask_cost(..., dense_grads=True)``): that is
@@ -213,10 +222,16 @@ def train_masked(
         mask = given(epoch)
         return TrainMask(mask.neurons, mask.full_tensors | statistics) if statistics else mask
 
-
     shapes = cost_profile
     if backward == "sparse" and shapes is None:
-        shapes = _try_profile(model, neuron_map, tuple(data.x.shape[1:]))
+        input_shape = tuple(data.x.shape[1:])
+        shapes = memo(
+            model,
+            ("profile", id(neuron_map), input_shape),
+            lambda: (neuron_map, _try_profile(model, neuron_map, input_shape)),
+        )[1]
+    # what a step's measured memory depends on besides the mask and the batch's shape
+    step_setup = (id(shapes), optimizer, backward, grad_filter, bn_stats, prior is None, batch_size)
 
     # One optimizer over every parameter that could ever train; parameters a
     # mask freezes have requires_grad=False, hence no .grad, and are skipped.
@@ -243,21 +258,15 @@ def train_masked(
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
             _drop_frozen_state(opt, model, freezer.rows)
             previous_rows = freezer.rows
-            meter = StepMemoryMeter(model, opt) if measure_memory else None
+            meter = None
+            if measure_memory:
+                meter = _KeyedMeter(model, opt, candidates, (mask_key(mask), *step_setup), shapes)
             total_loss, seen, smallest = _run_epoch(
                 model, data, opt, freezer, batch_size, generator, prior, meter
             )
-        trainable = neuron_map.mask_params(mask, state, [n for n, _ in model.named_parameters()])
-        cost = None
-        if cost_profile is not None:
-            cost = mask_cost(
-                cost_profile,
-                mask,
-                state,
-                batch_size=batch_size,
-                optimizer=optimizer.cost_name,
-                dense_grads=True,
-            )
+        trainable, cost = _mask_figures(
+            model, neuron_map, mask, state, cost_profile, batch_size, optimizer
+        )
         measured = None if meter is None else meter.peak
         stats.append(
             EpochStats(
@@ -276,6 +285,36 @@ def train_masked(
         union = mask if union is None else union_mask(union, mask)
     assert union is not None
     return TrainResult(stats[-1].loss, sum(s.examples for s in stats), tuple(stats), union)
+
+
+def _mask_figures(
+    model: nn.Module,
+    neuron_map: NeuronMap,
+    mask: TrainMask,
+    state: dict[str, torch.Tensor],
+    cost_profile: CostProfile | None,
+    batch_size: int,
+    optimizer: OptimizerConfig,
+) -> tuple[int, MaskCost | None]:
+    """The parameters ``mask`` trains and its cost, once per model and mask (shapes only)."""
+    key = mask_key(mask)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = memo(
+        model,
+        ("trainable", id(neuron_map), key),
+        lambda: (neuron_map, neuron_map.mask_params(mask, state, names)),
+    )[1]
+    if cost_profile is None:
+        return trainable, None
+    cost = memo(
+        model,
+        ("cost", id(cost_profile), key, batch_size, optimizer.cost_name),
+        lambda: (cost_profile, mask_cost(
+            cost_profile, mask, state, batch_size=batch_size,
+            optimizer=optimizer.cost_name, dense_grads=True,
+        )),
+    )[1]  # fmt: skip
+    return trainable, cost
 
 
 def proximal_pull(opt: torch.optim.Optimizer, params: list[nn.Parameter], mu: float) -> None:
@@ -360,24 +399,64 @@ def _run_epoch(
     batch_size: int,
     generator: torch.Generator,
     logit_offset: torch.Tensor | None = None,
-    meter: StepMemoryMeter | None = None,
+    meter: _KeyedMeter | None = None,
 ) -> tuple[float, int, int]:
     """``(sum of batch losses x sizes, examples seen, smallest batch)`` of one epoch."""
     order = torch.randperm(len(data), generator=generator)
     total_loss, seen, smallest = 0.0, 0, len(order)
     for batch in batch_slices(len(order), batch_size):
         idx = order[batch]
+        x, y = data.x[idx], data.y[idx]
         if meter is None:
-            loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
+            loss = train_step(model, x, y, opt, freezer, logit_offset)
         else:
-            with meter.step():
-                loss = train_step(model, data.x[idx], data.y[idx], opt, freezer, logit_offset)
+            with meter.step(x):
+                loss = train_step(model, x, y, opt, freezer, logit_offset)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss} at the batch starting at {batch.start}")
         total_loss += loss * len(idx)
         seen += len(idx)
         smallest = min(smallest, len(idx))
     return total_loss, seen, smallest
+
+
+class _KeyedMeter:
+    """A :class:`StepMemoryMeter` that measures each kind of step once per model.
+
+    A step's measured memory is a function of the mask, the batch's shape,
+    the training setup (``setup``) and which parameters hold optimizer state
+    before it; a step whose combination was measured before (by this model,
+    in any call) reuses that measurement (:mod:`fedneq.training.shape_memo`).
+    ``held`` is kept alive by the memo's entries (``setup`` names it by id).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        setup: tuple,
+        held: object,
+    ) -> None:
+        self.model, self.opt, self.params, self.setup, self.held = model, opt, params, setup, held
+        self.meter = StepMemoryMeter(model, opt)
+
+    @property
+    def peak(self) -> StepMemory | None:
+        return self.meter.peak
+
+    @contextmanager
+    def step(self, x: torch.Tensor) -> Iterator[None]:
+        with_state = tuple(p in self.opt.state for p in self.params)
+        key = ("step", *self.setup, tuple(x.shape), with_state)
+        known = lookup(self.model, key)
+        if known is not None:
+            yield
+            self.meter.record(known[1])
+            return
+        with self.meter.step():
+            yield
+        remember(self.model, key, (self.held, self.meter.last))
 
 
 def train_step(

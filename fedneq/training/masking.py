@@ -30,6 +30,7 @@ from torch import nn
 from fedneq.costs import CostProfile
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
+from fedneq.training.shape_memo import row_masks
 from fedneq.training.sparse_backward import BACKWARDS, SparseBackward
 
 __all__ = ["RowFreezer"]
@@ -81,7 +82,7 @@ class RowFreezer:
         self.model = model
         self.mask = mask
         state = model.state_dict(keep_vars=True)
-        self.rows = neuron_map.row_masks(mask, state)
+        self.rows = row_masks(model, neuron_map, mask, state)  # shared: read only
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # (tensor, frozen-row indices or None for the whole tensor, snapshot of the frozen part)

@@ -104,6 +104,7 @@ class StepMemoryMeter:
         self.model = model
         self.optimizer = optimizer
         self.peak: StepMemory | None = None
+        self.last: StepMemory | None = None  # the latest step's
         self.steps = 0
 
     @contextmanager
@@ -130,6 +131,11 @@ class StepMemoryMeter:
             optimizer_state_bytes=_storage_bytes(_optimizer_tensors(self.optimizer)),
             saved_activation_bytes=sum(kept.values()),
         )
+        self.record(measured)
+
+    def record(self, measured: StepMemory) -> None:
+        """Count a step whose memory is known (measured before, for the same shapes)."""
+        self.last = measured
         self.steps += 1
         if self.peak is None or measured.peak_bytes > self.peak.peak_bytes:
             self.peak = measured

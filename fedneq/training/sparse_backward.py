@@ -52,6 +52,7 @@ from fedneq.training.grad_filter import (
     filtered_weight_grad,
     patch_mean,
 )
+from fedneq.training.shape_memo import row_masks
 
 __all__ = [
     "BACKWARDS",
@@ -501,7 +502,7 @@ class SparseBackward:
         profile: CostProfile | None = None,
         batch_size: int = 32,
     ) -> None:
-        rows = neuron_map.row_masks(mask, model.state_dict(keep_vars=True))
+        rows = row_masks(model, neuron_map, mask, model.state_dict(keep_vars=True))
         shapes = {} if profile is None else {lay.name: lay for lay in profile.layers}
         filtered = set(grad_filter.resolve(model, neuron_map)) if grad_filter else set()
         selectable = {lay.name for lay in neuron_map.layers} if budgeted else set()

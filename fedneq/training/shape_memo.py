@@ -1,0 +1,88 @@
+"""Figures that depend only on a model, a mask and shapes, computed once per model.
+
+A client process trains the same model object for every client it serves.
+What training derives from the mask and the input shape alone (the cost
+model's :class:`~fedneq.costs.MaskCost`, the number of trained parameters,
+the shapes :func:`~fedneq.costs.profile_model` records, a step's measured
+memory) is the same for every client and step with that mask and shape, so
+:func:`memo` keeps it beside the model (weakly: it goes with the model) and
+:func:`~fedneq.training.loop.train_masked` computes it once instead of on
+every epoch or step. Values never depend on weights, so results are
+bit-identical with or without the memo.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from fedneq.neurons import NeuronMap, TrainMask
+
+__all__ = ["clear_memo", "lookup", "mask_key", "memo", "remember", "row_masks"]
+
+T = TypeVar("T")
+MAX_ENTRIES = 256  # per model; a full memo starts over (velocity masks rarely repeat)
+
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
+
+
+def mask_key(mask: TrainMask) -> tuple[bytes, frozenset[str]]:
+    """A hashable identity of a mask: its neuron bits and whole tensors."""
+    return mask.neurons.numpy().tobytes(), frozenset(mask.full_tensors)
+
+
+def memo(model: nn.Module, key: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()`` the first time ``key`` is asked for ``model``; the same value after.
+
+    ``key`` must name everything the value depends on besides the model's
+    architecture (mask, shapes, options). Objects that only have an identity
+    (a :class:`~fedneq.costs.CostProfile`) enter it as ``id(obj)``, with the
+    object itself held by the value so that the id cannot be reused while the
+    entry lives.
+    """
+    entries = _MEMOS.setdefault(model, {})
+    if key in entries:
+        return entries[key]
+    value = compute()
+    remember(model, key, value)
+    return value
+
+
+def lookup(model: nn.Module, key: Hashable) -> Any | None:
+    """What was remembered for ``model`` under ``key``, or None."""
+    return _MEMOS.get(model, {}).get(key)
+
+
+def remember(model: nn.Module, key: Hashable, value: Any) -> None:
+    """Keep ``value`` for ``model`` under ``key`` (see :func:`memo`)."""
+    entries = _MEMOS.setdefault(model, {})
+    if len(entries) >= MAX_ENTRIES:
+        entries.clear()
+    entries[key] = value
+
+
+def clear_memo(model: nn.Module | None = None) -> None:
+    """Forget what was computed for ``model`` (every model: ``None``)."""
+    if model is None:
+        _MEMOS.clear()
+    else:
+        _MEMOS.pop(model, None)
+
+
+def row_masks(
+    model: nn.Module, neuron_map: NeuronMap, mask: TrainMask, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``neuron_map.row_masks(mask, state)`` of ``model``'s state, once per model and mask.
+
+    The dict and its tensors are shared by every caller: read them, never modify them.
+    """
+    return memo(
+        model,
+        ("rows", id(neuron_map), mask_key(mask)),
+        lambda: (neuron_map, neuron_map.row_masks(mask, state)),
+    )[1]
+
