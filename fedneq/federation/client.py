@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -98,6 +98,18 @@ class _Runtime:
     layout: ModelLayout  # of model.state_dict(): what the global model must hold
     cost_profile: CostProfile
     num_params: int
+    meters: dict[tuple[int, str], MemoryMeter] = field(default_factory=dict)
+
+    def meter(self, batch_size: int, optimizer: str) -> MemoryMeter:
+        """What training allocates (PyTorch's whole-tensor gradients and optimizer state),
+        priced per neuron; built once per batch size and optimizer (shapes only)."""
+        key = (batch_size, optimizer)
+        if key not in self.meters:
+            self.meters[key] = MemoryMeter(
+                self.cost_profile, self.model, batch_size=batch_size, optimizer=optimizer,
+                dense_grads=True,
+            )  # fmt: skip
+        return self.meters[key]
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,13 @@ def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = 
         cost_profile=profile_model(model, neuron_map, shape),
         num_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _devices(config_json: str) -> tuple[DeviceProfile, ...]:
+    """Every simulated client's device (``Config.device``), assigned once per config."""
+    config = Config.from_json(config_json)
+    return tuple(config.fleet.fleet().assign(config.run.num_clients, config.run.seed))
 
 
 def _local_key(local: PartitionFile | None) -> tuple[int, int, tuple[int, ...]] | None:
@@ -211,7 +230,10 @@ def client_round(
     rt = _runtime(config.to_json(), _local_key(local))
     model, neuron_map = rt.model, rt.neuron_map
     model.load_state_dict(global_state)
-    device = device or config.device(partition_id)
+    if device is None:
+        devices = _devices(config.to_json())
+        in_range = isinstance(partition_id, int) and 0 <= partition_id < len(devices)
+        device = devices[partition_id] if in_range else config.device(partition_id)  # raises
     data = local.data if local is not None else client_data(config, partition_id)
     if width or element:
         submodel_round = width_round if width else element_round
@@ -228,9 +250,7 @@ def client_round(
     gen = generator(config.run.seed, partition_id, server_round)
     sel = config.selection
     optimizer = config.train.optimizer_config().cost_name
-    meter = MemoryMeter(
-        rt.cost_profile, model, batch_size=device.batch_size, optimizer=optimizer, dense_grads=True
-    )  # what training allocates: PyTorch's whole-tensor gradients and optimizer state
+    meter = rt.meter(device.batch_size, optimizer)
     memory_limit = None if full_budget else resolve_memory_limit(
         meter, device.memory_limit_bytes, device.memory_fraction
     )  # fmt: skip
@@ -282,7 +302,10 @@ def client_round(
         # dropout draws from the global RNG: seed it per (client, round, attempt), so a
         # client's training does not depend on which Ray worker serves it
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.run.seed, partition_id, server_round, attempt, 13))
+            # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
+            torch.default_generator.manual_seed(
+                derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
+            )
             result = train_masked(
                 model,
                 data.train,
