@@ -60,7 +60,9 @@ RUNNERS = ("plain", "fedneq", "flower", "pfl")
 ROOT = Path(__file__).resolve().parents[2]
 PFL_VENV = ROOT / "build" / "pfl-venv"
 PFL_REQUIREMENTS = ("pfl[pytorch]==0.6.0", "torch==2.14.1", "torchvision==0.29.1", "safetensors")
-DENSE = {"selection": {"selector": "full"}, "strategy": {"name": "fedavg"}}
+# dense FedAvg as the peers run it: plain cross-entropy (fedneq's default loss is the
+# balanced softmax, which the peers do not have)
+DENSE = {"selection": {"selector": "full"}, "strategy": {"name": "fedavg"}, "train": {"loss": "cross-entropy"}}
 
 
 def peer_config(workload: str, num_clients: int, rounds: int, out_dir: str) -> Config:
