@@ -9,7 +9,13 @@ import torch
 from fedneq.federation import client as client_module
 from fedneq.federation.client import client_round
 from sims.benchmarks import peers
-from sims.benchmarks.peer_runners import Workload, _Data, export_workload, local_train, run_plain
+from sims.benchmarks.peer_runners import (
+    Workload,
+    WorkloadData,
+    export_workload,
+    local_train,
+    run_plain,
+)
 
 
 def test_plain_local_training_equals_fedneqs_dense_client_round(tmp_path) -> None:
@@ -17,7 +23,7 @@ def test_plain_local_training_equals_fedneqs_dense_client_round(tmp_path) -> Non
     workload = export_workload(config, tmp_path)
     assert Workload.read(tmp_path) == workload
     assert len(workload.cohorts) == 2 and all(len(c) == 10 for c in workload.cohorts)
-    data = _Data(tmp_path)
+    data = WorkloadData(tmp_path)
     initial = data.initial()
     pid = workload.cohorts[0][0]
     client_round(config, pid, 1, initial, None, full_budget=True)

@@ -37,7 +37,7 @@ from fedneq.task import build_model, client_data, generator, load_task
 from fedneq.training.loop import batch_slices, evaluate
 
 __all__ = [
-    "Workload", "export_workload", "local_train", "run_fedneq", "run_flower", "run_plain",
+    "Workload", "WorkloadData", "export_workload", "local_train", "run_fedneq", "run_flower", "run_plain",
     "train_mode",
 ]
 
@@ -77,8 +77,8 @@ class Workload:
 def export_workload(config: Config, folder: Path) -> Workload:
     """Write ``config``'s dense FedAvg workload to ``folder`` (every client at one device class:
     ``[fleet]`` must give every class the same local epochs and batch size)."""
-    from sims.federation import sample_partitions
-    from sims.initial import initial_state
+    from sims.server import sample_partitions
+    from sims.server.initial import initial_state
 
     devices = {(d.local_epochs, d.batch_size) for d, _ in config.fleet.fleet().classes}
     if len(devices) != 1:
@@ -109,7 +109,7 @@ def export_workload(config: Config, folder: Path) -> Workload:
     return workload
 
 
-class _Data:
+class WorkloadData:
     """The workload's tensors, read lazily from its memory-mapped file."""
 
     def __init__(self, folder: Path) -> None:
@@ -166,14 +166,14 @@ def _average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dic
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    from fedneq.data.datasets import ArrayDataset
+    from fedneq.data.arrays import ArrayDataset
 
     return evaluate(model, ArrayDataset(x, y))[1]
 
 
 def run_plain(folder: Path) -> dict[str, Any]:
     """Every round's clients trained one after the other in this process, averaged, evaluated."""
-    w, data = Workload.read(folder), _Data(folder)
+    w, data = Workload.read(folder), WorkloadData(folder)
     model = w.build()
     state = data.initial()
     test_x, test_y = data.test()
@@ -196,8 +196,8 @@ def run_plain(folder: Path) -> dict[str, Any]:
 
 def run_fedneq(config: Config, out: Path) -> dict[str, Any]:
     """``sims.run.simulate`` of the workload's config: fedneq's own simulation, as a user runs it."""
-    from sims.results import read_csv
     from sims.run import simulate
+    from sims.server.results import read_csv
 
     rows = simulate(config, out)
     seconds = [float(r["seconds"]) for r in read_csv(out / "timing.csv")]
@@ -238,7 +238,7 @@ def run_flower(folder: Path, num_cpus_per_client: float = 1.0) -> dict[str, Any]
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        data = _Data(folder)
+        data = WorkloadData(folder)
         model, (test_x, test_y) = w.build(), data.test()
 
         def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -282,9 +282,9 @@ def _flower_model(folder: Path) -> nn.Module:
     return _FLOWER_CACHE[key]
 
 
-def _flower_data(folder: Path) -> _Data:
+def _flower_data(folder: Path) -> WorkloadData:
     key = f"data:{folder}"
     if key not in _FLOWER_CACHE:
-        _FLOWER_CACHE[key] = _Data(folder)
+        _FLOWER_CACHE[key] = WorkloadData(folder)
     return _FLOWER_CACHE[key]
 

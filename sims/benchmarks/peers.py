@@ -52,7 +52,7 @@ from typing import Any
 from fedneq.config import Config, load_config
 from sims.benchmarks import default_csv, write_table
 from sims.benchmarks.scale import TreeMemory, scale_config
-from sims.server_app import config_path
+from sims.server import config_path
 
 __all__ = ["RUNNERS", "client_round_cost", "main", "peer_config", "pfl_python"]
 
