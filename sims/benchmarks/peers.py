@@ -34,6 +34,7 @@ fleet) over its own dense run, and one dense client round in one process
     python -m sims.benchmarks.peers --quick          # digits, small-cnn 10 and 100; < 15 min
     python -m sims.benchmarks.peers                  # + small-cnn 1000, mobilenet 10 and 100
     python -m sims.benchmarks.peers --workload digits --runners plain fedneq
+    python -m sims.benchmarks.peers --smoke --runners plain fedneq   # the harness, < 1 min
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from sims.benchmarks import default_csv, write_table
 from sims.benchmarks.scale import TreeMemory, scale_config
 from sims.server import config_path
 
-__all__ = ["RUNNERS", "client_round_cost", "main", "peer_config", "pfl_python"]
+__all__ = ["RUNNERS", "client_round_cost", "main", "peer_config", "pfl_python", "run_workload"]
 
 RUNNERS = ("plain", "fedneq", "flower", "pfl")
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,9 +68,15 @@ DENSE = {"selection": {"selector": "full"}, "strategy": {"name": "fedavg"}, "tra
 
 def peer_config(workload: str, num_clients: int, rounds: int, out_dir: str) -> Config:
     """The dense FedAvg config of a workload (see the module docstring)."""
-    if workload == "digits":
+    if workload in ("digits", "tiny"):
         base = load_config(config_path("default"))
-        return base.replace(run={"rounds": rounds, "num_clients": num_clients, "out_dir": out_dir}, **DENSE)
+        run = {"rounds": rounds, "num_clients": num_clients, "out_dir": out_dir}
+        if workload == "tiny":  # a smoke run: half the clients per round, no pretraining
+            return base.replace(
+                run=run | {"clients_per_round": max(1, num_clients // 2)},
+                model={"pretrain_epochs": 0}, **DENSE,
+            )  # fmt: skip
+        return base.replace(run=run, **DENSE)
     base = scale_config(num_clients, rounds, out_dir, model=workload)
     return base.replace(fleet={"batch_size": 32, "local_epochs": 1}, **DENSE)
 
@@ -124,7 +131,8 @@ def _launch(runner: str, folder: Path, pfl: Path | None) -> dict[str, Any]:
     """``runner`` in a fresh process; its result plus the peak memory of its process tree."""
     if runner == "pfl":
         if pfl is None:
-            return {"error": "no pfl venv"}
+            hint = f"{sys.executable} -c 'from sims.benchmarks.peers import pfl_python; pfl_python()'"
+            return {"error": f"venv missing ({PFL_VENV}), build with: {hint}"}
         cmd = [str(pfl), str(ROOT / "sims" / "benchmarks" / "pfl_runner.py"), str(folder), "1"]
     else:
         cmd = [sys.executable, "-m", "sims.benchmarks.peers", "--one", runner, "--folder", str(folder)]
@@ -204,6 +212,8 @@ def client_round_cost(config: Config, clients: int = 10, repeats: int = 5) -> di
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    if args.smoke:
+        return [("tiny", 4)]
     if args.workload:
         scales = args.clients or {"digits": [20], "small-cnn": [10, 100, 1000], "mobilenet": [10, 100]}[args.workload]
         return [(args.workload, n) for n in scales]
@@ -274,6 +284,9 @@ def _print(rows: list[dict[str, Any]], cost: dict[str, float] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sims.benchmarks.peers", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="digits and small-cnn at 10 and 100 clients, 5 rounds")
+    p.add_argument("--smoke", action="store_true",
+                   help="the harness end to end on a tiny workload (digits, 4 clients, no pretraining, "
+                        "2 rounds, no budget run, no client round); numbers mean nothing")  # fmt: skip
     p.add_argument("--workload", choices=("digits", "small-cnn", "mobilenet"), help="only this workload")
     p.add_argument("--clients", type=int, nargs="+", help="scales of --workload")
     p.add_argument("--rounds", type=int, help="rounds per run (default 12; 5 with --quick)")
@@ -288,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("RESULT " + json.dumps(_one(args.one, args.folder)), flush=True)
         return 0
-    rounds = args.rounds or (5 if args.quick else 12)
+    rounds = args.rounds or (2 if args.smoke else 5 if args.quick else 12)
     pfl = pfl_python() if "pfl" in args.runners else None
     rows: list[dict[str, Any]] = []
     for workload, n in _plan(args):
-        rows += run_workload(workload, n, rounds, args.runners, pfl, budget=not args.no_budget)
+        rows += run_workload(workload, n, rounds, args.runners, pfl, budget=not (args.no_budget or args.smoke))
     cost = None
-    if not args.no_client_round:
+    if not (args.no_client_round or args.smoke):
         with tempfile.TemporaryDirectory(prefix="fedneq-peers-") as tmp:
             cost = client_round_cost(peer_config("digits", 20, rounds, tmp))
     _print(rows, cost)
