@@ -6,7 +6,7 @@ pfl 0.6.0 pins an ``attrs`` that conflicts with Flower's and Ray's, so it
 runs in a venv of its own (:func:`sims.benchmarks.peers.pfl_python` builds it)
 with none of fedneq's dependencies: this script imports only torch, numpy,
 safetensors and pfl, and loads ``fedneq/models.py`` (torch and safetensors
-only) by its path. It reads the folder :func:`sims.benchmarks.peer_runners.export_workload`
+only, besides ``fedneq/_validate.py``) by its path. It reads the folder :func:`sims.benchmarks.peer_runners.export_workload`
 wrote and runs pfl's own FedAvg (``FederatedAveraging``, ``SimulatedBackend``,
 ``PyTorchModel`` with a central SGD of learning rate 1: the averaged update
 applied as is), with the same cohorts (a user sampler replaying them), local
@@ -23,6 +23,7 @@ import importlib.util
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _models():
-    spec = importlib.util.spec_from_file_location("fedneq_models", ROOT / "fedneq" / "models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``fedneq.models`` and the one fedneq module it imports (``fedneq._validate``), loaded by
+    path under a bare ``fedneq`` package: ``fedneq/__init__.py`` and its dependencies stay out."""
+    package = types.ModuleType("fedneq")
+    package.__path__ = []
+    sys.modules["fedneq"] = package
+    for name in ("_validate", "models"):
+        spec = importlib.util.spec_from_file_location(f"fedneq.{name}", ROOT / "fedneq" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module
 
 
