@@ -11,7 +11,9 @@ batch size, SGD and cohorts):
 * ``small-cnn``: ``scale-1000.toml`` resized to N clients (Fashion-MNIST
   28x28, 60 images per client, ``min(20, N)`` per round, 1 epoch, batch 32);
 * ``mobilenet``: ``scale-10k.toml`` resized (MobileNetV2 width 0.5 at 32x32,
-  6 images per client, ``min(32, N)`` per round, 1 epoch, batch 32).
+  6 images per client, ``min(32, N)`` per round, 1 epoch, batch 32);
+* ``tiny`` (``--smoke`` only): digits with 4 clients, 2 per round, no
+  pretraining; it checks the harness, its numbers mean nothing.
 
 Runners, each in a fresh process whose whole process tree's memory is
 sampled (:class:`sims.benchmarks.scale.TreeMemory`), interleaved per workload:
