@@ -130,7 +130,10 @@ def element_round(
     drop = submodel_drop(model, tuple(selection.elements))
     threshold = selection.threshold if selection.threshold > 0 else None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.run.seed, partition_id, server_round, attempt, 13))
+        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
+        torch.default_generator.manual_seed(
+            derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
+        )
         with ElementMask(model, selection.elements, drop=drop, threshold=threshold):
             result = train_masked(
                 model,

@@ -207,7 +207,10 @@ def width_round(
         if method == "fjord" else nullcontext([])
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.run.seed, partition_id, server_round, attempt, 13))
+        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
+        torch.default_generator.manual_seed(
+            derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
+        )
         with dropout as drawn:
             result = train_masked(
                 sub,
