@@ -14,7 +14,7 @@ see ``sims/configs/default.toml``)::
                  bn_stats
     [strategy]   name, options (a table passed to the strategy's constructor)
     [fleet]      preset ("default" | "homogeneous" | "custom" | "csv"), budget,
-                 local_epochs, batch_size, classes (array of tables, see
+                 local_epochs, local_steps, batch_size, classes (array of tables, see
                  fedneq.federation.devices), csv (per-device CSV, fedneq.federation.devices.read_fleet_csv),
                  reference_gflops (fedneq.federation.timing)
     [faults]     crash_prob, straggler_prob, straggler_delay_s

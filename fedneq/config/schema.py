@@ -214,6 +214,9 @@ class FleetConfig:
     preset: str = "default"  # "default" | "homogeneous" | "custom" (`classes`) | "csv" (`csv`)
     budget: float = 0.1  # homogeneous preset; csv preset: rows without a budget
     local_epochs: int = 0  # > 0 overrides every device class's own
+    # > 0: every device takes this many optimizer steps a round (as many passes over its data
+    # as that needs, the last cut short) instead of its local epochs: equal local work
+    local_steps: int = 0
     batch_size: int = 0  # > 0 overrides every device class's own
     classes: tuple[dict[str, Any], ...] = ()
     csv: str = ""  # csv preset: one row of capabilities per device (fedneq.federation.devices.read_fleet_csv)
@@ -223,6 +226,7 @@ class FleetConfig:
     def __post_init__(self) -> None:
         _check_choice("fleet", "preset", self.preset, ("default", "homogeneous", "custom", "csv"))
         check_positive("[fleet] local_epochs", self.local_epochs, zero_ok=True)
+        check_positive("[fleet] local_steps", self.local_steps, zero_ok=True)
         check_positive("[fleet] batch_size", self.batch_size, zero_ok=True)
         if not math.isfinite(self.reference_gflops) or self.reference_gflops <= 0:
             raise ValueError(

@@ -312,6 +312,7 @@ def client_round(
                 neuron_map=neuron_map,
                 masks=mask_for_epoch,
                 epochs=device.local_epochs,
+                steps=config.fleet.local_steps,
                 batch_size=device.batch_size,
                 optimizer=config.train.optimizer_config(),
                 generator=gen,
@@ -333,7 +334,7 @@ def client_round(
     costs = [e.cost for e in result.epochs if e.cost is not None]
     metrics = training_metrics(
         result, num_examples=len(data.train), partition_id=partition_id,
-        num_params=rt.num_params, arrays=arrays, local_epochs=device.local_epochs,
+        num_params=rt.num_params, arrays=arrays,
     )  # fmt: skip
     metrics |= {
         "flops-saved": float(np.mean([c.flops_saved for c in costs])),

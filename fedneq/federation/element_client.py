@@ -141,6 +141,7 @@ def element_round(
                 neuron_map=neuron_map,
                 masks=mask,
                 epochs=device.local_epochs,
+                steps=config.fleet.local_steps,
                 batch_size=device.batch_size,
                 optimizer=optimizer,
                 generator=gen,
@@ -161,7 +162,7 @@ def element_round(
     costs = [e.cost for e in result.epochs if e.cost is not None]
     metrics = training_metrics(
         result, num_examples=len(data.train), partition_id=partition_id,
-        num_params=num_params, arrays=arrays, local_epochs=device.local_epochs,
+        num_params=num_params, arrays=arrays,
     )  # fmt: skip
     params = dict(model.named_parameters())
     trained = selection.count + sum(params[k].numel() for k in neuron_map.always_trained if k in params)

@@ -21,6 +21,7 @@ __all__ = [
     "EPOCHS_KEY",
     "FULL_BUDGET_KEY",
     "INFO_RECORD",
+    "LOCAL_STEPS_KEY",
     "NUM_EXAMPLES_KEY",
     "SERVER_ROUND_KEY",
     "STATE_DIR_KEY",
@@ -46,7 +47,8 @@ ELEMENT_KEY = "element-method"  # an element-wise strategy's sub-model rule, one
 # a training reply: its metrics the server checks, and its INFO_RECORD
 NUM_EXAMPLES_KEY = "num-examples"  # the reply's weight (FedAvg's weighted_by_key)
 BUDGET_KEY = "budget-params"  # declared budget, selectable parameters per local epoch
-EPOCHS_KEY = "local-epochs"  # declared number of local epochs
+EPOCHS_KEY = "local-epochs"  # declared number of local epochs (passes over its data)
+LOCAL_STEPS_KEY = "local-steps"  # declared optimizer steps of the round (FedNova's tau_i)
 DEVICE_KEY = "device"  # in INFO_RECORD: the node's device class name
 # in INFO_RECORD of an identity reply: the node's data-file, "" / -1 without one
 DATA_FINGERPRINT_KEY = "data-fingerprint"  # the split fingerprint it was cut with

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedneq.federation.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY
+from fedneq.federation.protocol import EPOCHS_KEY, LOCAL_STEPS_KEY, NUM_EXAMPLES_KEY
 from fedneq.federation.wire import payload_nbytes
 from fedneq.training.loop import TrainResult
 
@@ -20,12 +20,15 @@ def training_metrics(
     partition_id: int,
     num_params: int,
     arrays: Mapping[str, np.ndarray],
-    local_epochs: int,
 ) -> dict[str, int | float]:
     """The reply metrics of one local training (``result``) whose upload is ``arrays``.
 
     The memory figures are the largest over the epochs: the cost model's
     estimate and the measured peak (``train_masked(measure_memory=True)``).
+    ``local-epochs`` is the passes over the data the training took (the
+    device's local epochs, or as many as ``[fleet] local_steps`` needed) and
+    ``local-steps`` its optimizer steps; the server holds both to what it
+    knows of the device and partition.
     """
     costs = [e.cost for e in result.epochs if e.cost is not None]
     measured = [e.measured.peak_bytes for e in result.epochs if e.measured is not None]
@@ -40,5 +43,6 @@ def training_metrics(
         "upload-bytes": payload_nbytes(arrays),
         "memory-estimate-bytes": int(max(c.training_memory_bytes for c in costs)),
         "memory-measured-bytes": int(max(measured)),
-        EPOCHS_KEY: int(local_epochs),
+        EPOCHS_KEY: len(result.epochs),
+        LOCAL_STEPS_KEY: int(result.steps),
     }

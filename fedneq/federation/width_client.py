@@ -218,6 +218,7 @@ def width_round(
                 neuron_map=sub_map,
                 masks=full_mask(sub_map),
                 epochs=device.local_epochs,
+                steps=config.fleet.local_steps,
                 batch_size=device.batch_size,
                 optimizer=config.train.optimizer_config(),
                 generator=gen,
@@ -240,7 +241,7 @@ def width_round(
     )  # fmt: skip
     metrics = training_metrics(
         result, num_examples=len(data.train), partition_id=partition_id,
-        num_params=num_params, arrays=arrays, local_epochs=device.local_epochs,
+        num_params=num_params, arrays=arrays,
     )  # fmt: skip
     metrics |= {
         "flops-saved": 1.0 - max(c.total_flops for c in costs) / full_cost.total_flops,

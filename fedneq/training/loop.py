@@ -36,6 +36,7 @@ __all__ = [
     "batch_slices",
     "evaluate",
     "label_log_prior",
+    "local_work",
     "measure_step_memory",
     "train_masked",
     "train_step",
@@ -96,6 +97,7 @@ class EpochStats:
     trainable_params: int  # parameters the epoch's mask trains (always-trained set included)
     cost: MaskCost | None  # cost-model figures of the epoch's mask, if a profile was given
     measured: StepMemory | None = None  # the epoch's largest measured step (measure_memory)
+    steps: int = 0  # optimizer steps (batches) the epoch took
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class TrainResult:
     def smallest_batch(self) -> int:
         """Fewest examples in one batch over all epochs."""
         return min(e.smallest_batch for e in self.epochs)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps over all epochs (FedNova's local step count)."""
+        return sum(e.steps for e in self.epochs)
 
 
 def union_mask(a: TrainMask, b: TrainMask) -> TrainMask:
@@ -137,6 +144,7 @@ def train_masked(
     grad_filter: GradFilterConfig | None = None,
     loss: str = "cross-entropy",
     measure_memory: bool = False,
+    steps: int = 0,
 ) -> TrainResult:
     """Train only what the masks select; everything else comes out bit-identical.
 
@@ -208,8 +216,11 @@ def train_masked(
         raise ValueError(f"epochs should be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size should be >= 1, got {batch_size}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps should be an int >= 0 (0: train `epochs` passes), got {steps!r}")
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
+    epochs = local_work(len(data), batch_size, epochs, steps)[0]
     if bn_stats not in BN_STATS:
         raise ValueError(f"bn_stats should be one of {BN_STATS}, got {bn_stats!r}")
     if loss not in LOSSES:
@@ -261,8 +272,9 @@ def train_masked(
             meter = None
             if measure_memory:
                 meter = _KeyedMeter(model, opt, candidates, (mask_key(mask), *step_setup), shapes)
-            total_loss, seen, smallest = _run_epoch(
-                model, data, opt, freezer, batch_size, generator, prior, meter
+            limit = steps - sum(s.steps for s in stats) if steps else None
+            total_loss, seen, smallest, taken = _run_epoch(
+                model, data, opt, freezer, batch_size, generator, prior, meter, limit
             )
         trainable, cost = _mask_figures(
             model, neuron_map, mask, state, cost_profile, batch_size, optimizer
@@ -278,6 +290,7 @@ def train_masked(
                 trainable,
                 cost,
                 measured,
+                taken,
             )
         )
         if on_epoch_end is not None:
@@ -391,6 +404,25 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     return slices
 
 
+def local_work(n: int, batch_size: int, epochs: int, steps: int = 0) -> tuple[int, int]:
+    """``(passes over the data, optimizer steps)`` :func:`train_masked` takes on ``n`` examples.
+
+    ``ceil(n / batch_size)`` steps a pass (:func:`batch_slices`): ``epochs``
+    passes, or with ``steps > 0`` exactly ``steps`` steps in
+    ``ceil(steps / steps a pass)`` passes. The server counts a node's steps
+    with it (FedNova's ``tau_i``).
+    """
+    if n < 1 or batch_size < 1 or epochs < 1 or steps < 0:
+        raise ValueError(
+            f"need n >= 1, batch_size >= 1, epochs >= 1 and steps >= 0, got n={n}, "
+            f"batch_size={batch_size}, epochs={epochs}, steps={steps}"
+        )
+    per_pass = math.ceil(n / batch_size)
+    if steps:
+        return math.ceil(steps / per_pass), steps
+    return epochs, epochs * per_pass
+
+
 def _run_epoch(
     model: nn.Module,
     data: ArrayDataset,
@@ -400,11 +432,16 @@ def _run_epoch(
     generator: torch.Generator,
     logit_offset: torch.Tensor | None = None,
     meter: _KeyedMeter | None = None,
-) -> tuple[float, int, int]:
-    """``(sum of batch losses x sizes, examples seen, smallest batch)`` of one epoch."""
+    limit: int | None = None,
+) -> tuple[float, int, int, int]:
+    """``(sum of batch losses x sizes, examples seen, smallest batch, steps)`` of one epoch,
+    cut after ``limit`` steps if given."""
     order = torch.randperm(len(data), generator=generator)
     total_loss, seen, smallest = 0.0, 0, len(order)
-    for batch in batch_slices(len(order), batch_size):
+    batches = batch_slices(len(order), batch_size)
+    if limit is not None:
+        batches = batches[:limit]
+    for batch in batches:
         idx = order[batch]
         x, y = data.x[idx], data.y[idx]
         if meter is None:
@@ -417,7 +454,7 @@ def _run_epoch(
         total_loss += loss * len(idx)
         seen += len(idx)
         smallest = min(smallest, len(idx))
-    return total_loss, seen, smallest
+    return total_loss, seen, smallest, len(batches)
 
 
 class _KeyedMeter:
