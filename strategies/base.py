@@ -29,7 +29,12 @@ strategy through one declared interface, never through attributes patched
 onto it: :class:`strategies.inputs.ServerInputs` (budget limits, partition
 sizes, device classes, the tensors trained outside the budget, the round's
 sample), set with :meth:`SparseStrategy.set_server_inputs` and read as
-:attr:`SparseStrategy.server_inputs`.
+:attr:`SparseStrategy.server_inputs`. A rule that needs more than the updates
+and their weights (a reply's local steps, its client's labels) overrides
+:meth:`SparseStrategy.aggregate_replies`, which also gets one
+:class:`ReplyFacts` per update. After every aggregation
+:attr:`SparseStrategy.last_coverage` holds how many of the aggregated replies
+trained each parameter (:mod:`strategies.coverage`).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from fedneq.federation.protocol import (
     DEVICE_KEY,
     EPOCHS_KEY,
     INFO_RECORD,
+    LOCAL_STEPS_KEY,
     NUM_EXAMPLES_KEY,
     SERVER_ROUND_KEY,
 )
@@ -79,11 +85,12 @@ from fedneq.federation.wire import (
 from fedneq.neurons import NeuronMap
 
 from .budget import check_budget
+from .coverage import TensorCoverage, coverage
 from .inputs import ServerInputs
 from .metrics import aggregate_metrics, check_finite_metrics, int_metric
 from .robust import check_max_abs, scale_update, screen_sizes, update_rms
 
-__all__ = ["RoundSummary", "SparseStrategy"]
+__all__ = ["ReplyFacts", "RoundSummary", "SparseStrategy"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,18 @@ class RoundSummary:
     num_failures: int  # error replies, skipped
     num_examples: float  # sum of the aggregated replies' weights
     upload_bytes: int  # sum of payload_nbytes over the aggregated replies
+
+
+@dataclass(frozen=True)
+class ReplyFacts:
+    """What the server knows of one aggregated reply besides its update and weight."""
+
+    node_id: int
+    # optimizer steps of its local training: the reply's LOCAL_STEPS_KEY (checked equal to the
+    # server's count where it has one), else the server's count; None: neither
+    local_steps: int | None
+    # the labels its partition holds, as the server computed them (ServerInputs.labels); None: unknown
+    labels: frozenset[int] | None
 
 
 class SparseStrategy(FedAvg):
@@ -151,7 +170,9 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
     ``ArrayRecord`` (the four wire arrays, :func:`fedneq.federation.wire.decode`) and one
     ``MetricRecord`` with finite values, ``weighted_by_key`` a positive
     integer, the declared budget an integer in ``[1, selectable params]`` and
-    local epochs an integer ``>= 1``, both within
+    local epochs an integer ``>= 1``, local steps (if declared) an integer
+    ``>= 1`` equal to :attr:`~strategies.inputs.ServerInputs.local_steps` for
+    the node where the server knows it, budget and epochs within
     :attr:`~strategies.inputs.ServerInputs.budget_limits` for the sending node if it has an
     entry, and :func:`~strategies.budget.trained_params` of the reply at most ``min(budget * epochs, selectable params)``. Entries of the
     global ``ArrayRecord`` outside the tensor table (e.g.
@@ -239,6 +260,8 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         self.last_rejected: dict[int, str] = {}  # node id -> reason, of the last aggregate_train
         self.last_update_rms: dict[int, float] = {}  # node id -> update_rms, of the last check
         self.last_clip: dict[int, float] = {}  # node id -> factor its change was scaled by (< 1)
+        # of the last aggregate_train: per parameter, how many aggregated replies trained it
+        self.last_coverage: tuple[TensorCoverage, ...] = ()
         self._global: dict[str, torch.Tensor] | None = None
         if reference_state is not None:
             self.set_global_state(reference_state)
@@ -262,6 +285,18 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
 
         Must return a tensor for every key of ``global_state``, same shape.
         """
+
+    def aggregate_replies(
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: list[SparseUpdate],
+        weights: list[float],
+        facts: list[ReplyFacts],
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`aggregate`, given also what the server knows of each reply (one
+        :class:`ReplyFacts` per update): what ``aggregate_train`` calls. Override it for a rule
+        that needs the facts (local steps, labels); the default ignores them."""
+        return self.aggregate(global_state, updates, weights)
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
         """Keys merged into the training ``ConfigRecord`` (they win over the caller's)."""
@@ -375,6 +410,14 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
                 "examples the server knows its partition holds"
             )
         check_finite_metrics(metrics)
+        if LOCAL_STEPS_KEY in metrics:
+            steps = int_metric(metrics, LOCAL_STEPS_KEY, low=1)
+            known = self._inputs.local_steps.get(node)
+            if known is not None and steps != known:
+                raise ValueError(
+                    f"the reply declares {LOCAL_STEPS_KEY}={steps}, but the server counts {known} "
+                    "optimizer steps for its device on its partition"
+                )
         wire = from_array_record(next(iter(content.array_records.values())))
         if wire_format(wire) != self.reply_format:
             raise ValueError(
@@ -408,6 +451,14 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
             free=self._inputs.free_tensors, budget_key=budget_key, epochs_key=self.epochs_key,
         )  # fmt: skip
 
+    def reply_facts(self, msg: Message) -> ReplyFacts:
+        """The :class:`ReplyFacts` of a reply :meth:`check_reply` accepted."""
+        node = msg.metadata.src_node_id
+        metrics = next(iter(msg.content.metric_records.values()))
+        steps = metrics.get(LOCAL_STEPS_KEY)
+        steps = int(steps) if steps is not None else self._inputs.local_steps.get(node)
+        return ReplyFacts(node, steps, self._inputs.labels.get(node))
+
     def check_replies(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[list[tuple[Message, SparseUpdate, float]], dict[int, str]]:
@@ -423,6 +474,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         kept in :attr:`last_clip`). Each rejection is logged.
         """
         global_state = self.global_state  # no global model yet is the caller's error: raise it here
+        self.last_coverage = ()
         accepted: list[tuple[Message, SparseUpdate, float]] = []
         rejected: dict[int, str] = {}
         for msg in replies:
@@ -492,7 +544,9 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
 
         global_state = self.global_state
         updates = [update for _, update, _ in checked]
-        new_state = self.aggregate(dict(global_state), updates, weights)
+        self.last_coverage = coverage(updates, global_state, self._size_keys)
+        facts = [self.reply_facts(msg) for msg, _, _ in checked]
+        new_state = self.aggregate_replies(dict(global_state), updates, weights, facts)
         if set(new_state) != set(global_state):
             raise RuntimeError(
                 f"{type(self).__name__}.aggregate must return every global key; missing "

@@ -2,8 +2,10 @@
 
 The server knows things about each node that it never takes from the node's
 word: the budget its device may declare, how many examples its partition
+holds, how many local optimizer steps its device takes on it, which labels it
 holds, the device class the operator gave it, which tensors the run trains
-outside the budget, and which nodes a round samples. It hands them to its
+outside the budget (and which are the classifier head), and which nodes a
+round samples. It hands them to its
 strategy as one frozen :class:`ServerInputs` through
 :meth:`strategies.base.SparseStrategy.set_server_inputs`; the strategy's
 checks (:meth:`strategies.base.SparseStrategy.check_reply`) read them from
@@ -93,6 +95,16 @@ class ServerInputs:
     max_examples:
         Node id -> the most examples it may weigh its reply with (its
         partition's size, an int >= 0).
+    local_steps:
+        Node id -> the optimizer steps its device takes in a round on its
+        partition (an int >= 0); a reply that declares
+        :data:`~fedneq.federation.protocol.LOCAL_STEPS_KEY` must declare this
+        (FedNova divides by it, :mod:`strategies.rows`).
+    labels:
+        Node id -> the labels its partition's training split holds (a
+        frozenset of ints), derived by the server from the seeded partition:
+        the label split of the classifier head (:mod:`strategies.label_split`)
+        reads them. A node without an entry counts as holding every label.
     device_classes:
         Node id -> the device class the operator gave it; its reply's
         :data:`~fedneq.federation.protocol.INFO_RECORD`
@@ -100,6 +112,9 @@ class ServerInputs:
     free_tensors:
         Whole tensors the run trains outside the budget
         (:func:`strategies.budget.trained_params`' ``free``).
+    head_tensors:
+        The classifier head's tensors whose row ``r`` belongs to label ``r``
+        (its weight and bias): what the label split aggregates per label.
     sample:
         ``sample(grid, server_round) -> node ids`` the round trains on
         (the fedneq server samples from its seed); ``None``: FedAvg's sampling.
@@ -107,24 +122,40 @@ class ServerInputs:
 
     budget_limits: Mapping[int, BudgetLimit] = field(default_factory=dict)
     max_examples: Mapping[int, int] = field(default_factory=dict)
+    local_steps: Mapping[int, int] = field(default_factory=dict)
+    labels: Mapping[int, frozenset] = field(default_factory=dict)
     device_classes: Mapping[int, str] = field(default_factory=dict)
     free_tensors: frozenset[str] = frozenset()
+    head_tensors: frozenset[str] = frozenset()
     sample: Sampler | None = None
 
     def __post_init__(self) -> None:
+        checked_labels = isinstance(self.labels, _NodeMap)  # a map made here was checked
         for name, kind, what in (
             ("budget_limits", BudgetLimit, "BudgetLimit"),
             ("max_examples", int, "an int >= 0"),
+            ("local_steps", int, "an int >= 0"),
+            ("labels", frozenset, "a frozenset of labels (ints >= 0)"),
             ("device_classes", str, "a device class name"),
         ):
             object.__setattr__(self, name, _node_map(name, getattr(self, name), kind, what))
-        free = self.free_tensors
-        if (
-            isinstance(free, str) or not isinstance(free, Iterable)
-            or not all(isinstance(k, str) for k in free)
-        ):  # fmt: skip
-            raise ValueError(f"ServerInputs free_tensors must be a set of tensor names, got {free!r}")
-        object.__setattr__(self, "free_tensors", frozenset(free))
+        bad = None if checked_labels else next(
+            ((n, v) for n, v in self.labels.items()
+             if not all(type(x) is int and x >= 0 for x in v)), None,
+        )  # fmt: skip
+        if bad is not None:
+            raise ValueError(
+                f"ServerInputs labels must map node ids to frozensets of ints >= 0, got {bad[0]!r}: "
+                f"{set(bad[1])!r}"
+            )
+        for name in ("free_tensors", "head_tensors"):
+            names = getattr(self, name)
+            if (
+                isinstance(names, str) or not isinstance(names, Iterable)
+                or not all(isinstance(k, str) for k in names)
+            ):  # fmt: skip
+                raise ValueError(f"ServerInputs {name} must be a set of tensor names, got {names!r}")
+            object.__setattr__(self, name, frozenset(names))
         if self.sample is not None and not callable(self.sample):
             raise ValueError(
                 "ServerInputs sample must be None or a callable (grid, server_round) -> node "

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from fedneq.federation.wire import SparseUpdate, as_rows
+from fedneq.federation.wire import as_rows
 from fedneq.neurons import NeuronMap
 
-from .base import SparseStrategy
-from .neuron_avg import RowAverage, average_rows
 from .registry import register_strategy
+from .row_rule import RowRule, parameter_keys
+from .rows import RowAverage
 
 __all__ = ["MomentumStep", "ServerMomentum", "momentum_step", "parameter_keys"]
 
@@ -86,16 +86,8 @@ def momentum_step(
     return MomentumStep(values=values, momentum=new_momentum)
 
 
-def parameter_keys(neuron_map: NeuronMap) -> frozenset[str]:
-    """Every parameter name ``neuron_map`` accounts for (neurons, always/never trained)."""
-    keys = set(neuron_map.always_trained) | set(neuron_map.never_trained)
-    for layer in neuron_map.layers:
-        keys.update(layer.param_tensors)
-    return frozenset(keys)
-
-
 @register_strategy("server-momentum")
-class ServerMomentum(SparseStrategy):
+class ServerMomentum(RowRule):
     """FedAvgM-style server momentum over neuron-wise averages.
 
     Parameters
@@ -105,7 +97,8 @@ class ServerMomentum(SparseStrategy):
     eta : float (default: 1.0)
         Server learning rate, > 0.
     **kwargs
-        Those of :class:`~strategies.base.SparseStrategy`.
+        Those of :class:`~strategies.row_rule.RowRule` (``fednova``,
+        ``label_split``) and :class:`~strategies.base.SparseStrategy`.
 
     The momentum buffers are :meth:`state_dict` (keyed by parameter name,
     created on first update).
@@ -127,18 +120,14 @@ class ServerMomentum(SparseStrategy):
         super().__init__(neuron_map, tuple(table), **kwargs)
         self.beta = beta
         self.eta = eta
-        self.param_keys = parameter_keys(neuron_map) & set(self.table)
         self.momentum: dict[str, torch.Tensor] = {}
 
-    def aggregate(
-        self,
-        global_state: dict[str, torch.Tensor],
-        updates: list[SparseUpdate],
-        weights: list[float],
+    def step(
+        self, global_state: dict[str, torch.Tensor], average: RowAverage, total: float
     ) -> dict[str, torch.Tensor]:
         step = momentum_step(
             global_state,
-            average_rows(global_state, updates, weights),
+            average,
             self.momentum,
             self.param_keys,
             beta=self.beta,

@@ -23,11 +23,46 @@ import torch
 
 from fedneq.federation.wire import SparseUpdate, as_rows
 
-from .base import SparseStrategy
-from .neuron_avg import average_rows
 from .registry import register_strategy
+from .row_rule import RowRule
+from .rows import RowAverage, average_rows
 
-__all__ = ["SparseFedAvg", "sparse_fedavg"]
+__all__ = ["SparseFedAvg", "sparse_fedavg", "sparse_mix"]
+
+
+def sparse_mix(
+    global_state: Mapping[str, torch.Tensor], average: RowAverage, total: float
+) -> dict[str, torch.Tensor]:
+    """``average``'s values, each row mixed with the global value by its senders' share.
+
+    ``new = (c · avg + (W − c) · global) / W`` per row, with ``c`` the
+    senders' total weight (``average.weights``), ``avg`` the row's average
+    over its senders (``average.values``) and ``W`` the round's total weight
+    ``total``, or the row's own total where ``average.eligible`` gives one
+    (the label split: only the clients holding the row's label). Float64
+    arithmetic, cast back to the global dtype; rows nobody sent, or a round
+    of zero total weight, keep their global value.
+    """
+    values = average.values
+    for key, hit in average.rows.items():
+        covered = average.weights[key]  # (R,) senders' weight per row
+        eligible = average.eligible.get(key)
+        if eligible is None:
+            partial = hit & (covered < total)  # rows where some client of the round did not send
+            if not partial.any():
+                continue
+            out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
+            c = covered[partial, None]
+            mixed = (c * out[partial].to(torch.float64) + (total - c) * old[partial]) / total
+        else:
+            partial = hit & (covered < eligible)
+            if not partial.any():
+                continue
+            out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
+            c, w = covered[partial, None], eligible[partial, None]
+            mixed = (c * out[partial].to(torch.float64) + (w - c) * old[partial]) / w
+        out[partial] = mixed.to(out.dtype)
+    return values
 
 
 def sparse_fedavg(
@@ -43,33 +78,20 @@ def sparse_fedavg(
     or a round of zero total weight, keep their global value.
     """
     average = average_rows(global_state, updates, weights)  # validates the inputs
-    total = float(sum(weights))
-    values = average.values
-    for key, hit in average.rows.items():
-        covered = average.weights[key]  # (R,) senders' weight per row
-        partial = hit & (covered < total)  # rows where some client of the round did not send
-        if not partial.any():
-            continue
-        out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
-        c = covered[partial, None]
-        mixed = (c * out[partial].to(torch.float64) + (total - c) * old[partial]) / total
-        out[partial] = mixed.to(out.dtype)
-    return values
+    return sparse_mix(global_state, average, float(sum(weights)))
 
 
 @register_strategy("sparse-fedavg")
-class SparseFedAvg(SparseStrategy):
+class SparseFedAvg(RowRule):
     """FedAvg over sparse replies (:func:`sparse_fedavg`).
 
-    Parameters are those of :class:`~strategies.base.SparseStrategy`.
+    Parameters are those of :class:`~strategies.row_rule.RowRule` (``fednova``,
+    ``label_split``) and :class:`~strategies.base.SparseStrategy`.
     """
 
     fedavg_at_full_budget = True
 
-    def aggregate(
-        self,
-        global_state: dict[str, torch.Tensor],
-        updates: list[SparseUpdate],
-        weights: list[float],
+    def step(
+        self, global_state: dict[str, torch.Tensor], average: RowAverage, total: float
     ) -> dict[str, torch.Tensor]:
-        return sparse_fedavg(global_state, updates, weights)
+        return sparse_mix(global_state, average, total)

@@ -22,8 +22,12 @@ puts :data:`~fedneq.federation.protocol.WIDTH_KEY` in the training config, and t
 its sub-model (:mod:`fedneq.federation.width_client`) instead of a neuron mask.
 Differences from the papers: the server averages weighted by examples
 (HeteroFL counts clients); BatchNorm follows ``[train] bn_stats`` (frozen by
-default) rather than HeteroFL's static BatchNorm; there is no HeteroFL
-"masked label" trick; the global model is evaluated at full width.
+default) rather than HeteroFL's static BatchNorm; HeteroFL's label split of
+the classifier is an option (``label_split = true``:
+:mod:`strategies.label_split`, each head row averaged over the clients
+holding its label), its local masked cross-entropy is not (the default
+balanced-softmax loss likewise leaves a client's absent labels out); the
+global model is evaluated at full width.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from fedneq.federation.protocol import WIDTH_KEY
 from fedneq.federation.wire import SparseUpdate, element_mask
 from fedneq.neurons import NeuronMap
 
-from .base import SparseStrategy
-from .neuron_avg import check_weights
+from .base import ReplyFacts, SparseStrategy
+from .label_split import split_labels
 from .registry import register_strategy
+from .rows import check_weights
 
 __all__ = [
     "FedRolex", "FjORD", "HeteroFL", "WIDTH_UPDATE_RATIO", "WidthAvg", "element_average",
@@ -97,6 +102,9 @@ class WidthAvg(SparseStrategy):
     default run the full-width phones' RMS change was 11-18 times the median
     of a round with mostly width-0.08 and 0.2 clients, which the velocity
     strategies' default of 10 rejected); an exploded update is ~10^4 times.
+    ``label_split`` (default False): average each classifier-head row only
+    over the clients whose partition holds its label (HeteroFL's label split,
+    :mod:`strategies.label_split`).
     """
 
     method: str = "heterofl"
@@ -109,8 +117,12 @@ class WidthAvg(SparseStrategy):
         table: Sequence[str],
         *,
         max_update_ratio: float | None = WIDTH_UPDATE_RATIO,
+        label_split: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(label_split, bool):
+            raise ValueError(f"label_split must be true or false, got {label_split!r}")
+        self.label_split = label_split
         super().__init__(neuron_map, table, max_update_ratio=max_update_ratio, **kwargs)
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
@@ -122,6 +134,18 @@ class WidthAvg(SparseStrategy):
         updates: list[SparseUpdate],
         weights: list[float],
     ) -> dict[str, torch.Tensor]:
+        return element_average(global_state, updates, weights)
+
+    def aggregate_replies(
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: list[SparseUpdate],
+        weights: list[float],
+        facts: list[ReplyFacts],
+    ) -> dict[str, torch.Tensor]:
+        if self.label_split:
+            head = self.server_inputs.head_tensors & set(self.table)
+            updates = split_labels(updates, [f.labels for f in facts], head)
         return element_average(global_state, updates, weights)
 
 

@@ -89,9 +89,11 @@ def train_messages(strategy: FedAvg, state: dict[str, torch.Tensor], n: int, con
 
 
 def reply(to: Message, arrays: ArrayRecord, num_examples: int, loss: float) -> Message:
-    """A reply declaring the full budget (the strategies check what a reply trains against it)."""
+    """A reply declaring the full budget (the strategies check what a reply trains against it)
+    and one local step, as a real client declares them."""
     full = Setup().nm.selectable_params
-    metrics = {"num-examples": num_examples, "loss": loss, "budget-params": full, "local-epochs": 1}
+    metrics = {"num-examples": num_examples, "loss": loss, "budget-params": full, "local-epochs": 1,
+               "local-steps": 1}  # fmt: skip
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=to)
 
