@@ -7,6 +7,8 @@
     <results>/clients.csv         one row per sampled client per round
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round (since the previous round's row)
+    <results>/coverage.csv        per committed round and parameter tensor: how many of the
+                                  aggregated clients trained its elements (min, median, ...)
     <results>/status.json         written at the end: "completed", or "failed" and why
     <results>/initial.json        the global model's test accuracy and loss before round 1
     <results>/accuracy_vs_round.png, accuracy_vs_upload.png, accuracy_vs_time.png
@@ -56,6 +58,9 @@ CLASS_COLUMNS = (
     "mean_train_loss",
 )  # fmt: skip
 TIMING_COLUMNS = ("round", "seconds")
+COVERAGE_COLUMNS = (  # strategies.coverage.TensorCoverage, one row per round per parameter tensor
+    "round", "tensor", "elements", "clients", "min", "median", "mean", "max", "uncovered",
+)  # fmt: skip
 INITIAL = "initial.json"  # round 0: the model every client starts from, evaluated once
 RESULT_MARKERS = ("config.json", "rounds.csv", "single_device.csv", "comparison.csv", "checkpoint")
 
@@ -158,6 +163,7 @@ class Recorder:
             "clients.csv": CLIENT_COLUMNS,
             "device_classes.csv": CLASS_COLUMNS,
             "timing.csv": TIMING_COLUMNS,
+            "coverage.csv": COVERAGE_COLUMNS,
         }
         self.rounds: list[dict[str, Any]] = []  # every round's row, for the run's summary
         self._pending: dict[str, list[dict[str, Any]]] = {name: [] for name in self.columns}

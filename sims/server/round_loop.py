@@ -62,6 +62,7 @@ so the same config gives the same rounds.csv.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -101,6 +102,7 @@ from sims.server.sim_time import (
     round_seconds,
     time_row,
 )
+from strategies.coverage import TensorCoverage
 
 __all__ = ["RoundOutcome", "play_round", "record_round", "run_federation"]
 
@@ -123,6 +125,8 @@ class RoundOutcome:
     accuracy: float  # the test accuracy and loss of that model
     loss: float
     seconds: float  # the round's simulated duration
+    # per parameter tensor, how many aggregated replies trained it (committed rounds; else empty)
+    coverage: tuple[TensorCoverage, ...] = ()
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
@@ -216,11 +220,12 @@ def play_round(grid: Grid, run: RunState, nodes: Nodes, server_round: int) -> Ro
         round=server_round, sampled=sampled, client_rows=rows, rejected=len(rejected),
         dropped=len(split.dropped), skipped=skipped, committed=agg.committed, note=agg.note,
         arrays=agg.arrays, accuracy=acc, loss=loss, seconds=seconds,
+        coverage=strategy.last_coverage if agg.committed else (),
     )  # fmt: skip
 
 
 def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
-    """Add the round's rows to clients.csv, device_classes.csv and rounds.csv (not yet
+    """Add the round's rows to clients.csv, device_classes.csv, rounds.csv and coverage.csv (not yet
     written: :meth:`~sims.server.results.Recorder.flush`); returns its rounds.csv row."""
     rnd, accepted, rows = outcome.round, outcome.accepted, outcome.client_rows
     run.cum_time = add_seconds(run.cum_time, outcome.seconds)
@@ -252,6 +257,7 @@ def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
     run.recorder.add("clients.csv", rows)
     run.recorder.add("device_classes.csv", class_rows(rnd, accepted))
     run.recorder.add("rounds.csv", [row])
+    run.recorder.add("coverage.csv", [{"round": rnd, **dataclasses.asdict(c)} for c in outcome.coverage])
     return row
 
 
