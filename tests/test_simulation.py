@@ -58,6 +58,13 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
         if limit is not None:
             assert estimate <= int(c["memory_limit_bytes"])
 
+    # coverage: a row per round per parameter tensor; the head every client trains, others fewer
+    coverage = read_csv(out / "coverage.csv")
+    assert {r["round"] for r in coverage} == {"1", "2"} and all(r["clients"] == "4" for r in coverage)
+    head = [r for r in coverage if r["tensor"].startswith("head.")]
+    assert len(head) == 4 and all(r["min"] == "4" and r["uncovered"] == "0" for r in head)
+    assert any(int(r["min"]) < 4 for r in coverage)
+
     classes = read_csv(out / "device_classes.csv")
     assert {c["device"] for c in classes} == set(expected_devices.values())
     for name in ("config.json", "rounds.csv", "accuracy_vs_round.png", "accuracy_vs_upload.png",

@@ -48,9 +48,16 @@ from fedneq.federation.wire import (
 from fedneq.models import get_model, model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.task import build_model, client_data, load_task
-from sims.server.knowledge import budget_limits, set_server_knowledge
+from sims.server.knowledge import (
+    budget_limits,
+    server_knowledge,
+    set_round_inputs,
+    set_run_inputs,
+    set_server_knowledge,
+)
 from sims.server.results import read_csv
 from sims.server.round_loop import run_federation
+from strategies import get_strategy
 from strategies.base import SparseStrategy
 from strategies.budget import BudgetLimit, trained_params
 from strategies.fedavg import DenseFedAvg
@@ -416,6 +423,41 @@ def test_real_client_replies_pass_the_checks_the_server_applies() -> None:
     sparse = NeuronAvg(nm, tensor_table(state))
     custom = budget_limits(config, sparse, 1, {0: 10}, {0: DeviceProfile("custom", budget=0.5)})
     assert custom == {10: BudgetLimit(nm.selectable_params // 2, 1)}
+
+
+def test_equal_local_steps_real_replies_pass_fednova_and_label_split_on_what_the_server_knows() -> None:
+    """Under [fleet] local_steps every client declares exactly those steps and the passes they
+    took; the server counts the same from its knowledge, and its labels are the client's."""
+    config = Config().replace(
+        run={"num_clients": 4, "clients_per_round": 4},
+        data={"dataset": "digits", "classes": "all", "partition": "dirichlet", "alpha": 0.3,
+              "probe_size": 8},
+        fleet={"batch_size": 16, "local_steps": 5},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, nm = build_model(config, load_task(config))
+    state = model.state_dict()
+    node_of = {pid: 10 + pid for pid in range(4)}
+    knowledge = server_knowledge(config)
+    strategy = get_strategy("fednova", neuron_map=nm, table=tensor_table(state), label_split=True,
+                            min_train_nodes=1, min_available_nodes=1)  # fmt: skip
+    set_run_inputs(strategy, config, nm)
+    set_round_inputs(strategy, config, 1, list(node_of.values()), node_of, knowledge)
+    assert strategy.server_inputs.head_tensors == {"head.weight", "head.bias"}
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, pack_model(state), ConfigRecord(), None)}
+    replies = []
+    for pid, node in node_of.items():
+        data = client_data(config, pid)
+        assert knowledge.labels[pid] == set(data.train.y.tolist())  # the server's labels are the client's
+        out = client_round(config, pid, 1, state, None)
+        per_pass = math.ceil(len(data.train) / 16)
+        assert out.metrics["local-steps"] == 5 == knowledge.steps[pid]
+        assert out.metrics["local-epochs"] == math.ceil(5 / per_pass)
+        replies.append(reply(msgs[node], out.arrays, out.metrics, device=out.device))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.last_rejected == {} and arrays is not None, strategy.last_rejected
+    assert {c.tensor for c in strategy.last_coverage} >= {"head.weight", "head.bias"}
+    assert all(c.clients == 4 for c in strategy.last_coverage)
 
 
 # --- metric aggregation ----------------------------------------------------------------
