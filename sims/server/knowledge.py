@@ -30,7 +30,7 @@ from fedneq.federation.protocol import FULL_BUDGET_KEY
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap
 from fedneq.task import client_split, load_task
-from fedneq.training.loop import local_work
+from fedneq.training.schedule import local_work
 from sims.server.device_table import DeviceTable
 from strategies import SparseStrategy
 from strategies.budget import BudgetLimit
