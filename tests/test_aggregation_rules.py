@@ -18,7 +18,8 @@ from torch import nn
 from fedneq.data.arrays import ArrayDataset
 from fedneq.federation.wire import SparseUpdate, encode, pack_model, tensor_table, to_array_record
 from fedneq.neurons import enumerate_neurons
-from fedneq.training.loop import OptimizerConfig, local_work, train_masked
+from fedneq.training.loop import OptimizerConfig, train_masked
+from fedneq.training.schedule import local_work
 from strategies.adaptive import FedAdam, FedYogi
 from strategies.base import ReplyFacts
 from strategies.coverage import coverage, coverage_counts

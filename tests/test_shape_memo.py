@@ -11,9 +11,10 @@ from test_training import OPTIMIZERS, tiny_cnn, toy_data
 
 from fedneq.costs import profile_model
 from fedneq.neurons import enumerate_neurons
-from fedneq.training.loop import OptimizerConfig, batch_slices, train_masked, train_step
+from fedneq.training.loop import OptimizerConfig, train_masked, train_step
 from fedneq.training.masking import RowFreezer
 from fedneq.training.memory import StepMemoryMeter
+from fedneq.training.schedule import batch_slices
 from fedneq.training.shape_memo import clear_memo, lookup, mask_key, memo
 
 
