@@ -167,7 +167,7 @@ def test_a_device_with_gradient_filtering_trains_through_the_filter() -> None:
         {"name": "exact", "share": 0.5, "budget": 0.5},
     ], "local_epochs": 1}  # fmt: skip
     base = tiny_config()
-    config = base.replace(fleet=fleet, train={"grad_filter_last_k": 1}, data={"image_size": 16})
+    config = base.replace(fleet=fleet, train={"grad_filter_last_k": 1, "grad_filter_fallback": "off"}, data={"image_size": 16})
     state, _ = global_model(config)
     by_device = {}
     for pid in range(4):

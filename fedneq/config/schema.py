@@ -30,7 +30,7 @@ from fedneq.federation.timing import REFERENCE_GFLOPS
 from fedneq.models import list_models
 from fedneq.selection import list_selectors
 from fedneq.selection.sparse_update import SCHEMES
-from fedneq.training.grad_filter import GradFilterConfig
+from fedneq.training.grad_filter import FALLBACKS, GradFilterConfig
 from fedneq.training.loop import BN_STATS, LOSSES, OPTIMIZERS, OptimizerConfig
 from fedneq.training.sparse_backward import BACKWARDS
 
@@ -173,6 +173,12 @@ class TrainConfig:
     prox_mu: float = 0.0  # > 0: FedProx's pull toward the global model (OptimizerConfig)
     backward: str = "sparse"  # "sparse" | "masked" (fedneq.training.sparse_backward)
     grad_filter_last_k: int = 0  # > 0: a device with grad_filter_r > 1 filters its last k convs
+    # which convs a device with grad_filter_r > 1 filters: "last-k" (grad_filter_last_k) or
+    # "trained" (every conv its mask trains a row of)
+    grad_filter_layers: str = "last-k"
+    # "probe": a conv keeps the dense backward where filtering cannot handle its shape or a
+    # one-time timing probe finds it no faster (fedneq.training.filter_probe); "off": filter all
+    grad_filter_fallback: str = "probe"
     # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
     # "selected": statistics train and travel with their neuron; "all": every BatchNorm
     # updates and uploads its running statistics (docs/TUNING.md)
@@ -188,6 +194,8 @@ class TrainConfig:
         _check_choice("train", "backward", self.backward, BACKWARDS)
         _check_choice("train", "bn_stats", self.bn_stats, BN_STATS)
         check_positive("[train] grad_filter_last_k", self.grad_filter_last_k, zero_ok=True)
+        _check_choice("train", "grad_filter_layers", self.grad_filter_layers, ("last-k", "trained"))
+        _check_choice("train", "grad_filter_fallback", self.grad_filter_fallback, FALLBACKS)
 
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(
@@ -198,9 +206,18 @@ class TrainConfig:
         """Gradient filtering of a device with patch size ``r`` (None or 1: exact backward)."""
         if r is None or r == 1:
             return None
+        if self.grad_filter_layers == "trained":
+            return GradFilterConfig(r=r, trained=True, fallback=self.grad_filter_fallback)
         if self.grad_filter_last_k == 0:
             raise ValueError(f"the device sets grad_filter_r={r} but [train] grad_filter_last_k is 0")
-        return GradFilterConfig(r=r, last_k=self.grad_filter_last_k)
+        return GradFilterConfig(
+            r=r, last_k=self.grad_filter_last_k, fallback=self.grad_filter_fallback
+        )
+
+    @property
+    def filters(self) -> bool:
+        """Whether a device with ``grad_filter_r > 1`` would filter (results get the columns)."""
+        return self.grad_filter_last_k > 0 or self.grad_filter_layers == "trained"
 
 
 @dataclass(frozen=True)
@@ -389,10 +406,11 @@ class Config:
                 f"got {self.data.classes!r} (or set pretrain_epochs = 0)"
             )
         filtering = [d.name for d, _ in self.fleet.fleet().classes if (d.grad_filter_r or 1) > 1]
-        if filtering and self.train.grad_filter_last_k == 0:
+        if filtering and not self.train.filters:
             raise ValueError(
                 f"device classes {filtering} set grad_filter_r > 1: [train] grad_filter_last_k "
-                "should say how many of the last convs they filter (> 0), got 0"
+                "should say how many of the last convs they filter (> 0), got 0 (or set "
+                '[train] grad_filter_layers = "trained")'
             )
         fleet = self.fleet.fleet()
         if fleet.is_listed and len(fleet.devices) != self.run.num_clients:

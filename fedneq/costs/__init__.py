@@ -28,6 +28,7 @@ Conventions
 
 from fedneq.costs.pricing import (
     OPTIMIZER_STATES,
+    FilterPricing,
     MaskCost,
     mask_cost,
     neuron_memory_costs,
@@ -44,6 +45,7 @@ from fedneq.costs.profile import (
 __all__ = [
     "OPTIMIZER_STATES",
     "CostProfile",
+    "FilterPricing",
     "LayerProfile",
     "MaskCost",
     "SavedActivation",

@@ -20,6 +20,7 @@ from fedneq.neurons import NeuronMap, TrainMask
 
 __all__ = [
     "OPTIMIZER_STATES",
+    "FilterPricing",
     "MaskCost",
     "mask_cost",
     "neuron_memory_costs",
@@ -74,6 +75,26 @@ def _param_names(neuron_map: NeuronMap) -> set[str]:
 
 
 @dataclass(frozen=True)
+class FilterPricing:
+    """How gradient filtering changes one conv's price (:mod:`fedneq.training.grad_filter`).
+
+    ``saved_divisor``: its saved input is a patch mean, ``(stride * r)^2``
+    times smaller (a new tensor: one another module keeps stays whole).
+    ``flop_factor``: both of its backward gradients cost this times the exact
+    ones (``K_h K_w / (k_h k_w r^2)``, ``K`` the reduced kernel); the patch
+    averaging and upsampling passes are not counted.
+    """
+
+    saved_divisor: int
+    flop_factor: float
+
+    def __post_init__(self) -> None:
+        check_int("saved_divisor", self.saved_divisor, 1)
+        if not 0 < self.flop_factor <= 1:
+            raise ValueError(f"flop_factor must be in (0, 1], got {self.flop_factor!r}")
+
+
+@dataclass(frozen=True)
 class _Flops:
     fwd: int
     bwd_weight: int
@@ -86,7 +107,12 @@ class _Flops:
         return self.fwd + self.bwd_weight + self.bwd_input
 
 
-def _flops(profile: CostProfile, mask: TrainMask, state: Mapping[str, torch.Tensor]) -> _Flops:
+def _flops(
+    profile: CostProfile,
+    mask: TrainMask,
+    state: Mapping[str, torch.Tensor],
+    grad_filter: Mapping[str, FilterPricing] | None = None,
+) -> _Flops:
     _check_mask(profile.neuron_map, mask)
     rows = profile.neuron_map.row_masks(mask, dict(state))
     params = _param_names(profile.neuron_map)
@@ -103,26 +129,43 @@ def _flops(profile: CostProfile, mask: TrainMask, state: Mapping[str, torch.Tens
     start = min(orders) if orders else None
 
     compute = profile.layers + profile.extra_layers
+    factor = {n: f.flop_factor for n, f in (grad_filter or {}).items()}
     bwd_weight = 0
     for lay in compute:
         trained_rows = rows.get(f"{lay.name}.weight")
         if trained_rows is not None and f"{lay.name}.weight" in params:
-            bwd_weight += 2 * lay.macs_per_neuron * int(trained_rows.sum())
-    bwd_input = 0 if start is None else sum(lay.fwd_flops for lay in compute if lay.order > start)
+            flops = 2 * lay.macs_per_neuron * int(trained_rows.sum())
+            bwd_weight += round(flops * factor.get(lay.name, 1.0))
+    bwd_input = 0
+    if start is not None:
+        bwd_input = sum(
+            round(lay.fwd_flops * factor.get(lay.name, 1.0)) for lay in compute if lay.order > start
+        )
     return _Flops(profile.fwd_flops, bwd_weight, bwd_input, start, trained_modules)
 
 
-def _saved_bytes(profile: CostProfile, flops: _Flops, batch_size: int, bytes_per_value: int) -> int:
+def _saved_bytes(
+    profile: CostProfile,
+    flops: _Flops,
+    batch_size: int,
+    bytes_per_value: int,
+    grad_filter: Mapping[str, FilterPricing] | None = None,
+) -> int:
     if flops.start is None:
         return 0
-    kept: dict[int, int] = {}
+    grad_filter = grad_filter or {}
+    kept: dict[int | tuple[str, int], int] = {}
     for act in profile.saved:
         if act.order < flops.start:
             continue
         if act.only_if_trained and act.module not in flops.trained_modules:
             continue
         copies = batch_size if act.batched else 1
-        kept[act.key] = copies * act.numel * (act.itemsize or bytes_per_value)
+        key: int | tuple[str, int] = act.key
+        numel = act.numel
+        if act.module in grad_filter:  # a filtered conv keeps its own patch means
+            key, numel = (act.module, act.key), numel // grad_filter[act.module].saved_divisor
+        kept[key] = copies * numel * (act.itemsize or bytes_per_value)
     return sum(kept.values())
 
 
@@ -156,6 +199,7 @@ def mask_cost(
     optimizer: str = "sgd-momentum",
     bytes_per_value: int = 4,
     dense_grads: bool = False,
+    grad_filter: Mapping[str, FilterPricing] | None = None,
 ) -> MaskCost:
     """Price one local training step with ``mask``.
 
@@ -180,6 +224,10 @@ def mask_cost(
         parameter tensor with a trained row, which is what PyTorch's ``.grad``
         and ``torch.optim`` state hold, so what fedneq's training allocates
         (:func:`fedneq.training.loop.measure_step_memory` measures it).
+    grad_filter:
+        Convs whose backward runs gradient-filtered, with their
+        :class:`FilterPricing` (:func:`fedneq.training.grad_filter.filter_pricing`);
+        ``flops_saved`` is then relative to the exact full mask.
 
     Notes
     -----
@@ -210,11 +258,11 @@ def mask_cost(
     check_int("bytes_per_value", bytes_per_value, 1)
     states = _check_optimizer(optimizer)
     neuron_map = profile.neuron_map
-    flops = _flops(profile, mask, state)
+    flops = _flops(profile, mask, state, grad_filter)
     full = _flops(profile, neuron_map.train_mask(~neuron_map.empty_mask()), state)
 
     trainable = neuron_map.mask_params(mask, dict(state), sorted(_param_names(neuron_map)))
-    saved = _saved_bytes(profile, flops, batch_size, bytes_per_value)
+    saved = _saved_bytes(profile, flops, batch_size, bytes_per_value, grad_filter)
     held = trainable
     if dense_grads:
         params = _param_names(neuron_map)

@@ -45,7 +45,7 @@ from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.element_client import element_round
 from fedneq.federation.protocol import BUDGET_KEY, NUM_EXAMPLES_KEY
-from fedneq.federation.reply_metrics import training_metrics
+from fedneq.federation.reply_metrics import filter_metrics, training_metrics
 from fedneq.federation.state_store import (
     load_client_state,
     rollback_client_state,
@@ -299,6 +299,7 @@ def client_round(
                 bound.append(memory_bound(meter, free, memory_limit))
             return selector.select(velocity, gen)
 
+        grad_filter = config.train.grad_filter(device.grad_filter_r)
         # dropout draws from the global RNG: seed it per (client, round, attempt), so a
         # client's training does not depend on which Ray worker serves it
         with torch.random.fork_rng(devices=[]):
@@ -318,7 +319,7 @@ def client_round(
                 generator=gen,
                 cost_profile=rt.cost_profile,
                 backward=config.train.backward,
-                grad_filter=config.train.grad_filter(device.grad_filter_r),
+                grad_filter=grad_filter,
                 bn_stats=config.train.bn_stats,
                 loss=config.train.loss,
                 measure_memory=True,
@@ -344,6 +345,8 @@ def client_round(
         "used-initializer": int(0 in initialized),
         BUDGET_KEY: int(selector.budget),
     }
+    if grad_filter is not None:  # which convs ran filtered (indices among the model's convs)
+        metrics |= filter_metrics(neuron_map, result.filtered)
     # simulated time on the device (fedneq.federation.timing): the cost model's FLOPs of every epoch's mask
     flops = round_flops(
         [(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None],

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fedneq.federation.protocol import EPOCHS_KEY, LOCAL_STEPS_KEY, NUM_EXAMPLES_KEY
 from fedneq.federation.wire import payload_nbytes
+from fedneq.neurons import NeuronMap
 from fedneq.training.loop import TrainResult
 
-__all__ = ["training_metrics"]
+__all__ = ["filter_metrics", "training_metrics"]
 
 
 def training_metrics(
@@ -46,3 +47,14 @@ def training_metrics(
         EPOCHS_KEY: len(result.epochs),
         LOCAL_STEPS_KEY: int(result.steps),
     }
+
+
+def filter_metrics(neuron_map: NeuronMap, filtered: Sequence[str]) -> dict[str, int | list[int]]:
+    """``filtered-layers`` (how many convs ran gradient-filtered) and ``filtered-convs``.
+
+    ``filtered-convs``: their indices among the neuron map's convs in module
+    order (for torchvision's MobileNetV2 the conv index of docs/DESIGN: 0 the
+    stem, 51 the last 1x1 conv), ascending.
+    """
+    index = {lay.name: i for i, lay in enumerate(x for x in neuron_map.layers if x.kind == "conv")}
+    return {"filtered-layers": len(filtered), "filtered-convs": sorted(index[n] for n in filtered)}

@@ -58,24 +58,30 @@ with ``K <= 3`` the number of reduced offsets.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedneq.costs import FilterPricing
 from fedneq.neurons import NeuronMap
 
 __all__ = [
+    "FALLBACKS",
     "FilterGeometry",
     "GradFilterConfig",
     "filter_geometry",
+    "filter_pricing",
     "filtered_input_grad",
     "filtered_weight_grad",
     "patch_expand",
     "patch_mean",
 ]
+
+
+FALLBACKS = ("off", "probe")
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,26 @@ class GradFilterConfig:
         Filter the last ``k`` convs of the neuron map (module order), or
         ``None`` to filter only ``layers``.
     layers:
-        Qualified names of ``Conv2d`` modules to filter. Exactly one of
-        ``last_k`` and ``layers`` is given.
+        Qualified names of ``Conv2d`` modules to filter.
+    trained:
+        ``True``: filter every selectable conv the mask trains a row of
+        (a velocity-selected device filters what it trains). Exactly one of
+        ``last_k``, ``layers`` and ``trained`` is given.
+    fallback:
+        ``"off"`` (default): every named conv is filtered, and one whose shape
+        filtering cannot handle raises a :class:`ValueError`. ``"probe"``: a
+        conv keeps the dense backward where filtering cannot handle its shape,
+        or where a one-time timing probe on its shape
+        (:mod:`fedneq.training.filter_probe`) finds the filtered backward no
+        faster than :data:`~fedneq.training.filter_probe.PROBE_MARGIN` times
+        the dense one: a user never pays time for filtering.
     """
 
     r: int
     last_k: int | None = None
     layers: tuple[str, ...] = ()
+    trained: bool = False
+    fallback: str = "off"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -112,14 +131,24 @@ class GradFilterConfig:
                 f"GradFilterConfig layers must be a tuple of module names, got {self.layers!r}"
             )
         object.__setattr__(self, "layers", tuple(self.layers))
-        if (self.last_k is None) == (not self.layers):
+        if not isinstance(self.trained, bool):
+            raise ValueError(f"GradFilterConfig trained must be a bool, got {self.trained!r}")
+        if self.fallback not in FALLBACKS:
             raise ValueError(
-                "GradFilterConfig needs exactly one of last_k and layers, got "
-                f"last_k={self.last_k!r}, layers={self.layers!r}"
+                f"GradFilterConfig fallback must be one of {FALLBACKS}, got {self.fallback!r}"
+            )
+        if (self.last_k is not None) + bool(self.layers) + self.trained != 1:
+            raise ValueError(
+                "GradFilterConfig needs exactly one of last_k, layers and trained, got "
+                f"last_k={self.last_k!r}, layers={self.layers!r}, trained={self.trained!r}"
             )
 
-    def resolve(self, model: nn.Module, neuron_map: NeuronMap) -> tuple[str, ...]:
+    def resolve(
+        self, model: nn.Module, neuron_map: NeuronMap, trained: Collection[str] = ()
+    ) -> tuple[str, ...]:
         """Names of the convs to filter (empty when ``r == 1``).
+
+        ``trained``: the convs the mask trains a row of (read with ``trained=True``).
 
         Raises
         ------
@@ -128,7 +157,11 @@ class GradFilterConfig:
             ``layers`` is not a ``Conv2d`` of ``model``.
         """
         modules = dict(model.named_modules())
-        if self.last_k is not None:
+        if self.trained:
+            names = tuple(
+                lay.name for lay in neuron_map.layers if lay.kind == "conv" and lay.name in trained
+            )
+        elif self.last_k is not None:
             convs = [lay.name for lay in neuron_map.layers if lay.kind == "conv"]
             if self.last_k > len(convs):
                 raise ValueError(
@@ -241,6 +274,24 @@ def filter_geometry(
                 f"one input patch (stride*r = {s * r}); allowed: max(p, k-1-p) <= stride*r"
             )
     return _geometry(tuple(kernel), tuple(stride), tuple(padding), r)
+
+
+def filter_pricing(model: nn.Module, names: Sequence[str], r: int) -> dict[str, FilterPricing]:
+    """The cost model's :class:`~fedneq.costs.FilterPricing` of each conv in ``names``.
+
+    Geometry only (no shape check): ``saved_divisor = (stride * r)^2`` and
+    ``flop_factor = K_h K_w / (k_h k_w r^2)``.
+    """
+    modules = dict(model.named_modules())
+    prices = {}
+    for name in names:
+        conv = modules[name]
+        geom = _geometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), r)
+        (kh, kw), (rh, rw) = conv.kernel_size, geom.reduced_kernel
+        prices[name] = FilterPricing(
+            saved_divisor=geom.patch[0] * geom.patch[1], flop_factor=rh * rw / (kh * kw * r * r)
+        )
+    return prices
 
 
 # --------------------------------------------------------------------------- math

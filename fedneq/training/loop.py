@@ -97,6 +97,7 @@ class EpochStats:
     cost: MaskCost | None  # cost-model figures of the epoch's mask, if a profile was given
     measured: StepMemory | None = None  # the epoch's largest measured step (measure_memory)
     steps: int = 0  # optimizer steps (batches) the epoch took
+    filtered: tuple[str, ...] = ()  # convs whose backward ran gradient-filtered
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,11 @@ class TrainResult:
     def steps(self) -> int:
         """Optimizer steps over all epochs (FedNova's local step count)."""
         return sum(e.steps for e in self.epochs)
+
+    @property
+    def filtered(self) -> tuple[str, ...]:
+        """Convs filtered in some epoch, in the order they were first filtered."""
+        return tuple(dict.fromkeys(n for e in self.epochs for n in e.filtered))
 
 
 def union_mask(a: TrainMask, b: TrainMask) -> TrainMask:
@@ -233,7 +239,7 @@ def train_masked(
         return TrainMask(mask.neurons, mask.full_tensors | statistics) if statistics else mask
 
     shapes = cost_profile
-    if backward == "sparse" and shapes is None:
+    if (backward == "sparse" or grad_filter is not None) and shapes is None:
         input_shape = tuple(data.x.shape[1:])
         shapes = memo(
             model,
@@ -275,6 +281,7 @@ def train_masked(
             total_loss, seen, smallest, taken = _run_epoch(
                 model, data, opt, freezer, batch_size, generator, prior, meter, limit
             )
+            filtered = freezer.ops.filtered if freezer.ops is not None else ()
         trainable, cost = _mask_figures(
             model, neuron_map, mask, state, cost_profile, batch_size, optimizer
         )
@@ -290,6 +297,7 @@ def train_masked(
                 cost,
                 measured,
                 taken,
+                filtered,
             )
         )
         if on_epoch_end is not None:

@@ -44,6 +44,7 @@ from torch.nn.modules.utils import _pair
 
 from fedneq.costs import CostProfile, LayerProfile
 from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.training.filter_probe import FilterChoice, choose_layers
 from fedneq.training.grad_filter import (
     FilterGeometry,
     GradFilterConfig,
@@ -463,7 +464,9 @@ class SparseBackward:
         The model, its neurons and what training may change; a tensor's
         selected rows are ``neuron_map.row_masks(mask, ...)``.
     grad_filter:
-        Convs to run with gradient filtering (:class:`GradFilterConfig`).
+        Convs to run with gradient filtering (:class:`GradFilterConfig`); with
+        ``fallback="probe"`` only those its probe finds faster
+        (:attr:`choices` says why for each, :attr:`filtered` names them).
     budgeted:
         Install the budgeted op on the supported selectable layers that need
         it: a Conv2d/Linear with some but not all rows selected, and a Conv2d
@@ -504,7 +507,21 @@ class SparseBackward:
     ) -> None:
         rows = row_masks(model, neuron_map, mask, model.state_dict(keep_vars=True))
         shapes = {} if profile is None else {lay.name: lay for lay in profile.layers}
-        filtered = set(grad_filter.resolve(model, neuron_map)) if grad_filter else set()
+        self.choices: tuple[FilterChoice, ...] = ()
+        filtered: set[str] = set()
+        if grad_filter is not None:
+            trained = {
+                lay.name for lay in neuron_map.layers
+                if (m := rows.get(f"{lay.name}.weight")) is not None and bool(m.any())
+            }  # fmt: skip
+            names = grad_filter.resolve(model, neuron_map, trained)
+            if grad_filter.fallback == "probe":
+                self.choices = choose_layers(
+                    model, names, shapes, r=grad_filter.r, batch_size=batch_size,
+                    filtered_op=budgeted_conv2d, supported=_supported,
+                )  # fmt: skip
+                names = tuple(c.name for c in self.choices if c.filtered)
+            filtered = set(names)
         selectable = {lay.name for lay in neuron_map.layers} if budgeted else set()
         plans: list[tuple[str, nn.Module, Rows, Rows, int | None]] = []
         for name, module in model.named_modules():

@@ -81,6 +81,9 @@ def client_row(
         from_array_record(next(iter(msg.content.array_records.values())))
     )
     row["update_rms"] = "" if update_rms is None else update_rms
+    if "filtered-layers" in metrics:  # a device that filters: which convs ran filtered
+        row["filtered_layers"] = _number(metrics["filtered-layers"])
+        row["filtered_convs"] = " ".join(str(i) for i in metrics.get("filtered-convs", []))
     if clip is not None:
         row["reason"] = f"update scaled by {clip:.3g} to clip_update_ratio x the round's median"
     return row

@@ -53,6 +53,9 @@ CLIENT_COLUMNS = (
     "memory_estimate_bytes", "memory_measured_bytes", "memory_limit_bytes", "memory_bound", "width",
     "state_bytes", "used_initializer", "train_flops", "probe_flops", "download_s", "compute_s", "upload_s", "time_s",
 )  # fmt: skip
+# clients.csv columns of a run whose devices may filter gradients: how many convs ran
+# filtered and their indices among the model's convs (space-separated)
+FILTER_COLUMNS = ("filtered_layers", "filtered_convs")
 CLASS_COLUMNS = (
     "round", "device", "clients", "mean_trainable_fraction", "bytes_up", "mean_flops_saved",
     "mean_train_loss",
@@ -151,6 +154,12 @@ def _initial_accuracy(rounds_csv: Path) -> float | None:
     return float(json.loads(path.read_text())["accuracy"]) if path.exists() else None
 
 
+def _filters(config: Mapping[str, Any]) -> bool:
+    """Whether a run's config lets devices filter gradients ([train] of ``Config.to_dict()``)."""
+    train = config.get("train", {})
+    return train.get("grad_filter_last_k", 0) > 0 or train.get("grad_filter_layers") == "trained"
+
+
 class Recorder:
     """Collects a run's rows and appends each round's to its tables (see the module docstring)."""
 
@@ -160,7 +169,7 @@ class Recorder:
         atomic_write_text(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
         self.columns: dict[str, Sequence[str]] = {
             "rounds.csv": ROUND_COLUMNS,
-            "clients.csv": CLIENT_COLUMNS,
+            "clients.csv": CLIENT_COLUMNS + (FILTER_COLUMNS if _filters(config) else ()),
             "device_classes.csv": CLASS_COLUMNS,
             "timing.csv": TIMING_COLUMNS,
             "coverage.csv": COVERAGE_COLUMNS,
