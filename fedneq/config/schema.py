@@ -177,7 +177,9 @@ class TrainConfig:
     # "trained" (every conv its mask trains a row of)
     grad_filter_layers: str = "last-k"
     # "probe": a conv keeps the dense backward where filtering cannot handle its shape or a
-    # one-time timing probe finds it no faster (fedneq.training.filter_probe); "off": filter all
+    # one-time timing probe finds it no faster (fedneq.training.filter_probe); "shape": only
+    # where it cannot handle the shape (no timing: the same choice on every machine);
+    # "off": filter all (a shape it cannot handle fails)
     grad_filter_fallback: str = "probe"
     # "frozen" (default): BatchNorm in eval mode, statistics untouched and never sent;
     # "selected": statistics train and travel with their neuron; "all": every BatchNorm

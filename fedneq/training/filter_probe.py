@@ -52,7 +52,8 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class FilterChoice:
     """What the fallback decided for one conv and why.
 
-    ``reason``: ``"faster"`` (filtered), ``"slower"`` (its probe lost), or the
+    ``reason``: ``"faster"`` (filtered), ``"slower"`` (its probe lost),
+    ``"shape"`` (filtered, no probe asked: ``fallback="shape"``), or the
     geometry error that rules filtering out (e.g. ``r`` does not divide the map).
     ``dense_s`` / ``filtered_s``: the probe's seconds per forward + backward
     (``None`` when no probe ran).
@@ -121,12 +122,13 @@ def choose_filtered(
     filtered_forward: Forward,
     repeats: int = 5,
     margin: float = PROBE_MARGIN,
+    probe: bool = True,
 ) -> FilterChoice:
     """Filter ``conv`` (input ``(C, H, W)``, output ``(O, H', W')`` per sample) with ``r``?
 
     ``filtered_forward(x, w)`` is the filtered conv (the budgeted op with
     ``grad_filter_r=r``); the dense side is ``F.conv2d`` with PyTorch's fused
-    backward.
+    backward. ``probe=False``: decide on the geometry alone (no timing).
     """
     try:
         filter_geometry(
@@ -135,6 +137,8 @@ def choose_filtered(
         )  # fmt: skip
     except ValueError as err:
         return FilterChoice(name, False, str(err))
+    if not probe:
+        return FilterChoice(name, True, "shape")
     key = (
         tuple(in_shape), tuple(conv.weight.shape), conv.stride, conv.padding, conv.groups, r,
         batch_size, torch.get_num_threads(), conv.weight.dtype,
@@ -161,6 +165,7 @@ def choose_layers(
     batch_size: int,
     filtered_op: Callable[..., torch.Tensor],
     supported: Callable[[nn.Module], bool],
+    probe: bool = True,
 ) -> tuple[FilterChoice, ...]:
     """:func:`choose_filtered` for every conv in ``names``, shapes from a cost profile.
 
@@ -172,6 +177,8 @@ def choose_layers(
     ------
     ValueError
         If ``shapes`` lacks a conv of ``names`` (it did not run in the profiling pass).
+
+    ``probe=False``: filter every conv whose geometry allows it (no timing).
     """
     modules = dict(model.named_modules())
     choices = []
@@ -195,7 +202,7 @@ def choose_layers(
         choices.append(
             choose_filtered(
                 name, conv, layer.in_shape, layer.out_shape, r=r, batch_size=batch_size,
-                filtered_forward=forward,
+                filtered_forward=forward, probe=probe,
             )  # fmt: skip
         )
     return tuple(choices)

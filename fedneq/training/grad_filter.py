@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 
-FALLBACKS = ("off", "probe")
+FALLBACKS = ("off", "shape", "probe")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ class GradFilterConfig:
         or where a one-time timing probe on its shape
         (:mod:`fedneq.training.filter_probe`) finds the filtered backward no
         faster than :data:`~fedneq.training.filter_probe.PROBE_MARGIN` times
-        the dense one: a user never pays time for filtering.
+        the dense one: a user never pays time for filtering. ``"shape"``: only
+        the shape check (every conv filtering can handle is filtered; no
+        timing, so the choice is the same on every machine).
     """
 
     r: int

@@ -465,7 +465,8 @@ class SparseBackward:
         selected rows are ``neuron_map.row_masks(mask, ...)``.
     grad_filter:
         Convs to run with gradient filtering (:class:`GradFilterConfig`); with
-        ``fallback="probe"`` only those its probe finds faster
+        ``fallback="probe"`` only those its probe finds faster (``"shape"``: those
+        whose shape it can handle)
         (:attr:`choices` says why for each, :attr:`filtered` names them).
     budgeted:
         Install the budgeted op on the supported selectable layers that need
@@ -515,10 +516,11 @@ class SparseBackward:
                 if (m := rows.get(f"{lay.name}.weight")) is not None and bool(m.any())
             }  # fmt: skip
             names = grad_filter.resolve(model, neuron_map, trained)
-            if grad_filter.fallback == "probe":
+            if grad_filter.fallback != "off":
                 self.choices = choose_layers(
                     model, names, shapes, r=grad_filter.r, batch_size=batch_size,
                     filtered_op=budgeted_conv2d, supported=_supported,
+                    probe=grad_filter.fallback == "probe",
                 )  # fmt: skip
                 names = tuple(c.name for c in self.choices if c.filtered)
             filtered = set(names)
