@@ -188,3 +188,27 @@ def test_clients_csv_records_the_filtered_convs(tmp_path, task_identity) -> None
 def test_choice_speedup() -> None:
     assert FilterChoice("c", True, "faster", 2.0, 1.0).speedup == 2.0
     assert FilterChoice("c", False, "geometry").speedup is None
+
+
+def test_a_filtering_client_reports_its_filtered_convs(task_identity) -> None:
+    from fedneq.config import Config
+    from fedneq.federation.client import client_round
+    from fedneq.task import build_model, load_task
+
+    fleet = {"preset": "custom", "local_epochs": 1, "batch_size": 32, "classes": [
+        {"name": "bound", "share": 1.0, "budget": 0.5, "grad_filter_r": 2}]}  # fmt: skip
+    config = Config().replace(
+        run={"num_clients": 2, "clients_per_round": 2, "rounds": 1},
+        data={"dataset": "digits", "classes": "all", "partition": "iid", "probe_size": 8,
+              "image_size": 16},
+        train={"grad_filter_layers": "trained", "grad_filter_fallback": "shape"},
+        fleet=fleet,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, nmap = build_model(config, load_task(config))
+    reply = client_round(config, 0, 1, model.state_dict(), None)
+    convs = [lay.name for lay in nmap.layers if lay.kind == "conv"]
+    filtered = reply.metrics["filtered-convs"]
+    assert reply.metrics["filtered-layers"] == len(filtered) > 0
+    assert all(0 <= i < len(convs) for i in filtered)
+    assert Config().train.grad_filter_fallback == "probe"  # the default: never pay time
