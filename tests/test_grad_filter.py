@@ -267,8 +267,8 @@ def test_config_validation_and_resolution() -> None:
         (dict(r=0, last_k=1), "r must be an int >= 1"),
         (dict(r=True, last_k=1), "r must be an int >= 1"),
         (dict(r=2, last_k=0), "last_k must be an int >= 1"),
-        (dict(r=2), "exactly one of last_k and layers"),
-        (dict(r=2, last_k=1, layers=("0",)), "exactly one of last_k and layers"),
+        (dict(r=2), "exactly one of last_k, layers and trained"),
+        (dict(r=2, last_k=1, layers=("0",)), "exactly one of last_k, layers and trained"),
         (dict(r=2, layers="0"), "tuple of module names"),
     ]
     for kwargs, message in bad:

@@ -26,6 +26,9 @@ appended row by row and a row already there is not run again (resumable):
   ratios are what to read on a shared machine): exact, forced filtering, and
   the automatic fallback (``fallback="probe"``); ``probe.csv``: the probe's
   per-conv timings and choices.
+* ``gradients`` -> ``gradients.csv``: per filtered conv, how far its filtered
+  weight gradient is from the exact one, and why
+  (:mod:`sims.benchmarks.grad_filter_error`).
 * ``velocity`` -> ``velocity.csv``: velocity selection at the SU-1 / SU-3
   budgets (8.8 % / 21.2 % of the selectable parameters), each epoch's mask
   trained exact or with every conv it trains filtered at r = 2 (forced);
@@ -56,6 +59,7 @@ from fedneq.training.grad_filter import GradFilterConfig, filter_geometry, filte
 from fedneq.training.loop import OptimizerConfig, evaluate, train_masked, train_step
 from fedneq.training.masking import RowFreezer
 from fedneq.training.pretrain import pretrain
+from sims.benchmarks.grad_filter_error import ERROR_COLUMNS, gradient_errors
 from sims.server.initial import initial_state
 
 __all__ = ["main", "run_study"]
@@ -357,6 +361,24 @@ def _finetune_from_current(setup: Setup, masks, gf):
         setup.start = start
 
 
+def gradients_part(setup: Setup, table: Table, batches: int) -> None:
+    """Per-conv gradient error of the filtered regions (:mod:`sims.benchmarks.grad_filter_error`)."""
+    bs = setup.args.batch_size
+    data = [(setup.train.x[i * bs:(i + 1) * bs], setup.train.y[i * bs:(i + 1) * bs])
+            for i in range(batches)]  # fmt: skip
+    for k, r in (("2", 2), ("4", 2), ("all", 2), ("all", 4)):
+        if table.has(seed=setup.seed, k=k, r=r):
+            continue
+        mask = _block_mask(setup.nmap, k)
+        names = _applicable(setup.model, setup.profile, _trained_convs(setup.nmap, mask), r)
+        if not names:
+            continue
+        setup.model.load_state_dict(setup.start)
+        for row in gradient_errors(setup.model, setup.nmap, mask, names, r, data):
+            table.add(row | {"seed": setup.seed, "k": k})
+        print(f"[study] gradients seed {setup.seed} k={k} r={r}: {len(names)} convs", flush=True)
+
+
 # --------------------------------------------------------------------------- report
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t, two-sided 95 %
@@ -449,6 +471,7 @@ def run_study(args: argparse.Namespace) -> None:
     timing = Table(args.out / "timing.csv", TIMING_COLUMNS, ("variant", "k", "r", "fallback"))
     probe = Table(args.out / "probe.csv", PROBE_COLUMNS, ("r", "name"))
     velocity = Table(args.out / "velocity.csv", VELOCITY_COLUMNS, ("budget", "r", "seed"))
+    errors = Table(args.out / "gradients.csv", ERROR_COLUMNS, ("seed", "k", "r"))
     for seed in args.seeds:
         setup = Setup(args, seed, checkpoint)
         if "finetune" in parts:
@@ -457,6 +480,8 @@ def run_study(args: argparse.Namespace) -> None:
             timing_part(setup, timing, probe, args.timing_steps)
         if "velocity" in parts:
             velocity_part(setup, velocity)
+        if "gradients" in parts:
+            gradients_part(setup, errors, args.gradient_batches)
     (args.out / "summary.md").write_text(report(args.out))
     print(f"[study] done: {args.out} (tables in summary.md)", flush=True)
 
@@ -465,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sims.benchmarks.grad_filter_study",
                                 description=__doc__.split("\n")[0])  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("results/grad_filter_study"))
-    p.add_argument("--parts", default="finetune,timing,velocity")
+    p.add_argument("--parts", default="finetune,timing,velocity,gradients")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
@@ -478,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain-limit", type=int, default=3000)
     p.add_argument("--timing-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gradient-batches", type=int, default=4)
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 32 px, 1 seed, 1 epoch, 64 images, pretraining 1 epoch on 128")
     p.add_argument("--report", action="store_true", help="only print the tables of --out's CSVs")
