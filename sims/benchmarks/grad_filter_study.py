@@ -223,7 +223,7 @@ class Setup:
 
 def finetune_part(setup: Setup, table: Table) -> None:
     convs = _convs(setup.nmap)
-    for k in BLOCKS:
+    for k in setup.args.blocks:
         mask = _block_mask(setup.nmap, k)
         trained = _trained_convs(setup.nmap, mask)
         for r in (1, *RS):
@@ -492,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/grad_filter_study"))
     p.add_argument("--parts", default="finetune,timing,velocity,gradients")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2])
+    p.add_argument("--blocks", type=lambda s: s.split(","), default=list(BLOCKS),
+                   help="the finetune part's k values (comma-separated; 'all': the whole network)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=1000)
