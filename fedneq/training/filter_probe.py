@@ -14,8 +14,9 @@ of that shape, cached for the process.
 :func:`choose_filtered` decides one conv: it is filtered if filtering can
 handle its geometry and the probe's filtered forward + backward takes at most
 :data:`PROBE_MARGIN` times the dense one. The timings are the minimum over
-``repeats`` round-robin runs (the least disturbed by other processes on a
-shared machine); a conv near the margin may flip between processes, and
+``repeats`` round-robin runs of the process's CPU time (what other
+processes on a shared machine take is not counted; cache and memory-bandwidth
+contention still is); a conv near the margin may flip between processes, and
 :class:`FilterChoice` records what was measured so a run says why.
 """
 
@@ -90,10 +91,12 @@ def probe_times(
     repeats: int = 5,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Seconds of one forward + backward (input and weight gradients) of each op.
+    """CPU seconds of one forward + backward (input and weight gradients) of each op.
 
     Minimum over ``repeats`` round-robin runs after one warm-up each, on
-    seeded random tensors; the global RNG is left untouched.
+    seeded random tensors; the global RNG is left untouched. CPU time of the
+    process, not wall time: on a shared machine the time other processes take
+    from this one is not counted.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*x_shape, generator=gen).requires_grad_(True)
@@ -103,9 +106,9 @@ def probe_times(
     best = [float("inf"), float("inf")]
     for i in range(repeats + 1):
         for j, op in enumerate((dense, filtered)):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             torch.autograd.grad(op(x, w), (x, w), g)
-            seconds = time.perf_counter() - t0
+            seconds = time.process_time() - t0
             if i:  # the first round warms up
                 best[j] = min(best[j], seconds)
     return best[0], best[1]

@@ -21,8 +21,8 @@ appended row by row and a row already there is not run again (resumable):
   Per row: test accuracy, the filtered convs, measured training memory of a
   step (:mod:`fedneq.training.memory`) next to the cost model's estimate
   (:func:`fedneq.costs.mask_cost` with the filter's pricing), backward FLOPs.
-* ``timing`` -> ``timing.csv``: seconds of one whole training step (forward,
-  backward, SGD step) per variant, interleaved round-robin in one process (the
+* ``timing`` -> ``timing.csv``: CPU seconds of one whole training step (forward,
+  backward, SGD step) per variant, median of ``--timing-steps``, interleaved round-robin in one process (the
   ratios are what to read on a shared machine): exact, forced filtering, and
   the automatic fallback (``fallback="probe"``); ``probe.csv``: the probe's
   per-conv timings and choices.
@@ -280,9 +280,9 @@ def timing_part(setup: Setup, timing: Table, probe: Table, steps: int) -> None:
             opt = setup.opt.build(list(setup.model.parameters()))
             with RowFreezer(setup.model, setup.nmap, mask, grad_filter=gf, profile=setup.profile,
                             batch_size=bs) as freezer:  # fmt: skip
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 train_step(setup.model, x, y, opt, freezer)
-                seconds = time.perf_counter() - t0
+                seconds = time.process_time() - t0
                 filtered[i] = len(freezer.ops.filtered) if freezer.ops is not None else 0
                 if step == 0 and gf is not None and gf.fallback == "probe" and freezer.ops:
                     _probe_rows(probe, r, freezer.ops.choices, setup, convs)
