@@ -42,6 +42,7 @@ class SuperLinkLikeGrid(LocalGrid):
         self.lost: set[int] = set()  # still listed (the SuperLink has not timed it out), but gone
         self.after: dict[int, Callable[[], None]] = {}
         self.sent: list[tuple[int, int]] = []  # (server round, node id) of training messages
+        self.asked: list[int] = []  # node ids sent a query (who are you?)
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -53,6 +54,8 @@ class SuperLinkLikeGrid(LocalGrid):
             rnd = msg.content["config"].get("server-round", 0)
             if msg.metadata.message_type == "train":
                 self.sent.append((rnd, msg.metadata.dst_node_id))
+            else:
+                self.asked.append(msg.metadata.dst_node_id)
             if msg.metadata.dst_node_id in self.lost:
                 replies.append(create_message_error_unavailable_res_message(msg.metadata, "node"))
             else:
@@ -117,17 +120,30 @@ def test_a_sampled_partition_without_a_live_node_is_recorded_not_sent(tmp_path: 
 
 
 def test_a_node_claiming_a_partition_the_table_gives_another_node_is_ignored(tmp_path: Path) -> None:
-    """With SuperNode authentication node ids are the operator's: the table pins them."""
-    config = _config(tmp_path, 2)
+    """With SuperNode authentication node ids are the operator's: the table pins them.
+
+    The impostor is ignored at discovery, and so is one that connects mid-run,
+    even once the partition's own node is lost; each is asked who it is once.
+    """
+    config = _config(tmp_path, 4)
     contexts = {100 + p: _context(100 + p, p, 3) for p in range(3)}
     contexts[300] = _context(300, 1, 3, budget=1.0)  # claims partition 1, at a full budget
     profiles = {p: config.device(p) for p in range(3)}
-    grid = SuperLinkLikeGrid(contexts)
+    grid = SuperLinkLikeGrid(dict(contexts))
+
+    def impostor() -> None:  # a second one connects after round 1, claiming partition 2
+        grid.contexts[301] = _context(301, 2, 3)
+
+    def owner_lost() -> None:  # node 102 dropped by the SuperLink: partition 2 is free
+        del grid.contexts[102]
+
+    grid.after = {1: impostor, 2: owner_lost}
     rounds = run_federation(
         grid, config, tmp_path / "run", devices=DeviceTable(profiles, {0: 100, 1: 101, 2: 102})
     )
-    assert [r["replied"] for r in rounds] == [3, 3]
-    assert not [n for _, n in grid.sent if n == 300]  # never trained
+    assert [r["replied"] for r in rounds] == [3, 3, 2, 2]
+    assert not [n for _, n in grid.sent if n in (300, 301)]  # never trained
+    assert (grid.asked.count(300), grid.asked.count(301)) == (1, 1)  # not asked every round
     with pytest.raises(RuntimeError, match="two nodes claim partition-id 1"):  # without the ids
         run_federation(SuperLinkLikeGrid(contexts), config, tmp_path / "run2")
 

@@ -77,6 +77,7 @@ class Nodes:
     devices: Mapping[int, str] = field(default_factory=dict)  # the server's table: pid -> device
     refused: dict[int, Identity] = field(default_factory=dict)  # live claimant node id -> its claim, oldest first
     unreachable: set[int] = field(default_factory=set)  # nodes the SuperLink answered for (lost)
+    pinned_out: set[int] = field(default_factory=set)  # claimants the operator's pins refuse: not asked again
 
 
 def discover_nodes(
@@ -123,6 +124,7 @@ def discover_nodes(
     devices = dict(devices or {})
     by_partition: dict[int, int] = {}
     declared: dict[int, str] = {}
+    pinned_out: set[int] = set()
     problems: list[str] = []
     for node, answer in sorted(identify(grid, config, node_ids, timeout_s).items()):
         if isinstance(answer, str):
@@ -130,6 +132,7 @@ def discover_nodes(
             continue
         pid = answer.partition_id
         if not is_allowed(allowed, pid, node):
+            pinned_out.add(node)
             continue
         if pid in by_partition:
             problems.append(f"two nodes claim partition-id {pid}: {by_partition[pid]} and {node}")
@@ -147,7 +150,9 @@ def discover_nodes(
             log.error("discovery: %s", problem)
         raise RuntimeError("node discovery failed before round 1: " + "; ".join(problems))
     partition_of = {n: p for p, n in by_partition.items()}
-    return Nodes(by_partition, declared, partition_of, dict(allowed or {}), devices)
+    return Nodes(
+        by_partition, declared, partition_of, dict(allowed or {}), devices, pinned_out=pinned_out
+    )
 
 
 def _device_mismatch(answer: Identity, devices: Mapping[int, str]) -> str:
@@ -249,14 +254,16 @@ def rediscover_nodes(grid: Grid, config: Config, nodes: Nodes, *, timeout_s: flo
     the bound node is no longer listed (a lost SuperNode drops out of the list
     when its heartbeats expire) or the SuperLink answered for it as lost
     (``nodes.unreachable``, set by the round loop), the first live claimant
-    takes the partition over. A node that does not answer, names no valid partition, declares
+    takes the partition over. A node whose claim the operator's pins refuse is
+    remembered and never asked again (a pinned-out node would otherwise cost a
+    query in every round). A node that does not answer, names no valid partition, declares
     another device than the server's table or holds a data-file cut for
     another run is ignored, with a warning: it cannot stop the run. ``nodes``
     is updated in place.
     """
     live = set(grid.get_node_ids())
     nodes.refused = {n: claim for n, claim in nodes.refused.items() if n in live}
-    new = sorted(live - set(nodes.partition_of) - set(nodes.refused))
+    new = sorted(live - set(nodes.partition_of) - set(nodes.refused) - nodes.pinned_out)
     answers = identify(grid, config, new, timeout_s) if new else {}
     for node in new:
         answer = answers.get(node, "no reply")
@@ -269,6 +276,7 @@ def rediscover_nodes(grid: Grid, config: Config, nodes: Nodes, *, timeout_s: flo
             continue
         pid = answer.partition_id
         if not is_allowed(nodes.allowed, pid, node):
+            nodes.pinned_out.add(node)  # the pins do not change during a run: not asked again
             continue
         holder = nodes.node_of.get(pid)
         if holder in live and holder not in nodes.unreachable:
