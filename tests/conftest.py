@@ -1,5 +1,8 @@
 """Shared test settings."""
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
@@ -26,3 +29,20 @@ def strategy_registry():
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Callable[..., "Deployment"]]:  # noqa: F821
+    """Make loopback deployments (``tests/helpers.py``: ``make(tls=None)``) under ``tmp_path``;
+    every one is stopped at the end, on failure too."""
+    from helpers import Deployment
+
+    made: list[Deployment] = []
+
+    def make(tls=None) -> Deployment:
+        made.append(Deployment(tmp_path / f"deployment-{len(made)}", tls))
+        return made[-1]
+
+    yield make
+    for dep in made:
+        dep.stop()

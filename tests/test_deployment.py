@@ -27,6 +27,16 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from helpers import (
+    CONNECTION,
+    EXPECTED_DEVICE,
+    NODE_CONFIGS,
+    REPO,
+    RUN_TIMEOUT_S,
+    Deployment,
+    device_table,
+    wait_for,
+)
 
 from fedneq.config import Config, load_config
 from fedneq.selection import Budget
@@ -36,202 +46,6 @@ from sims.server.config_files import config_path
 from sims.server.results import read_csv
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CONNECTION = "loopback"
-RUN_TIMEOUT_S = 300  # a safety net: a run takes 1-2 minutes on a loaded 2-core machine
-
-# partition id -> --node-config; devices unlike the seeded fleet's (pi-4, mcu, pi-zero)
-NODE_CONFIGS = {
-    0: "partition-id=0 num-partitions=3 device='mcu'",
-    1: "partition-id=1 num-partitions=3 device='pi-4'",
-    2: "partition-id=2 num-partitions=3 budget=0.5",
-}
-EXPECTED_DEVICE = {0: "mcu", 1: "pi-4", 2: "custom"}
-# the operator's table on the server (run config `devices`): what each node is held to
-DEVICE_TABLE = "partition_id,device\n0,mcu\n1,pi-4\n2,0.5\n"
-
-
-def device_table(folder: Path) -> Path:
-    path = folder / "devices.csv"
-    path.write_text(DEVICE_TABLE)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _live(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
-
-
-class Deployment:
-    """A SuperLink and SuperNodes on 127.0.0.1, run as a user would, with their own FLWR_HOME."""
-
-    def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
-        self.root, self.tls = root, tls
-        self.home = root / "flwr-home"
-        self.home.mkdir(parents=True)
-        self.env = {
-            **os.environ,
-            "FLWR_HOME": str(self.home),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": "1",  # 3 ClientApps share 2 contended cores
-            "FLWR_TELEMETRY_ENABLED": "0",  # no calls to flower.ai from a test
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
-        self.port = free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def _start(self, name: str, args: list[str]) -> None:
-        with open(self.root / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.root, start_new_session=True,
-            )  # fmt: skip
-
-    def start_superlink(self) -> None:
-        security = (
-            ["--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
-             "--ssl-keyfile", str(self.tls.server_key)]
-            if self.tls else ["--insecure"]
-        )  # fmt: skip
-        self._start(
-            "superlink",
-            ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
-             "--disable-runtime-dependency-installation"],
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            assert self.procs["superlink"].poll() is None, f"the SuperLink exited:\n{self.logs()}"
-            assert time.monotonic() < deadline, (
-                f"the SuperLink did not open its port:\n{self.logs()}"
-            )
-            time.sleep(0.2)
-        connection = {"address": f"127.0.0.1:{self.port}"}
-        connection.update(
-            {"root-certificates": str(self.tls.ca_cert)} if self.tls else {"insecure": True}
-        )
-        (self.home / "config.toml").write_text(
-            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
-        )
-
-    def start_supernode(self, name: str, node_config: str) -> None:
-        security = ["--root-certificates", str(self.tls.ca_cert)] if self.tls else ["--insecure"]
-        self._start(
-            name,
-            ["flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
-             "--port", str(free_port()), "--node-config", node_config],
-        )  # fmt: skip
-
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["flwr", *args], env=self.env, cwd=self.root, capture_output=True, text=True,
-            timeout=timeout,
-        )  # fmt: skip
-
-    def run_app(self, run_config: str) -> tuple[int, str]:
-        """``flwr run`` the repo's app, streaming its log until the run ends: (run id, output)."""
-        done = self.flwr("run", str(REPO), CONNECTION, "--run-config", run_config, "--stream",
-                         timeout=RUN_TIMEOUT_S)  # fmt: skip
-        output = done.stdout + done.stderr
-        found = re.search(r"Successfully started run (\d+)", output)
-        assert done.returncode == 0 and found, f"flwr run failed:\n{output}\n{self.logs()}"
-        return int(found.group(1)), output
-
-    def run_status(self, run_id: int) -> dict:
-        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        assert done.returncode == 0, done.stdout + done.stderr
-        (run,) = json.loads(done.stdout[done.stdout.index("{") :])["runs"]
-        return run
-
-    def logs(self, lines: int = 25) -> str:
-        tails = []
-        for name in self.procs:
-            text = (self.root / f"{name}.log").read_text(errors="replace").splitlines()
-            tails.append(f"--- {name} ---\n" + "\n".join(text[-lines:]))
-        return "\n".join(tails)
-
-    def processes(self) -> list[int]:
-        """Live processes carrying this deployment's FLWR_HOME: what it started, and their children."""
-        marker = f"FLWR_HOME={self.home}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    environ = (entry / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if marker in environ and _live(int(entry.name)):
-                    found.append(int(entry.name))
-        return sorted(found)
-
-    def stop(self, grace_s: float = 10.0) -> list[int]:
-        """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors.
-
-        Each process it started leads its own process group (``start_new_session``):
-        the group is signalled, its children (``flower-superexec``, ``flwr-clientapp``)
-        with it, then any process still carrying this FLWR_HOME.
-        """
-        for proc in self.procs.values():
-            _signal_group(proc.pid, signal.SIGINT)
-        for pid in self.processes():
-            _signal(pid, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for proc in self.procs.values():
-            _signal_group(proc.pid, signal.SIGKILL)
-        for pid in self.processes():
-            _signal(pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 5
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return self.processes()
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    deployments: list[Deployment] = []
-
-    def make(tls: TlsFiles | None = None) -> Deployment:
-        deployments.append(Deployment(tmp_path / f"deployment-{len(deployments)}", tls))
-        return deployments[-1]
-
-    yield make
-    for dep in deployments:  # on failure too
-        dep.stop()
-
 
 @pytest.fixture
 def pyproject_unchanged() -> Iterator[None]:
@@ -376,13 +190,6 @@ def test_too_few_supernodes_fail_fast_with_the_count_needed(deployment, tmp_path
     assert dep.stop() == []
 
 
-def _wait_for(condition, timeout_s: float, what: str, dep: Deployment) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{dep.logs()}"
-        time.sleep(0.5)
-
-
 def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
     deployment, pyproject_unchanged, tmp_path: Path
 ) -> None:
@@ -416,7 +223,7 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
         )  # fmt: skip
     try:
         rounds_file = out / "rounds.csv"
-        _wait_for(lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240,
+        wait_for(lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240,
                   "round 1", dep)  # fmt: skip
         os.killpg(dep.procs["supernode-2"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp
         dep.start_supernode("supernode-2-restarted", node_configs[2])

@@ -2,7 +2,7 @@
 the device service's command and process-group kill.
 
 Real ``flower-superlink`` / ``flower-supernode`` processes and ``flwr run``, as in
-``tests/test_deployment.py`` (whose :class:`Deployment` they use).
+``tests/test_deployment.py`` (the :class:`Deployment` of ``tests/helpers.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import tomli_w
-from test_deployment import CONNECTION, NODE_CONFIGS, REPO, RUN_TIMEOUT_S, Deployment, device_table
+from helpers import (
+    CONNECTION,
+    NODE_CONFIGS,
+    REPO,
+    RUN_TIMEOUT_S,
+    Deployment,
+    device_table,
+    wait_for,
+)
 
 from fedneq.config import load_config
 from fedneq.federation.device_data import write_partition_files
@@ -28,27 +35,6 @@ from sims.server.results import read_csv
 UNIT = REPO / "deploy" / "systemd" / "fedneq-supernode@.service"
 ENV_EXAMPLE = REPO / "deploy" / "systemd" / "supernode.env.example"
 DEPLOY_MD = REPO / "docs" / "DEPLOY.md"
-
-
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Callable[[], Deployment]]:
-    """Make deployments under ``tmp_path``; every one is stopped at the end, on failure too."""
-    made: list[Deployment] = []
-
-    def make() -> Deployment:
-        made.append(Deployment(tmp_path / f"deployment-{len(made)}"))
-        return made[-1]
-
-    yield make
-    for dep in made:
-        dep.stop()
-
-
-def _wait_for(condition, timeout_s: float, what: str, dep: Deployment) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{dep.logs()}"
-        time.sleep(0.5)
 
 
 def _run_in_background(dep: Deployment, run_config: str, log_path: Path) -> subprocess.Popen:
@@ -112,7 +98,7 @@ def test_a_second_claimant_of_a_partition_is_refused_while_its_node_serves(
     )
     try:
         rounds_file = out / "rounds.csv"
-        _wait_for(
+        wait_for(
             lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240, "round 1", dep
         )
         dep.start_supernode("intruder", NODE_CONFIGS[2] + f" state-dir='{intruder_state}'")
@@ -201,12 +187,12 @@ def test_killing_a_supernodes_process_group_takes_its_children(deployment) -> No
     def superexec() -> list[int]:
         return [c for c in _children(node) if "flower-superexec" in _cmdline(c)]
 
-    _wait_for(superexec, 60, "the SuperNode's flower-superexec", dep)
+    wait_for(superexec, 60, "the SuperNode's flower-superexec", dep)
     (child,) = superexec()
     assert os.getpgid(child) == node  # the child is in the SuperNode's group
     os.killpg(node, signal.SIGKILL)
     dep.procs["supernode"].wait(timeout=10)
-    _wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in _state(child), 5,
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or "Z" in _state(child), 5,
               "the SuperExec to die with its group", dep)  # fmt: skip
     assert dep.procs["superlink"].poll() is None  # another group: untouched
     assert dep.stop() == []
