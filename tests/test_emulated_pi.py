@@ -4,8 +4,8 @@ The fast tests check the pieces that must never leak: a memory cgroup is
 made, holds a process, counts its memory and is removed with the process in
 it; the bind mounts are gone after an error inside :func:`sims.pi.rootfs.mounted`;
 :func:`sims.pi.rootfs.cleanup` unmounts what a killed run left. The test
-marked ``emulated_pi`` (deselected by default, in pyproject.toml's addopts; docs/DEPLOY.md says how to run
-it) builds the arm64 root if it is not cached and runs three emulated devices
+marked ``emulated_pi`` (deselected by default, in pyproject.toml's addopts; docs/DEVICE_MEMORY.md says
+how to run it) builds the arm64 root if it is not cached and runs three emulated devices
 through a loopback deployment.
 """
 
@@ -162,7 +162,7 @@ def test_three_emulated_pis_train_three_rounds_and_leave_nothing_behind(tmp_path
     """Three emulated Pi 4 (1 GB) devices, warm SuperExec: 3 rounds, no OOM kill.
 
     Under qemu a 512 MB board does not hold the SuperNode and a torch process
-    (docs/DEPLOY.md, "Memory on the device"), so the boards here are 1 GB.
+    (docs/DEVICE_MEMORY.md, "Memory on the device"), so the boards here are 1 GB.
     """
     from sims.pi.emulate import emulate
 

@@ -16,7 +16,7 @@ and launches each task by ``fork()``: the ClientApp starts at once and shares
 the parent's pages until it writes them. One task runs at a time.
 
 This file imports only Flower and torch (what the device installs), so it can
-be copied to a device on its own. docs/DEPLOY.md has the measurements.
+be copied to a device on its own. docs/DEVICE_MEMORY.md has the measurements.
 """
 
 from __future__ import annotations

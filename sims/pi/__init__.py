@@ -1,6 +1,6 @@
 """Emulated Raspberry Pis: Flower SuperNodes in an arm64 root under qemu, in memory cgroups.
 
-``python -m sims.deploy emulate-pi`` (docs/DEPLOY.md, "Memory on the device").
+``python -m sims.deploy emulate-pi`` (docs/DEVICE_MEMORY.md, "Memory on the device").
 """
 
 from sims.pi.emulate import BOARDS, EmulationReport, emulate, probe_guest
