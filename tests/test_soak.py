@@ -1,0 +1,86 @@
+"""The chaos soak (sims.benchmarks.soak): its seeded schedule, a refused key, and a reduced soak.
+
+The reduced soak is the issue's CI size: 5 devices, 6 rounds, one fault of
+each kind (a device killed while it trains and restarted, an unregistered key,
+an impostor claiming the killed device's partition, the SuperLink killed and
+the run resumed), on loopback with TLS, SuperNode authentication and
+``--database``; every check of :func:`sims.benchmarks.soak_checks.check_soak`
+must pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sims.benchmarks.soak import SoakSpec, plan_faults, run_soak, soak_config
+from sims.benchmarks.soak_fleet import Fleet
+from sims.server.exchange import sample_partitions
+
+
+def test_the_fault_schedule_is_seeded_and_holds_every_kind(tmp_path: Path) -> None:
+    spec = SoakSpec(tmp_path, nodes=20, rounds=30, seed=3)
+    config = soak_config(spec)
+    faults = plan_faults(spec, config)
+    assert faults == plan_faults(spec, config)
+    assert faults != plan_faults(SoakSpec(tmp_path, nodes=20, rounds=30, seed=4), config)
+    kinds = Counter(f.kind for f in faults)
+    assert kinds == {"node-kill": 4, "superlink-kill": 2, "impostor": 1, "unregistered": 1}
+    links = sorted(f.after_round for f in faults if f.kind == "superlink-kill")
+    assert links[1] - links[0] >= 3 and 7 <= links[0] and links[1] <= 22
+    kills = [f for f in faults if f.kind == "node-kill"]
+    assert all(abs(k.after_round - r) >= 2 for k in kills for r in links)
+    for kill in kills:  # mid-training: sampled in the round in flight; else not
+        sampled = sample_partitions(config, kill.after_round + 1)
+        assert (kill.target in sampled) == kill.mid_training
+        assert 5 <= kill.restart_after_s <= 45
+    assert sum(k.mid_training for k in kills) == 2
+    (impostor,) = [f for f in faults if f.kind == "impostor"]
+    assert impostor.target == kills[0].target and impostor.after_round < kills[0].after_round
+    with pytest.raises(ValueError, match="rounds should be >= 3 \\* superlink_kills \\+ 3 = 9, got 8"):
+        SoakSpec(tmp_path, rounds=8)
+    with pytest.raises(ValueError, match="nodes should be >= 3"):
+        SoakSpec(tmp_path, nodes=2)
+
+
+@pytest.mark.slow
+def test_a_supernode_with_an_unregistered_key_is_refused(tmp_path: Path) -> None:
+    """With ``--enable-supernode-auth`` only registered keys connect: the other SuperNode exits."""
+    fleet = Fleet(tmp_path)
+    try:
+        fleet.start_superlink()
+        known = fleet.add_device("known", "partition-id=0 num-partitions=1 device='mcu'")
+        stranger = fleet.add_device("stranger", "partition-id=0 num-partitions=1 device='mcu'",
+                                    register=False)  # fmt: skip
+        fleet.start_device(known)
+        fleet.start_device(stranger)
+        deadline = time.monotonic() + 180
+        while stranger.running() or fleet.nodes().get(known.node_id) != "online":
+            assert time.monotonic() < deadline, "neither refused nor online in 180 s"
+            time.sleep(1)
+        assert stranger.procs[0].returncode != 0
+        log = (fleet.logs / "stranger-1.log").read_text()
+        assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log
+        assert set(fleet.nodes()) == {known.node_id}  # the stranger has no node at all
+        assert known.running()
+    finally:
+        assert fleet.stop() == []
+    assert fleet.bound_ports() == []
+
+
+@pytest.mark.slow
+def test_a_reduced_soak_passes_every_check(tmp_path: Path) -> None:
+    spec = SoakSpec(tmp_path / "soak", nodes=5, rounds=6, seed=1, clients_per_round=3,
+                    node_kills=1, superlink_kills=1, timeout_s=900)  # fmt: skip
+    report = run_soak(spec)
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, f"{report['verdict']}\n{failed}"
+    kinds = Counter(f["fault"]["kind"] for f in report["faults"] if "skipped" not in f)
+    assert kinds == {"node-kill": 1, "superlink-kill": 1, "impostor": 1, "unregistered": 1}
+    assert report["verdict"].startswith("soak PASS") and "survived 4" in report["verdict"]
+    assert [r["resume"] for r in report["runs"]] == [False, True]
+    (kill,) = report["group_kills"]
+    assert kill["processes"] >= 2 and kill["left"] == []  # SuperNode, SuperExec (and a ClientApp)
