@@ -23,6 +23,7 @@ from torch import nn
 from fedneq.federation.wire import tensor_table
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, enumerate_neurons
+from sims.benchmarks.soak_fleet import free_port, processes_with_home
 from sims.deploy import TlsFiles
 
 
@@ -216,20 +217,6 @@ def device_table(folder: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _live(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, only not yet reaped
-
-
 class Deployment:
     """A SuperLink and SuperNodes on 127.0.0.1, run as a user would, with their own FLWR_HOME."""
 
@@ -322,17 +309,7 @@ class Deployment:
 
     def processes(self) -> list[int]:
         """Live processes carrying this deployment's FLWR_HOME: what it started, and their children."""
-        marker = f"FLWR_HOME={self.home}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    environ = (entry / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if marker in environ and _live(int(entry.name)):
-                    found.append(int(entry.name))
-        return sorted(found)
+        return processes_with_home(self.home)
 
     def stop(self, grace_s: float = 10.0) -> list[int]:
         """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors.

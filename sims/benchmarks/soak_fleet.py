@@ -30,7 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sims.deploy import make_certificates
 
-__all__ = ["CONNECTION", "Device", "Fleet", "free_port", "group_members", "make_key_pair", "port_bound"]
+__all__ = [
+    "CONNECTION", "Device", "Fleet", "free_port", "group_members", "make_key_pair", "port_bound",
+    "processes_with_home",
+]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -98,26 +101,40 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (0 if gone)."""
+def _kib(path: str, field: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field):
                 return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (0 if gone)."""
+    return _kib(f"/proc/{pid}/status", "VmRSS:")
 
 
 def pss_kib(pid: int) -> int:
     """Proportional set size of ``pid`` in KiB (shared pages split among their users; 0 if gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _kib(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def processes_with_home(home: Path) -> list[int]:
+    """Live processes whose environment holds ``FLWR_HOME=<home>``: what a deployment started,
+    and their descendants, which inherit it even once orphaned."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in environ and _live(int(entry.name)):
+                found.append(int(entry.name))
+    return sorted(found)
 
 
 @dataclass
@@ -276,16 +293,12 @@ class Fleet:
     def kill_device(self, device: Device) -> tuple[int, list[int]]:
         """``kill -9`` of the device's process group: (how many processes it had, those left after 10 s)."""
         members = group_members(device.group)
-        _killpg(device.group, signal.SIGKILL)
-        for proc in device.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+        self.reap(device)
         return len(members), _wait_gone(device.group, 10.0)
 
     def reap(self, device: Device) -> None:
-        """After the SuperNode exited on its own: end the rest of its group (the SuperExec)."""
+        """``kill -9`` of the device's process group (after its SuperNode exited on its own: the
+        SuperExec left), and wait for the processes it started."""
         _killpg(device.group, signal.SIGKILL)
         for proc in device.procs:
             try:
@@ -297,17 +310,7 @@ class Fleet:
 
     def processes(self) -> list[int]:
         """Live processes carrying this fleet's FLWR_HOME: what it started, and their descendants."""
-        marker = f"FLWR_HOME={self.home}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    environ = (entry / "environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if marker in environ and _live(int(entry.name)):
-                    found.append(int(entry.name))
-        return sorted(found)
+        return processes_with_home(self.home)
 
     def memory(self) -> dict[str, int]:
         """KiB now: the RSS and PSS sums over every fleet process, and the largest device's RSS."""
