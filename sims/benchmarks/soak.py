@@ -354,6 +354,8 @@ class Soak:
         pending = list(self.faults)
         round_seen_at = time.monotonic()
         last_memory = 0.0
+        # every SuperNode before `flwr run` (DEPLOY.md): discovery gives up on nodes that come late
+        self.wait_online({d.node_id for d in self.devices()}, f"all {self.spec.nodes} devices")
         self.start_run(resume=False)
         while True:
             if time.monotonic() - self.t0 > self.spec.timeout_s:

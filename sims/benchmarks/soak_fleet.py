@@ -226,7 +226,7 @@ class Fleet:
         self.superlink.wait(timeout=30)
         return _wait_gone(pgid, 10.0)
 
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["flwr", *args], env=self.env, cwd=self.root, capture_output=True, text=True,
             timeout=timeout,
@@ -359,16 +359,19 @@ class Fleet:
 
     def nodes(self) -> dict[int, str]:
         """``{node id: status}`` of every node ``flwr supernode list`` shows (needs the SuperLink up)."""
-        done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
-        try:
+        try:  # on a loaded machine the CLI alone may take minutes: then ask again later
+            done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
             nodes = json.loads(done.stdout[done.stdout.index("{") :])["nodes"]
             return {int(n["node-id"]): n["status"] for n in nodes}
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, subprocess.TimeoutExpired):
             return {}
 
     def status_of_runs(self) -> dict[int, str]:
         """``{run id: status}`` as ``flwr ls`` reports them (needs the SuperLink up)."""
-        done = self.flwr("ls", CONNECTION, "--format", "json")
+        try:
+            done = self.flwr("ls", CONNECTION, "--format", "json")
+        except subprocess.TimeoutExpired:
+            return {}
         if done.returncode != 0 or "{" not in done.stdout:
             return {}
         runs = json.loads(done.stdout[done.stdout.index("{") :]).get("runs", [])
