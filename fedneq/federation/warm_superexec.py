@@ -13,7 +13,10 @@ with several ClientApps importing torch at once. Run the SuperNode with
 It is Flower's own SuperExec loop (``run_superexec``) with one executor
 swapped: the process imports torch and Flower's ClientApp runtime at start,
 and launches each task by ``fork()``: the ClientApp starts at once and shares
-the parent's pages until it writes them. One task runs at a time.
+the parent's pages until it writes them. One task runs at a time: a new task
+ends the ClientApp still running, whose task is then stale (a ClientApp of a
+run the SuperLink lost waits for its message forever, and would otherwise keep
+the device from serving the resumed run).
 
 This file imports only Flower and torch (what the device installs), so it can
 be copied to a device on its own. docs/DEVICE_MEMORY.md has the measurements.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 __all__ = ["ForkExecutor", "main"]
@@ -42,19 +46,31 @@ class ForkExecutor:
 
     def get_eligible_capacity(self, supported_task_types, **_kwargs):
         self.reconcile()
-        # a device runs one ClientApp at a time: take no task while one runs
-        return (set() if self.running is not None else set(supported_task_types)), set()
+        # always take the next task: a new one while a ClientApp still runs means that one is
+        # stale (its run ended, say a SuperLink restart, or the server gave up on its reply),
+        # and launch() ends it first, so one ClientApp at a time still holds
+        return set(supported_task_types), set()
 
     def wait_for_capacity(self, *_args, **_kwargs) -> None:
         if self.running is not None:
             os.waitpid(self.running, 0)
             self.running = None
 
+    def end_running(self) -> None:
+        """SIGKILL the ClientApp still running, if any, and reap it."""
+        self.reconcile()
+        if self.running is not None:
+            try:
+                os.kill(self.running, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait_for_capacity()
+
     def launch(self, spec):
         from flwr.supercore.superexec.executor import LaunchResult
         from flwr.supercore.tls import validate_and_resolve_root_certificates
 
-        self.wait_for_capacity()
+        self.end_running()  # a stale one (see get_eligible_capacity)
         pid = os.fork()
         if pid == 0:  # the ClientApp: Flower's own entry point, in this already warm process
             code = 0
