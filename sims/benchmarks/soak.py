@@ -53,6 +53,7 @@ __all__ = ["Fault", "SoakSpec", "main", "plan_faults", "run_soak"]
 
 DEVICE_CLASSES = ("mcu", "pi-zero", "pi-4")  # the default fleet's small classes, in turn
 RESTART_SEC = 10.0  # the unit's RestartSec: a SuperNode that exited is started again after it
+REFUSAL_WAIT_S = 300.0  # after the run, the unregistered SuperNode's exit is waited for this long
 MID_TRAINING_WAIT_S = 120.0  # a mid-training kill waits this long at most for the ClientApp to start
 
 
@@ -116,8 +117,8 @@ def plan_faults(spec: SoakSpec, config: Config) -> list[Fault]:
 
     SuperLink kills fall in the middle half of the run, at least 3 rounds
     apart; node kills avoid the rounds next to them (a resume waits for every
-    device). The first node kill's device is the impostor's target, and the
-    impostor starts before it. Half the node kills (rounded up) hit a device
+    device). The impostor (claiming the first killed device's partition) and
+    the unregistered SuperNode start before the run. Half the node kills (rounded up) hit a device
     sampled in the round in flight, 1-4 s into it.
     """
     rng = random.Random(spec.seed)
@@ -141,11 +142,11 @@ def plan_faults(spec: SoakSpec, config: Config) -> list[Fault]:
             "node-kill", r, rng.uniform(1.0, 4.0), target=rng.choice(pool), mid_training=mid,
             restart_after_s=rng.uniform(5.0, 45.0),
         ))  # fmt: skip
-    first_kill = kill_rounds[0]
     target = next(f.target for f in faults if f.kind == "node-kill")
-    faults.append(Fault("impostor", max(0, first_kill - 1), rng.uniform(0.0, 2.0), target=target))
-    faults.append(Fault("unregistered", rng.randint(0, rounds // 2), rng.uniform(0.0, 2.0),
-                        target=rng.randrange(spec.nodes)))  # fmt: skip
+    # both before the run: a SuperNode may take minutes to come up on a loaded machine, longer
+    # than the run's rounds; the impostor is then refused at discovery and at every rediscovery
+    faults.append(Fault("impostor", 0, 0.0, target=target))
+    faults.append(Fault("unregistered", 0, 0.0, target=rng.randrange(spec.nodes)))
     return sorted(faults, key=lambda f: (f.after_round, f.delay_s))
 
 
@@ -354,6 +355,8 @@ class Soak:
         pending = list(self.faults)
         round_seen_at = time.monotonic()
         last_memory = 0.0
+        while pending and pending[0].after_round == 0:
+            self.fire(pending.pop(0))
         # every SuperNode before `flwr run` (DEPLOY.md): discovery gives up on nodes that come late
         self.wait_online({d.node_id for d in self.devices()}, f"all {self.spec.nodes} devices")
         self.start_run(resume=False)
@@ -389,6 +392,10 @@ class Soak:
                 if pending:
                     raise RuntimeError(f"the run ended with {len(pending)} faults still to fire: {run}")
                 self.say(f"flwr run ended (exit {run['exit']}, run id {run['run_id']})")
+                deadline = time.monotonic() + REFUSAL_WAIT_S
+                while self.refused_exit is None and time.monotonic() < deadline:
+                    self.supervise()  # the refused SuperNode gives up after its retries
+                    time.sleep(1.0)
                 return
             time.sleep(0.5)
 
