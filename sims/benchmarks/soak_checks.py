@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -19,8 +19,7 @@ from fedneq.training.loop import evaluate
 from sims.server.exchange import sample_partitions
 from sims.server.results import read_csv
 
-if TYPE_CHECKING:
-    from sims.benchmarks.soak import Soak
+Soak = Any  # a sims.benchmarks.soak.Soak (not imported: that module imports this one)
 
 __all__ = ["check_soak"]
 
