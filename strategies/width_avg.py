@@ -20,14 +20,38 @@ nobody trained keeps its global value (HeteroFL's rule; with every client at
 These strategies need the client's cooperation: :meth:`WidthAvg.train_config`
 puts :data:`~fedneq.federation.protocol.WIDTH_KEY` in the training config, and the client then trains
 its sub-model (:mod:`fedneq.federation.width_client`) instead of a neuron mask.
+Options (``[strategy] options``), each off by default (the results of
+before):
+
+* ``static_bn`` (all three): HeteroFL's static BatchNorm. Clients train with
+  batch statistics and send no running statistic
+  (:class:`~fedneq.federation.width_client.WidthOptions`); before the server
+  evaluates a model it computes its statistics by a query pass over
+  ``query_examples`` seeded examples of the training pool (0: all of it, as
+  HeteroFL's code), for the global model and for every width's sub-model
+  (:func:`fedneq.training.static_bn.query_statistics`). Off: BatchNorm
+  follows ``[train] bn_stats`` (frozen by default).
+* ``roll_step`` (``fedrolex``): the window starts at
+  ``roll_step * (round - 1)``; 1 by default, -1 is FedRolex's code exactly
+  (``torch.roll(arange(C), round - 1)[:k]``), the mirror image of 1.
+* ``capacity_accuracy`` (all three, **on** by default): the server also
+  scores each fleet width's own sub-model of the global model every round
+  (rounds.csv gains ``accuracy_w<width>`` columns, clients.csv's
+  ``submodel_accuracy`` the sub-model of each client's width); ``false``
+  writes the tables of before.
+
 Differences from the papers: the server averages weighted by examples
-(HeteroFL counts clients); BatchNorm follows ``[train] bn_stats`` (frozen by
-default) rather than HeteroFL's static BatchNorm; HeteroFL's label split of
-the classifier is an option (``label_split = true``:
-:mod:`strategies.label_split`, each head row averaged over the clients
-holding its label), its local masked cross-entropy is not (the default
-balanced-softmax loss likewise leaves a client's absent labels out); the
-global model is evaluated at full width.
+(HeteroFL counts clients); HeteroFL's label split of the classifier is an
+option (``label_split = true``: :mod:`strategies.label_split`, each head row
+averaged over the clients holding its label), its local masked cross-entropy
+is not (the default balanced-softmax loss likewise leaves a client's absent
+labels out); HeteroFL's scaler (outputs divided by the width in training) is
+left out (before a BatchNorm, which every scaled layer of its models is, it
+cancels); FjORD's self-distillation is not implemented (the authors' own
+Flower baseline runs without it by default) and FjORD's per-width running
+statistics are approximated by ``static_bn``'s query pass per width;
+FedRolex's ``overlap`` ablation (a window over a shuffled order) is not
+implemented.
 """
 
 from __future__ import annotations
@@ -38,7 +62,8 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecordValues
 
-from fedneq.federation.protocol import WIDTH_KEY
+from fedneq.federation.protocol import WIDTH_KEY, WIDTH_OPTIONS_KEY
+from fedneq.federation.width_client import WidthOptions
 from fedneq.federation.wire import SparseUpdate, element_mask
 from fedneq.neurons import NeuronMap
 
@@ -96,8 +121,19 @@ class WidthAvg(SparseStrategy):
     """Element-wise average of width sub-model replies (:func:`element_average`).
 
     Subclasses set :attr:`method`, the client-side training it asks for.
-    Parameters are those of :class:`~strategies.base.SparseStrategy`, except
-    that ``max_update_ratio`` defaults to :data:`WIDTH_UPDATE_RATIO`: sub-models
+
+    Parameters
+    ----------
+    static_bn : bool (default: False)
+        HeteroFL's static BatchNorm (module notes).
+    query_examples : int (default: 0)
+        With ``static_bn``: examples of the training pool in the server's
+        query pass, a seeded subset; 0: the whole pool.
+    capacity_accuracy : bool (default: True)
+        Score every fleet width's sub-model each round (module notes).
+    **kwargs
+        Those of :class:`~strategies.base.SparseStrategy`, except
+        that ``max_update_ratio`` defaults to :data:`WIDTH_UPDATE_RATIO`: sub-models
     of different widths move their weights by amounts far apart (on the
     default run the full-width phones' RMS change was 11-18 times the median
     of a round with mostly width-0.08 and 0.2 clients, which the velocity
@@ -116,17 +152,35 @@ class WidthAvg(SparseStrategy):
         neuron_map: NeuronMap,
         table: Sequence[str],
         *,
+        static_bn: bool = False,
+        query_examples: int = 0,
+        capacity_accuracy: bool = True,
         max_update_ratio: float | None = WIDTH_UPDATE_RATIO,
+        roll_step: int = 1,
         label_split: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(label_split, bool):
             raise ValueError(f"label_split must be true or false, got {label_split!r}")
         self.label_split = label_split
+        for name, value in (("static_bn", static_bn), ("capacity_accuracy", capacity_accuracy)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} should be true or false, got {value!r}")
+        if isinstance(query_examples, bool) or not isinstance(query_examples, int) or query_examples < 0:
+            raise ValueError(f"query_examples should be an int >= 0 (0: all), got {query_examples!r}")
+        if roll_step != 1 and self.method != "fedrolex":
+            raise ValueError(f"roll_step is an option of fedrolex only, got roll_step={roll_step!r} "
+                             f"for {self.method}")  # fmt: skip
         super().__init__(neuron_map, table, max_update_ratio=max_update_ratio, **kwargs)
+        self.options = WidthOptions(static_bn=static_bn, roll_step=roll_step)  # validates
+        self.query_examples = query_examples
+        self.capacity_accuracy = capacity_accuracy
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
-        return {WIDTH_KEY: self.method}
+        config: dict[str, ConfigRecordValues] = {WIDTH_KEY: self.method}
+        if self.options != WidthOptions():  # the defaults travel as no key (messages of before)
+            config[WIDTH_OPTIONS_KEY] = self.options.to_json()
+        return config
 
     def aggregate(
         self,
@@ -165,6 +219,6 @@ class FjORD(WidthAvg):
 
 @register_strategy("fedrolex")
 class FedRolex(WidthAvg):
-    """FedRolex: a rolling window of channels, one step per round (module notes)."""
+    """FedRolex: a rolling window of channels, ``roll_step`` channels a round (module notes)."""
 
     method = "fedrolex"

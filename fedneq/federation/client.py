@@ -52,7 +52,7 @@ from fedneq.federation.state_store import (
     save_client_state,
 )
 from fedneq.federation.timing import round_flops, round_time_metrics
-from fedneq.federation.width_client import width_round
+from fedneq.federation.width_client import WidthOptions, width_round
 from fedneq.federation.wire import ModelLayout, encode, tensor_table
 from fedneq.neurons import NeuronMap
 from fedneq.selection import MemoryMeter, get_selector, memory_bound, resolve_memory_limit
@@ -202,6 +202,7 @@ def client_round(
     local: PartitionFile | None = None,
     width: str = "",
     element: str = "",
+    width_options: str = "",
 ) -> ClientReply:
     """Run one client's local training round and build its sparse reply.
 
@@ -213,6 +214,8 @@ def client_round(
     neuron mask (:func:`fedneq.federation.width_client.width_round`); ``element``
     (an element-wise strategy's ``"element-method"``: ``fiarse``) trains the
     magnitude top-K elements (:func:`fedneq.federation.element_client.element_round`).
+    ``width_options``: the strategy's
+    :class:`~fedneq.federation.width_client.WidthOptions` as JSON ("" : the defaults).
 
     Raises
     ------
@@ -236,11 +239,12 @@ def client_round(
         device = devices[partition_id] if in_range else config.device(partition_id)  # raises
     data = local.data if local is not None else client_data(config, partition_id)
     if width or element:
+        extra = {"options": WidthOptions.from_json(width_options)} if width else {}
         submodel_round = width_round if width else element_round
         arrays, metrics = submodel_round(
             config, model, neuron_map, rt.table, rt.num_params, rt.cost_profile,
             method=width or element, device=device, data=data, partition_id=partition_id,
-            server_round=server_round, attempt=attempt, global_state=global_state,
+            server_round=server_round, attempt=attempt, global_state=global_state, **extra,
         )  # fmt: skip
         if faults.crash:
             raise InjectedFault(

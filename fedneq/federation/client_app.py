@@ -67,6 +67,7 @@ from fedneq.federation.protocol import (
     STATE_DIR_KEY,
     STATE_RUN_KEY,
     WIDTH_KEY,
+    WIDTH_OPTIONS_KEY,
 )
 from fedneq.federation.wire import to_array_record, unpack_model
 
@@ -297,6 +298,7 @@ def train(msg: Message, context: Context) -> Message:
         local=local,
         width=str(server_config.get(WIDTH_KEY, "")),
         element=str(server_config.get(ELEMENT_KEY, "")),
+        width_options=str(server_config.get(WIDTH_OPTIONS_KEY, "")),
     )
     content = RecordDict(
         {

@@ -28,6 +28,7 @@ __all__ = [
     "STATE_RUN_KEY",
     "WIDTH_KEY",
     "WIDTH_METHODS",
+    "WIDTH_OPTIONS_KEY",
 ]
 
 # records of a message (Flower's FedAvg names for the first two)
@@ -42,6 +43,7 @@ ATTEMPT_KEY = "attempt"  # the server's try at this round, 0 first (seeds fault 
 STATE_DIR_KEY = "client-state-dir"  # where to keep velocity state across a server restart
 FULL_BUDGET_KEY = "full-budget"  # True: train every parameter, whatever the device's budget
 WIDTH_KEY = "width-method"  # a width strategy's sub-model rule, one of WIDTH_METHODS
+WIDTH_OPTIONS_KEY = "width-options"  # JSON of its WidthOptions (absent: the defaults)
 ELEMENT_KEY = "element-method"  # an element-wise strategy's sub-model rule, one of ELEMENT_METHODS
 
 # a training reply: its metrics the server checks, and its INFO_RECORD

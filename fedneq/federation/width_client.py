@@ -13,7 +13,9 @@ hands the round to :func:`width_round` instead of selecting neurons:
    them; the limit resolved from ``memory_limit_bytes`` or
    ``memory_fraction`` as for a mask client, against the *full* model);
 2. the channel plan: the first ``ceil(p * C)`` channels (``heterofl``,
-   ``fjord``) or a window starting at ``round - 1`` (``fedrolex``);
+   ``fjord``) or a window starting at ``step * (round - 1)`` (``fedrolex``;
+   ``step`` is :attr:`WidthOptions.roll_step`, 1 by default; FedRolex's code
+   rolls by ``-1``, the mirror image);
 3. extract the real sub-model and train all of it with the one training loop
    (``train_masked``, a full mask); ``fjord`` samples a width per batch from
    FjORD's levels 0.2, 0.4, ..., 1.0 up to ``p`` (and ``p`` itself), and zeroes
@@ -21,7 +23,15 @@ hands the round to :func:`width_round` instead of selecting neurons:
    FLOPs and memory are those of width ``p``);
 4. reply with the sub-model's parameters as element blocks of the full model
    (:func:`~fedneq.federation.wire.encode_blocks`; BatchNorm running
-   statistics too unless ``[train] bn_stats = "frozen"``).
+   statistics too unless ``[train] bn_stats = "frozen"`` or static BatchNorm).
+
+:class:`WidthOptions` (sent by the strategy under
+:data:`~fedneq.federation.protocol.WIDTH_OPTIONS_KEY`) switches HeteroFL's
+static BatchNorm on (``static_bn``: every BatchNorm of the sub-model trains
+with batch statistics and tracks none, :func:`~fedneq.training.static_bn.untrack_statistics`;
+no running statistic is sent; the server computes them by a query pass before
+it evaluates, :func:`~fedneq.training.static_bn.query_statistics`) and sets
+FedRolex's step (``roll_step``).
 
 Metrics as a velocity client's (the cost model's FLOPs and memory estimate of
 the sub-model, simulated time, ``memory-limit-bytes`` and ``memory-bound``:
@@ -35,8 +45,10 @@ activations autograd saved) — measured on the tensors, not an allocator's peak
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -54,6 +66,7 @@ from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.selection import MemoryMeter, resolve_memory_limit
 from fedneq.task import ClientData, derive_seed, generator
 from fedneq.training.loop import train_masked
+from fedneq.training.static_bn import untrack_statistics
 from fedneq.training.submodel import (
     ChannelMask,
     ChannelPlan,
@@ -66,11 +79,51 @@ from fedneq.training.submodel import (
 )
 
 __all__ = [
-    "FJORD_LEVELS", "device_width", "fjord_levels",
-    "submodel_memory_bytes", "width_plan", "width_round",
+    "FJORD_LEVELS", "DeviceWidth", "WidthOptions", "device_width", "fjord_levels", "fleet_width",
+    "ordered_dropout", "submodel_memory_bytes", "width_plan", "width_round",
 ]  # fmt: skip
 
 FJORD_LEVELS = (0.2, 0.4, 0.6, 0.8, 1.0)  # FjORD's uniform width levels
+
+
+@dataclass(frozen=True)
+class WidthOptions:
+    """How a width client trains beyond its method (module notes); defaults: as before.
+
+    Parameters
+    ----------
+    static_bn : bool (default: False)
+        HeteroFL's static BatchNorm: train with batch statistics, track and
+        send no running statistic (the server's query pass computes them).
+    roll_step : int (default: 1)
+        FedRolex: the window starts at ``roll_step * (round - 1)`` (mod each
+        layer's width). 1: forward one channel a round; -1: FedRolex's code
+        (``torch.roll(arange(C), round - 1)[:k]``); 0: no rolling (HeteroFL's
+        prefix). Ignored by the other methods.
+    """
+
+    static_bn: bool = False
+    roll_step: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.static_bn, bool):
+            raise ValueError(f"static_bn should be true or false, got {self.static_bn!r}")
+        if isinstance(self.roll_step, bool) or not isinstance(self.roll_step, int):
+            raise ValueError(f"roll_step should be an integer, got {self.roll_step!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WidthOptions:
+        """The options a training config carries ("" or absent: the defaults)."""
+        if not text:
+            return cls()
+        raw = json.loads(text)
+        known = {"static_bn", "roll_step"}
+        if not isinstance(raw, dict) or set(raw) - known:
+            raise ValueError(f"width options should be a JSON object with keys {sorted(known)}, got {text!r}")
+        return cls(**raw)
 
 
 def submodel_memory_bytes(
@@ -125,12 +178,47 @@ def device_width(
 
 
 def width_plan(model: nn.Module, method: str, width: float, server_round: int,
-               head: str | None = None) -> ChannelPlan:  # fmt: skip
+               head: str | None = None, roll_step: int = 1) -> ChannelPlan:  # fmt: skip
     """The channel plan of a width-``width`` device at ``server_round`` (module notes)."""
     if method not in WIDTH_METHODS:
         raise ValueError(f"width method should be one of {WIDTH_METHODS}, got {method!r}")
-    shift = server_round - 1 if method == "fedrolex" else 0
+    shift = roll_step * (server_round - 1) if method == "fedrolex" else 0
     return plan_channels(model, width, shift, head=head)
+
+
+@dataclass(frozen=True)
+class DeviceWidth:
+    """A device's width sub-model and the limits that set it (:func:`fleet_width`)."""
+
+    width: float
+    memory_bound: bool  # the memory limit, not the budget, set the width
+    budget: int  # selectable parameters
+    limit: int | None  # training memory in bytes; None: no limit
+
+
+def fleet_width(
+    config: Config, model: nn.Module, neuron_map: NeuronMap, full_profile: CostProfile,
+    device: DeviceProfile, image_shape: tuple[int, ...], *, statistics: bool,
+) -> DeviceWidth:  # fmt: skip
+    """The width ``device`` trains at (module notes, step 1); the server asks it too.
+
+    ``statistics``: the sub-model trains and sends its BatchNorm statistics
+    (they cost memory).
+    """
+    head = model_head(config.model.name)
+    always = (head,) if config.model.head == "always" else ()
+    optimizer = config.train.optimizer_config().cost_name
+    budget = max(1, device.budget_params(neuron_map.selectable_params))
+    meter = MemoryMeter(
+        full_profile, model, batch_size=device.batch_size, optimizer=optimizer, dense_grads=True
+    )
+    limit = resolve_memory_limit(meter, device.memory_limit_bytes, device.memory_fraction)
+    memory = functools.partial(
+        _memory_at, model, image_shape=image_shape, batch_size=device.batch_size,
+        optimizer=optimizer, head=head, always_trained=always, statistics=statistics,
+    )  # fmt: skip
+    width, memory_bound = device_width(width_for_budget(model, neuron_map, budget), limit, memory)
+    return DeviceWidth(width, memory_bound, int(budget), limit)
 
 
 def fjord_levels(width: float) -> tuple[float, ...]:
@@ -139,11 +227,18 @@ def fjord_levels(width: float) -> tuple[float, ...]:
 
 
 @contextmanager
-def _ordered_dropout(
+def ordered_dropout(
     sub: nn.Module, full: nn.Module, plan: ChannelPlan, levels: tuple[float, ...], gen: torch.Generator,
     head: str | None,
 ) -> Iterator[list[float]]:  # fmt: skip
-    """FjORD: before every training forward, sample a level and zero the channels above it."""
+    """FjORD: before every training forward, sample a level and zero the channels above it.
+
+    ``sub`` is the device's sub-model (plan ``plan`` of ``full``); each
+    forward with gradients on draws one of ``levels`` uniformly from ``gen``
+    (FjORD's uniform distribution over the widths the device can run, one
+    draw per local batch) and keeps the channels of that width's nested plan.
+    Yields the list of the levels drawn, in order.
+    """
     keeps = [nested_keep(plan, plan_channels(full, q, head=head)) for q in levels]
     drawn: list[float] = []
     with ChannelMask(sub, keeps[-1]) as mask:
@@ -176,6 +271,7 @@ def width_round(
     server_round: int,
     attempt: int,
     global_state: dict[str, torch.Tensor],
+    options: WidthOptions = WidthOptions(),
 ) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
     """Train the device's width sub-model; ``(wire arrays, metrics)`` (module notes).
 
@@ -183,26 +279,25 @@ def width_round(
     """
     head = model_head(config.model.name)
     always = (head,) if config.model.head == "always" else ()
-    statistics = config.train.bn_stats != "frozen"
+    statistics = config.train.bn_stats != "frozen" and not options.static_bn
     shape = tuple(data.train.x.shape[1:])
     optimizer = config.train.optimizer_config().cost_name
-    budget = max(1, device.budget_params(neuron_map.selectable_params))
-    meter = MemoryMeter(
-        full_profile, model, batch_size=device.batch_size, optimizer=optimizer, dense_grads=True
+    fitted = fleet_width(
+        config, model, neuron_map, full_profile, device, shape, statistics=statistics
     )
-    limit = resolve_memory_limit(meter, device.memory_limit_bytes, device.memory_fraction)
-    memory = functools.partial(
-        _memory_at, model, image_shape=shape, batch_size=device.batch_size,
-        optimizer=optimizer, head=head, always_trained=always, statistics=statistics,
-    )  # fmt: skip
-    width, memory_bound = device_width(width_for_budget(model, neuron_map, budget), limit, memory)
-    plan = width_plan(model, method, width, server_round, head=head)
+    budget, limit, memory_bound = fitted.budget, fitted.limit, fitted.memory_bound
+    plan = width_plan(model, method, fitted.width, server_round, head=head,
+                      roll_step=options.roll_step)  # fmt: skip
     sub = extract_submodel(model, plan)
+    bn_stats = config.train.bn_stats
+    if options.static_bn:  # batch statistics in training, none tracked
+        untrack_statistics(sub)
+        bn_stats = "selected"  # BatchNorm in training mode; no statistic is in the neuron map
     sub_map = enumerate_neurons(sub, always_trained=always, statistics=statistics)
     profile = profile_model(sub, sub_map, shape)
     gen = generator(config.run.seed, partition_id, server_round)
     dropout = (
-        _ordered_dropout(sub, model, plan, fjord_levels(plan.width),
+        ordered_dropout(sub, model, plan, fjord_levels(plan.width),
                          generator(config.run.seed, partition_id, server_round, 17), head)
         if method == "fjord" else nullcontext([])
     )  # fmt: skip
@@ -225,7 +320,7 @@ def width_round(
                 cost_profile=profile,
                 backward=config.train.backward,
                 grad_filter=config.train.grad_filter(device.grad_filter_r),
-                bn_stats=config.train.bn_stats,
+                bn_stats=bn_stats,
                 loss=config.train.loss,
                 measure_memory=True,
             )

@@ -163,7 +163,14 @@ def _filters(config: Mapping[str, Any]) -> bool:
 class Recorder:
     """Collects a run's rows and appends each round's to its tables (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        config: Mapping[str, Any],
+        extra_columns: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        """``extra_columns``: ``{table: columns}`` appended to a table's own (e.g. a width
+        method's per-capacity accuracy, :mod:`sims.server.capacity`)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
@@ -174,6 +181,10 @@ class Recorder:
             "timing.csv": TIMING_COLUMNS,
             "coverage.csv": COVERAGE_COLUMNS,
         }
+        for table, columns in (extra_columns or {}).items():
+            if table not in self.columns:
+                raise ValueError(f"extra_columns names table {table!r}; known: {sorted(self.columns)}")
+            self.columns[table] = (*self.columns[table], *columns)
         self.rounds: list[dict[str, Any]] = []  # every round's row, for the run's summary
         self._pending: dict[str, list[dict[str, Any]]] = {name: [] for name in self.columns}
         self._started: set[str] = set()  # tables whose file this run has written

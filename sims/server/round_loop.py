@@ -67,7 +67,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ from flwr.serverapp import Grid
 from fedneq.config import Config
 from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.wire import model_nbytes, unpack_model
-from fedneq.training.loop import evaluate
+from sims.server.capacity import SUBMODEL_COLUMN, capacity_column
 from sims.server.checkpoint import save_run_checkpoint
 from sims.server.device_table import DeviceTable
 from sims.server.discovery import Nodes, discover_nodes, rediscover_nodes
@@ -127,6 +127,7 @@ class RoundOutcome:
     seconds: float  # the round's simulated duration
     # per parameter tensor, how many aggregated replies trained it (committed rounds; else empty)
     coverage: tuple[TensorCoverage, ...] = ()
+    capacity: dict[float, float] = field(default_factory=dict)  # width -> its sub-model's accuracy
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
@@ -157,7 +158,7 @@ def _aggregate(run: RunState, server_round: int, replies: list[Message], skipped
     if new_arrays is None:
         return _Aggregate(run.arrays, False, "no reply accepted", rejected_nodes, None)
     run.model.load_state_dict(unpack_model(new_arrays))
-    loss, acc = evaluate(run.model, run.task.test)
+    loss, acc = run.evaluate_global()
     if math.isfinite(loss):
         return _Aggregate(new_arrays, True, "", rejected_nodes, (loss, acc))
     # the previous global model and strategy state stay
@@ -213,15 +214,29 @@ def play_round(grid: Grid, run: RunState, nodes: Nodes, server_round: int) -> Ro
     seconds = round_seconds(rows, deadline)
     if agg.evaluation is None:  # the evaluation of the global model that stays
         run.model.load_state_dict(unpack_model(agg.arrays))
-        loss, acc = evaluate(run.model, run.task.test)
+        loss, acc = run.evaluate_global()
     else:
         loss, acc = agg.evaluation
+    capacity = _capacity_accuracy(run, server_round, rows)
     return RoundOutcome(
         round=server_round, sampled=sampled, client_rows=rows, rejected=len(rejected),
         dropped=len(split.dropped), skipped=skipped, committed=agg.committed, note=agg.note,
-        arrays=agg.arrays, accuracy=acc, loss=loss, seconds=seconds,
+        arrays=agg.arrays, accuracy=acc, loss=loss, seconds=seconds, capacity=capacity,
         coverage=strategy.last_coverage if agg.committed else (),
     )  # fmt: skip
+
+
+def _capacity_accuracy(run: RunState, server_round: int, rows: list[dict[str, Any]]) -> dict[float, float]:
+    """A width method's ``{width: sub-model accuracy}`` of the global model after the round
+    (:mod:`sims.server.capacity`); each ``ok`` row gets its width's in ``submodel_accuracy``."""
+    if run.width_eval is None or not run.width_eval.widths:
+        return {}
+    widths = {float(r["width"]) for r in rows if r["status"] == "ok" and r.get("width") != ""}
+    capacity = run.width_eval.width_accuracy(run.model, run.task.test, server_round, widths)
+    for r in rows:
+        if r["status"] == "ok" and r.get("width") != "":
+            r[SUBMODEL_COLUMN] = capacity[float(r["width"])]
+    return {w: capacity[w] for w in run.width_eval.widths}
 
 
 def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
@@ -254,6 +269,7 @@ def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
         "round_time_s": outcome.seconds,
         "cum_time_s": repr(run.cum_time),  # exact: a resumed run continues from it
     }
+    row |= {capacity_column(w): acc for w, acc in outcome.capacity.items()}
     run.recorder.add("clients.csv", rows)
     run.recorder.add("device_classes.csv", class_rows(rnd, accepted))
     run.recorder.add("rounds.csv", [row])

@@ -27,6 +27,7 @@ from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.wire import pack_model, tensor_table
 from fedneq.task import Task, build_model, check_partitions, load_task
 from fedneq.training.loop import evaluate
+from sims.server.capacity import SUBMODEL_COLUMN, WidthEvaluator, width_evaluator
 from sims.server.checkpoint import load_run_checkpoint
 from sims.server.device_table import DeviceTable
 from sims.server.initial import initial_state
@@ -67,6 +68,14 @@ class RunState:
     first_round: int  # 1, or the round after the checkpoint resumed from
     cum_up: float  # bytes uploaded by accepted clients so far
     cum_time: float  # simulated seconds so far
+    # a width method's scoring (static BatchNorm, per-capacity accuracy); None: plain evaluate
+    width_eval: WidthEvaluator | None = None
+
+    def evaluate_global(self) -> tuple[float, float]:
+        """``(loss, accuracy)`` of :attr:`model` on the test set, as the method scores it."""
+        if self.width_eval is None:
+            return evaluate(self.model, self.task.test)
+        return self.width_eval.evaluate(self.model, self.task.test)
 
 
 def start_run(
@@ -95,7 +104,11 @@ def start_run(
     strategy = build_strategy(config, neuron_map, state)
     set_run_inputs(strategy, config, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
-    recorder = Recorder(out_dir, config.to_dict())
+    width_eval = width_evaluator(config, strategy, task, model, neuron_map, knowledge.profiles)
+    extra = {}
+    if width_eval is not None and width_eval.widths:
+        extra = {"rounds.csv": width_eval.columns, "clients.csv": (SUBMODEL_COLUMN,)}
+    recorder = Recorder(out_dir, config.to_dict(), extra)
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
     state_dir = (out_dir / "client_state").resolve()
     arrays = pack_model(state)
@@ -119,7 +132,7 @@ def start_run(
             log.warning("no checkpoint in %s: starting from round 1", out_dir)
         for stale in (state_dir, out_dir / "checkpoint"):  # nothing left from an earlier run here
             shutil.rmtree(stale, ignore_errors=True)
-        loss0, acc0 = evaluate(model, task.test)
+        loss0, acc0 = (evaluate if width_eval is None else width_eval.evaluate)(model, task.test)
         write_initial(out_dir, acc0, loss0)  # the plots' round-0 point
     state_dir.mkdir(parents=True, exist_ok=True)
     last = recorder.rounds[-1] if recorder.rounds else None
@@ -136,4 +149,5 @@ def start_run(
         first_round=first_round,
         cum_up=float(last["cum_bytes_up"]) if last else 0.0,
         cum_time=float(last.get("cum_time_s") or 0.0) if last else 0.0,
+        width_eval=width_eval,
     )
