@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from sims.cli import (
 )
 from sims.run import check_runnable, simulate_many
 from sims.server import RunSpec, load_cli_config
+from sims.server.capacity import capacity_column
 from sims.server.results import atomic_write_text, csv_text, plot_runs, read_csv
 from strategies import list_strategies
 
@@ -167,7 +168,11 @@ def compare(
         )
     table = [summarize(m, read_csv(out_dir / m / "rounds.csv")) for m in methods]
     atomic_write_text(out_dir / "comparison.csv", csv_text(COLUMNS, table))
-    costs = [row for m in methods for row in device_costs(m, read_csv(out_dir / m / "clients.csv"))]
+    costs = [
+        row for m in methods
+        for row in device_costs(m, read_csv(out_dir / m / "clients.csv"),
+                                read_csv(out_dir / m / "rounds.csv")[-1])
+    ]  # fmt: skip
     atomic_write_text(out_dir / "device_costs.csv", csv_text(COST_COLUMNS, costs))
     plot_runs({label(m, configs[m]): out_dir / m / "rounds.csv" for m in methods}, out_dir)
     print(format_table(table), flush=True)
@@ -177,14 +182,23 @@ def compare(
 
 COST_COLUMNS = (
     "method", "device", "replies", "width", "trained_params", "train_mflops", "upload_kb",
-    "memory_estimate_kb", "measured_memory_kb", "memory_bound",
+    "memory_estimate_kb", "measured_memory_kb", "memory_bound", "own_accuracy",
 )  # fmt: skip
 
 
-def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+def device_costs(
+    method: str, rows: Sequence[dict[str, str]], final: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Per device class, the accepted replies' mean trained parameters, training MFLOPs of a
     round, upload, largest memory estimate and measured memory, and the share of replies whose
-    memory limit (not the parameter budget) bound the selection, from clients.csv."""
+    memory limit (not the parameter budget) bound the selection, from clients.csv.
+
+    ``own_accuracy``: the test accuracy of the model a device of the class runs after the
+    last round, from ``final`` (the last rounds.csv row): a width method's sub-model at the
+    class's width (its ``accuracy_w<width>`` column, :mod:`sims.server.capacity`), for
+    every other method the global model, which each device runs whole; NaN without
+    ``final`` or a width run scored without ``capacity_accuracy``.
+    """
     groups: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         if r["status"] == "ok":
@@ -198,11 +212,22 @@ def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, 
         values = [float(r[key]) for r in g if r.get(key, "") != ""]
         return max(values) / 1e3 if values else float("nan")
 
+    def own(g: Sequence[dict[str, str]]) -> float:
+        if final is None:
+            return float("nan")
+        widths = {r["width"] for r in g if r.get("width", "") != ""}
+        if not widths:  # not a width method: the device runs the global model
+            return _float(final.get("accuracy"))
+        if len(widths) > 1:  # a class whose devices differ (a per-device table)
+            return float("nan")
+        return _float(final.get(capacity_column(float(widths.pop()))))
+
     return [
         {"method": method, "device": device, "replies": len(g), "width": mean(g, "width"),
          "trained_params": mean(g, "trainable_params"), "train_mflops": mean(g, "train_flops", 1e6),
          "upload_kb": mean(g, "upload_bytes", 1e3), "memory_estimate_kb": most(g, "memory_estimate_bytes"),
-         "measured_memory_kb": most(g, "memory_measured_bytes"), "memory_bound": mean(g, "memory_bound")}
+         "measured_memory_kb": most(g, "memory_measured_bytes"), "memory_bound": mean(g, "memory_bound"),
+         "own_accuracy": own(g)}
         for device, g in sorted(groups.items())
     ]  # fmt: skip
 
@@ -210,7 +235,7 @@ def device_costs(method: str, rows: Sequence[dict[str, str]]) -> list[dict[str, 
 def format_costs(costs: Sequence[dict[str, Any]]) -> str:
     """The per-device-class cost table (what each method asks of each device)."""
     head = (f"{'method':<28} {'device':<10} {'width':>5} {'params':>8} {'MFLOPs':>9} {'up kB':>8} "
-            f"{'mem est kB':>10} {'mem meas kB':>11} {'mem-bound %':>11}")  # fmt: skip
+            f"{'mem est kB':>10} {'mem meas kB':>11} {'mem-bound %':>11} {'own acc %':>9}")  # fmt: skip
     lines = ["", "per device class (means over accepted replies; memory: the largest)", head, "-" * len(head)]
 
     def num(value: float, fmt: str) -> str:
@@ -221,7 +246,8 @@ def format_costs(costs: Sequence[dict[str, Any]]) -> str:
             f"{r['method']:<28} {r['device']:<10} {num(r['width'], '.3f'):>5} "
             f"{num(r['trained_params'], '.0f'):>8} {num(r['train_mflops'], '.1f'):>9} "
             f"{num(r['upload_kb'], '.1f'):>8} {num(r['memory_estimate_kb'], '.0f'):>10} "
-            f"{num(r['measured_memory_kb'], '.0f'):>11} {num(100 * r['memory_bound'], '.0f'):>11}"
+            f"{num(r['measured_memory_kb'], '.0f'):>11} {num(100 * r['memory_bound'], '.0f'):>11} "
+            f"{num(100 * r['own_accuracy'], '.1f'):>9}"
         )
     return "\n".join(lines)
 

@@ -23,12 +23,22 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
   same methods except SU-3/5 and ``velocity-per-param``, plus the width
   sub-models ``heterofl``, ``fjord`` and ``fedrolex`` (each device trains
   the widest sub-model that fits both its parameter budget and the memory
-  limit, :func:`fedneq.federation.width_client.device_width`), federated
-  (``sims.compare``, one engine per level, seed and group: the dynamic
-  masks, each SU scheme, the width sub-models). Replies are clipped as in
-  :mod:`sims.paper` (:func:`sims.paper.plan.strategy_options`: at the plan's
-  ``clip_update_ratio`` times the round's median change, the width
+  limit, :func:`fedneq.federation.width_client.device_width`) and
+  ``fiarse`` (magnitude top-K elements within the budget and the limit),
+  federated (``sims.compare``, one engine per level, seed and group: the
+  dynamic masks, each SU scheme, the width sub-models, FIARSE). Replies are
+  clipped as in :mod:`sims.paper` (:func:`sims.paper.plan.strategy_options`:
+  at the plan's ``clip_update_ratio`` times the round's median change, the
   sub-models' not).
+
+Accuracy is the global model's (``accuracy``) and, per device, that of the
+model the device runs (``local_accuracy``: the mean over the fleet's devices;
+``narrowest_accuracy``: the device that runs the smallest model). A mask
+method's or FIARSE's device runs the global model whole, so both equal
+``accuracy``; a width method's device runs its width's sub-model of the
+global model (:mod:`sims.server.capacity`; the final round's
+``accuracy_w<width>`` columns), so a width device at a tight memory limit
+is no longer scored only by a global model it cannot train.
 
 Each run records its final accuracy and the peak training memory *measured*
 on its real steps (:mod:`fedneq.training.memory`) next to the cost model's
@@ -52,7 +62,7 @@ import torch
 
 from fedneq.config import Config
 from fedneq.costs import mask_cost, profile_model
-from fedneq.federation.protocol import WIDTH_METHODS
+from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
 from fedneq.selection import MemoryMeter, get_selector
 from fedneq.task import build_model, load_task
 from sims.paper.plan import FULL, Plan, base_config, strategy_options
@@ -66,12 +76,12 @@ METHODS = {
     "single": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated",
                "velocity-per-param", "random", "static:SU-1", "static:SU-3", "static:SU-5"),
     "fleet": ("velocity-per-byte", "velocity-region", "velocity-per-param-truncated", "random",
-              "static:SU-1", *WIDTH_METHODS),
+              "static:SU-1", *WIDTH_METHODS, *ELEMENT_METHODS),
 }  # fmt: skip
 LEVELS = (0.0, 0.1, 0.3, 1.0)
 COLUMNS = (
     "setting", "level", "limit_bytes", "method", "seed", "accuracy", "measured_peak_bytes",
-    "estimated_peak_bytes", "trainable_params",
+    "estimated_peak_bytes", "trainable_params", "local_accuracy", "narrowest_accuracy",
 )  # fmt: skip
 
 
@@ -142,6 +152,8 @@ def _run_single(
     trained = [r for r in rows if r["epoch"] != "0"]
     return {
         "accuracy": float(rows[-1]["accuracy"]),
+        "local_accuracy": float(rows[-1]["accuracy"]),  # the device runs the model it trains
+        "narrowest_accuracy": float(rows[-1]["accuracy"]),
         "measured_peak_bytes": max(int(r["memory_measured_bytes"]) for r in trained),
         "estimated_peak_bytes": max(int(r["memory_estimate_bytes"]) for r in trained),
         "trainable_params": max(int(r["trainable_params"]) for r in trained),
@@ -166,10 +178,39 @@ def _fleet_config(base: Config, fleet: FleetLevel, seed: int, limit: int | None)
 
 
 def _group(method: str) -> str:
-    """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, or ``width``."""
+    """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, ``width``
+    or ``element``."""
     if method in WIDTH_METHODS:
         return "width"
+    if method in ELEMENT_METHODS:
+        return "element"
     return _selection(method)["scheme"] or "dynamic"
+
+
+def device_accuracy(
+    config: Config, final: dict[str, str], clients: Sequence[dict[str, str]]
+) -> tuple[float, float]:
+    """``(local, narrowest)``: the mean over the fleet's devices of the accuracy of the model
+    each runs after the last round, and that of the device running the smallest model.
+
+    A width run's device runs its width's sub-model (``final``'s ``accuracy_w<width>``;
+    a class's width is read from its clients.csv rows); any other device the global
+    model. A device of a class that never replied counts at the global accuracy.
+    """
+    from sims.server.capacity import capacity_column
+
+    glob = float(final["accuracy"])
+    width_of = {c["device"]: float(c["width"]) for c in clients if c.get("width", "") != ""}
+    if not width_of:
+        return glob, glob
+
+    def own(width: float) -> float:
+        value = final.get(capacity_column(width), "")
+        return float(value) if value != "" else glob
+
+    names = [d.name for d in config.fleet.fleet().assign(config.run.num_clients, config.run.seed)]
+    local = statistics.fmean(own(width_of[n]) if n in width_of else glob for n in names)
+    return local, own(min(width_of.values()))
 
 
 def _run_fleet(
@@ -195,8 +236,11 @@ def _run_fleet(
             run_dir = out / group / _selection(method)["selector"]
             rounds = read_csv(run_dir / "rounds.csv")
             clients = [c for c in read_csv(run_dir / "clients.csv") if c["status"] == "ok"]
+            local, narrowest = device_accuracy(config, rounds[-1], clients)
             results[method] = {
                 "accuracy": float(rounds[-1]["accuracy"]),
+                "local_accuracy": local,
+                "narrowest_accuracy": narrowest,
                 "measured_peak_bytes": max(int(c["memory_measured_bytes"]) for c in clients),
                 "estimated_peak_bytes": max(int(c["memory_estimate_bytes"]) for c in clients),
                 "trainable_params": max(int(c["trainable_params"]) for c in clients),
@@ -266,9 +310,13 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for (setting, level, method), rs in groups.items():
         acc = [float(r["accuracy"]) for r in rs]
+        local = [float(r.get("local_accuracy") or r["accuracy"]) for r in rs]  # older rows lack it
+        narrowest = [float(r.get("narrowest_accuracy") or r["accuracy"]) for r in rs]
         table.append({
             "setting": setting, "level": level, "method": method, "seeds": len(rs),
             "accuracy": statistics.fmean(acc),
+            "local_accuracy": statistics.fmean(local),
+            "narrowest_accuracy": statistics.fmean(narrowest),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "measured_mb": statistics.fmean(float(r["measured_peak_bytes"]) for r in rs) / 1e6,
             "estimated_mb": statistics.fmean(float(r["estimated_peak_bytes"]) for r in rs) / 1e6,
@@ -280,15 +328,16 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The summary as a Markdown table (one row per setting, level and method)."""
     lines = [
-        "| setting | level | limit (MB) | method | final accuracy (%) | measured peak (MB) "
-        "| estimated (MB) | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | level | limit (MB) | method | final accuracy (%) | devices' own model (%) "
+        "| narrowest device's (%) | measured peak (MB) | estimated (MB) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary(rows):
         limit = "none" if r["limit_mb"] is None else f"{r['limit_mb']:.2f}"
         lines.append(
             f"| {r['setting']} | {r['level']:g} | {limit} | {r['method']} | "
             f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+            f"{100 * r['local_accuracy']:.1f} | {100 * r['narrowest_accuracy']:.1f} | "
             f"{r['measured_mb']:.2f} | {r['estimated_mb']:.2f} | {r['seeds']} |"
         )
     return "\n".join(lines)

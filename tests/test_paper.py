@@ -272,13 +272,16 @@ def test_device_rows_and_table_per_class_by_hand(tmp_path: Path) -> None:
         run_dir = tmp_path / str(seed)
         run_dir.mkdir()
         atomic_write_text(run_dir / "clients.csv", csv_text(CLIENT_COLUMNS, clients))
+        # a mask method's device runs the global model: its own accuracy is the final round's
+        atomic_write_text(run_dir / "rounds.csv", csv_text(("round", "accuracy"),
+                                                           [{"round": 1, "accuracy": 0.6 + seed / 10}]))  # fmt: skip
         devices += device_rows(Run("heterogeneous", "mixed", "velocity", seed), run_dir)
     mcu = [d for d in devices if d["device"] == "mcu"]
     assert [(d["seed"], d["replies"], d["trained_params"], d["measured_memory_kb"], d["memory_bound"])
             for d in mcu] == [(0, 2, 200, 3000, 0.5), (1, 2, 400, 3000, 0.5)]  # fmt: skip
     text = device_table(devices, "heterogeneous", {"plan": dataclasses.asdict(FULL)})
     # mcu before phone (the fleet's order); width — (a mask client has none)
-    assert "| velocity | mcu | — | 300 | 2.00 | 4 | 4.0 | 3.0 | 50 | 2 |" in text
+    assert "| velocity | mcu | — | 300 | 2.00 | 4 | 4.0 | 3.0 | 50 | 65.0 | 2 |" in text
     assert text.index("| mcu |") < text.index("| phone |")
     assert device_table(devices, "homogeneous", {"plan": {}}) == ""
 

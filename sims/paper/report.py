@@ -118,6 +118,8 @@ def device_table(devices: Sequence[dict[str, Any]], setting: str, meta: dict[str
         ("memory, estimate (MB)", "memory_estimate_kb", 1e3, ".1f"),
         ("memory, measured (MB)", "measured_memory_kb", 1e3, ".1f"),
         ("memory-bound replies (%)", "memory_bound", 1e-2, ".0f"),
+        # the model a device of the class runs: a width's own sub-model, else the global model
+        ("own model's final acc. (%)", "own_accuracy", 1e-2, ".1f"),
     ]
     head = ["method", "device", *(c[0] for c in columns), "seeds"]
     lines = [

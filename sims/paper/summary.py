@@ -102,7 +102,8 @@ def _largest(rows: Sequence[dict[str, str]], key: str) -> float:
 def device_rows(run: Run, run_dir: Path) -> list[dict[str, Any]]:
     """Per device class of a complete federated run, what its clients trained and used."""
     ident = dataclasses.asdict(run)  # setting, tier, method, seed
-    costs = device_costs(run.method, read_csv(run_dir / "clients.csv"))
+    rounds = read_csv(run_dir / "rounds.csv") if (run_dir / "rounds.csv").exists() else []
+    costs = device_costs(run.method, read_csv(run_dir / "clients.csv"), rounds[-1] if rounds else None)
     return [ident | {k: c[k] for k in DEVICE_COLUMNS[4:]} for c in costs]
 
 
