@@ -24,11 +24,12 @@ TINY = Plan(
 @pytest.mark.slow
 def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
     out = tmp_path / "frontier"
-    methods = {"single": ["velocity-region", "random", "static:SU-1"], "fleet": ["velocity-per-byte", "heterofl"]}
+    methods = {"single": ["velocity-region", "random", "static:SU-1"],
+               "fleet": ["velocity-per-byte", "heterofl", "fiarse"]}  # fmt: skip
     rows = run_frontier(
         out, plan=TINY, levels=[0.0, 0.5], methods=methods, fleet=FleetLevel(1, 4, 2),
     )  # fmt: skip
-    assert len(rows) == 2 * 3 + 2 * 2
+    assert len(rows) == 2 * 3 + 2 * 3
     base = base_config(TINY, out, pretrained_checkpoint(TINY, tmp_path / "_pretrained"))
     su1, full = memory_span(base)
     assert 0 < su1 < full
@@ -37,7 +38,9 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
         assert limit == su1 + int(r["level"] * (full - su1))
         assert r["estimated_peak_bytes"] <= limit  # both limits kept, by the cost model
         assert abs(r["measured_peak_bytes"] / r["estimated_peak_bytes"] - 1) <= 0.1
-        assert 0 <= r["accuracy"] <= 1
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["narrowest_accuracy"] <= 1
+        if r["method"] != "heterofl":  # a mask or FIARSE device runs the global model whole
+            assert r["local_accuracy"] == r["narrowest_accuracy"] == r["accuracy"]
     # SU-1 at SU-1's own memory is the whole scheme
     (static,) = [r for r in rows if r["method"] == "static:SU-1" and r["level"] == 0.0]
     assert static["estimated_peak_bytes"] == su1
@@ -59,6 +62,12 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
 
     assert options("dynamic", "velocity-per-byte") == {"clip_update_ratio": TINY.clip_update_ratio}
     assert TINY.clip_update_ratio > 0 and options("width", "heterofl") == {}
+    assert options("element", "fiarse") == {}
+    # a width device is scored by its own sub-model too (sims.server.capacity)
+    final = read_csv(out / "fleet" / "level0" / "seed0" / "width" / "heterofl" / "rounds.csv")[-1]
+    (hetero,) = [r for r in rows if r["method"] == "heterofl" and r["level"] == 0.0]
+    narrowest = min(float(c["width"]) for c in width)
+    assert hetero["narrowest_accuracy"] == float(final[f"accuracy_w{narrowest:g}"])
     # a second call reuses every run
     again = run_frontier(out, plan=TINY, levels=[0.0, 0.5], methods=methods,
                          fleet=FleetLevel(1, 4, 2))  # fmt: skip
