@@ -26,7 +26,7 @@ what SU-1 needs (``t = 0``) and what full training needs (``t = 1``):
   limit, :func:`fedneq.federation.width_client.device_width`) and
   ``fiarse`` (magnitude top-K elements within the budget and the limit),
   federated (``sims.compare``, one engine per level, seed and group: the
-  dynamic masks, each SU scheme, the width sub-models, FIARSE). Replies are
+  dynamic masks, each SU scheme, the sub-models: width ones and FIARSE). Replies are
   clipped as in :mod:`sims.paper` (:func:`sims.paper.plan.strategy_options`:
   at the plan's ``clip_update_ratio`` times the round's median change, the
   sub-models' not).
@@ -178,12 +178,10 @@ def _fleet_config(base: Config, fleet: FleetLevel, seed: int, limit: int | None)
 
 
 def _group(method: str) -> str:
-    """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, ``width``
-    or ``element``."""
-    if method in WIDTH_METHODS:
+    """The ``sims.compare`` call (and folder) a fleet method runs in: its scheme, or ``width``
+    for the sub-model methods (the width ones and FIARSE: one engine, none clipped)."""
+    if method in WIDTH_METHODS or method in ELEMENT_METHODS:
         return "width"
-    if method in ELEMENT_METHODS:
-        return "element"
     return _selection(method)["scheme"] or "dynamic"
 
 

@@ -62,7 +62,7 @@ def test_frontier_runs_at_equal_memory_and_measures_it(tmp_path: Path) -> None:
 
     assert options("dynamic", "velocity-per-byte") == {"clip_update_ratio": TINY.clip_update_ratio}
     assert TINY.clip_update_ratio > 0 and options("width", "heterofl") == {}
-    assert options("element", "fiarse") == {}
+    assert options("width", "fiarse") == {}  # FIARSE runs with the width methods, unclipped
     # a width device is scored by its own sub-model too (sims.server.capacity)
     final = read_csv(out / "fleet" / "level0" / "seed0" / "width" / "heterofl" / "rounds.csv")[-1]
     (hetero,) = [r for r in rows if r["method"] == "heterofl" and r["level"] == 0.0]
