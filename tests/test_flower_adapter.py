@@ -2,8 +2,8 @@
 
 Hand-computed aggregates of three sparse replies over a 3-neuron Linear layer,
 the registry's "module:Class" resolution and option checks, state round trips,
-fedneq's reply checks in front of the wrapped strategy, and each of FedAdam,
-FedMedian, FedTrimmedAvg and Krum through ``python -m sims.run default``.
+fedneq's reply checks in front of the wrapped strategy, and FedAdam through
+``python -m sims.run default``, FedMedian, FedTrimmedAvg and Krum with that config.
 """
 
 from __future__ import annotations
@@ -279,25 +279,48 @@ def test_a_round_the_wrapped_strategy_cannot_aggregate_leaves_the_model() -> Non
 # --- through `python -m sims.run default` -----------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "options"),
-    [("FedAdam", ["eta=0.01"]), ("FedMedian", []), ("FedTrimmedAvg", ["beta=0.2"]),
-     ("Krum", ["num_malicious_nodes=1"])],
-)  # fmt: skip
-def test_flower_strategies_run_through_sims_run(tmp_path: Path, name: str, options: list[str]) -> None:
-    out = tmp_path / "run"
-    sets = [
+FLOWER_RUNS = [("FedAdam", ["eta=0.01"]), ("FedMedian", []), ("FedTrimmedAvg", ["beta=0.2"]),
+               ("Krum", ["num_malicious_nodes=1"])]  # fmt: skip
+
+
+def _flower_sets(tmp_path: Path, name: str, options: list[str]) -> list[str]:
+    """``--set`` assignments: the default config, 5 clients all trained, the Flower strategy."""
+    return [
         f'strategy.name="{FLWR}{name}"', "run.num_clients=5", "run.clients_per_round=5",
         "run.min_replies=1", f'run.out_dir="{tmp_path}"', "model.pretrain_epochs=0",
         "fleet.local_epochs=1", "simulation.cpus_per_client=1.0",
     ] + [f"strategy.options.{o}" for o in options]  # fmt: skip
-    argv = ["default", "--rounds", "2", "--out", str(out)]
-    for assignment in sets:
-        argv += ["--set", assignment]
-    assert run_main(argv) == 0
+
+
+def _check_flower_run(out: Path) -> None:
     rounds = read_csv(out / "rounds.csv")
     assert [int(r["round"]) for r in rounds] == [1, 2]
     assert all(int(r["replied"]) == 5 and int(r["committed"]) == 1 for r in rounds)
     strategy_state = (out / "checkpoint" / "round-00002" / "strategy.safetensors").stat().st_size
     assert strategy_state > 0
+
+
+@pytest.mark.slow
+def test_flower_strategies_run_through_sims_run(tmp_path: Path) -> None:
+    """FedAdam through ``python -m sims.run default``'s main; FedMedian, FedTrimmedAvg and
+    Krum with the config that command builds, in one engine (``simulate_many``: Ray starts
+    once for the three instead of three times)."""
+    from sims.run import simulate_many
+    from sims.server import RunSpec, load_cli_config
+
+    (first, first_options), *rest = FLOWER_RUNS
+    argv = ["default", "--rounds", "2", "--out", str(tmp_path / first)]
+    for assignment in _flower_sets(tmp_path, first, first_options):
+        argv += ["--set", assignment]
+    assert run_main(argv) == 0
+    _check_flower_run(tmp_path / first)
+
+    specs = [
+        RunSpec(load_cli_config("default", [*_flower_sets(tmp_path, name, options), "run.rounds=2"]),
+                tmp_path / name)
+        for name, options in rest
+    ]  # fmt: skip
+    assert [s.config.strategy.name for s in specs] == [f"{FLWR}{name}" for name, _ in rest]
+    simulate_many(specs)
+    for name, _ in rest:
+        _check_flower_run(tmp_path / name)
