@@ -3,7 +3,9 @@
 ::
 
     <results>/config.json         the resolved configuration
-    <results>/rounds.csv          one row per round (deterministic: no wall-clock)
+    <results>/rounds.csv          one row per round (deterministic: no wall-clock); accuracy
+                                  and loss empty in a round not evaluated ([run] eval_every),
+                                  accuracy_<class> per device class ([run] class_accuracy)
     <results>/clients.csv         one row per sampled client per round
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round (since the previous round's row)
@@ -163,12 +165,14 @@ def _filters(config: Mapping[str, Any]) -> bool:
 class Recorder:
     """Collects a run's rows and appends each round's to its tables (see the module docstring)."""
 
-    def __init__(self, out_dir: Path, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, out_dir: Path, config: Mapping[str, Any], *, extra_round_columns: Sequence[str] = ()
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
         self.columns: dict[str, Sequence[str]] = {
-            "rounds.csv": ROUND_COLUMNS,
+            "rounds.csv": (*ROUND_COLUMNS, *extra_round_columns),
             "clients.csv": CLIENT_COLUMNS + (FILTER_COLUMNS if _filters(config) else ()),
             "device_classes.csv": CLASS_COLUMNS,
             "timing.csv": TIMING_COLUMNS,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
@@ -29,6 +30,7 @@ from fedneq.task import Task, build_model, check_partitions, load_task
 from fedneq.training.loop import evaluate
 from sims.server.checkpoint import load_run_checkpoint
 from sims.server.device_table import DeviceTable
+from sims.server.evaluation import class_columns, class_label_mix
 from sims.server.initial import initial_state
 from sims.server.knowledge import ServerKnowledge, server_knowledge, set_run_inputs
 from sims.server.results import Recorder, write_initial
@@ -67,6 +69,8 @@ class RunState:
     first_round: int  # 1, or the round after the checkpoint resumed from
     cum_up: float  # bytes uploaded by accepted clients so far
     cum_time: float  # simulated seconds so far
+    # device class -> its clients' label counts ([run] class_accuracy; empty: not asked for)
+    label_mix: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def start_run(
@@ -95,7 +99,7 @@ def start_run(
     strategy = build_strategy(config, neuron_map, state)
     set_run_inputs(strategy, config, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
-    recorder = Recorder(out_dir, config.to_dict())
+    recorder = Recorder(out_dir, config.to_dict(), extra_round_columns=class_columns(config))
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
     state_dir = (out_dir / "client_state").resolve()
     arrays = pack_model(state)
@@ -136,4 +140,5 @@ def start_run(
         first_round=first_round,
         cum_up=float(last["cum_bytes_up"]) if last else 0.0,
         cum_time=float(last.get("cum_time_s") or 0.0) if last else 0.0,
+        label_mix=class_label_mix(config, task, knowledge.devices) if config.run.class_accuracy else {},
     )
