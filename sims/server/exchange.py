@@ -52,7 +52,8 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
     size = min(config.run.clients_per_round, len(pool))
     chosen = sorted(int(p) for p in rng.choice(pool, size=size, replace=False))
     if config.run.excluded:
-        chosen = [p for p in chosen if config.device(p).name not in config.run.excluded]
+        devices = config.fleet.fleet().assign(config.run.num_clients, config.run.seed)
+        chosen = [p for p in chosen if devices[p].name not in config.run.excluded]
     return chosen
 
 

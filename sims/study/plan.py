@@ -35,6 +35,7 @@ from fedneq._validate import did_you_mean
 from fedneq.config import Config
 from fedneq.config.loader import apply_overrides
 from fedneq.federation.devices import default_fleet
+from sims.paper.plan import override as override_fields
 
 __all__ = [
     "FLEETS",
@@ -204,27 +205,7 @@ STUDY = Study()
 
 def override(study: Study, assignments: Sequence[str]) -> Study:
     """``study`` with ``KEY=VALUE`` assignments applied (tuples comma-separated), validated."""
-    changes: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(study)}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise ValueError(
-                f"--set expects KEY=VALUE with KEY one of {sorted(fields)}, got {item!r}"
-                + did_you_mean(key, sorted(fields))
-            )
-        default = getattr(study, key)
-        kind = type(default[0]) if isinstance(default, tuple) else type(default)
-        try:
-            if isinstance(default, tuple):
-                value: Any = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-            else:
-                value = kind(text.strip())
-        except ValueError:
-            raise ValueError(f"--set {key}: {text!r} is not of type {kind.__name__}") from None
-        changes[key] = value
-    return dataclasses.replace(study, **changes)
+    return override_fields(study, assignments)
 
 
 def study_dict(study: Study) -> dict[str, Any]:

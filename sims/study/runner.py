@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 HARNESS = "harness.json"
+RETRIES = 3  # a group whose engine ran no round is tried again this many times, then failed
+RETRY_WAIT_S = 60.0
 
 
 def pretrained_checkpoint(study: Study, cache_dir: Path, log: Callable[[str], None] = print) -> Path:
@@ -140,6 +142,7 @@ def run_study(
     for (seed, alpha), runs in groups:
         pending = list(runs)
         log(f"[study] seed {seed}, alpha {alpha:g}: {', '.join(r.variant for r in pending)}")
+        stalled = 0  # tries in a row that ran no round (the engine did not start: a loaded machine)
         while pending:
             before = {r: rounds_done(out_dir / r.key) for r in pending}
             specs = []
@@ -163,6 +166,13 @@ def run_study(
                 log(f"[study] {r.key} complete ({progress.line()})")
             if error is None:
                 break
+            if all(rounds_done(out_dir / r.key) == before[r] for r in pending) and stalled < RETRIES:
+                stalled += 1
+                log(f"[study] no round ran ({type(error).__name__}: {error}); trying again in "
+                    f"{RETRY_WAIT_S:g} s ({stalled} of {RETRIES})")  # fmt: skip
+                time.sleep(RETRY_WAIT_S)
+                continue
+            stalled = 0
             # the sequence stopped at its first failed run (one whose rounds all ran may have
             # failed too: status.json says so): record it, go on after it
             bad = next(r for r in pending if _failed(out_dir / r.key) or r not in finished)
