@@ -205,3 +205,12 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert len(longer) == 4 and (mixed / "rounds.csv").read_text().startswith(before)
     assert json.loads((mixed / "harness.json").read_text())["invocations"][-1]["from_round"] == 4
     assert dataclasses.replace(study, rounds=4) == override(STUDY, [*TINY, "rounds=4"])
+
+
+@pytest.mark.slow
+def test_every_variant_builds_its_strategy_with_its_options() -> None:
+    from sims.run import check_runnable
+
+    tiny = override(STUDY, ["dataset=digits", "image_size=0", "num_clients=10", "clients_per_round=3"])
+    for name in VARIANTS:
+        check_runnable(run_config(tiny, Run(1.0, name, 0), Path("unused")))  # raises on a bad one

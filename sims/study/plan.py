@@ -140,7 +140,15 @@ VARIANTS: dict[str, Variant] = {
     "drop-weak": Variant("FedAvg, mixed samples less the weak", "full", "fedavg", fleet="drop-weak"),
     "smallest": Variant("velocity / param, all at the smallest budget", fleet="smallest"),
     "dense": Variant("FedAvg, all dense, no memory limit", "full", "fedavg", fleet="dense"),
-    # not in the default plan: the strategy's exploded-update guard off, every reply kept
+    # not in the default plan: the aggregation and local-work rules (docs/TUNING.md, "Rules that
+    # let weak devices help"), and the strategy's exploded-update guard off, every reply kept
+    "vpp-fednova": Variant("velocity / param, FedNova per element", strategy="fednova"),
+    "vpp-fedadam": Variant("velocity / param, FedAdam per element", strategy="fedadam"),
+    "vpp-fedyogi": Variant("velocity / param, FedYogi per element", strategy="fedyogi"),
+    "vpp-label-split": Variant("velocity / param, sparse-fedavg, label-split head",
+                               options={"label_split": True}),
+    "vpp-equal-steps": Variant("velocity / param, sparse-fedavg, 6 local steps each",
+                               set=("fleet.local_steps=6",)),
     "velocity-per-param-keep-all": Variant("velocity / param, sparse-fedavg, no reply rejected",
                                            options={"max_update_ratio": None}),
 }  # fmt: skip
