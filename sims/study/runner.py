@@ -104,10 +104,10 @@ def _wall_seconds(run_dir: Path) -> float:
     return sum(float(r["seconds"]) for r in read_csv(path)) if path.exists() else 0.0
 
 
-def _simulate(specs: Sequence[RunSpec]) -> None:
+def _simulate(specs: Sequence[RunSpec], resume_command: str) -> None:
     from sims.run import simulate_many
 
-    simulate_many(list(specs), check=False, resume_command="the same python -m sims.study command")
+    simulate_many(list(specs), check=False, resume_command=resume_command)
 
 
 def run_study(
@@ -116,7 +116,7 @@ def run_study(
     *,
     command: str = "run_study()",
     log: Callable[[str], None] = print,
-    simulate: Callable[[Sequence[RunSpec]], None] = _simulate,
+    simulate: Callable[[Sequence[RunSpec], str], None] = _simulate,
 ) -> list[str]:
     """Run every incomplete run of ``study`` into ``out_dir``; returns the keys of failed runs."""
     import torch
@@ -152,7 +152,7 @@ def run_study(
                 resume = (run_dir / "checkpoint" / "LATEST").exists()
                 specs.append(RunSpec(configs[r], run_dir, resume=resume, label=r.key))
             try:
-                simulate(specs)
+                simulate(specs, command)  # an interruption prints the command that resumes
                 error: BaseException | None = None
             except KeyboardInterrupt:
                 raise
@@ -266,7 +266,7 @@ def measure(
     ckpt = pretrained_checkpoint(study, Path(out_dir) / "_pretrained", log)
     configs = study_configs(short, scratch, ckpt.resolve())
     shutil.rmtree(scratch, ignore_errors=True)  # a fresh measurement, never a resumed one
-    _simulate([RunSpec(c, scratch / r.key, label=r.key) for r, c in configs.items()])
+    _simulate([RunSpec(c, scratch / r.key, label=r.key) for r, c in configs.items()], "--measure again")
     per_round = {}
     for run in configs:
         seconds = [float(r["seconds"]) for r in read_csv(scratch / run.key / "timing.csv")][1:]
