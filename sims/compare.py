@@ -91,10 +91,12 @@ def method_config(config: Config, method: str) -> Config:
 
 
 def summarize(method: str, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """One comparison row from a run's rounds.csv rows."""
-    acc = [float(r["accuracy"]) for r in rows]
+    """One comparison row from a run's rounds.csv rows (accuracy: of the rounds evaluated)."""
+    evaluated = [(i, r) for i, r in enumerate(rows) if r["accuracy"] != ""]  # [run] eval_every
+    acc = [float(r["accuracy"]) for _, r in evaluated]
     best = max(acc)
-    reach = next(i + 1 for i, a in enumerate(acc) if a >= 0.95 * best)
+    at = next(i for (i, _), a in zip(evaluated, acc, strict=True) if a >= 0.95 * best)
+    reach = int(rows[at].get("round", at + 1))  # a single device's epochs count as rounds
     return {
         "method": method,
         "final_accuracy": acc[-1],
@@ -105,7 +107,7 @@ def summarize(method: str, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
         "mean_flops_saved": _mean(rows, "mean_flops_saved"),
         "failed_clients": sum(int(r["failed"]) + int(r["rejected"]) for r in rows),
         # simulated device time (fedneq.federation.timing); nan for results without it
-        "time_to_95pct_best_s": _float(rows[reach - 1].get("cum_time_s", "")),
+        "time_to_95pct_best_s": _float(rows[at].get("cum_time_s", "")),
         "total_time_s": _float(rows[-1].get("cum_time_s", "")),
     }
 

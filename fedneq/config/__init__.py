@@ -4,7 +4,8 @@ A run is described by one TOML file with these tables (every key optional;
 see ``sims/configs/default.toml``)::
 
     [run]        name, seed, rounds, num_clients, clients_per_round, min_replies,
-                 round_timeout_s, round_deadline_s, out_dir, participants
+                 round_timeout_s, round_deadline_s, out_dir, participants, excluded,
+                 eval_every, class_accuracy
     [data]       dataset, root, image_size, partition, alpha, classes_per_client,
                  min_partition_size, probe_size, test_fraction, classes,
                  train_limit, test_limit

@@ -69,9 +69,14 @@ class RunConfig:
     round_deadline_s: float = 0.0  # simulated seconds (fedneq.federation.timing); 0 = no deadline
     out_dir: str = "results"
     participants: tuple[str, ...] = ()  # device classes that take part; () = all of them
+    # device classes drawn in each round's sample as usual but never sent the round: the
+    # other clients' samples are exactly the whole fleet's (a server that ignores them)
+    excluded: tuple[str, ...] = ()
+    eval_every: int = 1  # evaluate the global model every k rounds, and always at the last one
+    class_accuracy: bool = False  # rounds.csv: the accuracy on each device class's label mix
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "num_clients", "clients_per_round", "min_replies"):
+        for name in ("rounds", "num_clients", "clients_per_round", "min_replies", "eval_every"):
             check_positive(f"[run] {name}", getattr(self, name))
         check_positive("[run] round_timeout_s", self.round_timeout_s)
         if not math.isfinite(self.round_deadline_s) or self.round_deadline_s < 0:
@@ -391,8 +396,10 @@ class Config:
                 for key in ("classes", "devices"):
                     if key in values:
                         values[key] = tuple(dict(c) for c in values[key])
-            if name == "run" and "participants" in values:
-                values["participants"] = tuple(values["participants"])
+            if name == "run":
+                for key in ("participants", "excluded"):
+                    if key in values:
+                        values[key] = tuple(values[key])
             sections[name] = section_cls(**values)
         config = cls(**sections)
         config.check()
@@ -421,9 +428,16 @@ class Config:
                 f"{len(fleet.devices)} devices of [fleet] csv {self.fleet.csv!r} (one per row)"
             )
         names = fleet.names
-        unknown = sorted(set(self.run.participants) - set(names))
-        if unknown:
-            raise ValueError(f"[run] participants {unknown} are not fleet classes {list(names)}")
+        for key in ("participants", "excluded"):
+            unknown = sorted(set(getattr(self.run, key)) - set(names))
+            if unknown:
+                raise ValueError(f"[run] {key} {unknown} are not fleet classes {list(names)}")
+        kept = set(self.run.participants or names) - set(self.run.excluded)
+        if not kept:
+            raise ValueError(
+                f"[run] excluded {list(self.run.excluded)} leaves no device class to train; "
+                f"the fleet's classes: {list(names)}"
+            )
         eligible = len(self.eligible_partitions())
         if self.run.clients_per_round > eligible:
             raise ValueError(
@@ -436,6 +450,7 @@ class Config:
         out["fleet"]["classes"] = [dict(c) for c in self.fleet.classes]
         out["fleet"]["devices"] = [dict(d) for d in self.fleet.devices]
         out["run"]["participants"] = list(self.run.participants)
+        out["run"]["excluded"] = list(self.run.excluded)
         return out
 
     def to_json(self) -> str:

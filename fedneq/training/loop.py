@@ -23,6 +23,7 @@ from torch import nn
 from fedneq.costs import CostProfile, MaskCost, mask_cost, profile_model
 from fedneq.data.arrays import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.training.evaluation import evaluate
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
 from fedneq.training.memory import StepMemory, StepMemoryMeter
@@ -532,22 +533,6 @@ def _drop_frozen_state(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``data`` (eval mode)."""
-    if len(data) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
-    return total_loss / len(data), correct / len(data)
-
-
 def measure_step_memory(
     model: nn.Module,
     neuron_map: NeuronMap,

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -148,14 +148,17 @@ class Plan:
                 raise ValueError(f"{f.name} should be {bound}, got {value!r}")
 
 
+P = TypeVar("P")  # a frozen dataclass of settings (override)
+
 FULL = Plan()
 QUICK = dataclasses.replace(
     FULL, name="quick", seeds=(0,), tiers=("SU-1",), epochs=3, rounds=5, single_train_limit=1010
 )
 
 
-def override(plan: Plan, assignments: Sequence[str]) -> Plan:
-    """``plan`` with ``KEY=VALUE`` assignments applied (tuples comma-separated), validated."""
+def override(plan: P, assignments: Sequence[str]) -> P:
+    """``plan`` (a :class:`Plan`, or any frozen dataclass of scalars and tuples of them) with
+    ``KEY=VALUE`` assignments applied (tuples comma-separated), validated."""
     changes: dict[str, Any] = {}
     fields = {f.name for f in dataclasses.fields(plan)}
     for item in assignments:

@@ -96,7 +96,8 @@ def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
         return None
     folder = root / latest.read_text().strip()
     meta = json.loads((folder / "meta.json").read_text())
-    changed = _differences(meta["config"], config.to_dict())
+    # parsed again: a key added to the config since the checkpoint had its default value then
+    changed = _differences(Config.from_dict(meta["config"]).to_dict(), config.to_dict())
     if set(changed) - _RESUMABLE_CHANGES:
         raise ValueError(
             f"cannot resume {out_dir}: its checkpoint belongs to a different config (differs in "

@@ -41,13 +41,20 @@ def sample_partitions(config: Config, server_round: int) -> list[int]:
     ``[run] participants`` classes; every partition by default) that are
     reachable in the round (:func:`sims.server.sim_time.reachable_partitions`;
     all of them unless a device class has ``availability`` < 1); all of those
-    if fewer than ``[run] clients_per_round`` are.
+    if fewer than ``[run] clients_per_round`` are. The draw depends on the seed,
+    the round and that pool alone, so every method of a seed trains the same
+    clients in a round. The partitions of the ``[run] excluded`` classes are
+    then left out of the draw (a server that ignores those devices): the
+    others are exactly the whole fleet's sample, and a round may have none.
     """
     rng = np.random.default_rng(derive_seed(config.run.seed, server_round, 1))
     pool = np.asarray(reachable_partitions(config, server_round), dtype=np.int64)
     size = min(config.run.clients_per_round, len(pool))
-    chosen = rng.choice(pool, size=size, replace=False)
-    return sorted(int(p) for p in chosen)
+    chosen = sorted(int(p) for p in rng.choice(pool, size=size, replace=False))
+    if config.run.excluded:
+        devices = config.fleet.fleet().assign(config.run.num_clients, config.run.seed)
+        chosen = [p for p in chosen if devices[p].name not in config.run.excluded]
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ def send_round(
             {CONFIG_KEY: config.to_json(), ATTEMPT_KEY: attempt, STATE_DIR_KEY: str(state_dir)}
         )
         messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+        if not messages:  # nobody to train this round ([run] excluded): skipped, nothing sent
+            return SentRound([], True, {})
         replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout_s))
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok = sum(not r.has_error() for r in replies)

@@ -3,7 +3,9 @@
 ::
 
     <results>/config.json         the resolved configuration
-    <results>/rounds.csv          one row per round (deterministic: no wall-clock)
+    <results>/rounds.csv          one row per round (deterministic: no wall-clock); accuracy
+                                  and loss empty in a round not evaluated ([run] eval_every),
+                                  accuracy_<class> per device class ([run] class_accuracy)
     <results>/clients.csv         one row per sampled client per round
     <results>/device_classes.csv  per round, aggregates per device class
     <results>/timing.csv          wall-clock seconds per round (since the previous round's row)

@@ -81,6 +81,7 @@ from sims.server.capacity import SUBMODEL_COLUMN, capacity_column
 from sims.server.checkpoint import save_run_checkpoint
 from sims.server.device_table import DeviceTable
 from sims.server.discovery import Nodes, discover_nodes, rediscover_nodes
+from sims.server.evaluation import GlobalEvaluation, all_finite, evaluation_round
 from sims.server.exchange import attribute_replies, sample_partitions, send_round
 from sims.server.knowledge import set_round_inputs
 from sims.server.records import (
@@ -122,12 +123,14 @@ class RoundOutcome:
     committed: bool  # the aggregate became the global model
     note: str  # why it was not committed ("" if it was)
     arrays: ArrayRecord  # the global model after the round (the previous one unless committed)
-    accuracy: float  # the test accuracy and loss of that model
-    loss: float
+    accuracy: float | None  # the test accuracy and loss of that model (None: not evaluated)
+    loss: float | None
     seconds: float  # the round's simulated duration
     # per parameter tensor, how many aggregated replies trained it (committed rounds; else empty)
     coverage: tuple[TensorCoverage, ...] = ()
     capacity: dict[float, float] = field(default_factory=dict)  # width -> its sub-model's accuracy
+    # device class -> accuracy on its clients' label mix ([run] class_accuracy)
+    class_accuracy: dict[str, float] = field(default_factory=dict)
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
@@ -143,7 +146,7 @@ class _Aggregate:
     committed: bool
     note: str
     rejected_nodes: dict[int, str]  # node id -> why the strategy rejected its reply
-    evaluation: tuple[float, float] | None  # (loss, accuracy) of a committed aggregate
+    evaluation: GlobalEvaluation | None  # of a committed aggregate, in an evaluation round
 
 
 def _aggregate(run: RunState, server_round: int, replies: list[Message], skipped: bool) -> _Aggregate:
@@ -157,12 +160,19 @@ def _aggregate(run: RunState, server_round: int, replies: list[Message], skipped
     rejected_nodes = strategy.last_rejected
     if new_arrays is None:
         return _Aggregate(run.arrays, False, "no reply accepted", rejected_nodes, None)
+    if not evaluation_round(run.config, server_round):  # no test loss: its values must be finite
+        if all_finite(unpack_model(new_arrays)):
+            return _Aggregate(new_arrays, True, "", rejected_nodes, None)
+        note = "the aggregate holds non-finite values: not committed"
+        log.warning("round %d: %s, the global model stays as it was", server_round, note)
+        strategy.load_state_dict(before)
+        return _Aggregate(run.arrays, False, note, rejected_nodes, None)
     run.model.load_state_dict(unpack_model(new_arrays))
-    loss, acc = run.evaluate_global()
-    if math.isfinite(loss):
-        return _Aggregate(new_arrays, True, "", rejected_nodes, (loss, acc))
+    evaluation = run.evaluate_global()
+    if math.isfinite(evaluation.loss):
+        return _Aggregate(new_arrays, True, "", rejected_nodes, evaluation)
     # the previous global model and strategy state stay
-    note = f"the aggregate's test loss is {loss}: not committed"
+    note = f"the aggregate's test loss is {evaluation.loss}: not committed"
     log.warning("round %d: %s, the global model stays as it was", server_round, note)
     strategy.load_state_dict(before)
     return _Aggregate(run.arrays, False, note, rejected_nodes, None)
@@ -212,16 +222,17 @@ def play_round(grid: Grid, run: RunState, nodes: Nodes, server_round: int) -> Ro
     rows = [time_row(r) for r in rows] + split.dropped
     rows.sort(key=lambda r: r["partition_id"])
     seconds = round_seconds(rows, deadline)
-    if agg.evaluation is None:  # the evaluation of the global model that stays
-        run.model.load_state_dict(unpack_model(agg.arrays))
-        loss, acc = run.evaluate_global()
-    else:
-        loss, acc = agg.evaluation
-    capacity = _capacity_accuracy(run, server_round, rows)
+    evaluation = agg.evaluation
+    if evaluation is None and evaluation_round(run.config, server_round):
+        run.model.load_state_dict(unpack_model(agg.arrays))  # the global model that stays
+        evaluation = run.evaluate_global()
+    capacity = {} if evaluation is None else _capacity_accuracy(run, server_round, rows)
     return RoundOutcome(
         round=server_round, sampled=sampled, client_rows=rows, rejected=len(rejected),
         dropped=len(split.dropped), skipped=skipped, committed=agg.committed, note=agg.note,
-        arrays=agg.arrays, accuracy=acc, loss=loss, seconds=seconds, capacity=capacity,
+        arrays=agg.arrays, accuracy=None if evaluation is None else evaluation.accuracy,
+        loss=None if evaluation is None else evaluation.loss, seconds=seconds, capacity=capacity,
+        class_accuracy={} if evaluation is None else evaluation.classes,
         coverage=strategy.last_coverage if agg.committed else (),
     )  # fmt: skip
 
@@ -248,8 +259,8 @@ def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
     run.cum_up += bytes_up
     row = {
         "round": rnd,
-        "accuracy": outcome.accuracy,
-        "loss": outcome.loss,
+        "accuracy": "" if outcome.accuracy is None else outcome.accuracy,  # "": not evaluated
+        "loss": "" if outcome.loss is None else outcome.loss,
         "sampled": len(outcome.sampled),
         "replied": len(accepted),
         "failed": sum(r["status"] == "failed" for r in rows),
@@ -270,6 +281,7 @@ def record_round(run: RunState, outcome: RoundOutcome) -> dict[str, Any]:
         "cum_time_s": repr(run.cum_time),  # exact: a resumed run continues from it
     }
     row |= {capacity_column(w): acc for w, acc in outcome.capacity.items()}
+    row |= {f"accuracy_{name}": acc for name, acc in outcome.class_accuracy.items()}
     run.recorder.add("clients.csv", rows)
     run.recorder.add("device_classes.csv", class_rows(rnd, accepted))
     run.recorder.add("rounds.csv", [row])
@@ -283,9 +295,13 @@ def _progress_line(outcome: RoundOutcome, total: int, seconds: float, eta_s: flo
     failed = len(outcome.client_rows) - len(accepted)
     bytes_up = sum(numbers(accepted, "upload_bytes"))
     not_committed = "" if outcome.committed else f"  NOT COMMITTED ({outcome.note})"
+    evaluated = (
+        f"acc {outcome.accuracy:.4f}  loss {outcome.loss:.4f}"
+        if outcome.accuracy is not None and outcome.loss is not None
+        else "acc -  loss -"
+    )
     return (
-        f"[fedneq] round {outcome.round}/{total}  acc {outcome.accuracy:.4f}  "
-        f"loss {outcome.loss:.4f}  clients {len(accepted)}/{len(outcome.sampled)} ok, {failed} "
+        f"[fedneq] round {outcome.round}/{total}  {evaluated}  clients {len(accepted)}/{len(outcome.sampled)} ok, {failed} "
         f"failed/rejected/dropped{not_committed}  up {int(bytes_up) / 1e3:.1f} kB  "
         f"trainable {format_percent(mean(accepted, 'trainable_fraction'))}  "
         f"sim {format_seconds(outcome.seconds)}  {seconds:.1f}s  eta {format_eta(eta_s)}"

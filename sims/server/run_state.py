@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import nn
@@ -30,6 +31,7 @@ from fedneq.training.loop import evaluate
 from sims.server.capacity import SUBMODEL_COLUMN, WidthEvaluator, width_evaluator
 from sims.server.checkpoint import load_run_checkpoint
 from sims.server.device_table import DeviceTable
+from sims.server.evaluation import GlobalEvaluation, class_columns, class_label_mix, evaluate_global
 from sims.server.initial import initial_state
 from sims.server.knowledge import ServerKnowledge, server_knowledge, set_run_inputs
 from sims.server.results import Recorder, write_initial
@@ -70,12 +72,15 @@ class RunState:
     cum_time: float  # simulated seconds so far
     # a width method's scoring (static BatchNorm, per-capacity accuracy); None: plain evaluate
     width_eval: WidthEvaluator | None = None
+    # device class -> its clients' label counts ([run] class_accuracy; empty: not asked for)
+    label_mix: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def evaluate_global(self) -> tuple[float, float]:
-        """``(loss, accuracy)`` of :attr:`model` on the test set, as the method scores it."""
+    def evaluate_global(self) -> GlobalEvaluation:
+        """The global :attr:`model` on the test set, as the method scores it (per device class
+        too when ``[run] class_accuracy`` asks for it; width methods score the global model only)."""
         if self.width_eval is None:
-            return evaluate(self.model, self.task.test)
-        return self.width_eval.evaluate(self.model, self.task.test)
+            return evaluate_global(self.model, self.task, self.label_mix)
+        return GlobalEvaluation(*self.width_eval.evaluate(self.model, self.task.test))
 
 
 def start_run(
@@ -105,9 +110,12 @@ def start_run(
     set_run_inputs(strategy, config, neuron_map)
     ckpt = load_run_checkpoint(out_dir, config) if resume else None  # before writing anything
     width_eval = width_evaluator(config, strategy, task, model, neuron_map, knowledge.profiles)
-    extra = {}
+    extra: dict[str, tuple[str, ...]] = {"rounds.csv": class_columns(config)}
     if width_eval is not None and width_eval.widths:
-        extra = {"rounds.csv": width_eval.columns, "clients.csv": (SUBMODEL_COLUMN,)}
+        extra = {
+            "rounds.csv": (*width_eval.columns, *extra["rounds.csv"]),
+            "clients.csv": (SUBMODEL_COLUMN,),
+        }
     recorder = Recorder(out_dir, config.to_dict(), extra)
     (out_dir / STATUS_FILE).unlink(missing_ok=True)  # written again when this run ends
     state_dir = (out_dir / "client_state").resolve()
@@ -150,4 +158,5 @@ def start_run(
         cum_up=float(last["cum_bytes_up"]) if last else 0.0,
         cum_time=float(last.get("cum_time_s") or 0.0) if last else 0.0,
         width_eval=width_eval,
+        label_mix=class_label_mix(config, task, knowledge.devices) if config.run.class_accuracy else {},
     )

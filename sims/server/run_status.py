@@ -54,11 +54,14 @@ def run_failure(rounds: Sequence[dict[str, Any]]) -> str | None:
 
     It failed when no round was committed, or when every sampled client of
     some round failed or was rejected (a partial round that was skipped for
-    ``min_replies`` is not a failure of the run).
+    ``min_replies`` is not a failure of the run, nor a round in which no
+    client was sampled: every sampled one of an ``[run] excluded`` class; a
+    run that never sampled a client has nothing to commit and did not fail).
     """
-    if not any(int(r.get("committed") or 1 - int(r["skipped"])) for r in rounds):  # older tables
+    sent = any(int(r["sampled"]) > 0 for r in rounds)  # none: every draw was of excluded classes
+    if sent and not any(int(r.get("committed") or 1 - int(r["skipped"])) for r in rounds):  # older tables
         return f"no round of {len(rounds)} was committed: the global model never changed"
-    empty = [int(r["round"]) for r in rounds if int(r["replied"]) == 0]
+    empty = [int(r["round"]) for r in rounds if int(r["replied"]) == 0 and int(r["sampled"]) > 0]
     if empty:
         return f"every sampled client failed or was rejected in round(s) {empty}"
     return None
