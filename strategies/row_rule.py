@@ -108,11 +108,24 @@ class RowRule(SparseStrategy):
         updates: list[SparseUpdate],
         weights: list[float],
     ) -> dict[str, torch.Tensor]:
-        """:meth:`aggregate_replies` knowing nothing of the replies (no steps, no labels)."""
+        """The rule knowing nothing of the replies (no steps, no labels)."""
         facts = [ReplyFacts(-1, None, None) for _ in updates]
-        return self.aggregate_replies(global_state, updates, weights, facts)
+        return self._combine(global_state, updates, weights, facts)
 
     def aggregate_replies(
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: list[SparseUpdate],
+        weights: list[float],
+        facts: list[ReplyFacts],
+    ) -> dict[str, torch.Tensor]:
+        """With ``fednova`` or ``label_split`` the rule uses the facts; with neither it is
+        :meth:`aggregate`, so a subclass that overrides :meth:`aggregate` is what runs."""
+        if not (self.fednova or self.label_split):
+            return self.aggregate(global_state, updates, weights)
+        return self._combine(global_state, updates, weights, facts)
+
+    def _combine(
         self,
         global_state: dict[str, torch.Tensor],
         updates: list[SparseUpdate],

@@ -197,9 +197,12 @@ class WidthAvg(SparseStrategy):
         weights: list[float],
         facts: list[ReplyFacts],
     ) -> dict[str, torch.Tensor]:
-        if self.label_split:
-            head = self.server_inputs.head_tensors & set(self.table)
-            updates = split_labels(updates, [f.labels for f in facts], head)
+        """With ``label_split`` the head's rows come from the clients holding their label; without
+        it this is :meth:`aggregate`, so a subclass that overrides :meth:`aggregate` is what runs."""
+        if not self.label_split:
+            return self.aggregate(global_state, updates, weights)
+        head = self.server_inputs.head_tensors & set(self.table)
+        updates = split_labels(updates, [f.labels for f in facts], head)
         return element_average(global_state, updates, weights)
 
 

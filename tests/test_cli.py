@@ -83,7 +83,7 @@ def test_a_misspelled_strategy_option_names_only_real_options(tmp_path: Path, fa
     config.write_text('extends = "default"\n[strategy]\nname = "server-momentum"\noptions = { betta = 0.5 }\n')
     done, seconds = fedneq("sims.run", str(config), cwd=tmp_path)
     assert_one_line_error(
-        done, "mine.toml", "['betta']", "'server-momentum'", "['beta', 'eta']", "did you mean 'beta'?"
+        done, "mine.toml", "['betta']", "'server-momentum'", "['beta', 'eta', 'fednova', 'label_split']", "did you mean 'beta'?"
     )
     assert "neuron_map" not in done.stderr  # the server's own arguments are not options
     assert seconds < fast, f"took {seconds:.1f} s"

@@ -532,7 +532,6 @@ def _drop_frozen_state(
             opt.state.pop(p, None)
 
 
-@torch.no_grad()
 def measure_step_memory(
     model: nn.Module,
     neuron_map: NeuronMap,
