@@ -437,14 +437,14 @@ def _forks(device: Device) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sims.benchmarks.soak", description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path, help="a new folder: logs, the run's tables, soak.json")
-    p.add_argument("--nodes", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clients-per-round", type=int, default=5)
-    p.add_argument("--node-kills", type=int, default=4)
-    p.add_argument("--superlink-kills", type=int, default=2)
-    p.add_argument("--round-timeout-s", type=int, default=150)
-    p.add_argument("--timeout-s", type=float, default=3600.0)
+    p.add_argument("--nodes", type=int, default=20, help="SuperNodes, one device each (default 20)")
+    p.add_argument("--rounds", type=int, default=30, help="server rounds (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the fault schedule and the run")
+    p.add_argument("--clients-per-round", type=int, default=5, help="clients sampled a round (default 5)")
+    p.add_argument("--node-kills", type=int, default=4, help="kill -9 of device process groups (default 4)")
+    p.add_argument("--superlink-kills", type=int, default=2, help="SuperLink kills, each resumed (default 2)")
+    p.add_argument("--round-timeout-s", type=int, default=150, help="the server's per-round timeout (default 150)")
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="stop the whole soak after this (default 3600)")
     args = p.parse_args(argv)
     spec = SoakSpec(
         args.out, nodes=args.nodes, rounds=args.rounds, seed=args.seed,
