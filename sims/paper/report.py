@@ -19,7 +19,10 @@ from sims.server.results import atomic_write_text
 __all__ = [
     "READING_END",
     "READING_START",
+    "STUDY_END",
+    "STUDY_START",
     "device_table",
+    "existing_block",
     "invocation_lines",
     "render_page",
     "setting_bullets",
@@ -28,6 +31,10 @@ __all__ = [
 
 READING_START = "<!-- reading:start (hand-written; kept when the page is regenerated) -->"
 READING_END = "<!-- reading:end -->"
+# the long-horizon study's section (``python -m sims.study --docs``), kept when the page is regenerated
+STUDY_START = "<!-- study:start (written by `python -m sims.study --docs`; kept when the page is regenerated) -->"
+STUDY_END = "<!-- study:end -->"
+NO_STUDY = "_The long-horizon study (`python -m sims.study`) writes its section here with `--docs docs`._"
 
 METHOD_LABELS = {
     "velocity": "velocity",
@@ -294,8 +301,13 @@ def render_page(
     plots: dict[str, list[str]],
     reading: str,
     devices: Sequence[dict[str, Any]] = (),
+    study: str = "",
 ) -> str:
-    """RESULTS.md: setup, one section per setting (table + plots), the hand-written reading."""
+    """RESULTS.md: setup, one section per setting (table + plots), the hand-written reading.
+
+    The heterogeneous section opens with ``study``, the long-horizon study's
+    block (:data:`STUDY_START`), and labels this sweep's rows a short run.
+    """
     plan, hw, git = meta["plan"], meta["hardware"], meta["git"]
     quick = plan["name"] == QUICK.name
     changes = plan_changes(plan)
@@ -356,7 +368,14 @@ def render_page(
     for setting in plan["settings"]:
         if not any(r["setting"] == setting for r in table):
             continue
-        lines += ["", f"## {TITLES[setting]}", "", markdown_table(table, setting, meta), ""]
+        lines += ["", f"## {TITLES[setting]}", ""]
+        if setting == "heterogeneous":
+            lines += [STUDY_START, study.strip("\n") or NO_STUDY, STUDY_END, "",
+                      f"### This sweep's MobileNetV2 fleet: a short run ({plan['rounds']} rounds)", "",
+                      "> Every curve of this sweep still rises at its last round: its rows give the "
+                      "MobileNetV2 setting's costs per device class, not where the methods end. The "
+                      "long-horizon study above answers that.", ""]  # fmt: skip
+        lines += [markdown_table(table, setting, meta), ""]
         per_device = device_table(devices, setting, meta)
         lines += [per_device, ""] if per_device else []
         lines += [
@@ -383,11 +402,19 @@ def _plain(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
+def existing_block(page: Path, start: str, end: str) -> str | None:
+    """The text between the ``start`` and ``end`` markers of an existing page, or None."""
+    text = page.read_text() if page.exists() else ""
+    if start in text and end in text:
+        return text.split(start, 1)[1].split(end, 1)[0]
+    return None
+
+
 def existing_reading(page: Path) -> str:
     """The hand-written reading section of an existing RESULTS.md (a placeholder if none)."""
-    text = page.read_text() if page.exists() else ""
-    if READING_START in text and READING_END in text:
-        return text.split(READING_START, 1)[1].split(READING_END, 1)[0]
+    reading = existing_block(page, READING_START, READING_END)
+    if reading is not None:
+        return reading
     return ("\n_To be written by hand after the full sweep: where velocity wins, ties or loses "
             "against random, static SU and full training, compared with the paper's table._\n")  # fmt: skip
 
@@ -414,5 +441,6 @@ def write_report(out_dir: Path | None, docs_dir: Path) -> Path:
     plots = {s: [str(p) for p in plot_setting(tables.curves, s, meta, res)]
              for s in meta["plan"]["settings"] if any(c["setting"] == s for c in tables.curves)}  # fmt: skip
     page = Path(docs_dir) / "RESULTS.md"
-    atomic_write_text(page, render_page(table, meta, plots, existing_reading(page), tables.devices))
+    study = existing_block(page, STUDY_START, STUDY_END) or ""
+    atomic_write_text(page, render_page(table, meta, plots, existing_reading(page), tables.devices, study))
     return page

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds may grow)",
     )  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
+    p.add_argument("--docs", type=Path, metavar="DIR",
+                   help="also write the report into DIR/RESULTS.md (the heterogeneous section) and "
+                   "its tables and curves into DIR/results/study, e.g. --docs docs")  # fmt: skip
     p.add_argument("--measure", type=int, metavar="ROUNDS",
                    help="run every variant ROUNDS rounds in <out>/_measure and project the "
                    "study's wall time; nothing else")  # fmt: skip
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["python -m sims.study", *(argv if argv is not None else sys.argv[1:])])
         failed = run_study(study, args.out, command=command)
         print(f"[study] finished in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
-    page = write_report(study, args.out)
+    page = write_report(study, args.out, args.docs)
     print(f"[study] report: {page}", flush=True)
     if failed:
         print(f"[study] {len(failed)} runs failed: {', '.join(failed)}; rerun to retry them", flush=True)

@@ -13,7 +13,12 @@ From the complete runs of a study folder (``rounds.csv`` has every round):
   over seeds of the tail accuracy, the final accuracy and the slope;
 * ``paired.csv``: the paired differences of :data:`PAIRS` (tail accuracy,
   seed by seed), each with its 95 % t-interval;
+* ``coverage.csv``: per run and tensor, how many clients trained its elements
+  (:mod:`sims.study.coverage`);
 * ``curves_alpha<a>.png``: the mean curve over seeds of every variant.
+
+The section opens with the answers to the study's three questions and its
+target (:mod:`sims.study.answers`).
 
 ``best mixed`` in a pair is the mixed-fleet variant with the highest mean tail
 accuracy at that alpha, chosen on the same seeds its difference is taken
@@ -30,20 +35,25 @@ from pathlib import Path
 from typing import Any
 
 from sims.server.results import atomic_write_text, csv_text, read_csv
+from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
+from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
 from sims.study.plan import VARIANTS, Run, Study, expand
 from sims.study.stats import Interval, paired_difference, t_interval, tail_mean, tail_slope
 
 __all__ = ["BEST_MIXED", "PAIRS", "collect", "render", "write_report"]
 
 BEST_MIXED = "best mixed"
-# the key paired differences: (minuend, subtrahend), each a variant name or BEST_MIXED
+# the key paired differences: (minuend, subtrahend), each a variant name or BEST_MIXED;
+# then every aggregation / local-work rule against velocity / param with sparse-fedavg
 PAIRS: tuple[tuple[str, str], ...] = (
     (BEST_MIXED, "strong-only"),
-    ("velocity-per-param", "random"),
-    ("velocity-per-param", "static"),
-    ("velocity-per-param", "fiarse"),
+    (REFERENCE, "strong-only"),
+    (REFERENCE, "random"),
+    (REFERENCE, "static"),
+    (REFERENCE, "fiarse"),
     (BEST_MIXED, "drop-weak"),
     (BEST_MIXED, "dense"),
+    *((rule, REFERENCE) for rule in RULE_VARIANTS),
 )
 RUN_COLUMNS = (
     "alpha", "variant", "seed", "final_accuracy", "tail_accuracy", "slope_per_100_rounds",
@@ -63,7 +73,7 @@ def _float(text: str) -> float:
 
 
 def _run_tables(study: Study, run: Run, run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """``(runs.csv row, curve rows, classes.csv rows)`` of a complete run folder."""
+    """``(runs.csv row, curve rows, classes.csv rows)`` of a complete run folder (coverage apart)."""
     ident = {"alpha": run.alpha, "variant": run.variant, "seed": run.seed}
     rows = read_csv(run_dir / "rounds.csv")
     evaluated = [r for r in rows if r["accuracy"] != ""]
@@ -104,9 +114,9 @@ def _run_tables(study: Study, run: Run, run_dir: Path) -> tuple[dict, list[dict]
     return summary, curve, per_class
 
 
-def collect(study: Study, out_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """``(runs, curves, classes)`` rows of the complete runs of ``study`` under ``out_dir``."""
-    runs, curves, classes = [], [], []
+def collect(study: Study, out_dir: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """``(runs, curves, classes, coverage)`` rows of the complete runs of ``study`` under ``out_dir``."""
+    runs, curves, classes, coverage = [], [], [], []
     for run in expand(study):
         run_dir = Path(out_dir) / run.key
         done = run_dir / "rounds.csv"
@@ -115,7 +125,8 @@ def collect(study: Study, out_dir: Path) -> tuple[list[dict], list[dict], list[d
             runs.append(s)
             curves += c
             classes += k
-    return runs, curves, classes
+            coverage += run_coverage(run_dir, {"alpha": run.alpha, "variant": run.variant, "seed": run.seed})
+    return runs, curves, classes, coverage
 
 
 def _by(rows: Sequence[dict], alpha: float, variant: str, key: str) -> dict[int, float]:
@@ -155,7 +166,7 @@ def summarize(study: Study, runs: Sequence[dict]) -> tuple[list[dict], list[dict
 def _pair_row(alpha: float, a: str, a_name: str, b_name: str, d: Interval) -> dict[str, Any]:
     minuend = f"{BEST_MIXED} ({a_name})" if a == BEST_MIXED else a_name
     return {"alpha": alpha, "minuend": minuend, "subtrahend": b_name, "seeds": d.n,
-            "mean": d.mean, "low": d.low, "high": d.high, "std": d.std}  # fmt: skip
+            "mean": d.mean, "low": d.low, "high": d.high, "std": d.std, "a": a, "a_name": a_name}  # fmt: skip
 
 
 def _pts(x: float, digits: int = 1, sign: bool = False) -> str:
@@ -169,13 +180,19 @@ def _num(x: float, fmt: str) -> str:
 
 
 def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Sequence[dict],
-           paired: Sequence[dict], classes: Sequence[dict]) -> str:  # fmt: skip
-    """STUDY.md: the setup, the paired differences, the summary and the per-class tables."""
+           paired: Sequence[dict], classes: Sequence[dict], coverage: Sequence[dict] = (),
+           figures: str | None = None) -> str:  # fmt: skip
+    """STUDY.md: the answers, the setup, the paired differences, the summary, per-class and coverage tables.
+
+    ``figures``: a folder (relative to the page) to show the curves from; None names the files.
+    """
     expected = len(expand(study))
     commits = sorted({c for r in runs for c in r["commits"].split()})
     hours = sum(r["seconds"] for r in runs) / 3600
     lines = [
         "## Heterogeneous fleet: long-horizon study",
+        "",
+        *answer_lines(study.alphas, paired),
         "",
         f"{study.num_clients} clients of the default device classes (their budgets and memory "
         f"limits), {study.clients_per_round} a round, Dirichlet α ∈ {{{', '.join(f'{a:g}' for a in study.alphas)}}}, "
@@ -220,9 +237,14 @@ def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Se
             f"{_num(s['slope_std'], '.2f')} | {_num(s['seconds_per_round'], '.2f')} |"
         )
     lines += _class_lines(study, classes)
-    lines += ["", "Curves (mean over seeds): " + ", ".join(
-        f"`curves_alpha{a:g}.png`" for a in study.alphas) + "; tables: `runs.csv`, `curves.csv`, "
-        "`classes.csv`, `summary.csv`, `paired.csv`.", ""]  # fmt: skip
+    lines += coverage_lines(summarize_coverage(coverage), {v: VARIANTS[v].label for v in VARIANTS})
+    tables = "`runs.csv`, `curves.csv`, `classes.csv`, `summary.csv`, `paired.csv`, `coverage.csv`"
+    if figures is None:
+        lines += ["", "Curves (mean over seeds): " + ", ".join(
+            f"`curves_alpha{a:g}.png`" for a in study.alphas) + f"; tables: {tables}.", ""]  # fmt: skip
+    else:
+        lines += ["", f"Tables in `{figures}/`: {tables}.", "",
+                  *(f"![curves, α = {a:g}]({figures}/curves_alpha{a:g}.png)" for a in study.alphas), ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -277,12 +299,16 @@ def _plot(study: Study, curves: Sequence[dict], out_dir: Path) -> None:
         plt.close(fig)
 
 
-def write_report(study: Study, out_dir: Path) -> Path:
-    """Write STUDY.md, the CSVs and the plots into ``out_dir``; returns STUDY.md's path."""
+def write_report(study: Study, out_dir: Path, docs: Path | None = None) -> Path:
+    """Write STUDY.md, the CSVs and the plots into ``out_dir``; returns STUDY.md's path.
+
+    With ``docs``, also publish them into ``<docs>/RESULTS.md`` and ``<docs>/results/study``
+    (:func:`sims.study.publish.publish`).
+    """
     out_dir = Path(out_dir)
     meta_path = out_dir / "study.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    runs, curves, classes = collect(study, out_dir)
+    runs, curves, classes, coverage = collect(study, out_dir)
     summary, paired = summarize(study, runs)
     class_names = list(dict.fromkeys(c["device"] for c in classes))
     atomic_write_text(out_dir / "runs.csv", csv_text(RUN_COLUMNS, runs))
@@ -291,7 +317,12 @@ def write_report(study: Study, out_dir: Path) -> Path:
     atomic_write_text(out_dir / "classes.csv", csv_text(CLASS_COLUMNS, classes))
     atomic_write_text(out_dir / "summary.csv", csv_text(SUMMARY_COLUMNS, summary))
     atomic_write_text(out_dir / "paired.csv", csv_text(PAIRED_COLUMNS, paired))
+    atomic_write_text(out_dir / "coverage.csv", csv_text(COVERAGE_COLUMNS, coverage))
     _plot(study, curves, out_dir)
     page = out_dir / "STUDY.md"
-    atomic_write_text(page, render(study, meta, runs, summary, paired, classes))
+    atomic_write_text(page, render(study, meta, runs, summary, paired, classes, coverage))
+    if docs is not None:
+        from sims.study.publish import FIGURES, publish
+
+        publish(out_dir, docs, render(study, meta, runs, summary, paired, classes, coverage, FIGURES))
     return page

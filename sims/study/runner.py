@@ -223,7 +223,10 @@ def _study_meta(study: Study, out_dir: Path) -> dict[str, Any]:
     """study.json's record, its earlier invocations kept.
 
     Raises ValueError when ``out_dir`` holds a study of other settings (more
-    rounds, seeds or variants are allowed: the study grows).
+    rounds, seeds or variants are allowed: the study grows). The record keeps
+    every seed, alpha and variant of the folder's invocations, so an invocation
+    that runs some of them (e.g. two processes on disjoint seeds) does not hide
+    the others from a later report or resume.
     """
     path = out_dir / "study.json"
     old = json.loads(path.read_text()) if path.exists() else {}
@@ -235,6 +238,10 @@ def _study_meta(study: Study, out_dir: Path) -> dict[str, Any]:
         raise ValueError(
             f"{out_dir} holds a study with other settings ({', '.join(changed)}); use another --out"
         )
+    stored = old.get("study", {})
+    for key in ("seeds", "alphas", "variants"):
+        new[key] = list(dict.fromkeys([*stored.get(key, []), *new[key]]))
+    new["variant_definitions"] = stored.get("variant_definitions", {}) | new["variant_definitions"]
     fleet = [{"name": p.name, "share": s, "budget": p.budget, "memory_fraction": p.memory_fraction,
               "batch_size": p.batch_size} for p, s in default_fleet().classes]  # fmt: skip
     return {
