@@ -10,6 +10,30 @@ from flwr.supercore.task_identity import TaskIdentity
 # One torch thread: on a loaded 2-core machine two threads are several times slower.
 torch.set_num_threads(1)
 
+# The files whose tests take minutes (deployments, the soak, Ray simulations), about the
+# longest first. `-n 2 --dist loadfile` (README, .ci/run) hands each worker the next file
+# in collection order, so these start first and the two workers end together on the
+# quick files. (xdist's own order, by number of tests, would start them last: the soak's
+# three tests then ran alone on one worker at the end.)
+LONG_FILES_FIRST = (
+    "test_deployment.py", "test_deployment_faults.py", "test_soak.py", "test_frontier.py",
+    "test_cli.py", "test_resume.py", "test_simulation.py", "test_paper.py",
+    "test_state_store.py", "test_dynamo_stub.py", "test_study.py", "test_flower_adapter.py",
+    "test_fiarse.py", "test_peers.py", "test_faults.py", "test_robust_server.py",
+    "test_compare.py",
+)  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.7 reorders by test count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """:data:`LONG_FILES_FIRST` first, each file's tests kept together and in order."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture
 def task_identity():
