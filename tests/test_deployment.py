@@ -101,14 +101,6 @@ def run_deploy_test(dep: Deployment, out: Path) -> None:
     check_results(out, load_config(config_path("deploy-test")))
 
 
-def test_loopback_deployment_runs_two_rounds(
-    deployment, pyproject_unchanged, tmp_path: Path
-) -> None:
-    dep = deployment()
-    run_deploy_test(dep, tmp_path / "out")
-    assert dep.stop() == []
-
-
 def test_loopback_deployment_over_tls(deployment, pyproject_unchanged, tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     made = subprocess.run(
@@ -132,23 +124,6 @@ def test_loopback_deployment_over_tls(deployment, pyproject_unchanged, tmp_path:
     assert dep.stop() == []
 
 
-def test_supernode_without_partition_id_names_the_missing_key(deployment, tmp_path: Path) -> None:
-    config = load_config(config_path("deploy-test")).replace(
-        run={"num_clients": 1, "clients_per_round": 1, "min_replies": 1, "round_timeout_s": 60}
-    )
-    one_node = tmp_path / "one-node.toml"
-    one_node.write_text(tomli_w.dumps(config.to_dict()))
-    dep = deployment()
-    dep.start_superlink()
-    dep.start_supernode("supernode", "num-partitions=1 device='mcu'")
-    run_id, output = dep.run_app(f"config='{one_node}' out-dir='{tmp_path / 'out'}'")
-    status = dep.run_status(run_id)
-    assert status["status"] == "finished:failed"
-    assert "node config is missing ['partition-id']" in output, output
-    assert not (tmp_path / "out" / "rounds.csv").exists()
-    assert dep.stop() == []
-
-
 def test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path: Path) -> None:
     from cryptography import x509
 
@@ -169,25 +144,6 @@ def test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path: Path) -> None
         make_certificates(tmp_path, ["a b"])
     with pytest.raises(ValueError, match="days must be an int >= 1, got 0"):
         make_certificates(tmp_path, ["localhost"], days=0)
-
-
-def test_too_few_supernodes_fail_fast_with_the_count_needed(deployment, tmp_path: Path) -> None:
-    dep = deployment()
-    dep.start_superlink()
-    dep.start_supernode("supernode", NODE_CONFIGS[0])  # deploy-test needs 3
-    t0 = time.monotonic()
-    done = dep.flwr(
-        "run", str(REPO), CONNECTION, "--run-config",
-        f"config='deploy-test' out-dir='{tmp_path / 'out'}'", "--stream", timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
-    seconds = time.monotonic() - t0
-    output = done.stdout + done.stderr
-    run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))
-    assert dep.run_status(run_id)["status"] == "finished:failed"
-    assert "only 1 SuperNodes connected" in output and "num_clients=3" in output, output
-    assert seconds < 120, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
-    assert not (tmp_path / "out" / "rounds.csv").exists()
-    assert dep.stop() == []
 
 
 def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
@@ -245,3 +201,46 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
     assert (device_state / "2").is_dir()  # kept on the device ...
     assert not (out / "client_state" / "2").exists()  # ... and not read from the server's folder
     assert dep.stop() == []
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A SuperLink and one SuperNode whose node config lacks ``partition-id``, serving the
+    two failing runs below (each its own ``flwr run``); stopped, and checked to leave no
+    process, after both."""
+    dep = Deployment(tmp_path_factory.mktemp("one-node"))
+    try:
+        dep.start_superlink()
+        dep.start_supernode("supernode", "num-partitions=1 device='mcu'")
+        yield dep
+    finally:
+        left = dep.stop()
+    assert left == []
+
+
+def test_supernode_without_partition_id_names_the_missing_key(one_node, tmp_path: Path) -> None:
+    config = load_config(config_path("deploy-test")).replace(
+        run={"num_clients": 1, "clients_per_round": 1, "min_replies": 1, "round_timeout_s": 60}
+    )
+    one_node_toml = tmp_path / "one-node.toml"
+    one_node_toml.write_text(tomli_w.dumps(config.to_dict()))
+    run_id, output = one_node.run_app(f"config='{one_node_toml}' out-dir='{tmp_path / 'out'}'")
+    status = one_node.run_status(run_id)
+    assert status["status"] == "finished:failed"
+    assert "node config is missing ['partition-id']" in output, output
+    assert not (tmp_path / "out" / "rounds.csv").exists()
+
+
+def test_too_few_supernodes_fail_fast_with_the_count_needed(one_node, tmp_path: Path) -> None:
+    t0 = time.monotonic()  # one SuperNode; deploy-test needs 3 (counted before any is asked)
+    done = one_node.flwr(
+        "run", str(REPO), CONNECTION, "--run-config",
+        f"config='deploy-test' out-dir='{tmp_path / 'out'}'", "--stream", timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    output = done.stdout + done.stderr
+    run_id = int(re.search(r"Successfully started run (\d+)", output).group(1))
+    assert one_node.run_status(run_id)["status"] == "finished:failed"
+    assert "only 1 SuperNodes connected" in output and "num_clients=3" in output, output
+    assert seconds < 120, f"failed after {seconds:.0f} s"  # not the 600 s discovery timeout
+    assert not (tmp_path / "out" / "rounds.csv").exists()
