@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 # quick files. (xdist's own order, by number of tests, would start them last: the soak's
 # three tests then ran alone on one worker at the end.)
 LONG_FILES_FIRST = (
-    "test_deployment.py", "test_deployment_faults.py", "test_soak.py", "test_frontier.py",
+    "test_deployment.py", "test_soak.py", "test_frontier.py", "test_deployment_faults.py",
     "test_cli.py", "test_resume.py", "test_simulation.py", "test_paper.py",
     "test_state_store.py", "test_dynamo_stub.py", "test_study.py", "test_flower_adapter.py",
     "test_fiarse.py", "test_peers.py", "test_faults.py", "test_robust_server.py",

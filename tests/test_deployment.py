@@ -3,11 +3,13 @@
 The commands are the ones docs/DEPLOY.md gives (same flags): the SuperLink
 with ``--disable-runtime-dependency-installation``, SuperNodes whose
 ``--node-config`` says which partition and device they are, a SuperLink
-connection in ``$FLWR_HOME/config.toml`` (a fresh FLWR_HOME per test), and
+connection in ``$FLWR_HOME/config.toml`` (a fresh FLWR_HOME per deployment), and
 ``flwr run <repo> <connection> --run-config ... --stream``. Every process a
 test starts is stopped by the fixture's finalizer, on failure too; the tests
-assert that none is left, found by the test's own FLWR_HOME in their
-environment (which every descendant inherits, even once orphaned).
+assert that none is left, found by the deployment's own FLWR_HOME in their
+environment (which every descendant inherits, even once orphaned). Two module
+fixtures each serve two tests from one deployment: a run that loses a node and
+meets a second claimant, and one SuperNode that two failing runs connect to.
 """
 
 from __future__ import annotations
@@ -146,9 +148,63 @@ def test_certificates_name_the_hosts_and_chain_to_the_ca(tmp_path: Path) -> None
         make_certificates(tmp_path, ["localhost"], days=0)
 
 
-def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
-    deployment, pyproject_unchanged, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def lost_and_claimed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 3-round run of three SuperNodes, two things done to it after round 1:
+
+    * ``kill -9`` of SuperNode 2 (and its ClientApp), restarted at once with the same
+      node config, its velocity in a ``state-dir`` on the device;
+    * a fourth SuperNode claiming partition 1 while node 1 serves it.
+
+    The deployment is stopped before the tests read what it left: the run's
+    output, its tables, the state folders and the processes left.
+    """
+    root = tmp_path_factory.mktemp("lost-and-claimed")
+    pyproject = (REPO / "pyproject.toml").read_bytes()
+    config = load_config(config_path("deploy-test")).replace(
+        run={"rounds": 3, "min_replies": 1, "round_timeout_s": 150}
+    )
+    toml = root / "loss.toml"
+    toml.write_text(tomli_w.dumps(config.to_dict()))
+    device_state, intruder_state = root / "device-2-state", root / "intruder-state"
+    node_configs = dict(NODE_CONFIGS)
+    node_configs[2] += f" state-dir='{device_state}'"
+    dep = Deployment(root / "deployment")
+    out = root / "out"
+    log_path = root / "flwr-run.log"
+    run = None
+    try:
+        dep.start_superlink()
+        for pid, node_config in node_configs.items():
+            dep.start_supernode(f"supernode-{pid}", node_config)
+        with open(log_path, "wb") as log:
+            run = subprocess.Popen(
+                ["flwr", "run", str(REPO), CONNECTION, "--run-config",
+                 f"config='{toml}' out-dir='{out}' devices='{device_table(root)}'", "--stream"],
+                stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.root,
+            )  # fmt: skip
+        rounds_file = out / "rounds.csv"
+        wait_for(lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240,
+                  "round 1", dep)  # fmt: skip
+        os.killpg(dep.procs["supernode-2"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp
+        dep.start_supernode("supernode-2-restarted", node_configs[2])
+        dep.start_supernode("intruder", NODE_CONFIGS[1] + f" state-dir='{intruder_state}'")
+        run.wait(timeout=RUN_TIMEOUT_S + 120)
+        output = log_path.read_text(errors="replace")
+        found = re.search(r"Successfully started run (\d+)", output)
+        assert run.returncode == 0 and found, f"flwr run failed:\n{output}\n{dep.logs()}"
+        status = dep.run_status(int(found.group(1)))["status"]
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+        left = dep.stop()
+    assert (REPO / "pyproject.toml").read_bytes() == pyproject, "flwr run changed pyproject.toml"
+    rows = {(int(c["round"]), int(c["partition_id"])): c for c in read_csv(out / "clients.csv")}
+    return {"out": out, "output": output, "status": status, "rows": rows, "left": left,
+            "device_state": device_state, "intruder_state": intruder_state}  # fmt: skip
+
+
+def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(lost_and_claimed) -> None:
     """kill -9 of one of three SuperNodes after round 1, restarted with the same node config.
 
     Round 2: the SuperLink answers for the lost node (once its heartbeat
@@ -157,42 +213,10 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
     the server re-discovers it, and it trains partition 2 in round 3 from the
     velocity state kept in its ``state-dir`` (not the selector's initializer).
     """
-    config = load_config(config_path("deploy-test")).replace(
-        run={"rounds": 3, "min_replies": 1, "round_timeout_s": 150}
-    )
-    toml = tmp_path / "loss.toml"
-    toml.write_text(tomli_w.dumps(config.to_dict()))
-    device_state = tmp_path / "device-2-state"
-    node_configs = dict(NODE_CONFIGS)
-    node_configs[2] += f" state-dir='{device_state}'"
-    dep = deployment()
-    dep.start_superlink()
-    for pid, node_config in node_configs.items():
-        dep.start_supernode(f"supernode-{pid}", node_config)
-    out = tmp_path / "out"
-    log_path = tmp_path / "flwr-run.log"
-    with open(log_path, "wb") as log:
-        run = subprocess.Popen(
-            ["flwr", "run", str(REPO), CONNECTION, "--run-config",
-             f"config='{toml}' out-dir='{out}' devices='{device_table(tmp_path)}'", "--stream"],
-            stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.root,
-        )  # fmt: skip
-    try:
-        rounds_file = out / "rounds.csv"
-        wait_for(lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240,
-                  "round 1", dep)  # fmt: skip
-        os.killpg(dep.procs["supernode-2"].pid, signal.SIGKILL)  # the SuperNode and its ClientApp
-        dep.start_supernode("supernode-2-restarted", node_configs[2])
-        run.wait(timeout=RUN_TIMEOUT_S + 120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    output = log_path.read_text(errors="replace")
-    found = re.search(r"Successfully started run (\d+)", output)
-    assert run.returncode == 0 and found, f"flwr run failed:\n{output}\n{dep.logs()}"
-    assert dep.run_status(int(found.group(1)))["status"] == "finished:completed", output
+    run = lost_and_claimed
+    out, rows, device_state = run["out"], run["rows"], run["device_state"]
+    assert run["status"] == "finished:completed", run["output"]
     assert json.loads((out / "status.json").read_text())["status"] == "completed"
-    rows = {(int(c["round"]), int(c["partition_id"])): c for c in read_csv(out / "clients.csv")}
     assert [rows[(1, p)]["status"] for p in range(3)] == ["ok"] * 3
     assert rows[(2, 2)]["status"] == "failed" and rows[(2, 2)]["reason"], rows[(2, 2)]
     assert rows[(2, 0)]["status"] == rows[(2, 1)]["status"] == "ok"
@@ -200,7 +224,21 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_after_a_restart(
     assert (rows[(1, 2)]["used_initializer"], rows[(3, 2)]["used_initializer"]) == ("1", "0")
     assert (device_state / "2").is_dir()  # kept on the device ...
     assert not (out / "client_state" / "2").exists()  # ... and not read from the server's folder
-    assert dep.stop() == []
+    assert run["left"] == []
+
+
+def test_a_second_claimant_of_a_partition_is_refused_while_its_node_serves(lost_and_claimed) -> None:
+    """A fourth SuperNode claims partition 1 after round 1: it is refused, node 1 keeps training."""
+    run = lost_and_claimed
+    assert run["status"] == "finished:completed", run["output"]
+    assert re.search(r"claims partition-id 1, which is bound to node \d+, still connected: refused",
+                     run["output"]), run["output"]  # fmt: skip
+    rows = run["rows"]
+    assert [rows[(r, 1)]["status"] for r in (1, 2, 3)] == ["ok"] * 3
+    # node 1 kept training from its own velocity; the intruder never trained
+    assert [rows[(r, 1)]["used_initializer"] for r in (1, 2, 3)] == ["1", "0", "0"]
+    assert not run["intruder_state"].exists()
+    assert run["left"] == []
 
 
 @pytest.fixture(scope="module")

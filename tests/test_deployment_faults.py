@@ -1,5 +1,5 @@
-"""A deployment's bad day on loopback: bad nodes caught at discovery, a partition bound to its node,
-the device service's command and process-group kill.
+"""A deployment's bad day on loopback: bad nodes caught at discovery, the device service's
+command and process-group kill (a partition bound to its node: ``tests/test_deployment.py``).
 
 Real ``flower-superlink`` / ``flower-supernode`` processes and ``flwr run``, as in
 ``tests/test_deployment.py`` (the :class:`Deployment` of ``tests/helpers.py``).
@@ -11,38 +11,24 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import tomli_w
 from helpers import (
-    CONNECTION,
     NODE_CONFIGS,
     REPO,
-    RUN_TIMEOUT_S,
-    Deployment,
-    device_table,
     wait_for,
 )
 
 from fedneq.config import load_config
 from fedneq.federation.device_data import write_partition_files
 from sims.server.config_files import config_path
-from sims.server.results import read_csv
 
 UNIT = REPO / "deploy" / "systemd" / "fedneq-supernode@.service"
 ENV_EXAMPLE = REPO / "deploy" / "systemd" / "supernode.env.example"
 DEPLOY_MD = REPO / "docs" / "DEPLOY.md"
-
-
-def _run_in_background(dep: Deployment, run_config: str, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            ["flwr", "run", str(REPO), CONNECTION, "--run-config", run_config, "--stream"],
-            stdout=log, stderr=subprocess.STDOUT, env=dep.env, cwd=dep.root,
-        )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -75,48 +61,6 @@ def test_a_stale_data_file_and_a_wrong_device_fail_at_discovery_in_the_stream(
     assert "partition-id 1 declares device 'pi-4', the server's table gives it 'mcu'" in output
     assert "[fedneq] round 1" not in output and not (tmp_path / "out" / "rounds.csv").exists()
     assert seconds < 120, f"failed after {seconds:.0f} s"
-    assert dep.stop() == []
-
-
-@pytest.mark.slow
-def test_a_second_claimant_of_a_partition_is_refused_while_its_node_serves(
-    deployment, tmp_path: Path
-) -> None:
-    """A fourth SuperNode claims partition 2 after round 1: it is refused, node 2 keeps training."""
-    config = load_config(config_path("deploy-test")).replace(run={"rounds": 3})
-    toml = tmp_path / "three-rounds.toml"
-    toml.write_text(tomli_w.dumps(config.to_dict()))
-    intruder_state = tmp_path / "intruder-state"
-    dep = deployment()
-    dep.start_superlink()
-    for pid, node_config in NODE_CONFIGS.items():
-        dep.start_supernode(f"supernode-{pid}", node_config)
-    out = tmp_path / "out"
-    log_path = tmp_path / "flwr-run.log"
-    run = _run_in_background(
-        dep, f"config='{toml}' out-dir='{out}' devices='{device_table(tmp_path)}'", log_path
-    )
-    try:
-        rounds_file = out / "rounds.csv"
-        wait_for(
-            lambda: rounds_file.exists() and len(read_csv(rounds_file)) >= 1, 240, "round 1", dep
-        )
-        dep.start_supernode("intruder", NODE_CONFIGS[2] + f" state-dir='{intruder_state}'")
-        run.wait(timeout=RUN_TIMEOUT_S + 60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    output = log_path.read_text(errors="replace")
-    found = re.search(r"Successfully started run (\d+)", output)
-    assert run.returncode == 0 and found, f"flwr run failed:\n{output}\n{dep.logs()}"
-    assert dep.run_status(int(found.group(1)))["status"] == "finished:completed", output
-    assert re.search(r"claims partition-id 2, which is bound to node \d+, still connected: refused",
-                     output), output  # fmt: skip
-    rows = {(int(c["round"]), int(c["partition_id"])): c for c in read_csv(out / "clients.csv")}
-    assert [rows[(r, 2)]["status"] for r in (1, 2, 3)] == ["ok"] * 3
-    # node 2 kept training from its own velocity; the intruder never trained
-    assert [rows[(r, 2)]["used_initializer"] for r in (1, 2, 3)] == ["1", "0", "0"]
-    assert not intruder_state.exists()
     assert dep.stop() == []
 
 
