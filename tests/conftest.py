@@ -13,8 +13,8 @@ torch.set_num_threads(1)
 # The files whose tests take minutes (deployments, the soak, Ray simulations), about the
 # longest first. `-n 2 --dist loadfile` (README, .ci/run) hands each worker the next file
 # in collection order, so these start first and the two workers end together on the
-# quick files. (xdist's own order, by number of tests, would start them last: the soak's
-# three tests then ran alone on one worker at the end.)
+# quick files. (xdist's own order, most tests first, hands them out among the last: the
+# soak's 3 tests after every file with more, then one worker runs it while the other idles.)
 LONG_FILES_FIRST = (
     "test_deployment.py", "test_soak.py", "test_frontier.py", "test_deployment_faults.py",
     "test_cli.py", "test_resume.py", "test_simulation.py", "test_paper.py",

@@ -1,4 +1,7 @@
-"""End to end through Flower's simulation engine on Ray: 4 heterogeneous clients, 2 rounds."""
+"""End to end through Flower's simulation engine on Ray: 4 heterogeneous clients, 2 rounds.
+
+The neuron-avg run and a custom strategy's run share one engine (a module fixture).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import tiny_sim
 import torch
 
 from fedneq.config import Config
-from sims.run import backend_config, simulate
+from sims.run import backend_config, simulate, simulate_many
+from sims.server import RunSpec
 from sims.server.results import read_csv
 from strategies import SparseStrategy, get_strategy, register_strategy
 from strategies.neuron_avg import neuron_average
@@ -27,11 +31,24 @@ def tiny_config(tmp_path: Path, **strategy) -> Config:
     )
 
 
+calls: list[int] = []  # the clients each aggregate of the test-half-step strategy got
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Config, Path, list]]:
+    """The neuron-avg run and the custom strategy's run, one after the other in one engine
+    (``simulate_many``: Ray starts once): ``{name: (config, out_dir, rounds.csv rows)}``."""
+    root = tmp_path_factory.mktemp("simulation")
+    configs = {"neuron-avg": tiny_config(root), "test-half-step": tiny_config(root, name="test-half-step")}
+    outs = {"neuron-avg": root / "run", "test-half-step": root / "custom"}
+    calls.clear()
+    rows = simulate_many([RunSpec(configs[name], outs[name]) for name in configs])
+    return {name: (configs[name], outs[name], r) for name, r in zip(configs, rows, strict=True)}
+
+
 @pytest.mark.slow
-def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
-    config = tiny_config(tmp_path)
-    out = tmp_path / "run"
-    rounds = simulate(config, out)
+def test_two_rounds_with_heterogeneous_clients_on_ray(two_runs) -> None:
+    config, out, rounds = two_runs["neuron-avg"]
     assert [int(r["round"]) for r in rounds] == [1, 2]
     assert all(int(r["replied"]) == 4 and int(r["failed"]) == 0 for r in rounds)
     accuracy = [float(r["accuracy"]) for r in rounds]
@@ -83,9 +100,6 @@ def test_two_rounds_with_heterogeneous_clients_on_ray(tmp_path: Path) -> None:
     assert Config.from_json((out / "config.json").read_text()) == config
 
 
-calls: list[int] = []
-
-
 @register_strategy("test-half-step")
 class HalfStep(SparseStrategy):
     """Moves the global model half way to the neuron-wise average."""
@@ -97,10 +111,8 @@ class HalfStep(SparseStrategy):
 
 
 @pytest.mark.slow
-def test_a_custom_strategy_plugged_in_by_name_runs(tmp_path: Path) -> None:
-    calls.clear()
-    config = tiny_config(tmp_path, name="test-half-step")
-    rounds = simulate(config, tmp_path / "custom")
+def test_a_custom_strategy_plugged_in_by_name_runs(two_runs) -> None:
+    config, _, rounds = two_runs["test-half-step"]
     assert calls == [4, 4]  # the server used the registered class for both rounds
     assert len(rounds) == 2
     assert isinstance(get_strategy("test-half-step", neuron_map=_nmap(config), table=("x",)), HalfStep)
