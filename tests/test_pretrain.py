@@ -15,6 +15,7 @@ from fedneq.data.datasets import class_subset, get_dataset
 from fedneq.models import get_model
 from fedneq.training.loop import evaluate
 from fedneq.training.pretrain import (
+    cached_pretrain,
     checkpoint_paths,
     limit_subset,
     load_checkpoint,
@@ -135,6 +136,29 @@ def test_train_and_test_limits(tmp_path: Path) -> None:
     pretrain("small-cnn", "digits", out=tmp_path / "c", epochs=1)
     unlimited = json.loads((tmp_path / "c.json").read_text())
     assert unlimited["train_limit"] == 0 and unlimited["train_samples"] > 100
+
+
+def test_cached_pretrain_trains_once_per_key(tmp_path: Path) -> None:
+    kw = {"epochs": 1, "batch_size": 32, "seed": 0, "train_limit": 64, "test_limit": 32}
+    lines: list[str] = []
+    first = cached_pretrain(
+        "small-cnn", "digits", cache_dir=tmp_path, key={"seed": 0}, log=lines.append, **kw
+    )
+    # the name is pinned (SHA-256 of the sorted JSON key): caches written before stay valid
+    assert first == tmp_path / "small-cnn-digits-de7d7744ccd7.safetensors" and first.is_file()
+    stem = tmp_path / "small-cnn-digits-de7d7744ccd7"
+    assert lines[0] == f"pretraining small-cnn on the upstream classes of digits -> {stem}"
+    assert len(lines) > 1 and all(line.startswith("pretrain ") for line in lines[1:])
+    assert json.loads(checkpoint_paths(first)[1].read_text())["train_samples"] == 64
+    written, count = first.stat().st_mtime_ns, len(lines)
+    again = cached_pretrain(
+        "small-cnn", "digits", cache_dir=tmp_path, key={"seed": 0}, log=lines.append, **kw
+    )
+    assert again == first and first.stat().st_mtime_ns == written and len(lines) == count
+    other = cached_pretrain(
+        "small-cnn", "digits", cache_dir=tmp_path, key={"seed": 1}, log=lines.append, **kw
+    )
+    assert other == tmp_path / "small-cnn-digits-a4bbadc1c789.safetensors" and other.is_file()
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,12 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,14 @@ from fedneq.models import get_model, load_state_file, load_weights, model_head
 from fedneq.training.loop import evaluate
 from fedneq.training.schedule import batch_slices
 
-__all__ = ["checkpoint_paths", "limit_subset", "load_checkpoint", "main", "pretrain"]
+__all__ = [
+    "cached_pretrain",
+    "checkpoint_paths",
+    "limit_subset",
+    "load_checkpoint",
+    "main",
+    "pretrain",
+]
 
 FORMAT_VERSION = 1
 
@@ -216,6 +225,49 @@ def pretrain(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights), metadata={"fedneq": json.dumps({"model": model_name})})
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return weights
+
+
+def cached_pretrain(
+    model_name: str,
+    dataset_name: str,
+    *,
+    cache_dir: str | Path,
+    key: Mapping[str, Any],
+    log: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> Path:
+    """:func:`pretrain` once into ``cache_dir``; later calls with the same ``key`` reuse the file.
+
+    Parameters
+    ----------
+    model_name, dataset_name:
+        Passed to :func:`pretrain`; they begin the file name.
+    cache_dir:
+        Folder of the cache: the checkpoint is ``<model>-<dataset>-<hash>``
+        (``.safetensors`` + ``.json``), ``<hash>`` the first 12 hex digits
+        of the SHA-256 of ``key`` as sorted JSON.
+    key:
+        What the checkpoint depends on (JSON values); a change of any value
+        names another file, so a stale checkpoint is never reused.
+    log:
+        Gets a line before training and :func:`pretrain`'s lines (prefixed ``pretrain``).
+    **kwargs:
+        The rest of :func:`pretrain`'s arguments (``epochs``, ``seed``, ...).
+
+    Returns
+    -------
+    Path
+        The weights file ``<stem>.safetensors``.
+    """
+    digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / f"{model_name}-{dataset_name}-{digest}"
+    weights, _ = checkpoint_paths(out)
+    if not weights.exists():
+        log(f"pretraining {model_name} on the upstream classes of {dataset_name} -> {out}")
+        pretrain(
+            model_name, dataset_name, out=out, log=lambda line: log(f"pretrain {line}"), **kwargs
+        )
     return weights
 
 

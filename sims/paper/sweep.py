@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
@@ -32,7 +31,7 @@ import torch
 
 from fedneq.config import Config
 from fedneq.task import build_model, load_task
-from fedneq.training.pretrain import checkpoint_paths, pretrain
+from fedneq.training.pretrain import cached_pretrain, checkpoint_paths
 from sims.paper.plan import (
     Plan,
     Run,
@@ -200,23 +199,17 @@ def run_jobs(
 
 def pretrained_checkpoint(plan: Plan, cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Pretrain MobileNetV2 on the upstream classes once; later sweeps reuse the file."""
-    spec = {
+    key = {
         "dataset": plan.dataset, "image_size": plan.image_size, "width_mult": plan.width_mult,
         "epochs": plan.pretrain_epochs, "train_limit": plan.pretrain_train_limit,
         "test_limit": plan.pretrain_test_limit, "seed": 0,
     }  # fmt: skip
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cache_dir) / f"mobilenet_v2-{plan.dataset}-{key}"
-    weights, _ = checkpoint_paths(out)
-    if not weights.exists():
-        log(f"[paper] pretraining mobilenet_v2 on the upstream classes of {plan.dataset} -> {out}")
-        pretrain(
-            "mobilenet_v2", plan.dataset, out=out, epochs=plan.pretrain_epochs, seed=0,
-            image_size=plan.image_size, width_mult=plan.width_mult,
-            train_limit=plan.pretrain_train_limit, test_limit=plan.pretrain_test_limit,
-            log=lambda line: log(f"[paper] pretrain {line}"),
-        )  # fmt: skip
-    return weights
+    return cached_pretrain(
+        "mobilenet_v2", plan.dataset, cache_dir=cache_dir, key=key, epochs=plan.pretrain_epochs,
+        seed=0, image_size=plan.image_size, width_mult=plan.width_mult,
+        train_limit=plan.pretrain_train_limit, test_limit=plan.pretrain_test_limit,
+        log=lambda line: log(f"[paper] {line}"),
+    )  # fmt: skip
 
 
 def plan_jobs(

@@ -9,8 +9,6 @@ half with a fresh head.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from torch import nn
 
 from fedneq.config import Config
 from fedneq.task import Task, upstream_classes
-from fedneq.training.pretrain import load_checkpoint, pretrain
+from fedneq.training.pretrain import cached_pretrain, load_checkpoint
 
 __all__ = ["initial_state", "upstream_checkpoint"]
 
@@ -26,28 +24,23 @@ __all__ = ["initial_state", "upstream_checkpoint"]
 def upstream_checkpoint(config: Config, num_dataset_classes: int, cache_dir: Path) -> Path:
     """Pretrain on the upstream classes once; later runs reuse the cached checkpoint."""
     m, d = config.model, config.data
-    spec = {
+    key = {
         "model": m.name, "width_mult": m.width_mult, "dataset": d.dataset, "root": d.root,
         "image_size": d.image_size, "epochs": m.pretrain_epochs, "seed": config.run.seed,
     }  # fmt: skip
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cache_dir) / f"{m.name}-{d.dataset}-{key}"
-    if not out.with_suffix(".safetensors").exists():
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        print(f"[fedneq] pretraining {m.name} on {d.dataset} upstream classes -> {out}", flush=True)
-        pretrain(
-            m.name,
-            d.dataset,
-            upstream_classes=upstream_classes(num_dataset_classes),
-            epochs=m.pretrain_epochs,
-            seed=config.run.seed,
-            image_size=d.image_size or None,
-            width_mult=m.width_mult,
-            data_root=d.root or None,
-            out=out,
-            log=lambda line: print(f"[fedneq] pretraining {line}", flush=True),
-        )
-    return out.with_suffix(".safetensors")
+    return cached_pretrain(
+        m.name,
+        d.dataset,
+        cache_dir=cache_dir,
+        key=key,
+        upstream_classes=upstream_classes(num_dataset_classes),
+        epochs=m.pretrain_epochs,
+        seed=config.run.seed,
+        image_size=d.image_size or None,
+        width_mult=m.width_mult,
+        data_root=d.root or None,
+        log=lambda line: print(f"[fedneq] {line}", flush=True),
+    )
 
 
 def initial_state(config: Config, task: Task, model: nn.Module, cache_dir: Path) -> dict[str, torch.Tensor]:

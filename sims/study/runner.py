@@ -14,7 +14,6 @@ projects the whole study's wall time from the seconds per round.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 
 from fedneq.config import Config
 from fedneq.federation.devices import default_fleet
-from fedneq.training.pretrain import checkpoint_paths, pretrain
+from fedneq.training.pretrain import cached_pretrain, checkpoint_paths
 from sims.paper.sweep import git_info, hardware
 from sims.server import STATUS_FILE, RunSpec
 from sims.server.results import atomic_write_text, read_csv
@@ -49,19 +48,13 @@ RETRY_WAIT_S = 60.0
 
 def pretrained_checkpoint(study: Study, cache_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Pretrain ``study.model`` on the upstream classes once (seed 0); later studies reuse it."""
-    spec = {"model": study.model, "width_mult": study.width_mult, "dataset": study.dataset,
-            "image_size": study.image_size, "epochs": study.pretrain_epochs, "seed": 0}  # fmt: skip
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(cache_dir) / f"{study.model}-{study.dataset}-{key}"
-    weights, _ = checkpoint_paths(out)
-    if not weights.exists():
-        log(f"[study] pretraining {study.model} on the upstream classes of {study.dataset} -> {out}")
-        pretrain(
-            study.model, study.dataset, out=out, epochs=study.pretrain_epochs, seed=0,
-            image_size=study.image_size or None, width_mult=study.width_mult,
-            log=lambda line: log(f"[study] pretrain {line}"),
-        )  # fmt: skip
-    return weights
+    key = {"model": study.model, "width_mult": study.width_mult, "dataset": study.dataset,
+           "image_size": study.image_size, "epochs": study.pretrain_epochs, "seed": 0}  # fmt: skip
+    return cached_pretrain(
+        study.model, study.dataset, cache_dir=cache_dir, key=key, epochs=study.pretrain_epochs,
+        seed=0, image_size=study.image_size or None, width_mult=study.width_mult,
+        log=lambda line: log(f"[study] {line}"),
+    )  # fmt: skip
 
 
 def study_configs(study: Study, out_dir: Path, checkpoint: str | Path = "") -> dict[Run, Config]:
