@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from torch import nn
 from fedneq.federation.wire import tensor_table
 from fedneq.models import get_model
 from fedneq.neurons import NeuronMap, enumerate_neurons
-from sims.benchmarks.soak_fleet import free_port, processes_with_home
+from sims.benchmarks.soak_fleet import free_port, processes_with_home, stop_processes
 from sims.deploy import TlsFiles
 
 
@@ -315,43 +314,12 @@ class Deployment:
         """Ctrl-C every process (graceful), then SIGKILL what is left; returns the survivors.
 
         Each process it started leads its own process group (``start_new_session``):
-        the group is signalled, its children (``flower-superexec``, ``flwr-clientapp``)
-        with it, then any process still carrying this FLWR_HOME.
+        :func:`~sims.benchmarks.soak_fleet.stop_processes` signals the group, its
+        children (``flower-superexec``, ``flwr-clientapp``) with it, then any process
+        still carrying this FLWR_HOME.
         """
-        for proc in self.procs.values():
-            _signal_group(proc.pid, signal.SIGINT)
-        for pid in self.processes():
-            _signal(pid, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for proc in self.procs.values():
-            _signal_group(proc.pid, signal.SIGKILL)
-        for pid in self.processes():
-            _signal(pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 5
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return self.processes()
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        procs = list(self.procs.values())
+        return stop_processes([p.pid for p in procs], procs, self.home, grace_s)
 
 
 def wait_for(condition, timeout_s: float, what: str, dep: Deployment) -> None:

@@ -10,6 +10,9 @@ must pass.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from sims.benchmarks.soak import SoakSpec, plan_faults, run_soak, soak_config
-from sims.benchmarks.soak_fleet import Fleet
+from sims.benchmarks.soak_fleet import Fleet, processes_with_home, stop_processes
 from sims.server.exchange import sample_partitions
 
 
@@ -44,6 +47,39 @@ def test_the_fault_schedule_is_seeded_and_holds_every_kind(tmp_path: Path) -> No
         SoakSpec(tmp_path, rounds=8)
     with pytest.raises(ValueError, match="nodes should be >= 3"):
         SoakSpec(tmp_path, nodes=2)
+
+
+# a leader that forks a child which ignores Ctrl-C, and a grandchild in a session of its own
+_TREE = """
+import os, signal, subprocess, sys, time
+mode = sys.argv[1]
+if mode == "leader":
+    subprocess.Popen([sys.executable, __file__, "stubborn"])
+    subprocess.Popen([sys.executable, __file__, "stubborn"], start_new_session=True)
+elif mode == "stubborn":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+open(os.path.join(os.environ["FLWR_HOME"], f"{mode}-{os.getpid()}"), "w").close()
+time.sleep(120)
+"""
+
+
+def test_stop_processes_interrupts_then_kills_every_process_carrying_the_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    script = tmp_path / "tree.py"
+    script.write_text(_TREE)
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    leader = subprocess.Popen([sys.executable, str(script), "leader"], env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(home.iterdir())) < 3:  # the leader and both stubborn processes are up
+        assert time.monotonic() < deadline and leader.poll() is None
+        time.sleep(0.1)
+    assert len(processes_with_home(home)) == 3
+    started = time.monotonic()
+    assert stop_processes([leader.pid], [leader], home, grace_s=1.0) == []
+    assert processes_with_home(home) == [] and leader.returncode is not None
+    assert leader.returncode != -9  # the leader ended at Ctrl-C, the stubborn ones at SIGKILL
+    assert time.monotonic() - started >= 1.0
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ device a ``flower-supernode`` (``--isolation process``) and the warm SuperExec
 of their own, as a systemd unit's cgroup holds them (``KillMode=control-group``):
 killing the group takes the ClientApp forks with it. Every process carries the
 fleet's own ``FLWR_HOME`` in its environment, which its descendants inherit even
-once orphaned: :meth:`Fleet.processes` finds them all, :meth:`Fleet.stop` ends them.
+once orphaned: :meth:`Fleet.processes` finds them all, :meth:`Fleet.stop` ends them
+(:func:`stop_processes`, which the tests' deployments use too).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from sims.deploy import make_certificates
 
 __all__ = [
     "CONNECTION", "Device", "Fleet", "free_port", "group_members", "make_key_pair", "port_bound",
-    "processes_with_home",
+    "processes_with_home", "stop_processes",
 ]  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -329,29 +331,8 @@ class Fleet:
         """Ctrl-C every process group, then SIGKILL what is left; returns the survivors' pids."""
         groups = [d.group for d in self.devices.values() if d.group]
         groups += [p.pid for p in [self.superlink, *self.others] if p is not None]
-        for pgid in groups:
-            _killpg(pgid, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pgid in groups:
-            _killpg(pgid, signal.SIGKILL)
-        for pid in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         procs = [p for d in self.devices.values() for p in d.procs] + [self.superlink, *self.others]
-        for proc in procs:
-            if proc is not None:
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-        deadline = time.monotonic() + 5
-        while self.processes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return self.processes()
+        return stop_processes(groups, [p for p in procs if p is not None], self.home, grace_s)
 
     def bound_ports(self) -> list[int]:
         """The fleet's ports (the SuperLink's, every SuperNode's) that something still holds."""
@@ -376,6 +357,45 @@ class Fleet:
             return {}
         runs = json.loads(done.stdout[done.stdout.index("{") :]).get("runs", [])
         return {int(r["run-id"]): r["status"] for r in runs}
+
+
+def stop_processes(
+    groups: Sequence[int], procs: Sequence[subprocess.Popen], home: Path, grace_s: float = 10.0
+) -> list[int]:
+    """Stop what a deployment started: Ctrl-C, then SIGKILL after ``grace_s``; returns the survivors.
+
+    Each of ``groups`` (process group ids) is signalled as a whole, its children
+    (``flower-superexec``, ``flwr-clientapp``) with it, and so is every live
+    process carrying ``FLWR_HOME=<home>`` (:func:`processes_with_home`), even
+    one that left its group. ``procs`` are the :class:`subprocess.Popen` s the
+    caller started: they are waited for (reaped). The survivors are the
+    processes still carrying ``home`` 5 s after the SIGKILL.
+    """
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        for pgid in groups:
+            _killpg(pgid, sig)
+        for pid in processes_with_home(home):
+            _kill(pid, sig)
+        if sig == signal.SIGINT:
+            deadline = time.monotonic() + grace_s
+            while processes_with_home(home) and time.monotonic() < deadline:
+                time.sleep(0.2)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 5
+    while processes_with_home(home) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return processes_with_home(home)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _killpg(pgid: int, sig: int) -> None:
