@@ -31,8 +31,9 @@ sizes, device classes, the tensors trained outside the budget, the round's
 sample), set with :meth:`SparseStrategy.set_server_inputs` and read as
 :attr:`SparseStrategy.server_inputs`. A rule that needs more than the updates
 and their weights (a reply's local steps, its client's labels) overrides
-:meth:`SparseStrategy.aggregate_replies`, which also gets one
-:class:`ReplyFacts` per update. After every aggregation
+:meth:`SparseStrategy.aggregate_with_facts`, which also gets one
+:class:`ReplyFacts` per update, and says when it needs them with
+:attr:`SparseStrategy.uses_reply_facts`. After every aggregation
 :attr:`SparseStrategy.last_coverage` holds how many of the aggregated replies
 trained each parameter (:mod:`strategies.coverage`).
 """
@@ -286,6 +287,29 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         Must return a tensor for every key of ``global_state``, same shape.
         """
 
+    @property
+    def uses_reply_facts(self) -> bool:
+        """Whether this rule, as configured, needs the :class:`ReplyFacts` (default False).
+
+        A rule with a switch that reads them (``fednova``: local steps;
+        ``label_split``: labels) returns True while the switch is on.
+        """
+        return False
+
+    def aggregate_with_facts(
+        self,
+        global_state: dict[str, torch.Tensor],
+        updates: list[SparseUpdate],
+        weights: list[float],
+        facts: list[ReplyFacts],
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`aggregate` given also one :class:`ReplyFacts` per update (local steps, labels).
+
+        Override it, with :attr:`uses_reply_facts`, for a rule that needs the
+        facts; the default ignores them.
+        """
+        return self.aggregate(global_state, updates, weights)
+
     def aggregate_replies(
         self,
         global_state: dict[str, torch.Tensor],
@@ -293,9 +317,12 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         weights: list[float],
         facts: list[ReplyFacts],
     ) -> dict[str, torch.Tensor]:
-        """:meth:`aggregate`, given also what the server knows of each reply (one
-        :class:`ReplyFacts` per update): what ``aggregate_train`` calls. Override it for a rule
-        that needs the facts (local steps, labels); the default ignores them."""
+        """What ``aggregate_train`` calls: :meth:`aggregate_with_facts` if
+        :attr:`uses_reply_facts`, else :meth:`aggregate`, so a subclass that overrides only
+        :meth:`aggregate` (a plug-in over a built-in rule) is what runs unless a switch that
+        needs the facts is on."""
+        if self.uses_reply_facts:
+            return self.aggregate_with_facts(global_state, updates, weights, facts)
         return self.aggregate(global_state, updates, weights)
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:

@@ -110,28 +110,21 @@ class RowRule(SparseStrategy):
     ) -> dict[str, torch.Tensor]:
         """The rule knowing nothing of the replies (no steps, no labels)."""
         facts = [ReplyFacts(-1, None, None) for _ in updates]
-        return self._combine(global_state, updates, weights, facts)
+        return self.aggregate_with_facts(global_state, updates, weights, facts)
 
-    def aggregate_replies(
+    @property
+    def uses_reply_facts(self) -> bool:
+        """``fednova`` or ``label_split`` is on."""
+        return self.fednova or self.label_split
+
+    def aggregate_with_facts(
         self,
         global_state: dict[str, torch.Tensor],
         updates: list[SparseUpdate],
         weights: list[float],
         facts: list[ReplyFacts],
     ) -> dict[str, torch.Tensor]:
-        """With ``fednova`` or ``label_split`` the rule uses the facts; with neither it is
-        :meth:`aggregate`, so a subclass that overrides :meth:`aggregate` is what runs."""
-        if not (self.fednova or self.label_split):
-            return self.aggregate(global_state, updates, weights)
-        return self._combine(global_state, updates, weights, facts)
-
-    def _combine(
-        self,
-        global_state: dict[str, torch.Tensor],
-        updates: list[SparseUpdate],
-        weights: list[float],
-        facts: list[ReplyFacts],
-    ) -> dict[str, torch.Tensor]:
+        """:meth:`step` over the :meth:`row_average` of the round."""
         return self.step(global_state, self.row_average(global_state, updates, weights, facts),
                          float(sum(weights)))  # fmt: skip
 

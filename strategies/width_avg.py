@@ -190,17 +190,19 @@ class WidthAvg(SparseStrategy):
     ) -> dict[str, torch.Tensor]:
         return element_average(global_state, updates, weights)
 
-    def aggregate_replies(
+    @property
+    def uses_reply_facts(self) -> bool:
+        """``label_split`` is on."""
+        return self.label_split
+
+    def aggregate_with_facts(
         self,
         global_state: dict[str, torch.Tensor],
         updates: list[SparseUpdate],
         weights: list[float],
         facts: list[ReplyFacts],
     ) -> dict[str, torch.Tensor]:
-        """With ``label_split`` the head's rows come from the clients holding their label; without
-        it this is :meth:`aggregate`, so a subclass that overrides :meth:`aggregate` is what runs."""
-        if not self.label_split:
-            return self.aggregate(global_state, updates, weights)
+        """The head's rows from the clients holding their label, the rest as :meth:`aggregate`."""
         head = self.server_inputs.head_tensors & set(self.table)
         updates = split_labels(updates, [f.labels for f in facts], head)
         return element_average(global_state, updates, weights)

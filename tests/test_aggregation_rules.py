@@ -268,6 +268,28 @@ def test_label_split_for_heterofl_element_blocks() -> None:
 # --- coverage ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("base", "switch"), [(NeuronAvg, "fednova"), (NeuronAvg, "label_split"),
+                                              (SparseFedAvg, "fednova"), (HeteroFL, "label_split")])
+def test_a_subclass_aggregate_runs_unless_a_switch_needs_the_reply_facts(base, switch) -> None:
+    """A plug-in that overrides only ``aggregate`` is what runs; a facts switch takes over."""
+    _, state, nm, table = linear3()
+
+    class Keep(base):
+        def aggregate(self, global_state, updates, weights):
+            return {k: v.clone() for k, v in global_state.items()}
+
+    off, on = Keep(nm, table), Keep(nm, table, **{switch: True})
+    for strategy in (off, on):
+        strategy.set_server_inputs(head_tensors=HEAD)
+    assert (off.uses_reply_facts, on.uses_reply_facts) == (False, True)
+    assert base(nm, table).uses_reply_facts is False
+    updates, given = label_updates(), facts(steps=NOVA_STEPS, labels=LABELS)
+    kept = off.aggregate_replies(state, updates, LABEL_WEIGHTS, given)
+    assert all(torch.equal(kept[k], state[k]) for k in state)  # the subclass's own rule
+    moved = on.aggregate_replies(state, updates, LABEL_WEIGHTS, given)
+    assert not torch.equal(moved["fc.weight"], state["fc.weight"])  # the facts-aware built-in rule
+
+
 def test_coverage_counts_on_a_crafted_round() -> None:
     state = {"w": torch.zeros(3, 2), "a": torch.zeros(2, 2), "b": torch.zeros(4)}
     rows = lambda *r: torch.tensor(r)  # noqa: E731
