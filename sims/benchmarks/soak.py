@@ -41,6 +41,7 @@ from pathlib import Path
 
 import tomli_w
 
+from fedneq._validate import check_at_least, check_in_range
 from fedneq.config import Config, load_config
 from fedneq.federation.device_data import write_partition_files
 from sims.benchmarks.soak_checks import check_soak
@@ -72,20 +73,11 @@ class SoakSpec:
     timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
-        if self.nodes < 3:
-            raise ValueError(f"nodes should be >= 3, got {self.nodes}")
-        if self.rounds < 3 * self.superlink_kills + 3:
-            raise ValueError(
-                f"rounds should be >= 3 * superlink_kills + 3 = {3 * self.superlink_kills + 3}, "
-                f"got {self.rounds}"
-            )
-        if not 1 <= self.clients_per_round <= self.nodes:
-            raise ValueError(f"clients_per_round should be in [1, nodes], got {self.clients_per_round}")
-        if self.node_kills < 1 or self.superlink_kills < 0:
-            raise ValueError(
-                f"node_kills should be >= 1 and superlink_kills >= 0, got {self.node_kills}, "
-                f"{self.superlink_kills}"
-            )
+        check_at_least("nodes", self.nodes, 3)
+        check_at_least("rounds", self.rounds, 3 * self.superlink_kills + 3, rule="3 * superlink_kills + 3")
+        check_in_range("clients_per_round", self.clients_per_round, 1, self.nodes)
+        check_at_least("node_kills", self.node_kills, 1)
+        check_at_least("superlink_kills", self.superlink_kills, 0)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from fedneq._validate import did_you_mean
+from fedneq._validate import (
+    check_one_of,
+    check_positive,
+    check_subset,
+    check_tuple,
+    did_you_mean,
+    is_real,
+)
 from fedneq.config import Config
 from fedneq.federation.devices import default_fleet
 from fedneq.federation.protocol import ELEMENT_METHODS, WIDTH_METHODS
@@ -115,37 +122,20 @@ class Plan:
     pretrain_test_limit: int = 1000
 
     def __post_init__(self) -> None:
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds should be a non-empty tuple of ints >= 0, got {self.seeds!r}")
-        for name, values, allowed in (
-            ("tiers", self.tiers, tuple(PAPER_FRACTION)),
-            ("settings", self.settings, SETTINGS),
-        ):
-            bad = [v for v in values if v not in allowed]
-            if not values or bad:
-                raise ValueError(
-                    f"{name} should be a non-empty subset of {allowed}, got {values!r}"
-                )
-        known = (*BUDGETED, "full", "fedavg", *HETERO_METHODS)
-        bad = [m for m in self.methods if m not in known]
-        if bad:
-            raise ValueError(f"methods should be a subset of {sorted(set(known))}, got {bad}")
-        for name, allowed in (("bn_stats", BN_STATS), ("single_bn_stats", BN_STATS), ("loss", LOSSES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} should be one of {allowed}, got {getattr(self, name)!r}")
-        if self.budget_basis not in BASES:
-            raise ValueError(f"budget_basis should be one of {BASES}, got {self.budget_basis!r}")
+        check_tuple("seeds", self.seeds, lambda s: isinstance(s, int) and s >= 0, "ints >= 0")
+        check_subset("tiers", self.tiers, tuple(PAPER_FRACTION))
+        check_subset("settings", self.settings, SETTINGS)
+        check_subset("methods", self.methods, sorted({*BUDGETED, "full", "fedavg", *HETERO_METHODS}),
+                     empty_ok=True)  # fmt: skip
+        for name, allowed in (("bn_stats", BN_STATS), ("single_bn_stats", BN_STATS), ("loss", LOSSES),
+                              ("budget_basis", BASES)):  # fmt: skip
+            check_one_of(name, getattr(self, name), allowed)
         get_scheme(self.hetero_scheme)
-        if self.strategy not in list_strategies():
-            raise ValueError(f"strategy should be one of {list_strategies()}, got {self.strategy!r}")
+        check_one_of("strategy", self.strategy, list_strategies())
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            zero_ok = f.name.endswith("_limit") or f.name in ZERO_IS_OFF
-            if value < 0 or (value == 0 and not zero_ok):
-                bound = ">= 0" if zero_ok else "> 0"
-                raise ValueError(f"{f.name} should be {bound}, got {value!r}")
+            if is_real(value):
+                check_positive(f.name, value, zero_ok=f.name.endswith("_limit") or f.name in ZERO_IS_OFF)
 
 
 P = TypeVar("P")  # a frozen dataclass of settings (override)

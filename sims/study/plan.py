@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedneq._validate import did_you_mean
+from fedneq._validate import check_at_least, check_one_of, check_subset, check_tuple
 from fedneq.config import Config
 from fedneq.config.loader import apply_overrides
 from fedneq.federation.devices import default_fleet
@@ -69,11 +69,7 @@ class Variant:
     set: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.fleet not in FLEETS:
-            raise ValueError(
-                f"fleet should be one of {sorted(FLEETS)}, got {self.fleet!r}"
-                + did_you_mean(self.fleet, FLEETS)
-            )
+        check_one_of("fleet", self.fleet, sorted(FLEETS))
 
 
 def _classes(**changes: Any) -> list[dict[str, Any]]:
@@ -189,23 +185,14 @@ class Study:
     pretrain_epochs: int = 2
 
     def __post_init__(self) -> None:
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds should be a non-empty tuple of ints >= 0, got {self.seeds!r}")
-        if not self.alphas or any(a <= 0 for a in self.alphas):
-            raise ValueError(f"alphas should be a non-empty tuple of numbers > 0, got {self.alphas!r}")
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if not self.variants or bad:
-            raise ValueError(
-                f"variants should be a non-empty subset of {list(VARIANTS)}, got {list(self.variants)}"
-                + (did_you_mean(bad[0], VARIANTS) if bad else "")
-            )
+        check_tuple("seeds", self.seeds, lambda s: isinstance(s, int) and s >= 0, "ints >= 0")
+        check_tuple("alphas", self.alphas, lambda a: a > 0, "numbers > 0")
+        check_subset("variants", list(self.variants), list(VARIANTS))
         for name in ("rounds", "eval_every", "tail", "num_clients", "clients_per_round",
                      "test_limit", "probe_size", "pretrain_epochs"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} should be >= 1, got {getattr(self, name)!r}")
+            check_at_least(name, getattr(self, name), 1)
         for name in ("train_limit", "image_size", "local_epochs", "batch_size", "min_partition_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} should be >= 0, got {getattr(self, name)!r}")
+            check_at_least(name, getattr(self, name), 0)
 
 
 STUDY = Study()
