@@ -29,7 +29,8 @@ from fedneq.costs import profile_model
 from fedneq.selection import Budget, get_selector, list_selectors
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, generator, load_task
-from fedneq.training.loop import EpochStats, evaluate, train_masked
+from fedneq.training.evaluation import evaluate
+from fedneq.training.loop import EpochStats, train_masked
 from sims.server.initial import initial_state
 from sims.server.results import atomic_write_text, csv_text
 

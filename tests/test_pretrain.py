@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedneq.data.datasets import class_subset, get_dataset
 from fedneq.models import get_model
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from fedneq.training.pretrain import (
     cached_pretrain,
     checkpoint_paths,

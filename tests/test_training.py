@@ -17,14 +17,10 @@ from fedneq.data.arrays import ArrayDataset
 from fedneq.federation.wire import encode, tensor_table
 from fedneq.models import get_model
 from fedneq.neurons import enumerate_neurons
-from fedneq.training.loop import (
-    OptimizerConfig,
-    batch_slices,
-    evaluate,
-    label_log_prior,
-    train_masked,
-)
+from fedneq.training.evaluation import evaluate
+from fedneq.training.loop import OptimizerConfig, label_log_prior, train_masked
 from fedneq.training.masking import RowFreezer
+from fedneq.training.schedule import batch_slices
 
 
 def tiny_cnn() -> nn.Module:

@@ -18,7 +18,7 @@ from fedneq.federation.width_client import (
     ordered_dropout,
     width_plan,
 )
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from fedneq.training.static_bn import query_statistics, untrack_statistics
 from fedneq.training.submodel import extract_submodel, plan_channels
 

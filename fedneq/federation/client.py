@@ -58,7 +58,8 @@ from fedneq.neurons import NeuronMap
 from fedneq.selection import MemoryMeter, get_selector, memory_bound, resolve_memory_limit
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
-from fedneq.training.loop import evaluate, train_masked
+from fedneq.training.evaluation import evaluate
+from fedneq.training.loop import train_masked
 
 __all__ = [
     "ClientReply",

@@ -23,7 +23,6 @@ from torch import nn
 from fedneq.costs import CostProfile, MaskCost, mask_cost, profile_model
 from fedneq.data.arrays import ArrayDataset
 from fedneq.neurons import NeuronMap, TrainMask
-from fedneq.training.evaluation import evaluate
 from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
 from fedneq.training.memory import StepMemory, StepMemoryMeter
@@ -35,7 +34,6 @@ __all__ = [
     "EpochStats",
     "OptimizerConfig",
     "TrainResult",
-    "evaluate",
     "label_log_prior",
     "measure_step_memory",
     "train_masked",

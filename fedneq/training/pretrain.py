@@ -30,7 +30,7 @@ from fedneq._validate import is_int
 from fedneq.data.arrays import ArrayDataset
 from fedneq.data.datasets import class_subset, get_dataset, half_split
 from fedneq.models import get_model, load_state_file, load_weights, model_head
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from fedneq.training.schedule import batch_slices
 
 __all__ = [

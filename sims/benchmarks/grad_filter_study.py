@@ -54,9 +54,10 @@ from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.selection import get_selector
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, generator, load_task
+from fedneq.training.evaluation import evaluate
 from fedneq.training.filter_probe import FilterChoice
 from fedneq.training.grad_filter import GradFilterConfig, filter_geometry, filter_pricing
-from fedneq.training.loop import OptimizerConfig, evaluate, train_masked, train_step
+from fedneq.training.loop import OptimizerConfig, train_masked, train_step
 from fedneq.training.masking import RowFreezer
 from fedneq.training.pretrain import pretrain
 from sims.benchmarks.grad_filter_error import ERROR_COLUMNS, gradient_errors

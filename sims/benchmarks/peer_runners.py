@@ -34,7 +34,7 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.models import get_model
 from fedneq.task import build_model, client_data, generator, load_task
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from fedneq.training.schedule import batch_slices
 
 __all__ = [

@@ -66,7 +66,7 @@ from fedneq.federation.client import client_round
 from fedneq.federation.state_store import store_usage
 from fedneq.federation.wire import decode, tensor_table
 from fedneq.task import build_model, load_task
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from sims.benchmarks import default_csv, write_table
 from sims.run import simulate
 from sims.server import build_strategy, config_path, sample_partitions

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedneq.task import build_model, load_task
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from sims.server.exchange import sample_partitions
 from sims.server.results import read_csv
 

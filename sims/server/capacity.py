@@ -36,7 +36,7 @@ from fedneq.federation.width_client import WidthOptions, fleet_width, width_plan
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap
 from fedneq.task import Task
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from fedneq.training.static_bn import query_statistics
 from fedneq.training.submodel import extract_submodel
 from strategies import SparseStrategy

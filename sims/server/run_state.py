@@ -27,7 +27,7 @@ from fedneq.federation.client import rollback_client_state
 from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.wire import pack_model, tensor_table
 from fedneq.task import Task, build_model, check_partitions, load_task
-from fedneq.training.loop import evaluate
+from fedneq.training.evaluation import evaluate
 from sims.server.capacity import SUBMODEL_COLUMN, WidthEvaluator, width_evaluator
 from sims.server.checkpoint import load_run_checkpoint
 from sims.server.device_table import DeviceTable
