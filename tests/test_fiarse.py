@@ -282,9 +282,11 @@ def test_fiarse_runs_through_sims_compare_and_learns(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     subprocess.run(
         [sys.executable, "-m", "sims.compare", "default", "--methods", "fiarse,velocity-per-param",
-         "--rounds", "2", "--out", str(out)],
+         "--rounds", "2", "--out", str(out), "--set", f'run.out_dir="{tmp_path / "results"}"'],
         cwd=root, env=env, check=True, capture_output=True, timeout=900,
     )  # fmt: skip
+    # the upstream checkpoint is cached under the run's out_dir, here not the repository's results/
+    assert list((tmp_path / "results" / "_pretrained").glob("small-cnn-digits-*.safetensors"))
     rows = {r["method"]: r for r in read_csv(out / "comparison.csv")}
     assert float(rows["fiarse"]["final_accuracy"]) > 0.4  # 5 classes: chance is 0.2
     clients = read_csv(out / "fiarse" / "clients.csv")
