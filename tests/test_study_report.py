@@ -120,3 +120,14 @@ def test_a_published_study_survives_the_paper_page_being_regenerated(tmp_path: P
     block = page.split(STUDY_START, 1)[1].split(STUDY_END, 1)[0]
     assert "### Heterogeneous fleet: long-horizon study" in block and "#### Paired differences" in block
     assert page.index(STUDY_END) < page.index("a short run (12 rounds)") < page.index("## Reading")
+
+
+def test_an_incomplete_study_says_so_first() -> None:
+    from sims.study.plan import expand
+    from sims.study.report import render
+
+    study = override(STUDY, ["seeds=0,1", "alphas=1.0", "variants=velocity-per-param,strong-only"])
+    partial = render(study, {}, [{"commits": "", "seconds": 0.0}], [], [], [])
+    assert "**In progress:** 1 of 4 runs complete" in partial.split("**The three questions**")[0]
+    complete = render(study, {}, [{"commits": "", "seconds": 0.0}] * len(expand(study)), [], [], [])
+    assert "In progress" not in complete

@@ -189,9 +189,13 @@ def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Se
     expected = len(expand(study))
     commits = sorted({c for r in runs for c in r["commits"].split()})
     hours = sum(r["seconds"] for r in runs) / 3600
+    partial = ([f"> **In progress:** {len(runs)} of {expected} runs complete. Each difference below "
+                "uses the seeds complete on both of its sides; `python -m sims.study` continues the "
+                "study where it stopped.", ""] if len(runs) < expected else [])  # fmt: skip
     lines = [
         "## Heterogeneous fleet: long-horizon study",
         "",
+        *partial,
         *answer_lines(study.alphas, paired),
         "",
         f"{study.num_clients} clients of the default device classes (their budgets and memory "
