@@ -31,6 +31,7 @@ checkpoint it resumes from (:func:`rollback_client_state`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -55,11 +56,18 @@ from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import WidthOptions, width_round
 from fedneq.federation.wire import ModelLayout, encode, tensor_table
 from fedneq.neurons import NeuronMap
-from fedneq.selection import MemoryMeter, get_selector, memory_bound, resolve_memory_limit
+from fedneq.selection import (
+    MemoryMeter,
+    Selector,
+    get_selector,
+    memory_bound,
+    resolve_memory_limit,
+)
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
 from fedneq.training.evaluation import evaluate
 from fedneq.training.loop import train_masked
+from fedneq.training.shape_memo import memo
 
 __all__ = [
     "ClientReply",
@@ -69,6 +77,7 @@ __all__ = [
     "client_round",
     "draw_faults",
     "load_client_state",
+    "load_global",
     "model_layout",
     "rollback_client_state",
     "save_client_state",
@@ -100,6 +109,7 @@ class _Runtime:
     cost_profile: CostProfile
     num_params: int
     meters: dict[tuple[int, str], MemoryMeter] = field(default_factory=dict)
+    full_selectors: dict[tuple, Selector] = field(default_factory=dict)
 
     def meter(self, batch_size: int, optimizer: str) -> MemoryMeter:
         """What training allocates (PyTorch's whole-tensor gradients and optimizer state),
@@ -111,6 +121,20 @@ class _Runtime:
                 dense_grads=True,
             )  # fmt: skip
         return self.meters[key]
+
+    def full_selector(
+        self, rule: str, initializer: str, scheme: str | None, batch_size: int, optimizer: str
+    ) -> Selector:
+        """Selector ``full`` at full budget with no memory limit (what every dense round
+        uses; it keeps no state), built once per set of arguments."""
+        key = (rule, initializer, scheme, batch_size, optimizer)
+        if key not in self.full_selectors:
+            self.full_selectors[key] = get_selector(
+                "full", neuron_map=self.neuron_map, model=self.model, budget="100%", rule=rule,
+                initializer=initializer, scheme=scheme, memory_limit_bytes=None, cost_profile=self.cost_profile, batch_size=batch_size,
+                optimizer=optimizer, dense_grads=True,
+            )  # fmt: skip
+        return self.full_selectors[key]
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,41 @@ def _local_key(local: PartitionFile | None) -> tuple[int, int, tuple[int, ...]] 
     return None if local is None else (local.num_classes, local.in_channels, local.shape)
 
 
+def load_global(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)``, by copying each tensor in place where that is all it
+    would do.
+
+    That is: ``state`` has exactly the model's keys and shapes, and no module
+    of the model loads in a way of its own (hooks, an overridden
+    ``_load_from_state_dict``; checked once per model). Anything else goes
+    through ``load_state_dict``, which raises on a mismatch.
+    """
+    own = model.state_dict(keep_vars=True)
+    plain = memo(model, ("plain-load",), lambda: _loads_plainly(model))
+    if not plain or own.keys() != state.keys() or any(
+        t.shape != state[k].shape for k, t in own.items()
+    ):
+        model.load_state_dict(state)
+        return
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
+
+
+_PLAIN_LOADS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
+
+
+def _loads_plainly(model: nn.Module) -> bool:
+    """Whether ``load_state_dict`` does nothing but copy into ``model``'s tensors (a state
+    with every key: BatchNorm only adds a missing ``num_batches_tracked``)."""
+    return all(
+        type(m)._load_from_state_dict in _PLAIN_LOADS
+        and not m._load_state_dict_pre_hooks
+        and not m._load_state_dict_post_hooks
+        for m in model.modules()
+    )
+
+
 def model_layout(config: Config, local: PartitionFile | None = None) -> ModelLayout:
     """The layout of this client's model (:func:`fedneq.federation.wire.unpack_model` checks
     the global model against it); built once per process, with the model it describes."""
@@ -169,6 +228,9 @@ class FaultDraw:
     gives_up: bool  # the delay reaches the round timeout: raise after sleeping
 
 
+_NO_FAULT = FaultDraw(crash=False, delay_s=0.0, gives_up=False)
+
+
 def draw_faults(
     config: Config, partition_id: int, server_round: int, attempt: int = 0
 ) -> FaultDraw:
@@ -178,6 +240,8 @@ def draw_faults(
     ``s < straggler_prob``. The attempt number makes a retried round draw anew.
     """
     faults = config.faults
+    if faults.crash_prob <= 0 and (faults.straggler_prob <= 0 or faults.straggler_delay_s <= 0):
+        return _NO_FAULT  # nothing can be drawn: skip the generator
     rng = np.random.default_rng(
         derive_seed(config.run.seed, partition_id, server_round, attempt, 7)
     )
@@ -233,7 +297,7 @@ def client_round(
         )
     rt = _runtime(config.to_json(), _local_key(local))
     model, neuron_map = rt.model, rt.neuron_map
-    model.load_state_dict(global_state)
+    load_global(model, global_state)
     if device is None:
         devices = _devices(config.to_json())
         in_range = isinstance(partition_id, int) and 0 <= partition_id < len(devices)
@@ -261,6 +325,10 @@ def client_round(
     )  # fmt: skip
 
     def make_selector(limit: int | None):
+        if full_budget:  # the same every round
+            return rt.full_selector(
+                sel.rule, sel.initializer, sel.scheme or None, device.batch_size, optimizer
+            )
         return get_selector(
             "full" if full_budget else sel.selector,
             neuron_map=neuron_map,
@@ -278,14 +346,16 @@ def client_round(
 
     selector = make_selector(memory_limit)
     budget_only = None if memory_limit is None else make_selector(None)  # which limit binds
-    with VelocityTracker(
+    # hooks on every neuron layer: only for a selector that measures velocity
+    tracker = VelocityTracker(
         model,
         neuron_map,
         mode=sel.velocity_mode,
         mu=sel.mu,
         storage_dtype=_DTYPES[sel.storage_dtype],
-    ) as tracker:
-        if velocity_state:
+    ) if selector.needs_velocity else None  # fmt: skip
+    with tracker if tracker is not None else contextlib.nullcontext():
+        if velocity_state and tracker is not None:
             tracker.load_state_dict(velocity_state)
         initialized: list[int] = []
         probed: list[int] = []  # epochs before which the probe set ran (simulated time)
@@ -293,7 +363,7 @@ def client_round(
 
         def mask_for_epoch(epoch: int):
             velocity = None
-            if selector.needs_velocity:
+            if tracker is not None:
                 velocity = tracker.measure(data.probe.x)
                 probed.append(epoch)
             if velocity is None:
@@ -329,8 +399,8 @@ def client_round(
                 loss=config.train.loss,
                 measure_memory=True,
             )
-        new_state = tracker.state_dict() if selector.needs_velocity else {}
-        state_bytes = tracker.nbytes() if selector.needs_velocity else 0
+        new_state = tracker.state_dict() if tracker is not None else {}
+        state_bytes = tracker.nbytes() if tracker is not None else 0
     if faults.crash:
         raise InjectedFault(
             f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"

@@ -260,7 +260,7 @@ def train_masked(
     for epoch in range(epochs):
         mask = mask_for(epoch)  # may probe the model in eval mode
         _train_mode(model, bn_stats)  # every epoch: a callback may have switched modes
-        state = model.state_dict()
+        state = _Lazy(model.state_dict)  # its shapes, taken only if a figure is not known yet
         with RowFreezer(
             model,
             neuron_map,
@@ -271,7 +271,8 @@ def train_masked(
             batch_size=batch_size,
         ) as freezer:
             _reset_entering_rows(opt, model, previous_rows, freezer.rows)
-            _drop_frozen_state(opt, model, freezer.rows)
+            if opt.state and previous_rows is not freezer.rows:  # else nothing to drop
+                _drop_frozen_state(opt, model, freezer.rows)
             previous_rows = freezer.rows
             meter = None
             if measure_memory:
@@ -310,30 +311,43 @@ def _mask_figures(
     model: nn.Module,
     neuron_map: NeuronMap,
     mask: TrainMask,
-    state: dict[str, torch.Tensor],
+    state: _Lazy,
     cost_profile: CostProfile | None,
     batch_size: int,
     optimizer: OptimizerConfig,
 ) -> tuple[int, MaskCost | None]:
     """The parameters ``mask`` trains and its cost, once per model and mask (shapes only)."""
     key = mask_key(mask)
-    names = [n for n, _ in model.named_parameters()]
     trainable = memo(
         model,
         ("trainable", id(neuron_map), key),
-        lambda: (neuron_map, neuron_map.mask_params(mask, state, names)),
-    )[1]
+        lambda: (neuron_map, neuron_map.mask_params(
+            mask, state(), [n for n, _ in model.named_parameters()]
+        )),
+    )[1]  # fmt: skip
     if cost_profile is None:
         return trainable, None
     cost = memo(
         model,
         ("cost", id(cost_profile), key, batch_size, optimizer.cost_name),
         lambda: (cost_profile, mask_cost(
-            cost_profile, mask, state, batch_size=batch_size,
+            cost_profile, mask, state(), batch_size=batch_size,
             optimizer=optimizer.cost_name, dense_grads=True,
         )),
     )[1]  # fmt: skip
     return trainable, cost
+
+
+class _Lazy:
+    """A value computed on its first call (then kept)."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute, self._value, self._done = compute, None, False
+
+    def __call__(self) -> Any:
+        if not self._done:
+            self._value, self._done = self._compute(), True
+        return self._value
 
 
 def proximal_pull(opt: torch.optim.Optimizer, params: list[nn.Parameter], mu: float) -> None:
@@ -360,9 +374,11 @@ def _train_mode(model: nn.Module, bn_stats: str) -> None:
     """Training mode; with ``bn_stats="frozen"`` every BatchNorm stays in eval mode."""
     model.train()
     if bn_stats == "frozen":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        batchnorms = memo(model, ("batchnorms",), lambda: tuple(
+            m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ))  # fmt: skip
+        for module in batchnorms:
+            module.eval()
 
 
 def _try_profile(
@@ -501,6 +517,8 @@ def _reset_entering_rows(
     A frozen row's momentum may have absorbed weight decay while it was frozen;
     a row entering the selection starts from a clean state instead.
     """
+    if not opt.state or before is after:  # no state yet, or the same rows as before: none enter
+        return
     for name, p in model.named_parameters():
         state = opt.state.get(p)
         if not state or name not in after:

@@ -30,7 +30,7 @@ from torch import nn
 from fedneq.costs import CostProfile
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
-from fedneq.training.shape_memo import row_masks
+from fedneq.training.shape_memo import mask_key, memo, row_masks
 from fedneq.training.sparse_backward import BACKWARDS, SparseBackward
 
 __all__ = ["RowFreezer"]
@@ -81,20 +81,24 @@ class RowFreezer:
         handled = self.ops.handled if self.ops is not None else frozenset()
         self.model = model
         self.mask = mask
-        state = model.state_dict(keep_vars=True)
-        self.rows = row_masks(model, neuron_map, mask, state)  # shared: read only
-        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        key = mask_key(mask)
+        self.rows = row_masks(model, neuron_map, mask, key=key)  # shared: read only
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # (tensor, frozen-row indices or None for the whole tensor, snapshot of the frozen part)
         self._frozen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
-        params = dict(model.named_parameters())
-        for name, tensor in state.items():
+        state = model.state_dict(keep_vars=True)
+        plan = memo(
+            model,
+            ("freeze", id(neuron_map), key, handled),
+            lambda: (neuron_map, _freeze_plan(model, state, self.rows, handled)),
+        )[1]
+        for name, is_param, frozen, hook in plan:
+            tensor = state[name]
             if not tensor.is_floating_point():
                 continue
-            rows = self.rows.get(name)
-            is_param = name in params
-            if rows is None:
+            if frozen is None:  # no trainable row
                 if is_param:
                     tensor.requires_grad_(False)
                 else:  # e.g. running stats of a BatchNorm whose neurons are all frozen
@@ -102,11 +106,10 @@ class RowFreezer:
                 continue
             if is_param:
                 tensor.requires_grad_(True)
-            if bool(rows.all()):
+            if frozen is _ALL_ROWS:
                 continue
-            frozen = (~rows).nonzero().flatten()
             self._frozen.append((tensor, frozen, tensor.detach().index_select(0, frozen)))
-            if is_param and name not in handled:  # else the op's gradient is 0 there already
+            if hook:  # else the op's gradient is 0 there already
                 self._handles.append(tensor.register_hook(_zero_rows_hook(frozen)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -128,14 +131,49 @@ class RowFreezer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._requires_grad[name])
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
 
     def __enter__(self) -> RowFreezer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+_ALL_ROWS = torch.zeros(0, dtype=torch.int64)  # a plan's marker: every row trains
+
+
+def _freeze_plan(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor],
+    handled: frozenset[str],
+) -> tuple[tuple[str, bool, torch.Tensor | None, bool], ...]:
+    """What :class:`RowFreezer` does to each tensor of ``state`` for a mask's ``rows``.
+
+    One ``(name, is_param, frozen, hook)`` per tensor with a floating-point
+    dtype now, in ``state`` order: ``frozen`` is ``None`` (no trainable row),
+    :data:`_ALL_ROWS` (every row trains) or the frozen rows' indices;
+    ``hook``: the gradient of those rows needs zeroing (no op handles it).
+    Depends on the mask and the architecture only: computed once per model
+    and mask (:mod:`fedneq.training.shape_memo`).
+    """
+    params = {name for name, _ in model.named_parameters()}
+    plan = []
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        is_param = name in params
+        selected = rows.get(name)
+        if selected is None:
+            plan.append((name, is_param, None, False))
+        elif bool(selected.all()):
+            plan.append((name, is_param, _ALL_ROWS, False))
+        else:
+            frozen = (~selected).nonzero().flatten()
+            plan.append((name, is_param, frozen, is_param and name not in handled))
+    return tuple(plan)
 
 
 def _zero_rows_hook(frozen: torch.Tensor):

@@ -74,15 +74,22 @@ def clear_memo(model: nn.Module | None = None) -> None:
 
 
 def row_masks(
-    model: nn.Module, neuron_map: NeuronMap, mask: TrainMask, state: dict[str, torch.Tensor]
+    model: nn.Module,
+    neuron_map: NeuronMap,
+    mask: TrainMask,
+    state: dict[str, torch.Tensor] | None = None,
+    key: tuple[bytes, frozenset[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``neuron_map.row_masks(mask, state)`` of ``model``'s state, once per model and mask.
 
-    The dict and its tensors are shared by every caller: read them, never modify them.
+    ``state`` (default: ``model.state_dict()``, taken only when the rows are
+    not known yet) gives the row count of whole tensors; ``key`` is
+    ``mask_key(mask)`` where the caller has it already. The dict and its
+    tensors are shared by every caller: read them, never modify them.
     """
-    return memo(
-        model,
-        ("rows", id(neuron_map), mask_key(mask)),
-        lambda: (neuron_map, neuron_map.row_masks(mask, state)),
-    )[1]
+
+    def compute() -> tuple[NeuronMap, dict[str, torch.Tensor]]:
+        return neuron_map, neuron_map.row_masks(mask, model.state_dict() if state is None else state)
+
+    return memo(model, ("rows", id(neuron_map), key or mask_key(mask)), compute)[1]
 

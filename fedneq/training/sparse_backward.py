@@ -53,7 +53,7 @@ from fedneq.training.grad_filter import (
     filtered_weight_grad,
     patch_mean,
 )
-from fedneq.training.shape_memo import row_masks
+from fedneq.training.shape_memo import mask_key, memo, row_masks
 
 __all__ = [
     "BACKWARDS",
@@ -448,6 +448,48 @@ def _pays_off(module: nn.Module, layer: LayerProfile | None, rows: Rows, batch_s
     return frozen * layer.macs_per_neuron * batch_size >= SPLIT_MIN_MACS
 
 
+def _plan_layers(
+    model: nn.Module,
+    rows: dict[str, torch.Tensor],
+    filtered: frozenset[str],
+    selectable: frozenset[str],
+    shapes: dict[str, LayerProfile],
+    batch_size: int,
+    r: int | None,
+) -> tuple[tuple[tuple[str, Rows, Rows, int | None], ...], tuple[str, ...]]:
+    """Which modules :class:`SparseBackward` gives its op, and with which rows.
+
+    Returns ``(name, weight rows, bias rows, filter r or None)`` for each, and
+    the names of every supported module it considered (none may have a
+    replaced forward already).
+    """
+    plans: list[tuple[str, Rows, Rows, int | None]] = []
+    checked: list[str] = []
+    for name, module in model.named_modules():
+        if name not in filtered and name not in selectable:
+            continue
+        if not _supported(module):
+            if name in filtered:
+                raise ValueError(
+                    f"gradient filtering needs a plain nn.Conv2d with zero, symmetric "
+                    f"padding; layer {name!r} is {module!r}"
+                )
+            continue
+        checked.append(name)
+        w_rows = _row_indices(rows, f"{name}.weight")
+        b_rows = None if module.bias is None else _row_indices(rows, f"{name}.bias")
+        trained_whole = w_rows is None and b_rows is None
+        frozen_linear = isinstance(module, nn.Linear) and w_rows is not None and not w_rows.numel()
+        if name not in filtered and (
+            trained_whole
+            or frozen_linear
+            or not _pays_off(module, shapes.get(name), w_rows, batch_size)
+        ):
+            continue  # the module's own forward is as cheap
+        plans.append((name, w_rows, b_rows, r if name in filtered else None))
+    return tuple(plans), tuple(checked)
+
+
 def _row_indices(rows: dict[str, torch.Tensor], key: str) -> Rows:
     mask = rows.get(key)
     if mask is None:
@@ -506,11 +548,21 @@ class SparseBackward:
         profile: CostProfile | None = None,
         batch_size: int = 32,
     ) -> None:
-        rows = row_masks(model, neuron_map, mask, model.state_dict(keep_vars=True))
         shapes = {} if profile is None else {lay.name: lay for lay in profile.layers}
         self.choices: tuple[FilterChoice, ...] = ()
-        filtered: set[str] = set()
-        if grad_filter is not None:
+        selectable = frozenset(lay.name for lay in neuron_map.layers) if budgeted else frozenset()
+        if grad_filter is None:  # what to install depends on the mask and shapes only
+            key = mask_key(mask)
+            layers, checked = memo(
+                model,
+                ("sparse", id(neuron_map), key, id(profile), batch_size, budgeted),
+                lambda: (neuron_map, profile, *_plan_layers(
+                    model, row_masks(model, neuron_map, mask, key=key), frozenset(), selectable,
+                    shapes, batch_size, None,
+                )),
+            )[2:]  # fmt: skip
+        else:
+            rows = row_masks(model, neuron_map, mask)
             trained = {
                 lay.name for lay in neuron_map.layers
                 if (m := rows.get(f"{lay.name}.weight")) is not None and bool(m.any())
@@ -523,39 +575,16 @@ class SparseBackward:
                     probe=grad_filter.fallback == "probe",
                 )  # fmt: skip
                 names = tuple(c.name for c in self.choices if c.filtered)
-            filtered = set(names)
-        selectable = {lay.name for lay in neuron_map.layers} if budgeted else set()
-        plans: list[tuple[str, nn.Module, Rows, Rows, int | None]] = []
-        for name, module in model.named_modules():
-            if name not in filtered and name not in selectable:
-                continue
-            if not _supported(module):
-                if name in filtered:
-                    raise ValueError(
-                        f"gradient filtering needs a plain nn.Conv2d with zero, symmetric "
-                        f"padding; layer {name!r} is {module!r}"
-                    )
-                continue
-            if "forward" in module.__dict__:
+            layers, checked = _plan_layers(
+                model, rows, frozenset(names), selectable, shapes, batch_size, grad_filter.r
+            )
+        for name in checked:
+            if "forward" in model.get_submodule(name).__dict__:
                 raise RuntimeError(
                     f"module {name!r} already has a replaced forward (another SparseBackward?); "
                     "call remove() on it first"
                 )
-            w_rows = _row_indices(rows, f"{name}.weight")
-            b_rows = None if module.bias is None else _row_indices(rows, f"{name}.bias")
-            trained_whole = w_rows is None and b_rows is None
-            frozen_linear = (
-                isinstance(module, nn.Linear) and w_rows is not None and not w_rows.numel()
-            )
-            if name not in filtered and (
-                trained_whole
-                or frozen_linear
-                or not _pays_off(module, shapes.get(name), w_rows, batch_size)
-            ):
-                continue  # the module's own forward is as cheap
-            plans.append(
-                (name, module, w_rows, b_rows, grad_filter.r if name in filtered else None)
-            )
+        plans = [(name, model.get_submodule(name), w, b, r) for name, w, b, r in layers]
 
         self.model = model
         self._installed: list[nn.Module] = []

@@ -103,7 +103,10 @@ def encode(
     blocks: list[torch.Tensor] = []
     for layer in neuron_map.layers:
         idx = mask.neurons[layer.slice].nonzero().flatten()  # (k,)
-        if idx.numel():
+        if idx.numel() == layer.num_neurons:  # every row, in order: no gather
+            parts = [as_rows(state[key].detach()) for key in layer.tensors]  # (k, len_t) each
+            blocks.append(torch.cat(parts, dim=1).flatten())
+        elif idx.numel():
             parts = [as_rows(state[key].detach())[idx] for key in layer.tensors]  # (k, len_t) each
             blocks.append(torch.cat(parts, dim=1).flatten())
     tensor_ids = sorted(index[k] for k in mask.full_tensors)
