@@ -145,7 +145,7 @@ class _Shape:
     in_channels: int
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)  # a process may serve a few configs (benchmarks, simulate_many)
 def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = None) -> _Runtime:
     """``local``: ``(num_classes, in_channels, input shape)`` of a device partition file
     (:mod:`fedneq.federation.device_data`); the dataset is then never loaded."""

@@ -555,7 +555,8 @@ class SparseBackward:
             key = mask_key(mask)
             layers, checked = memo(
                 model,
-                ("sparse", id(neuron_map), key, id(profile), batch_size, budgeted),
+                ("sparse", id(neuron_map), key, id(profile), batch_size, budgeted,
+                 SPLIT_MIN_MACS, FROZEN_MIN_BYTES),  # the thresholds as they are now
                 lambda: (neuron_map, profile, *_plan_layers(
                     model, row_masks(model, neuron_map, mask, key=key), frozenset(), selectable,
                     shapes, batch_size, None,
