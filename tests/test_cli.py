@@ -42,13 +42,14 @@ def fedneq(*args: str, cwd: Path, timeout: float = 60) -> tuple[subprocess.Compl
 
 @pytest.fixture(scope="module")
 def fast() -> float:
-    """The time a mistake may take: 5 s, or twice the time it takes just to import fedneq
-    on a machine so loaded that this alone takes more than 2.5 s."""
+    """The time a mistake may take: 5 s, or four times the time it takes just to import
+    fedneq on a machine so loaded that this alone takes more than 1.25 s (the load varies
+    between this measurement and the command's)."""
     t0 = time.monotonic()
     subprocess.run(
         [sys.executable, "-c", "import sims.server.config_files"], cwd=REPO, env=env(), check=True
     )
-    return max(5.0, 2 * (time.monotonic() - t0))
+    return max(5.0, 4 * (time.monotonic() - t0))
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
@@ -174,7 +175,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_resume_hint(tmp_path: Path) -> Non
         "sims.run", "--resume", str(out), "--rounds", str(done_rounds), cwd=tmp_path
     )
     assert complete.returncode == 0 and "already complete" in complete.stdout, complete.stderr
-    assert seconds < 10 and not (out / "checkpoint" / "round-00001").exists()
+    assert seconds < 30 and not (out / "checkpoint" / "round-00001").exists()  # ran nothing
 
 
 def test_flwr_run_config_keys_set_the_common_fields() -> None:

@@ -60,7 +60,7 @@ def test_a_stale_data_file_and_a_wrong_device_fail_at_discovery_in_the_stream(
     assert "data-file (partition 0) was cut for another run" in output, output
     assert "partition-id 1 declares device 'pi-4', the server's table gives it 'mcu'" in output
     assert "[fedneq] round 1" not in output and not (tmp_path / "out" / "rounds.csv").exists()
-    assert seconds < 120, f"failed after {seconds:.0f} s"
+    assert seconds < 240, f"failed after {seconds:.0f} s"  # bounds a hang; no round ran (above)
     assert dep.stop() == []
 
 

@@ -76,7 +76,7 @@ def test_stop_processes_interrupts_then_kills_every_process_carrying_the_home(tm
         time.sleep(0.1)
     assert len(processes_with_home(home)) == 3
     started = time.monotonic()
-    assert stop_processes([leader.pid], [leader], home, grace_s=1.0) == []
+    assert stop_processes([leader.pid], [leader], home, grace_s=5.0) == []  # 5 s: a loaded machine may take seconds to deliver Ctrl-C
     assert processes_with_home(home) == [] and leader.returncode is not None
     assert leader.returncode != -9  # the leader ended at Ctrl-C, the stubborn ones at SIGKILL
     assert time.monotonic() - started >= 1.0
