@@ -131,8 +131,9 @@ class _Runtime:
         if key not in self.full_selectors:
             self.full_selectors[key] = get_selector(
                 "full", neuron_map=self.neuron_map, model=self.model, budget="100%", rule=rule,
-                initializer=initializer, scheme=scheme, memory_limit_bytes=None, cost_profile=self.cost_profile, batch_size=batch_size,
-                optimizer=optimizer, dense_grads=True,
+                initializer=initializer, scheme=scheme, memory_limit_bytes=None,
+                cost_profile=self.cost_profile, batch_size=batch_size, optimizer=optimizer,
+                dense_grads=True,
             )  # fmt: skip
         return self.full_selectors[key]
 
@@ -330,10 +331,10 @@ def client_round(
                 sel.rule, sel.initializer, sel.scheme or None, device.batch_size, optimizer
             )
         return get_selector(
-            "full" if full_budget else sel.selector,
+            sel.selector,
             neuron_map=neuron_map,
             model=model,
-            budget="100%" if full_budget else device.budget,
+            budget=device.budget,
             rule=sel.rule,
             initializer=sel.initializer,
             scheme=sel.scheme or None,

@@ -10,6 +10,7 @@ select), by passing ``masks`` as a function of the epoch index.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -260,7 +261,7 @@ def train_masked(
     for epoch in range(epochs):
         mask = mask_for(epoch)  # may probe the model in eval mode
         _train_mode(model, bn_stats)  # every epoch: a callback may have switched modes
-        state = _Lazy(model.state_dict)  # its shapes, taken only if a figure is not known yet
+        state = functools.cache(model.state_dict)  # its shapes, taken only if a figure is not known yet
         with RowFreezer(
             model,
             neuron_map,
@@ -311,7 +312,7 @@ def _mask_figures(
     model: nn.Module,
     neuron_map: NeuronMap,
     mask: TrainMask,
-    state: _Lazy,
+    state: Callable[[], dict[str, torch.Tensor]],
     cost_profile: CostProfile | None,
     batch_size: int,
     optimizer: OptimizerConfig,
@@ -336,18 +337,6 @@ def _mask_figures(
         )),
     )[1]  # fmt: skip
     return trainable, cost
-
-
-class _Lazy:
-    """A value computed on its first call (then kept)."""
-
-    def __init__(self, compute: Callable[[], Any]) -> None:
-        self._compute, self._value, self._done = compute, None, False
-
-    def __call__(self) -> Any:
-        if not self._done:
-            self._value, self._done = self._compute(), True
-        return self._value
 
 
 def proximal_pull(opt: torch.optim.Optimizer, params: list[nn.Parameter], mu: float) -> None:
