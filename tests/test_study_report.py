@@ -114,7 +114,8 @@ def test_a_published_study_survives_the_paper_page_being_regenerated(tmp_path: P
     out = tmp_path / "study"
     out.mkdir()
     (out / "paired.csv").write_text("alpha\n1\n")
-    publish(out, docs, "## Heterogeneous fleet: long-horizon study\n\n### Paired differences\n\nrows")
+    publish(out, docs, "## Heterogeneous fleet: long-horizon study\n\n### Paired differences\n\nrows",
+            ["paired.csv", "curves_alpha1.png"])  # a file the study lacks is skipped
     assert (docs / "results/study/paired.csv").read_text() == "alpha\n1\n"
     page = write_paper_report(None, docs).read_text()
     block = page.split(STUDY_START, 1)[1].split(STUDY_END, 1)[0]

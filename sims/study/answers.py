@@ -25,7 +25,10 @@ from typing import Any
 
 from sims.study.plan import VARIANTS
 
-__all__ = ["REFERENCE", "RULE_VARIANTS", "TARGET_OVER_STRONG", "TARGET_TO_DENSE", "answer_lines", "verdict"]
+__all__ = [
+    "REFERENCE", "RULE_VARIANTS", "TARGET_OVER_STRONG", "TARGET_TO_DENSE", "answer_lines", "target_lines",
+    "verdict",
+]  # fmt: skip
 
 REFERENCE = "velocity-per-param"
 # the aggregation and local-work rules, each compared with REFERENCE on the same seeds

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sims.server.results import read_csv
+from sims.study.plan import VARIANTS
 
 __all__ = ["COVERAGE_COLUMNS", "coverage_lines", "run_coverage", "summarize_coverage"]
 
@@ -27,16 +28,17 @@ def run_coverage(run_dir: Path, ident: dict[str, Any]) -> list[dict[str, Any]]:
     path = Path(run_dir) / "coverage.csv"
     if not path.exists():
         return []
-    sums: dict[str, list[float]] = {}
+    per_tensor: dict[str, list[dict[str, str]]] = {}
     for r in read_csv(path):
-        elements = int(r["elements"])
-        s = sums.setdefault(r["tensor"], [elements, 0.0, 0.0, 0.0, 0])
-        s[1] += float(r["median"])
-        s[2] += float(r["min"])
-        s[3] += float(r["uncovered"])  # a fraction of the elements
-        s[4] += 1
-    return [ident | {"tensor": t, "elements": s[0], "median": s[1] / s[4], "min": s[2] / s[4],
-                     "uncovered": s[3] / s[4]} for t, s in sums.items()]  # fmt: skip
+        per_tensor.setdefault(r["tensor"], []).append(r)
+
+    def mean(rows: list[dict[str, str]], column: str) -> float:
+        return sum(float(r[column]) for r in rows) / len(rows)
+
+    # "uncovered" is already a fraction of the tensor's elements
+    return [ident | {"tensor": t, "elements": int(rows[0]["elements"]), "median": mean(rows, "median"),
+                     "min": mean(rows, "min"), "uncovered": mean(rows, "uncovered")}
+            for t, rows in per_tensor.items()]  # fmt: skip
 
 
 def summarize_coverage(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,7 +64,7 @@ def summarize_coverage(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def coverage_lines(summary: Sequence[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+def coverage_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
     """STUDY.md's coverage table."""
     if not summary:
         return []
@@ -74,7 +76,7 @@ def coverage_lines(summary: Sequence[dict[str, Any]], labels: dict[str, str]) ->
     ]  # fmt: skip
     for s in summary:
         lines.append(
-            f"| {s['alpha']:g} | {labels[s['variant']]} | {s['median']:.2f} | `{s['lowest']}` "
+            f"| {s['alpha']:g} | {VARIANTS[s['variant']].label} | {s['median']:.2f} | `{s['lowest']}` "
             f"{s['lowest_median']:.2f} | `{s['highest']}` {s['highest_median']:.2f} | "
             f"{100 * s['uncovered']:.2f} |"
         )

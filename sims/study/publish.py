@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from sims.paper.report import STUDY_END, STUDY_START, TITLES
 from sims.server.results import atomic_write_text
 
-__all__ = ["TABLES", "publish"]
+__all__ = ["FIGURES", "publish", "splice"]
 
-TABLES = ("runs.csv", "curves.csv", "classes.csv", "summary.csv", "paired.csv", "coverage.csv")
 FIGURES = "results/study"  # relative to the docs folder
 
 
@@ -41,13 +41,14 @@ def splice(page_text: str, block: str) -> str:
     return page_text.rstrip("\n") + "\n\n" + wrapped + "\n"
 
 
-def publish(out_dir: Path, docs_dir: Path, section: str) -> Path:
-    """Copy the study's tables and curves to ``<docs>/results/study`` and splice ``section``
-    (rendered with its figures under :data:`FIGURES`) into ``<docs>/RESULTS.md``; returns the page."""
+def publish(out_dir: Path, docs_dir: Path, section: str, files: Sequence[str]) -> Path:
+    """Copy the study's ``files`` (its tables and curves) to ``<docs>/results/study`` and splice
+    ``section`` (rendered with its figures under :data:`FIGURES`) into ``<docs>/RESULTS.md``;
+    returns the page."""
     out_dir, docs_dir = Path(out_dir), Path(docs_dir)
     target = docs_dir / FIGURES
     target.mkdir(parents=True, exist_ok=True)
-    for name in [*TABLES, *(p.name for p in sorted(out_dir.glob("curves_alpha*.png")))]:
+    for name in files:
         if (out_dir / name).exists():
             shutil.copyfile(out_dir / name, target / name)
     page = docs_dir / "RESULTS.md"

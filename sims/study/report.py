@@ -66,6 +66,7 @@ SUMMARY_COLUMNS = (
     "final_mean", "final_std", "slope_mean", "slope_std", "seconds_per_round",
 )  # fmt: skip
 PAIRED_COLUMNS = ("alpha", "minuend", "subtrahend", "seeds", "mean", "low", "high", "std")
+TABLES = ("runs.csv", "curves.csv", "classes.csv", "summary.csv", "paired.csv", "coverage.csv")
 
 
 def _float(text: str) -> float:
@@ -241,14 +242,15 @@ def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Se
             f"{_num(s['slope_std'], '.2f')} | {_num(s['seconds_per_round'], '.2f')} |"
         )
     lines += _class_lines(study, classes)
-    lines += coverage_lines(summarize_coverage(coverage), {v: VARIANTS[v].label for v in VARIANTS})
-    tables = "`runs.csv`, `curves.csv`, `classes.csv`, `summary.csv`, `paired.csv`, `coverage.csv`"
+    lines += coverage_lines(summarize_coverage(coverage))
+    tables = ", ".join(f"`{name}`" for name in TABLES)
     if figures is None:
         lines += ["", "Curves (mean over seeds): " + ", ".join(
-            f"`curves_alpha{a:g}.png`" for a in study.alphas) + f"; tables: {tables}.", ""]  # fmt: skip
+            f"`{name}`" for name in _curve_files(study)) + f"; tables: {tables}.", ""]  # fmt: skip
     else:
         lines += ["", f"Tables in `{figures}/`: {tables}.", "",
-                  *(f"![curves, α = {a:g}]({figures}/curves_alpha{a:g}.png)" for a in study.alphas), ""]  # fmt: skip
+                  *(f"![curves, α = {a:g}]({figures}/{name})"
+                    for a, name in zip(study.alphas, _curve_files(study), strict=True)), ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -276,6 +278,11 @@ def _class_lines(study: Study, classes: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _curve_files(study: Study) -> list[str]:
+    """The plots :func:`_plot` writes, one per alpha."""
+    return [f"curves_alpha{alpha:g}.png" for alpha in study.alphas]
+
+
 def _plot(study: Study, curves: Sequence[dict], out_dir: Path) -> None:
     import matplotlib
 
@@ -299,7 +306,7 @@ def _plot(study: Study, curves: Sequence[dict], out_dir: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / f"curves_alpha{alpha:g}.png", dpi=110)
+        fig.savefig(out_dir / f"curves_alpha{alpha:g}.png", dpi=110)  # _curve_files
         plt.close(fig)
 
 
@@ -328,5 +335,6 @@ def write_report(study: Study, out_dir: Path, docs: Path | None = None) -> Path:
     if docs is not None:
         from sims.study.publish import FIGURES, publish
 
-        publish(out_dir, docs, render(study, meta, runs, summary, paired, classes, coverage, FIGURES))
+        section = render(study, meta, runs, summary, paired, classes, coverage, FIGURES)
+        publish(out_dir, docs, section, [*TABLES, *_curve_files(study)])
     return page
