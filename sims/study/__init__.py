@@ -4,6 +4,7 @@ exclusive baselines, over many rounds, seeds and two label skews, paired by seed
     python -m sims.study --out /work/study-runs/study      # run (or continue) the study
     python -m sims.study --out DIR --report-only           # rebuild its report, run nothing
     python -m sims.study --out DIR --measure 8             # s/round of each variant, projected time
+    python -m sims.study --out DIR --archive docs/results/study/runs   # restore, run, pack the complete runs
     python -m sims.study --out DIR --set seeds=0,1 --set variants=velocity-per-param,strong-only
 
 100 clients of the default device classes (their budgets and memory
@@ -26,7 +27,8 @@ the commits that ran it (``harness.json``), the study its invocations
 Modules: :mod:`~sims.study.plan` (the study, its variants and runs),
 :mod:`~sims.study.runner` (running them, resumable),
 :mod:`~sims.study.stats` (tail slope, t-intervals, paired differences),
-:mod:`~sims.study.report` (STUDY.md and the CSVs), :mod:`~sims.study.cli`.
+:mod:`~sims.study.report` (STUDY.md and the CSVs), :mod:`~sims.study.archive`
+(complete runs packed small, restored on another machine), :mod:`~sims.study.cli`.
 """
 
 from sims.study.plan import FLEETS, STUDY, VARIANTS, Run, Study, Variant, expand, run_config

@@ -39,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=Path, metavar="DIR",
                    help="also write the report into DIR/RESULTS.md (the heterogeneous section) and "
                    "its tables and curves into DIR/results/study, e.g. --docs docs")  # fmt: skip
+    p.add_argument("--archive", type=Path, metavar="DIR",
+                   help="restore the complete runs DIR holds that --out lacks, then (after the "
+                   "study or --report-only) pack --out's complete runs into DIR, ~80 kB each "
+                   "(sims/study/archive.py): a study that outlives its machine")  # fmt: skip
     p.add_argument("--measure", type=int, metavar="ROUNDS",
                    help="run every variant ROUNDS rounds in <out>/_measure and project the "
                    "study's wall time; nothing else")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    from sims.study.archive import pack, restore
+
+    if args.archive is not None and args.archive.exists():
+        restore(args.archive, args.out)
     stored = _stored(args.out)
     try:
         study = override(stored if stored is not None else STUDY, args.set)
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["python -m sims.study", *(argv if argv is not None else sys.argv[1:])])
         failed = run_study(study, args.out, command=command)
         print(f"[study] finished in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
+    if args.archive is not None:
+        pack(study, args.out, args.archive)
     page = write_report(study, args.out, args.docs)
     print(f"[study] report: {page}", flush=True)
     if failed:

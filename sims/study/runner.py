@@ -37,6 +37,7 @@ __all__ = [
     "measure",
     "pretrained_checkpoint",
     "rounds_done",
+    "run_failed",
     "run_study",
     "study_configs",
 ]
@@ -168,7 +169,7 @@ def run_study(
             stalled = 0
             # the sequence stopped at its first failed run (one whose rounds all ran may have
             # failed too: status.json says so): record it, go on after it
-            bad = next(r for r in pending if _failed(out_dir / r.key) or r not in finished)
+            bad = next(r for r in pending if run_failed(out_dir / r.key) or r not in finished)
             failed.append(bad.key)
             log(f"[study] FAILED {bad.key}: {type(error).__name__}: {error}")
             pending = pending[pending.index(bad) + 1 :]
@@ -182,7 +183,7 @@ def run_study(
     return failed
 
 
-def _failed(run_dir: Path) -> bool:
+def run_failed(run_dir: Path) -> bool:
     """Whether the run's status.json says it failed (:mod:`sims.server.run_status`)."""
     path = run_dir / STATUS_FILE
     return path.exists() and json.loads(path.read_text()).get("status") == "failed"
