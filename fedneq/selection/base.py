@@ -2,7 +2,8 @@
 
 A selector turns a velocity vector (or none yet) into a
 :class:`~fedneq.neurons.TrainMask` within a parameter budget and, if the
-device has one, a training-memory limit. :class:`ScoredSelector` is the base
+device has one, a training-memory limit. :class:`RequestSelector` resolves the request
+as given (budget, memory limit); :class:`ScoredSelector`, one of those, is the base
 of every selector that ranks neurons by a score of the velocity and falls
 back to its initializer (``"random"`` or ``"static"``) before any velocity
 exists. Selectors are registered with
@@ -24,7 +25,7 @@ from fedneq.selection.memory_meter import MemoryLimit, MemoryRequest, limit_for
 from fedneq.selection.rules import ranked, select_ordered
 from fedneq.selection.sparse_update import StaticScheme, scheme_neurons, tail_scheme
 
-__all__ = ["INITIALIZERS", "ScoredSelector", "Selector", "scheme_or_tail"]
+__all__ = ["INITIALIZERS", "RequestSelector", "ScoredSelector", "Selector", "scheme_or_tail"]
 
 INITIALIZERS = ("random", "static")
 
@@ -109,7 +110,33 @@ def scheme_or_tail(
     return scheme if scheme is not None else tail_scheme(model, neuron_map, budget)
 
 
-class ScoredSelector(Selector):
+class RequestSelector(Selector):
+    """A selector that keeps the request as given: the budget resolved over the
+    selectable parameters, the device's memory limit priced for ``model``.
+
+    Takes :func:`~fedneq.selection.registry.get_selector`'s keyword arguments
+    and ignores those it does not use.
+    """
+
+    def __init__(
+        self,
+        *,
+        neuron_map: NeuronMap,
+        model: nn.Module,
+        budget: Budget,
+        rule: str,
+        memory: MemoryRequest | None = None,
+        **_: object,
+    ) -> None:
+        super().__init__(
+            neuron_map=neuron_map,
+            rule=rule,
+            budget=budget.resolve(neuron_map.selectable_params),
+            memory=limit_for(memory, model),
+        )
+
+
+class ScoredSelector(RequestSelector):
     """Rank by a score of the velocity; before any velocity, use the initializer."""
 
     needs_velocity = True
@@ -126,10 +153,7 @@ class ScoredSelector(Selector):
         memory: MemoryRequest | None = None,
     ) -> None:
         super().__init__(
-            neuron_map=neuron_map,
-            rule=rule,
-            budget=budget.resolve(neuron_map.selectable_params),
-            memory=limit_for(memory, model),
+            neuron_map=neuron_map, model=model, budget=budget, rule=rule, memory=memory
         )
         self.initializer = initializer
         self._initial: torch.Tensor | None = None

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask
-from fedneq.selection.base import Selector, scheme_or_tail
+from fedneq.selection.base import RequestSelector, Selector, scheme_or_tail
 from fedneq.selection.budget import Budget
 from fedneq.selection.memory_meter import MemoryRequest, limit_for
 from fedneq.selection.registry import register_selector
@@ -27,25 +27,8 @@ __all__ = ["FullSelector", "RandomSelector", "StaticSelector"]
 
 
 @register_selector("random")
-class RandomSelector(Selector):
+class RandomSelector(RequestSelector):
     """A seeded shuffle (``torch.randperm`` with the passed generator), then the rule."""
-
-    def __init__(
-        self,
-        *,
-        neuron_map: NeuronMap,
-        model: nn.Module,
-        budget: Budget,
-        rule: str,
-        memory: MemoryRequest | None = None,
-        **_: object,
-    ) -> None:
-        super().__init__(
-            neuron_map=neuron_map,
-            rule=rule,
-            budget=budget.resolve(neuron_map.selectable_params),
-            memory=limit_for(memory, model),
-        )
 
     def choose(self, velocity: torch.Tensor | None, generator: torch.Generator) -> TrainMask:
         return self.neuron_map.train_mask(self.random_order(generator))
@@ -99,31 +82,17 @@ class StaticSelector(Selector):
 
 
 @register_selector("full")
-class FullSelector(Selector):
+class FullSelector(RequestSelector):
     """Every neuron; the budget is all selectable parameters (a requested one is only validated).
 
     With a memory limit the whole model must fit it, or construction raises.
     """
 
-    def __init__(
-        self,
-        *,
-        neuron_map: NeuronMap,
-        model: nn.Module,
-        budget: Budget,
-        rule: str,
-        memory: MemoryRequest | None = None,
-        **_: object,
-    ) -> None:
-        budget.resolve(neuron_map.selectable_params)  # validate the request
-        super().__init__(
-            neuron_map=neuron_map,
-            rule=rule,
-            budget=neuron_map.selectable_params,
-            memory=limit_for(memory, model),
-        )
+    def __init__(self, **request: object) -> None:
+        super().__init__(**request)  # validates the requested budget
+        self.budget = self.neuron_map.selectable_params
         if self.memory is not None:
-            needed = self.memory.meter.mask_bytes(~neuron_map.empty_mask())
+            needed = self.memory.meter.mask_bytes(~self.neuron_map.empty_mask())
             if needed > self.memory.limit_bytes:
                 raise ValueError(
                     f"selector 'full' needs {needed} bytes of training memory, more than "
