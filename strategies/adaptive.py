@@ -30,8 +30,7 @@ statistics) take the plain average, never a step.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 from fedneq.federation.wire import as_rows
 from fedneq.neurons import NeuronMap
 
+from .options import check_number
 from .registry import register_strategy
 from .row_rule import RowRule
 from .rows import RowAverage
@@ -117,14 +117,6 @@ def adaptive_step(
     return AdaptiveStep(values=values, m=new_m, v=new_v)
 
 
-def _number(name: str, value: object, ok: Callable[[float], bool], allowed: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and ok(value)
-    ):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
-
-
 class AdaptiveServer(RowRule):
     """A server optimiser (Adam or Yogi) per element on the sparse pseudo-gradient (module notes).
 
@@ -163,10 +155,10 @@ class AdaptiveServer(RowRule):
         average: str = "sparse-fedavg",
         **kwargs: Any,
     ) -> None:
-        self.eta = _number("eta", eta, lambda x: x > 0, "a finite number > 0")
-        self.beta1 = _number("beta1", beta1, lambda x: 0 <= x < 1, "in [0, 1)")
-        self.beta2 = _number("beta2", beta2, lambda x: 0 < x < 1, "in (0, 1)")
-        self.tau = _number("tau", tau, lambda x: x > 0, "a finite number > 0")
+        self.eta = check_number("eta", eta, lambda x: x > 0, "a finite number > 0")
+        self.beta1 = check_number("beta1", beta1, lambda x: 0 <= x < 1, "in [0, 1)")
+        self.beta2 = check_number("beta2", beta2, lambda x: 0 < x < 1, "in (0, 1)")
+        self.tau = check_number("tau", tau, lambda x: x > 0, "a finite number > 0")
         if average not in AVERAGES:
             raise ValueError(f"average should be one of {AVERAGES}, got {average!r}")
         self.average = average

@@ -35,7 +35,6 @@ broken by position so the count is exactly ``K``; the memory limit may shrink
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -47,8 +46,9 @@ from fedneq.federation.wire import SparseUpdate, element_mask
 from fedneq.neurons import NeuronMap
 
 from .base import SparseStrategy
+from .options import check_number
 from .registry import register_strategy
-from .server_momentum import parameter_keys
+from .row_rule import parameter_keys
 
 __all__ = ["FIARSE", "fiarse_aggregate"]
 
@@ -117,12 +117,9 @@ class FIARSE(SparseStrategy):
         server_lr: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not (
-            math.isfinite(server_lr) and server_lr > 0
-        ):
-            raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
+        server_lr = check_number("server_lr", server_lr, lambda x: x > 0, "a finite number > 0")
         super().__init__(neuron_map, tuple(table), **kwargs)
-        self.server_lr = float(server_lr)
+        self.server_lr = server_lr
         self.param_keys = parameter_keys(neuron_map) & set(self.table)
 
     def train_config(self, server_round: int) -> dict[str, ConfigRecordValues]:

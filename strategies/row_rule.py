@@ -35,6 +35,7 @@ from fedneq.neurons import NeuronMap
 
 from .base import ReplyFacts, SparseStrategy
 from .label_split import label_weights, split_labels
+from .options import check_flag
 from .rows import RowAverage, average_rows, fednova_average
 
 __all__ = ["RowRule", "parameter_keys"]
@@ -46,12 +47,6 @@ def parameter_keys(neuron_map: NeuronMap) -> frozenset[str]:
     for layer in neuron_map.layers:
         keys.update(layer.param_tensors)
     return frozenset(keys)
-
-
-def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
 
 
 class RowRule(SparseStrategy):
@@ -78,8 +73,8 @@ class RowRule(SparseStrategy):
         label_split: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.fednova = _check_flag("fednova", fednova)
-        self.label_split = _check_flag("label_split", label_split)
+        self.fednova = check_flag("fednova", fednova)
+        self.label_split = check_flag("label_split", label_split)
         super().__init__(neuron_map, tuple(table), **kwargs)
         self.param_keys = parameter_keys(neuron_map) & set(self.table)
         self._warned_no_head = False

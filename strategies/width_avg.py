@@ -69,6 +69,7 @@ from fedneq.neurons import NeuronMap
 
 from .base import ReplyFacts, SparseStrategy
 from .label_split import split_labels
+from .options import check_flag
 from .registry import register_strategy
 from .rows import check_weights
 
@@ -160,9 +161,7 @@ class WidthAvg(SparseStrategy):
         label_split: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(label_split, bool):
-            raise ValueError(f"label_split must be true or false, got {label_split!r}")
-        self.label_split = label_split
+        self.label_split = check_flag("label_split", label_split)
         for name, value in (("static_bn", static_bn), ("capacity_accuracy", capacity_accuracy)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} should be true or false, got {value!r}")
