@@ -89,6 +89,7 @@ from .budget import check_budget
 from .coverage import TensorCoverage, coverage
 from .inputs import ServerInputs
 from .metrics import aggregate_metrics, check_finite_metrics, int_metric
+from .options import check_bound, check_count, check_fraction
 from .robust import check_max_abs, scale_update, screen_sizes, update_rms
 
 __all__ = ["ReplyFacts", "RoundSummary", "SparseStrategy"]
@@ -209,29 +210,15 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
             raise ValueError(
                 f"table must be a non-empty sequence of state_dict keys, got {table!r}"
             )
-        for name, value in (
-            ("fraction_train", fraction_train),
-            ("fraction_evaluate", fraction_evaluate),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        for name, value in (
-            ("max_update_ratio", max_update_ratio),
-            ("max_update_rms", max_update_rms),
-            ("clip_update_ratio", clip_update_ratio),
-            ("max_abs_value", max_abs_value),
-        ):
-            if value is not None and not (
-                isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-            ):
-                raise ValueError(f"{name} must be a number > 0 or None, got {value!r}")
-        for name, value in (
-            ("min_train_nodes", min_train_nodes),
-            ("min_evaluate_nodes", min_evaluate_nodes),
-            ("min_available_nodes", min_available_nodes),
-        ):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        check_fraction("fraction_train", fraction_train)
+        check_fraction("fraction_evaluate", fraction_evaluate)
+        self.max_update_ratio = check_bound("max_update_ratio", max_update_ratio)
+        self.max_update_rms = check_bound("max_update_rms", max_update_rms)
+        self.clip_update_ratio = check_bound("clip_update_ratio", clip_update_ratio)
+        self.max_abs_value = check_bound("max_abs_value", max_abs_value)
+        check_count("min_train_nodes", min_train_nodes)
+        check_count("min_evaluate_nodes", min_evaluate_nodes)
+        check_count("min_available_nodes", min_available_nodes)
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
@@ -246,10 +233,6 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         )
         self.budget_key = budget_key
         self.epochs_key = epochs_key
-        self.max_update_ratio = None if max_update_ratio is None else float(max_update_ratio)
-        self.max_update_rms = None if max_update_rms is None else float(max_update_rms)
-        self.clip_update_ratio = None if clip_update_ratio is None else float(clip_update_ratio)
-        self.max_abs_value = None if max_abs_value is None else float(max_abs_value)
         # parameters whose change measures an update's size (buffers left out)
         self._size_keys = tuple(
             key for layer in neuron_map.layers for key in layer.param_tensors
