@@ -46,21 +46,15 @@ def sparse_mix(
     values = average.values
     for key, hit in average.rows.items():
         covered = average.weights[key]  # (R,) senders' weight per row
-        eligible = average.eligible.get(key)
-        if eligible is None:
-            partial = hit & (covered < total)  # rows where some client of the round did not send
-            if not partial.any():
-                continue
-            out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
-            c = covered[partial, None]
-            mixed = (c * out[partial].to(torch.float64) + (total - c) * old[partial]) / total
-        else:
-            partial = hit & (covered < eligible)
-            if not partial.any():
-                continue
-            out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
-            c, w = covered[partial, None], eligible[partial, None]
-            mixed = (c * out[partial].to(torch.float64) + (w - c) * old[partial]) / w
+        eligible = average.eligible.get(key)  # (R,) each row's own total, or None: the round's
+        # rows where some client of the round (holding the row's label) did not send
+        partial = hit & (covered < (total if eligible is None else eligible))
+        if not partial.any():
+            continue
+        out, old = as_rows(values[key]), as_rows(global_state[key]).to(torch.float64)  # (R, L)
+        c = covered[partial, None]
+        w = total if eligible is None else eligible[partial, None]
+        mixed = (c * out[partial].to(torch.float64) + (w - c) * old[partial]) / w
         out[partial] = mixed.to(out.dtype)
     return values
 
