@@ -45,14 +45,14 @@ from fedneq.costs import CostProfile, profile_model
 from fedneq.federation.device_data import PartitionFile
 from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.element_client import element_round
+from fedneq.federation.local_training import seeded_global_rng, train_on_device
 from fedneq.federation.protocol import BUDGET_KEY, NUM_EXAMPLES_KEY
-from fedneq.federation.reply_metrics import filter_metrics, training_metrics
+from fedneq.federation.reply_metrics import filter_metrics, training_metrics, training_time_metrics
 from fedneq.federation.state_store import (
     load_client_state,
     rollback_client_state,
     save_client_state,
 )
-from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.width_client import WidthOptions, width_round
 from fedneq.federation.wire import ModelLayout, encode, tensor_table
 from fedneq.neurons import NeuronMap
@@ -66,7 +66,6 @@ from fedneq.selection import (
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
 from fedneq.training.evaluation import evaluate
-from fedneq.training.loop import train_masked
 from fedneq.training.shape_memo import memo
 
 __all__ = [
@@ -88,6 +87,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 class InjectedFault(RuntimeError):
     """A crash injected by the fault configuration (``[faults] crash_prob``)."""
+
+
+def _crash(partition_id: int, server_round: int, attempt: int) -> InjectedFault:
+    return InjectedFault(
+        f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"
+    )
 
 
 @dataclass(frozen=True)
@@ -313,9 +318,7 @@ def client_round(
             server_round=server_round, attempt=attempt, global_state=global_state, **extra,
         )  # fmt: skip
         if faults.crash:
-            raise InjectedFault(
-                f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"
-            )
+            raise _crash(partition_id, server_round, attempt)
         return ClientReply(arrays, metrics, {}, device.name)
     gen = generator(config.run.seed, partition_id, server_round)
     sel = config.selection
@@ -376,36 +379,15 @@ def client_round(
             return selector.select(velocity, gen)
 
         grad_filter = config.train.grad_filter(device.grad_filter_r)
-        # dropout draws from the global RNG: seed it per (client, round, attempt), so a
-        # client's training does not depend on which Ray worker serves it
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
-            torch.default_generator.manual_seed(
-                derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
-            )
-            result = train_masked(
-                model,
-                data.train,
-                neuron_map=neuron_map,
-                masks=mask_for_epoch,
-                epochs=device.local_epochs,
-                steps=config.fleet.local_steps,
-                batch_size=device.batch_size,
-                optimizer=config.train.optimizer_config(),
-                generator=gen,
-                cost_profile=rt.cost_profile,
-                backward=config.train.backward,
-                grad_filter=grad_filter,
-                bn_stats=config.train.bn_stats,
-                loss=config.train.loss,
-                measure_memory=True,
-            )
+        with seeded_global_rng(config.run.seed, partition_id, server_round, attempt):
+            result = train_on_device(
+                config, device, model, data, neuron_map=neuron_map, masks=mask_for_epoch,
+                generator=gen, cost_profile=rt.cost_profile, bn_stats=config.train.bn_stats,
+            )  # fmt: skip
         new_state = tracker.state_dict() if tracker is not None else {}
         state_bytes = tracker.nbytes() if tracker is not None else 0
     if faults.crash:
-        raise InjectedFault(
-            f"injected crash: client {partition_id}, round {server_round}, attempt {attempt}"
-        )
+        raise _crash(partition_id, server_round, attempt)
 
     arrays = encode(model.state_dict(), neuron_map, result.mask, rt.table)
     costs = [e.cost for e in result.epochs if e.cost is not None]
@@ -424,15 +406,10 @@ def client_round(
     if grad_filter is not None:  # which convs ran filtered (indices among the model's convs)
         metrics |= filter_metrics(neuron_map, result.filtered)
     # simulated time on the device (fedneq.federation.timing): the cost model's FLOPs of every epoch's mask
-    flops = round_flops(
-        [(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None],
-        probe_samples=len(data.probe.x),
-        probe_measurements=len(probed),
-        fwd_flops=rt.cost_profile.fwd_flops,
-    )
-    metrics |= round_time_metrics(
-        device, flops, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
-        reference_gflops=config.fleet.reference_gflops,
+    metrics |= training_time_metrics(
+        result, device, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
+        reference_gflops=config.fleet.reference_gflops, probe_samples=len(data.probe.x),
+        probe_measurements=len(probed), fwd_flops=rt.cost_profile.fwd_flops,
     )  # fmt: skip
     return ClientReply(arrays, metrics, new_state, device.name)
 

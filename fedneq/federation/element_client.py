@@ -38,16 +38,15 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.local_training import seeded_global_rng, train_on_device
 from fedneq.federation.protocol import BUDGET_KEY, ELEMENT_METHODS
-from fedneq.federation.reply_metrics import training_metrics
-from fedneq.federation.timing import round_flops, round_time_metrics
+from fedneq.federation.reply_metrics import training_metrics, training_time_metrics
 from fedneq.federation.wire import encode_blocks
 from fedneq.neurons import NeuronMap
 from fedneq.selection import MemoryLimit, MemoryMeter, resolve_memory_limit
 from fedneq.selection.magnitude import ElementSelection, magnitude_topk
-from fedneq.task import ClientData, derive_seed, generator
+from fedneq.task import ClientData, generator
 from fedneq.training.element_mask import ElementMask
-from fedneq.training.loop import train_masked
 from fedneq.training.submodel import Block
 
 __all__ = ["device_elements", "element_blocks", "element_round", "submodel_drop"]
@@ -123,35 +122,20 @@ def element_round(
     """
     if method not in ELEMENT_METHODS:
         raise ValueError(f"element method should be one of {ELEMENT_METHODS}, got {method!r}")
-    optimizer = config.train.optimizer_config()
-    selection, budget, limit = device_elements(model, neuron_map, profile, device, optimizer.cost_name)
+    optimizer = config.train.optimizer_config().cost_name
+    selection, budget, limit = device_elements(model, neuron_map, profile, device, optimizer)
     mask = neuron_map.train_mask(selection.neurons)
     gen = generator(config.run.seed, partition_id, server_round)
     drop = submodel_drop(model, tuple(selection.elements))
     threshold = selection.threshold if selection.threshold > 0 else None
-    with torch.random.fork_rng(devices=[]):
-        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
-        torch.default_generator.manual_seed(
-            derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
-        )
-        with ElementMask(model, selection.elements, drop=drop, threshold=threshold):
-            result = train_masked(
-                model,
-                data.train,
-                neuron_map=neuron_map,
-                masks=mask,
-                epochs=device.local_epochs,
-                steps=config.fleet.local_steps,
-                batch_size=device.batch_size,
-                optimizer=optimizer,
-                generator=gen,
-                cost_profile=profile,
-                backward=config.train.backward,
-                grad_filter=config.train.grad_filter(device.grad_filter_r),
-                bn_stats=config.train.bn_stats,
-                loss=config.train.loss,
-                measure_memory=True,
-            )
+    with (
+        seeded_global_rng(config.run.seed, partition_id, server_round, attempt),
+        ElementMask(model, selection.elements, drop=drop, threshold=threshold),
+    ):
+        result = train_on_device(
+            config, device, model, data, neuron_map=neuron_map, masks=mask, generator=gen,
+            cost_profile=profile, bn_stats=config.train.bn_stats,
+        )  # fmt: skip
     state = model.state_dict()
     always = {k: torch.ones(state[k].shape[:1] or (1,), dtype=torch.bool)
               for k in neuron_map.always_trained if k in table}  # fmt: skip
@@ -177,9 +161,8 @@ def element_round(
         "threshold": float(selection.threshold),
         BUDGET_KEY: int(budget),
     }
-    flops = round_flops([(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None])
-    metrics |= round_time_metrics(
-        device, flops, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
+    metrics |= training_time_metrics(
+        result, device, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
         reference_gflops=config.fleet.reference_gflops,
     )  # fmt: skip
     return arrays, metrics

@@ -1,17 +1,21 @@
-"""What every training reply reports about its local training, mask and width clients alike."""
+"""What every training reply reports about its local training and its simulated time,
+mask, width and element clients alike."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
+from fedneq.federation.devices import DeviceProfile
 from fedneq.federation.protocol import EPOCHS_KEY, LOCAL_STEPS_KEY, NUM_EXAMPLES_KEY
+from fedneq.federation.timing import round_flops, round_time_metrics
 from fedneq.federation.wire import payload_nbytes
 from fedneq.neurons import NeuronMap
 from fedneq.training.loop import TrainResult
 
-__all__ = ["filter_metrics", "training_metrics"]
+__all__ = ["filter_metrics", "training_metrics", "training_time_metrics"]
 
 
 def training_metrics(
@@ -48,6 +52,32 @@ def training_metrics(
         LOCAL_STEPS_KEY: int(result.steps),
     }
 
+
+
+def training_time_metrics(
+    result: TrainResult,
+    device: DeviceProfile,
+    *,
+    download: Mapping[str, torch.Tensor],
+    upload_bytes: int,
+    reference_gflops: float,
+    probe_samples: int = 0,
+    probe_measurements: int = 0,
+    fwd_flops: int = 0,
+) -> dict[str, int | float]:
+    """:func:`~fedneq.federation.timing.round_time_metrics` of a round whose local training is
+    ``result``: the cost model's FLOPs of every epoch (plus the velocity probe's, as
+    :func:`~fedneq.federation.timing.round_flops` counts them) on ``device``."""
+    flops = round_flops(
+        [(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None],
+        probe_samples=probe_samples,
+        probe_measurements=probe_measurements,
+        fwd_flops=fwd_flops,
+    )
+    return round_time_metrics(
+        device, flops, download=download, upload_bytes=upload_bytes,
+        reference_gflops=reference_gflops,
+    )  # fmt: skip
 
 def filter_metrics(neuron_map: NeuronMap, filtered: Sequence[str]) -> dict[str, int | list[int]]:
     """``filtered-layers`` (how many convs ran gradient-filtered) and ``filtered-convs``.

@@ -57,15 +57,14 @@ from torch import nn
 from fedneq.config import Config
 from fedneq.costs import CostProfile, mask_cost, profile_model
 from fedneq.federation.devices import DeviceProfile
+from fedneq.federation.local_training import seeded_global_rng, train_on_device
 from fedneq.federation.protocol import BUDGET_KEY, WIDTH_METHODS
-from fedneq.federation.reply_metrics import training_metrics
-from fedneq.federation.timing import round_flops, round_time_metrics
+from fedneq.federation.reply_metrics import training_metrics, training_time_metrics
 from fedneq.federation.wire import encode_blocks, full_mask
 from fedneq.models import model_head
 from fedneq.neurons import NeuronMap, enumerate_neurons
 from fedneq.selection import MemoryMeter, resolve_memory_limit
-from fedneq.task import ClientData, derive_seed, generator
-from fedneq.training.loop import train_masked
+from fedneq.task import ClientData, generator
 from fedneq.training.static_bn import untrack_statistics
 from fedneq.training.submodel import (
     ChannelMask,
@@ -301,29 +300,11 @@ def width_round(
                          generator(config.run.seed, partition_id, server_round, 17), head)
         if method == "fjord" else nullcontext([])
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        # the CPU generator alone: torch.manual_seed also queues a CUDA seeding (a stack trace)
-        torch.default_generator.manual_seed(
-            derive_seed(config.run.seed, partition_id, server_round, attempt, 13)
-        )
-        with dropout as drawn:
-            result = train_masked(
-                sub,
-                data.train,
-                neuron_map=sub_map,
-                masks=full_mask(sub_map),
-                epochs=device.local_epochs,
-                steps=config.fleet.local_steps,
-                batch_size=device.batch_size,
-                optimizer=config.train.optimizer_config(),
-                generator=gen,
-                cost_profile=profile,
-                backward=config.train.backward,
-                grad_filter=config.train.grad_filter(device.grad_filter_r),
-                bn_stats=bn_stats,
-                loss=config.train.loss,
-                measure_memory=True,
-            )
+    with seeded_global_rng(config.run.seed, partition_id, server_round, attempt), dropout as drawn:
+        result = train_on_device(
+            config, device, sub, data, neuron_map=sub_map, masks=full_mask(sub_map),
+            generator=gen, cost_profile=profile, bn_stats=bn_stats,
+        )  # fmt: skip
     sent = {k for layer in neuron_map.layers for k in layer.param_tensors} | set(neuron_map.always_trained)
     if statistics:
         sent |= neuron_map.statistic_tensors()
@@ -348,9 +329,8 @@ def width_round(
         "width": float(plan.width),
         "mean-batch-width": float(sum(drawn) / len(drawn)) if drawn else float(plan.width),
     }
-    flops = round_flops([(e.examples, e.cost.total_flops) for e in result.epochs if e.cost is not None])
-    metrics |= round_time_metrics(
-        device, flops, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
+    metrics |= training_time_metrics(
+        result, device, download=global_state, upload_bytes=int(metrics["upload-bytes"]),
         reference_gflops=config.fleet.reference_gflops,
     )  # fmt: skip
     return arrays, metrics
