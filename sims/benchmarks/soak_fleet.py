@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sims.deploy import make_certificates
+from sims.processes import free_port, kill, killpg
 
 __all__ = [
     "CONNECTION", "Device", "Fleet", "free_port", "group_members", "make_key_pair", "port_bound",
@@ -40,13 +41,6 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONNECTION = "soak"
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_bound(port: int) -> bool:
@@ -224,7 +218,7 @@ class Fleet:
         processes left after 10 s (none expected)."""
         assert self.superlink is not None
         pgid = self.superlink.pid
-        _killpg(pgid, signal.SIGKILL)
+        killpg(pgid, signal.SIGKILL)
         self.superlink.wait(timeout=30)
         return _wait_gone(pgid, 10.0)
 
@@ -301,7 +295,7 @@ class Fleet:
     def reap(self, device: Device) -> None:
         """``kill -9`` of the device's process group (after its SuperNode exited on its own: the
         SuperExec left), and wait for the processes it started."""
-        _killpg(device.group, signal.SIGKILL)
+        killpg(device.group, signal.SIGKILL)
         for proc in device.procs:
             try:
                 proc.wait(timeout=30)
@@ -373,9 +367,9 @@ def stop_processes(
     """
     for sig in (signal.SIGINT, signal.SIGKILL):
         for pgid in groups:
-            _killpg(pgid, sig)
+            killpg(pgid, sig)
         for pid in processes_with_home(home):
-            _kill(pid, sig)
+            kill(pid, sig)
         if sig == signal.SIGINT:
             deadline = time.monotonic() + grace_s
             while processes_with_home(home) and time.monotonic() < deadline:
@@ -389,20 +383,6 @@ def stop_processes(
     while processes_with_home(home) and time.monotonic() < deadline:
         time.sleep(0.1)
     return processes_with_home(home)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_gone(pgid: int, timeout_s: float) -> list[int]:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sims.processes import kill
+
 __all__ = ["MEMORY_ROOT", "CgroupStats", "MemoryCgroup", "own_memory_cgroup", "stale_cgroups"]
 
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
@@ -104,10 +106,7 @@ class MemoryCgroup:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         for pid in self.pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            kill(pid, sig)
 
     def remove(self, timeout_s: float = 10.0) -> None:
         """SIGKILL whatever is still in it, wait until it is empty, remove it (idempotent)."""

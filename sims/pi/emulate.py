@@ -43,6 +43,7 @@ from sims.pi.rootfs import (
     root_lock,
 )
 from sims.pi.sampler import Sampler
+from sims.processes import free_port, kill, killpg
 from sims.server.config_files import load_cli_config
 
 __all__ = ["BOARDS", "Board", "DeviceReport", "EmulationReport", "emulate", "probe_guest"]
@@ -102,12 +103,6 @@ class EmulationReport:
         return self.status == "finished:completed" and all(d.oom_kills == 0 for d in self.devices)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _host_env(home: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -156,25 +151,18 @@ class _Processes:
     def stop(self, grace_s: float = 10.0) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                _killpg(proc.pid, signal.SIGINT)
+                killpg(proc.pid, signal.SIGINT)
         deadline = time.monotonic() + grace_s
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _killpg(proc.pid, signal.SIGKILL)  # the group: children the process left behind
+            killpg(proc.pid, signal.SIGKILL)  # the group: children the process left behind
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_port(port: int, procs: _Processes, timeout_s: float = 120) -> None:
@@ -326,7 +314,7 @@ def _emulate(out, boards, config, overrides, rounds, no_dynamo, warm, extra_pack
     status, finished = "not started", 0
     try:
         with mounted(root):
-            port = _free_port()
+            port = free_port()
             procs.start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1",
                                       "--port", str(port),
                                       "--disable-runtime-dependency-installation"], env)  # fmt: skip
@@ -343,7 +331,7 @@ def _emulate(out, boards, config, overrides, rounds, no_dynamo, warm, extra_pack
                     f"data-file='{GUEST_DIR}/parts/partition-{pid}.safetensors' "
                     f"state-dir='{GUEST_DIR}/node-{pid}/state'"
                 )
-                api_port = _free_port()
+                api_port = free_port()
                 argv = chroot_command(root, [
                     f"{PI_VENV}/bin/flower-supernode", "--insecure", "--superlink",
                     f"127.0.0.1:{port}", "--port", str(api_port), "--node-config", node_config,
@@ -389,10 +377,7 @@ def _emulate(out, boards, config, overrides, rounds, no_dynamo, warm, extra_pack
         for group in groups:
             group.remove()
         for pid in processes_in(root):  # none expected: every device process was in a cgroup
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill(pid, signal.SIGKILL)
     report = EmulationReport(
         config=str(toml), isolation="process (warm)" if warm else "subprocess", no_dynamo=no_dynamo, status=status,
         rounds=finished, seconds=round(time.monotonic() - t0, 1),
