@@ -57,6 +57,10 @@ def test_the_answers_and_the_target_come_from_the_paired_rows() -> None:
     short = [p for p in paired if not (p["a"] == "best mixed" and p["subtrahend"] == "strong-only")]
     short += [pair(a, "best mixed", "strong-only", 0.035, 0.01, 0.06, "random") for a in alphas]
     assert "at every α: not met (α = 0.3: +3.5; α = 1: +3.5)" in " ".join(target_lines(alphas, short))
+    assert "Headroom" not in " ".join(target_lines(alphas, short))  # dense − strong-only not run
+    short += [pair(a, "dense", "strong-only", 0.04, 0.03, 0.05) for a in alphas]
+    assert ("**Headroom:** all-dense FedAvg − strong-only (no mixed fleet can gain more): α = 0.3: +4.0 "
+            "[+3.0, +5.0], of which the best mixed recovers 88 %") in " ".join(target_lines(alphas, short))
 
 
 def test_best_mixed_is_chosen_among_mixed_fleet_variants_and_every_rule_is_paired() -> None:
@@ -70,6 +74,7 @@ def test_best_mixed_is_chosen_among_mixed_fleet_variants_and_every_rule_is_paire
     assert rows[("best mixed", "strong-only")]["a_name"] == "vpp-fednova"  # dense is not a mixed fleet
     assert rows[("vpp-fednova", "velocity-per-param")]["mean"] == pytest.approx(0.03)
     assert rows[("velocity-per-param", "strong-only")]["mean"] == pytest.approx(0.10)
+    assert rows[("dense", "strong-only")]["mean"] == pytest.approx(0.15)  # the headroom
 
 
 def test_coverage_is_averaged_over_rounds_then_weighted_by_elements(tmp_path: Path) -> None:

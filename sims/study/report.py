@@ -53,6 +53,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     (REFERENCE, "fiarse"),
     (BEST_MIXED, "drop-weak"),
     (BEST_MIXED, "dense"),
+    ("dense", "strong-only"),  # the headroom: what training every device densely would add
     *((rule, REFERENCE) for rule in RULE_VARIANTS),
 )
 RUN_COLUMNS = (
