@@ -38,6 +38,7 @@ from sims.server.results import atomic_write_text, csv_text, read_csv
 from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
 from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
 from sims.study.plan import VARIANTS, Run, Study, expand
+from sims.study.runner import rounds_done
 from sims.study.stats import Interval, paired_difference, t_interval, tail_mean, tail_slope
 
 __all__ = ["BEST_MIXED", "PAIRS", "collect", "render", "write_report"]
@@ -121,8 +122,7 @@ def collect(study: Study, out_dir: Path) -> tuple[list[dict], list[dict], list[d
     runs, curves, classes, coverage = [], [], [], []
     for run in expand(study):
         run_dir = Path(out_dir) / run.key
-        done = run_dir / "rounds.csv"
-        if done.exists() and len(read_csv(done)) >= study.rounds:
+        if rounds_done(run_dir) >= study.rounds:
             s, c, k = _run_tables(study, run, run_dir)
             runs.append(s)
             curves += c
