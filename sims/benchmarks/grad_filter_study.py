@@ -59,7 +59,7 @@ from fedneq.training.filter_probe import FilterChoice
 from fedneq.training.grad_filter import GradFilterConfig, filter_geometry, filter_pricing
 from fedneq.training.loop import OptimizerConfig, train_masked, train_step
 from fedneq.training.masking import RowFreezer
-from fedneq.training.pretrain import pretrain
+from fedneq.training.pretrain import cached_pretrain
 from sims.benchmarks.grad_filter_error import ERROR_COLUMNS, gradient_errors
 from sims.server.initial import initial_state
 
@@ -128,18 +128,15 @@ def _config(args: argparse.Namespace, seed: int, checkpoint: Path) -> Config:
 
 
 def _pretrained(args: argparse.Namespace) -> Path:
-    stem = args.out / "_pretrained" / (
-        f"mobilenet_v2-x05-{args.image_size}px-{args.pretrain_limit}-{args.pretrain_epochs}ep"
-    )
-    path = stem.parent / f"{stem.name}.safetensors"
-    if not path.exists():
-        print(f"[study] pretraining {stem.name} on classes 0-4", flush=True)
-        pretrain(
-            "mobilenet_v2", "fashion-mnist", out=stem, epochs=args.pretrain_epochs,
-            image_size=args.image_size, width_mult=0.5, train_limit=args.pretrain_limit,
-            test_limit=args.test_limit, seed=0, log=lambda s: print(f"[study] {s}", flush=True),
-        )  # fmt: skip
-    return path
+    """The upstream checkpoint, pretrained once per setting (``fedneq.training.pretrain.cached_pretrain``)."""
+    key = {"model": "mobilenet_v2", "width_mult": 0.5, "dataset": "fashion-mnist", "image_size": args.image_size,
+           "train_limit": args.pretrain_limit, "epochs": args.pretrain_epochs, "seed": 0}  # fmt: skip
+    return cached_pretrain(
+        "mobilenet_v2", "fashion-mnist", cache_dir=args.out / "_pretrained", key=key,
+        epochs=args.pretrain_epochs, image_size=args.image_size, width_mult=0.5,
+        train_limit=args.pretrain_limit, test_limit=args.test_limit, seed=0,
+        log=lambda s: print(f"[study] {s}", flush=True),
+    )  # fmt: skip
 
 
 def _convs(nmap: NeuronMap) -> list[str]:
