@@ -16,7 +16,7 @@ from sims.study.answers import answer_lines, target_lines, verdict
 from sims.study.coverage import run_coverage, summarize_coverage
 from sims.study.plan import STUDY, override
 from sims.study.publish import publish, splice
-from sims.study.report import summarize
+from sims.study.report import render, summarize
 from sims.study.runner import _study_meta
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -77,6 +77,18 @@ def test_best_mixed_is_chosen_among_mixed_fleet_variants_and_every_rule_is_paire
     assert rows[("dense", "strong-only")]["mean"] == pytest.approx(0.15)  # the headroom
 
 
+def test_the_summary_table_gives_the_slope_in_points_per_100_rounds() -> None:
+    study = override(STUDY, ["seeds=0,1", "alphas=1.0", "variants=velocity-per-param"])
+    # accuracy 0.80 -> 0.81 over the last 50 rounds: +1 point in 50 rounds, +2 points per 100
+    runs = [{"alpha": 1.0, "variant": "velocity-per-param", "seed": s, "tail_accuracy": 0.805,
+             "final_accuracy": 0.81, "slope_per_100_rounds": 0.02, "seconds_per_round": 1.0,
+             "commits": "", "seconds": 0.0} for s in range(2)]  # fmt: skip
+    summary, _ = summarize(study, runs)
+    page = render(study, {}, runs, summary, [], [])
+    row = next(line for line in page.splitlines() if line.startswith("| 1 | velocity / param"))
+    assert "| 80.5 ± 0.0 |" in row and "| +2.00 ± 0.00 |" in row
+
+
 def test_coverage_is_averaged_over_rounds_then_weighted_by_elements(tmp_path: Path) -> None:
     (tmp_path / "coverage.csv").write_text(
         "round,tensor,elements,clients,min,median,mean,max,uncovered\n"
@@ -130,7 +142,6 @@ def test_a_published_study_survives_the_paper_page_being_regenerated(tmp_path: P
 
 def test_an_incomplete_study_says_so_first() -> None:
     from sims.study.plan import expand
-    from sims.study.report import render
 
     study = override(STUDY, ["seeds=0,1", "alphas=1.0", "variants=velocity-per-param,strong-only"])
     partial = render(study, {}, [{"commits": "", "seconds": 0.0}], [], [], [])

@@ -97,7 +97,7 @@ def _run_tables(study: Study, run: Run, run_dir: Path) -> tuple[dict, list[dict]
     summary = ident | {
         "final_accuracy": acc[-1],
         "tail_accuracy": tail_mean(rounds, acc, study.tail),
-        "slope_per_100_rounds": tail_slope(rounds, acc, study.tail) * 100,
+        "slope_per_100_rounds": tail_slope(rounds, acc, study.tail) * 100,  # accuracy (a fraction) per 100 rounds
         "best_accuracy": max(acc),
         "rejected_replies": sum(r["status"] == "rejected" for r in clients),
         "skipped_rounds": sum(int(r["skipped"]) for r in rows),
@@ -239,8 +239,8 @@ def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Se
         lines.append(
             f"| {s['alpha']:g} | {s['label']} | {s['seeds']} | {_pts(s['tail_mean'])} ± "
             f"{_pts(s['tail_std'])} | [{_pts(s['tail_low'])}, {_pts(s['tail_high'])}] | "
-            f"{_pts(s['final_mean'])} ± {_pts(s['final_std'])} | {_num(s['slope_mean'], '+.2f')} ± "
-            f"{_num(s['slope_std'], '.2f')} | {_num(s['seconds_per_round'], '.2f')} |"
+            f"{_pts(s['final_mean'])} ± {_pts(s['final_std'])} | {_pts(s['slope_mean'], 2, sign=True)} ± "
+            f"{_pts(s['slope_std'], 2)} | {_num(s['seconds_per_round'], '.2f')} |"
         )
     lines += _class_lines(study, classes)
     lines += coverage_lines(summarize_coverage(coverage))
