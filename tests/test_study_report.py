@@ -16,7 +16,7 @@ from sims.study.answers import answer_lines, target_lines, verdict
 from sims.study.coverage import run_coverage, summarize_coverage
 from sims.study.plan import STUDY, override
 from sims.study.publish import publish, splice
-from sims.study.report import render, summarize
+from sims.study.report import command_line, render, summarize
 from sims.study.runner import _study_meta
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -87,6 +87,15 @@ def test_the_summary_table_gives_the_slope_in_points_per_100_rounds() -> None:
     page = render(study, {}, runs, summary, [], [])
     row = next(line for line in page.splitlines() if line.startswith("| 1 | velocity / param"))
     assert "| 80.5 ± 0.0 |" in row and "| +2.00 ± 0.00 |" in row
+
+
+def test_the_page_names_the_command_that_reruns_its_study() -> None:
+    study = override(STUDY, ["seeds=0,1", "alphas=0.3,1.0", "model=mobilenet_v2", "width_mult=0.5",
+                             "lr=0.03", "variants=velocity-per-param,dense"])  # fmt: skip
+    command = command_line(study)
+    assert command_line(STUDY) == "python -m sims.study"
+    assert override(STUDY, command.split("--set ")[1:]) == study  # the same study, parsed back
+    assert f"`{command}`" in render(study, {}, [], [], [], [])
 
 
 def test_coverage_is_averaged_over_rounds_then_weighted_by_elements(tmp_path: Path) -> None:

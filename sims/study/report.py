@@ -27,6 +27,7 @@ over (the interval does not account for that choice).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -37,7 +38,7 @@ from typing import Any
 from sims.server.results import atomic_write_text, csv_text, read_csv
 from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
 from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
-from sims.study.plan import VARIANTS, Run, Study, expand
+from sims.study.plan import STUDY, VARIANTS, Run, Study, expand
 from sims.study.runner import rounds_done
 from sims.study.stats import Interval, paired_difference, t_interval, tail_mean, tail_slope
 
@@ -181,6 +182,19 @@ def _num(x: float, fmt: str) -> str:
     return "—" if math.isnan(x) else format(x, fmt)
 
 
+def command_line(study: Study) -> str:
+    """The ``python -m sims.study`` command that runs ``study``: a ``--set`` per field that
+    differs from :data:`~sims.study.plan.STUDY`."""
+    sets = []
+    for f in dataclasses.fields(study):
+        value = getattr(study, f.name)
+        if value != getattr(STUDY, f.name):
+            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, tuple) else (f"{value:g}" if isinstance(value, float) else str(value))
+            sets.append(f"--set {f.name}={text}")
+    return " ".join(["python -m sims.study", *sets])
+
+
 def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Sequence[dict],
            paired: Sequence[dict], classes: Sequence[dict], coverage: Sequence[dict] = (),
            figures: str | None = None) -> str:  # fmt: skip
@@ -210,7 +224,9 @@ def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Se
         "drawn from the seed alone: the same in every variant of a seed (strong-only draws from "
         "the full-budget devices; drop-weak is the mixed draw less the weak devices).",
         "",
-        f"{len(runs)} of {expected} runs complete; their rounds took {hours:.1f} h of wall time "
+        f"Re-run (resumes, and runs only what is missing): `{command_line(study)}`.",
+        "",
+        f"{len(runs)} of {expected} runs complete; their rounds took {hours:.1f} h summed over runs "
         f"on {meta.get('hardware', {}).get('cores', '?')} shared cores (Ray's start not counted); "
         f"commits: {', '.join(commits) or '—'}. Tail accuracy: the mean of the evaluations in the "
         f"last {study.tail} rounds; slope: least squares over those rounds, points per 100 rounds.",
