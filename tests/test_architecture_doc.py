@@ -86,7 +86,7 @@ def test_the_four_rules_are_each_in_one_row() -> None:
         ("velocity formula", "fedneq/selection/velocity.py"),
         ("selection rule", "fedneq/selection/rules.py"),
         ("wire format", "fedneq/federation/wire/rows.py"),
-        ("aggregation rule", "strategies/neuron_avg.py"),
+        ("aggregation rule", "strategies/sparse_fedavg.py"),  # the default run's (sims/configs/default.toml)
     ]:
         hits = [r[1].strip("`") for r in rows if f"**{concept}**" in r[0]]
         assert hits == [module], (concept, hits)
