@@ -182,16 +182,18 @@ def _num(x: float, fmt: str) -> str:
     return "—" if math.isnan(x) else format(x, fmt)
 
 
+def _setting(value: Any) -> str:
+    """A study field as ``--set`` takes it: tuples comma-separated, floats in their shortest form."""
+    if isinstance(value, tuple):
+        return ",".join(_setting(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def command_line(study: Study) -> str:
     """The ``python -m sims.study`` command that runs ``study``: a ``--set`` per field that
     differs from :data:`~sims.study.plan.STUDY`."""
-    sets = []
-    for f in dataclasses.fields(study):
-        value = getattr(study, f.name)
-        if value != getattr(STUDY, f.name):
-            text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
-                if isinstance(value, tuple) else (f"{value:g}" if isinstance(value, float) else str(value))
-            sets.append(f"--set {f.name}={text}")
+    sets = [f"--set {f.name}={_setting(getattr(study, f.name))}" for f in dataclasses.fields(study)
+            if getattr(study, f.name) != getattr(STUDY, f.name)]  # fmt: skip
     return " ".join(["python -m sims.study", *sets])
 
 
