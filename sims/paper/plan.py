@@ -39,6 +39,7 @@ __all__ = [
     "Plan",
     "Run",
     "Tier",
+    "assignments",
     "base_config",
     "expand",
     "override",
@@ -173,6 +174,19 @@ def override(plan: P, assignments: Sequence[str]) -> P:
             raise ValueError(f"--set {key}: {text!r} is not of type {kind.__name__}") from None
         changes[key] = value
     return dataclasses.replace(plan, **changes)
+
+
+def assignments(plan: P, base: P) -> list[str]:
+    """The ``KEY=VALUE`` assignments that :func:`override` turns ``base`` into ``plan`` with:
+    one per field that differs (tuples comma-separated, values as ``str`` writes them, so
+    they parse back exactly)."""
+    out = []
+    for f in dataclasses.fields(plan):
+        value = getattr(plan, f.name)
+        if value != getattr(base, f.name):
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            out.append(f"{f.name}={text}")
+    return out
 
 
 def plan_changes(plan: dict[str, Any]) -> dict[str, Any]:

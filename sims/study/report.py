@@ -27,7 +27,6 @@ over (the interval does not account for that choice).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -35,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sims.paper.plan import assignments
 from sims.server.results import atomic_write_text, csv_text, read_csv
 from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
 from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
@@ -182,19 +182,10 @@ def _num(x: float, fmt: str) -> str:
     return "—" if math.isnan(x) else format(x, fmt)
 
 
-def _setting(value: Any) -> str:
-    """A study field as ``--set`` takes it: tuples comma-separated, floats in their shortest form."""
-    if isinstance(value, tuple):
-        return ",".join(_setting(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def command_line(study: Study) -> str:
     """The ``python -m sims.study`` command that runs ``study``: a ``--set`` per field that
     differs from :data:`~sims.study.plan.STUDY`."""
-    sets = [f"--set {f.name}={_setting(getattr(study, f.name))}" for f in dataclasses.fields(study)
-            if getattr(study, f.name) != getattr(STUDY, f.name)]  # fmt: skip
-    return " ".join(["python -m sims.study", *sets])
+    return " ".join(["python -m sims.study", *(f"--set {a}" for a in assignments(study, STUDY))])
 
 
 def render(study: Study, meta: dict[str, Any], runs: Sequence[dict], summary: Sequence[dict],
