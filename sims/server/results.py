@@ -33,6 +33,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,23 @@ def claim_out_dir(out: Path, *, overwrite: bool, resume_hint: bool = True) -> Pa
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write-then-rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write-then-rename: readers never see a half-written file.
+
+    The temporary file's name is unique to this call, so writers of the same
+    file in other processes or threads never rename each other's: the last
+    rename wins, whole.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

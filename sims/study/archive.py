@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sims.server.results import atomic_write_bytes, atomic_write_text
 from sims.study.plan import Study, expand
-from sims.study.runner import rounds_done, run_failed
+from sims.study.runner import STUDY_FILE, rounds_done, run_failed
 
 __all__ = ["RESULT_FILES", "pack", "restore"]
 
@@ -37,7 +37,6 @@ RESULT_FILES = (
     "timing.csv", "initial.json", "harness.json", "status.json",
 )  # fmt: skip
 PRETRAINED = "_pretrained"
-STUDY_FILE = "study.json"
 SUFFIX = ".tar.xz"
 
 

@@ -39,7 +39,7 @@ from sims.server.results import atomic_write_text, csv_text, read_csv
 from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
 from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
 from sims.study.plan import STUDY, VARIANTS, Run, Study, expand
-from sims.study.runner import rounds_done
+from sims.study.runner import STUDY_FILE, rounds_done
 from sims.study.stats import Interval, paired_difference, t_interval, tail_mean, tail_slope
 
 __all__ = ["BEST_MIXED", "PAIRS", "collect", "render", "write_report"]
@@ -327,7 +327,7 @@ def write_report(study: Study, out_dir: Path, docs: Path | None = None) -> Path:
     (:func:`sims.study.publish.publish`).
     """
     out_dir = Path(out_dir)
-    meta_path = out_dir / "study.json"
+    meta_path = out_dir / STUDY_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     runs, curves, classes, coverage = collect(study, out_dir)
     summary, paired = summarize(study, runs)

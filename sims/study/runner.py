@@ -14,12 +14,14 @@ projects the whole study's wall time from the seconds per round.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from sims.study.plan import Run, Study, expand, run_config, study_dict
 
 __all__ = [
     "Measurement",
+    "STUDY_FILE",
     "measure",
     "pretrained_checkpoint",
     "rounds_done",
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 HARNESS = "harness.json"
+STUDY_FILE = "study.json"
 RETRIES = 3  # a group whose engine ran no round is tried again this many times, then failed
 RETRY_WAIT_S = 60.0
 
@@ -119,13 +123,14 @@ def run_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     started = time.time()
-    meta = _study_meta(study, out_dir)
-    ckpt = pretrained_checkpoint(study, out_dir / "_pretrained", log)
-    configs = study_configs(study, out_dir, ckpt.resolve())
-    for run, config in configs.items():
-        _check_same_config(out_dir / run.key, config)
-    meta["checkpoint"] = {"file": ckpt.name, **json.loads(checkpoint_paths(ckpt)[1].read_text())}
-    atomic_write_text(out_dir / "study.json", json.dumps(meta, indent=1))
+    with _study_lock(out_dir):  # another process may be starting on other seeds of the folder
+        meta = _study_meta(study, out_dir)
+        ckpt = pretrained_checkpoint(study, out_dir / "_pretrained", log)
+        configs = study_configs(study, out_dir, ckpt.resolve())
+        for run, config in configs.items():
+            _check_same_config(out_dir / run.key, config)
+        meta["checkpoint"] = {"file": ckpt.name, **json.loads(checkpoint_paths(ckpt)[1].read_text())}
+        atomic_write_text(out_dir / STUDY_FILE, json.dumps(meta, indent=1))
     todo = [r for r in configs if rounds_done(out_dir / r.key) < study.rounds]
     total_rounds = sum(study.rounds - rounds_done(out_dir / r.key) for r in todo)
     log(f"[study] {len(configs) - len(todo)} of {len(configs)} runs complete in {out_dir}, "
@@ -173,14 +178,25 @@ def run_study(
             failed.append(bad.key)
             log(f"[study] FAILED {bad.key}: {type(error).__name__}: {error}")
             pending = pending[pending.index(bad) + 1 :]
-    meta["invocations"].append({
+    invocation = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "commit": meta["git"]["commit"], "dirty": meta["git"]["dirty"],
         "seconds": round(time.time() - started, 1), "runs": len(todo), "failed": failed,
         "command": command,
-    })  # fmt: skip
-    atomic_write_text(out_dir / "study.json", json.dumps(meta, indent=1))
+    }  # fmt: skip
+    with _study_lock(out_dir):  # the record as it is now: other processes' seeds and invocations kept
+        meta = json.loads((out_dir / STUDY_FILE).read_text())
+        meta["invocations"].append(invocation)
+        atomic_write_text(out_dir / STUDY_FILE, json.dumps(meta, indent=1))
     return failed
+
+
+@contextlib.contextmanager
+def _study_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the folder's lock on study.json (released when the process dies)."""
+    with open(out_dir / ".study.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def run_failed(run_dir: Path) -> bool:
@@ -222,7 +238,7 @@ def _study_meta(study: Study, out_dir: Path) -> dict[str, Any]:
     that runs some of them (e.g. two processes on disjoint seeds) does not hide
     the others from a later report or resume.
     """
-    path = out_dir / "study.json"
+    path = out_dir / STUDY_FILE
     old = json.loads(path.read_text()) if path.exists() else {}
     new = study_dict(study)
     growable = {"seeds", "alphas", "variants", "rounds", "variant_definitions"}
