@@ -157,6 +157,17 @@ def test_resume_accepts_more_rounds_and_nothing_else(tmp_path: Path) -> None:
         load_run_checkpoint(tmp_path, config.replace(run={"rounds": 1}))
 
 
+def test_a_moved_results_folder_resumes_in_its_new_place(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    config = tiny_config(old).replace(model={"checkpoint": str(old / "_pretrained" / "m-1a2b.safetensors")})
+    save_run_checkpoint(old, config, 2, small_state(1.0), {})
+    old.rename(new)
+    moved = config.replace(run={"out_dir": str(new)}, model={"checkpoint": str(new / "_pretrained" / "m-1a2b.safetensors")})
+    assert load_run_checkpoint(new, moved).round == 2
+    with pytest.raises(ValueError, match=r"differs in \['model.checkpoint'\]"):  # other weights
+        load_run_checkpoint(new, moved.replace(model={"checkpoint": str(new / "_pretrained" / "other.safetensors")}))
+
+
 # --- the clients' kept state ------------------------------------------------------------
 
 

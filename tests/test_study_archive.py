@@ -66,10 +66,10 @@ def test_a_restored_run_is_complete_where_it_lands_and_an_interrupted_one_is_rep
     assert (new / DONE.key / "rounds.csv").read_bytes() == (out / DONE.key / "rounds.csv").read_bytes()
     assert not (new / DONE.key / "checkpoint").exists()
     assert (new / "_pretrained" / CKPT).read_bytes() == b"weights"
-    # the runner accepts the restored folder as this study's run in the new place, not the old one
+    # the runner accepts the restored folder as this study's run in the new place, not another run
     _check_same_config(new / DONE.key, _config(STUDY3, DONE, new))
     with pytest.raises(ValueError, match="another config"):
-        _check_same_config(new / DONE.key, _config(STUDY3, DONE, out))
+        _check_same_config(new / DONE.key, _config(STUDY3, FAILED, new))
     assert restore(archive, new, log=lambda _: None) == []  # complete there already
     (new / DONE.key / "rounds.csv").write_text("round,accuracy,skipped\n1,0.1,0\n")  # an interrupted copy
     assert restore(archive, new, log=lambda _: None) == [DONE.key]

@@ -12,7 +12,10 @@ state a resume needs. The clients' own kept state is saved by the clients
 (:func:`fedneq.federation.client.save_client_state`), not here.
 
 A checkpoint is resumed only with the config it was written with, except
-``[run] rounds``, which may change: a finished run can be extended.
+``[run] rounds``, which may change (a finished run can be extended), and where
+the run lives: ``[run] out_dir`` and the folder of ``[model] checkpoint``, its
+file name kept (a results folder moved or copied with its pretrained
+checkpoint resumes in its new place): :func:`resume_conflicts`.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from safetensors.torch import save as st_save
 from fedneq.config import Config
 from sims.server.results import atomic_write_bytes, atomic_write_text
 
-__all__ = ["RunCheckpoint", "load_run_checkpoint", "save_run_checkpoint"]
+__all__ = ["RunCheckpoint", "load_run_checkpoint", "resume_conflicts", "save_run_checkpoint"]
 
-_RESUMABLE_CHANGES = frozenset({"run.rounds"})  # config keys a resume may change
+_RESUMABLE_CHANGES = frozenset({"run.rounds", "run.out_dir"})  # config keys a resume may change
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,18 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def resume_conflicts(saved: Config, config: Config) -> list[str]:
+    """The config keys in which ``config`` differs from the ``saved`` run's and may not, to
+    resume it: any but ``[run] rounds``, ``[run] out_dir``, and ``[model] checkpoint`` where only
+    its folder moved (the same file name)."""
+    moved = Path(saved.model.checkpoint).name == Path(config.model.checkpoint).name
+    return [
+        key
+        for key in _differences(saved.to_dict(), config.to_dict())
+        if key not in _RESUMABLE_CHANGES and not (key == "model.checkpoint" and moved)
+    ]
+
+
 def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
     """The last complete checkpoint in ``out_dir``, or None if there is none.
 
@@ -88,7 +103,7 @@ def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
     ------
     ValueError
         If it was written with a config that differs in more than
-        ``[run] rounds``, or it is past ``config``'s last round.
+        :func:`resume_conflicts` allows, or it is past ``config``'s last round.
     """
     root = Path(out_dir) / "checkpoint"
     latest = root / "LATEST"
@@ -97,11 +112,12 @@ def load_run_checkpoint(out_dir: Path, config: Config) -> RunCheckpoint | None:
     folder = root / latest.read_text().strip()
     meta = json.loads((folder / "meta.json").read_text())
     # parsed again: a key added to the config since the checkpoint had its default value then
-    changed = _differences(Config.from_dict(meta["config"]).to_dict(), config.to_dict())
-    if set(changed) - _RESUMABLE_CHANGES:
+    changed = resume_conflicts(Config.from_dict(meta["config"]), config)
+    if changed:
         raise ValueError(
             f"cannot resume {out_dir}: its checkpoint belongs to a different config (differs in "
-            f"{changed}; only {sorted(_RESUMABLE_CHANGES)} may change)"
+            f"{changed}; only {sorted(_RESUMABLE_CHANGES)} and the folder of model.checkpoint "
+            "may change)"
         )
     if int(meta["round"]) > config.run.rounds:
         raise ValueError(

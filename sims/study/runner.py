@@ -31,6 +31,7 @@ from fedneq.federation.devices import default_fleet
 from fedneq.training.pretrain import cached_pretrain, checkpoint_paths
 from sims.paper.sweep import git_info, hardware
 from sims.server import STATUS_FILE, RunSpec
+from sims.server.checkpoint import resume_conflicts
 from sims.server.results import atomic_write_text, read_csv
 from sims.study.plan import Run, Study, expand, run_config, study_dict
 
@@ -74,13 +75,16 @@ def rounds_done(run_dir: Path) -> int:
 
 
 def _check_same_config(run_dir: Path, config: Config) -> None:
-    """Refuse a run folder that holds a run of another config (``[run] rounds`` may differ)."""
+    """Refuse a run folder that holds a run of another config (``[run] rounds`` may differ, and
+    where the folder lives: :func:`sims.server.checkpoint.resume_conflicts`)."""
     saved = run_dir / "config.json"
     if not saved.exists():
         return
-    old = Config.from_dict(json.loads(saved.read_text())).replace(run={"rounds": config.run.rounds})
-    if old != config:
-        raise ValueError(f"{run_dir} holds a run of another config; use another --out")
+    changed = resume_conflicts(Config.from_dict(json.loads(saved.read_text())), config)
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run of another config (differs in {changed}); use another --out"
+        )
 
 
 def _record_commit(run_dir: Path, git: dict[str, Any], started_at_round: int) -> None:
