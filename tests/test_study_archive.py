@@ -58,6 +58,20 @@ def test_only_complete_runs_are_packed_once_and_byte_stable(tmp_path: Path) -> N
     assert (other / f"{DONE.key}.tar.xz").read_bytes() == before[1]
 
 
+def test_a_run_extended_past_its_archive_replaces_it_once(tmp_path: Path) -> None:
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    _fake_study(out)
+    pack(STUDY3, out, archive, log=lambda _: None)
+    with (out / DONE.key / "rounds.csv").open("a") as f:
+        f.write("4,0.4,0\n")  # the study extended to 4 rounds
+    longer = dataclasses.replace(STUDY3, rounds=4)
+    assert pack(STUDY3, out, archive, log=lambda _: None) == [DONE.key]  # grown: rewritten
+    assert pack(longer, out, archive, log=lambda _: None) == []  # once
+    new = tmp_path / "new"
+    assert restore(archive, new, log=lambda _: None) == [DONE.key]
+    assert (new / DONE.key / "rounds.csv").read_bytes() == (out / DONE.key / "rounds.csv").read_bytes()
+
+
 def test_a_restored_run_is_complete_where_it_lands_and_an_interrupted_one_is_replaced(tmp_path: Path) -> None:
     out, archive, new = tmp_path / "out", tmp_path / "archive", tmp_path / "elsewhere" / "study"
     _fake_study(out)

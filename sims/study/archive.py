@@ -4,13 +4,14 @@
 
 first restores into ``DIR`` every run ``ARCHIVE`` holds that ``DIR`` lacks
 complete, then runs (or reports) the study, then packs every complete run of
-``DIR`` that ``ARCHIVE`` does not hold yet. A run's archive is
+``DIR`` that ``ARCHIVE`` does not hold yet (or holds shorter). A run's archive is
 ``ARCHIVE/alpha<a>/<variant>/seed<k>.tar.xz``: its result files only
 (:data:`RESULT_FILES`, about 80 kB), not its checkpoint or client state, which
 only an incomplete run needs. Beside them: the study's pretrained checkpoint
-(``_pretrained/``) and ``study.json``. An archived run is never rewritten, and
-its bytes depend on its files alone (sorted members, no times or owners), so
-an archive kept in git grows by each run once.
+(``_pretrained/``) and ``study.json``. An archived run is rewritten only when
+the run has grown past it (a study extended to more rounds), and its bytes
+depend on its files alone (sorted members, no times or owners), so an archive
+kept in git grows by each run once per length.
 
 A restored run's ``config.json`` names the folder it ran in (``[run]
 out_dir``, the checkpoint under it); those paths are moved to ``DIR``, so the
@@ -45,6 +46,12 @@ def _complete(run_dir: Path, rounds: int) -> bool:
     return rounds_done(run_dir) >= rounds and not run_failed(run_dir)
 
 
+def _archived_rounds(path: Path) -> int:
+    """Rows of an archived run's rounds.csv."""
+    with tarfile.open(path, "r:xz") as tar:
+        return tar.extractfile("rounds.csv").read().decode().count("\n") - 1  # type: ignore[union-attr]
+
+
 def _tar_bytes(run_dir: Path) -> bytes:
     """The run's result files as tar.xz bytes that depend on their contents alone."""
     buffer = io.BytesIO()
@@ -67,7 +74,9 @@ def pack(study: Study, out_dir: Path, archive: Path, log: Callable[[str], None] 
     added = []
     for run in expand(study):
         target = archive / f"{run.key}{SUFFIX}"
-        if target.exists() or not _complete(out_dir / run.key, study.rounds):
+        if not _complete(out_dir / run.key, study.rounds):
+            continue
+        if target.exists() and _archived_rounds(target) >= rounds_done(out_dir / run.key):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, _tar_bytes(out_dir / run.key))
@@ -108,11 +117,10 @@ def restore(archive: Path, out_dir: Path, log: Callable[[str], None] = print) ->
     for path in sorted(archive.rglob("*" + SUFFIX)):
         key = str(path.relative_to(archive))[: -len(SUFFIX)]
         run_dir = out_dir / key
+        if _complete(run_dir, _archived_rounds(path)):
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)
         with tarfile.open(path, "r:xz") as tar:
-            rows = tar.extractfile("rounds.csv").read().decode().count("\n") - 1  # type: ignore[union-attr]
-            if _complete(run_dir, rows):
-                continue
-            shutil.rmtree(run_dir, ignore_errors=True)
             tar.extractall(run_dir, filter="data")
         _move_paths(run_dir, out_dir)
         restored.append(key)
