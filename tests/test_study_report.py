@@ -157,3 +157,19 @@ def test_an_incomplete_study_says_so_first() -> None:
     assert "**In progress:** 1 of 4 runs complete" in partial.split("**The three questions**")[0]
     complete = render(study, {}, [{"commits": "", "seconds": 0.0}] * len(expand(study)), [], [], [])
     assert "In progress" not in complete
+
+
+def test_a_run_that_failed_is_left_out_of_the_report(tmp_path: Path) -> None:
+    """A run whose engine died records its remaining rounds (all failed): it has every row of
+    rounds.csv but is not complete, and its frozen model must not enter the tables."""
+    import tarfile
+
+    from sims.study.report import collect
+
+    study = override(STUDY, ["seeds=0", "alphas=0.3", "variants=velocity-per-param"])
+    run_dir = tmp_path / "alpha0.3/velocity-per-param/seed0"
+    with tarfile.open(Path(__file__).parent.parent / "docs/results/study/runs" / "alpha0.3/velocity-per-param/seed0.tar.xz") as tar:
+        tar.extractall(run_dir, filter="data")
+    assert len(collect(study, tmp_path)[0]) == 1
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed", "reason": "round(s) [300]"}))
+    assert collect(study, tmp_path)[0] == []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sims.server.results import atomic_write_bytes, atomic_write_text
 from sims.study.plan import Study, expand
-from sims.study.runner import STUDY_FILE, rounds_done, run_failed
+from sims.study.runner import STUDY_FILE, rounds_done, run_complete
 
 __all__ = ["RESULT_FILES", "pack", "restore"]
 
@@ -39,11 +39,6 @@ RESULT_FILES = (
 )  # fmt: skip
 PRETRAINED = "_pretrained"
 SUFFIX = ".tar.xz"
-
-
-def _complete(run_dir: Path, rounds: int) -> bool:
-    """Whether ``run_dir`` holds a run of at least ``rounds`` rounds that did not fail."""
-    return rounds_done(run_dir) >= rounds and not run_failed(run_dir)
 
 
 def _archived_rounds(path: Path) -> int:
@@ -74,7 +69,7 @@ def pack(study: Study, out_dir: Path, archive: Path, log: Callable[[str], None] 
     added = []
     for run in expand(study):
         target = archive / f"{run.key}{SUFFIX}"
-        if not _complete(out_dir / run.key, study.rounds):
+        if not run_complete(out_dir / run.key, study.rounds):
             continue
         if target.exists() and _archived_rounds(target) >= rounds_done(out_dir / run.key):
             continue
@@ -117,7 +112,7 @@ def restore(archive: Path, out_dir: Path, log: Callable[[str], None] = print) ->
     for path in sorted(archive.rglob("*" + SUFFIX)):
         key = str(path.relative_to(archive))[: -len(SUFFIX)]
         run_dir = out_dir / key
-        if _complete(run_dir, _archived_rounds(path)):
+        if run_complete(run_dir, _archived_rounds(path)):
             continue
         shutil.rmtree(run_dir, ignore_errors=True)
         with tarfile.open(path, "r:xz") as tar:

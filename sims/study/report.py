@@ -1,6 +1,6 @@
 """The study's report: ``STUDY.md`` (a markdown section) and the CSVs it is made from.
 
-From the complete runs of a study folder (``rounds.csv`` has every round):
+From the complete runs of a study folder (``rounds.csv`` has every round, and the run did not fail):
 
 * ``runs.csv``: per run, the final accuracy, the tail accuracy (mean of the
   evaluations in the last ``tail`` rounds), the slope over those rounds, the
@@ -39,7 +39,7 @@ from sims.server.results import atomic_write_text, csv_text, read_csv
 from sims.study.answers import REFERENCE, RULE_VARIANTS, answer_lines
 from sims.study.coverage import COVERAGE_COLUMNS, coverage_lines, run_coverage, summarize_coverage
 from sims.study.plan import STUDY, VARIANTS, Run, Study, expand
-from sims.study.runner import STUDY_FILE, rounds_done
+from sims.study.runner import STUDY_FILE, run_complete
 from sims.study.stats import Interval, paired_difference, t_interval, tail_mean, tail_slope
 
 __all__ = ["BEST_MIXED", "PAIRS", "collect", "render", "write_report"]
@@ -123,7 +123,7 @@ def collect(study: Study, out_dir: Path) -> tuple[list[dict], list[dict], list[d
     runs, curves, classes, coverage = [], [], [], []
     for run in expand(study):
         run_dir = Path(out_dir) / run.key
-        if rounds_done(run_dir) >= study.rounds:
+        if run_complete(run_dir, study.rounds):
             s, c, k = _run_tables(study, run, run_dir)
             runs.append(s)
             curves += c

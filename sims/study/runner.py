@@ -41,6 +41,7 @@ __all__ = [
     "measure",
     "pretrained_checkpoint",
     "rounds_done",
+    "run_complete",
     "run_failed",
     "run_study",
     "study_configs",
@@ -136,6 +137,11 @@ def run_study(
         meta["checkpoint"] = {"file": ckpt.name, **json.loads(checkpoint_paths(ckpt)[1].read_text())}
         atomic_write_text(out_dir / STUDY_FILE, json.dumps(meta, indent=1))
     todo = [r for r in configs if rounds_done(out_dir / r.key) < study.rounds]
+    failed_before = [r.key for r in configs if r not in todo and run_failed(out_dir / r.key)]
+    if failed_before:
+        log(f"[study] {len(failed_before)} runs failed in an earlier invocation and are left out "
+            f"of the report: {', '.join(failed_before)} (their status.json says why); move their "
+            "folders away to run them again")  # fmt: skip
     total_rounds = sum(study.rounds - rounds_done(out_dir / r.key) for r in todo)
     log(f"[study] {len(configs) - len(todo)} of {len(configs)} runs complete in {out_dir}, "
         f"{len(todo)} to run ({total_rounds} rounds)")  # fmt: skip
@@ -201,6 +207,12 @@ def _study_lock(out_dir: Path) -> Iterator[None]:
     with open(out_dir / ".study.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def run_complete(run_dir: Path, rounds: int) -> bool:
+    """Whether ``run_dir`` holds a run of at least ``rounds`` rounds that did not fail (a run
+    whose engine died records its remaining rounds as failed ones: present, not complete)."""
+    return rounds_done(run_dir) >= rounds and not run_failed(run_dir)
 
 
 def run_failed(run_dir: Path) -> bool:
