@@ -41,10 +41,9 @@ PRETRAINED = "_pretrained"
 SUFFIX = ".tar.xz"
 
 
-def _archived_rounds(path: Path) -> int:
+def _archived_rounds(tar: tarfile.TarFile) -> int:
     """Rows of an archived run's rounds.csv."""
-    with tarfile.open(path, "r:xz") as tar:
-        return tar.extractfile("rounds.csv").read().decode().count("\n") - 1  # type: ignore[union-attr]
+    return tar.extractfile("rounds.csv").read().decode().count("\n") - 1  # type: ignore[union-attr]
 
 
 def _tar_bytes(run_dir: Path) -> bytes:
@@ -71,8 +70,10 @@ def pack(study: Study, out_dir: Path, archive: Path, log: Callable[[str], None] 
         target = archive / f"{run.key}{SUFFIX}"
         if not run_complete(out_dir / run.key, study.rounds):
             continue
-        if target.exists() and _archived_rounds(target) >= rounds_done(out_dir / run.key):
-            continue
+        if target.exists():
+            with tarfile.open(target, "r:xz") as tar:
+                if _archived_rounds(tar) >= rounds_done(out_dir / run.key):
+                    continue
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, _tar_bytes(out_dir / run.key))
         added.append(run.key)
@@ -112,10 +113,10 @@ def restore(archive: Path, out_dir: Path, log: Callable[[str], None] = print) ->
     for path in sorted(archive.rglob("*" + SUFFIX)):
         key = str(path.relative_to(archive))[: -len(SUFFIX)]
         run_dir = out_dir / key
-        if run_complete(run_dir, _archived_rounds(path)):
-            continue
-        shutil.rmtree(run_dir, ignore_errors=True)
         with tarfile.open(path, "r:xz") as tar:
+            if run_complete(run_dir, _archived_rounds(tar)):
+                continue
+            shutil.rmtree(run_dir, ignore_errors=True)
             tar.extractall(run_dir, filter="data")
         _move_paths(run_dir, out_dir)
         restored.append(key)
