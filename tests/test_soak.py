@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sims.benchmarks.soak import SoakSpec, plan_faults, run_soak, soak_config
-from sims.benchmarks.soak_fleet import Fleet, processes_with_home, stop_processes
+from sims.benchmarks.soak import Soak, SoakSpec, plan_faults, run_soak, soak_config
+from sims.benchmarks.soak_fleet import Device, Fleet, processes_with_home, stop_processes
 from sims.server.exchange import sample_partitions
 
 
@@ -40,6 +40,7 @@ def test_the_fault_schedule_is_seeded_and_holds_every_kind(tmp_path: Path) -> No
         sampled = sample_partitions(config, kill.after_round + 1)
         assert (kill.target in sampled) == kill.mid_training
         assert 5 <= kill.restart_after_s <= 45
+        assert (kill.delay_s == 0.0) == kill.mid_training  # it watches for the ClientApp at once
     assert sum(k.mid_training for k in kills) == 2
     (impostor,) = [f for f in faults if f.kind == "impostor"]
     assert impostor.target == kills[0].target and impostor.after_round < kills[0].after_round
@@ -47,6 +48,37 @@ def test_the_fault_schedule_is_seeded_and_holds_every_kind(tmp_path: Path) -> No
         SoakSpec(tmp_path, rounds=8)
     with pytest.raises(ValueError, match="nodes should be >= 3"):
         SoakSpec(tmp_path, nodes=2)
+
+
+def test_a_mid_training_kill_waits_for_the_clientapp_or_the_end_of_its_round(tmp_path: Path) -> None:
+    """Found by the 20-device soak on an idle machine: the target had trained before the kill
+    looked for it, the kill then waited 2 minutes while the run finished, and a later fault never
+    fired. The wait ends when a ClientApp appears in the device's group, or when the round ends."""
+    soak = Soak(SoakSpec(tmp_path / "soak", nodes=5, rounds=9))
+    rounds = soak.run_dir / "rounds.csv"
+    rounds.parent.mkdir(parents=True)
+    rounds.write_text("round,accuracy\n3,0.5\n")
+    sleep = "import time; time.sleep(60)"
+    forks = f"import subprocess, sys, time; time.sleep(0.5); subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    record = f"import time; time.sleep(1); open({str(rounds)!r}, 'a').write('4,0.6\\n')"
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+             for name, code in (("forks", forks), ("idle", sleep), ("run", sleep))}  # fmt: skip
+    soak.run_proc = procs["run"]  # `flwr run`, running throughout
+    try:  # a SuperNode whose warm SuperExec forks a ClientApp 0.5 s into round 4
+        device = Device("node-0", tmp_path / "k", "", tmp_path / "s", group=procs["forks"].pid, procs=[procs["forks"]])
+        t0 = time.monotonic()
+        soak.await_clientapp(device, 4)
+        assert 0.4 < time.monotonic() - t0 < 5.0
+        # one that never does: the wait ends when round 4 is recorded, 1 s in
+        device = Device("node-1", tmp_path / "k", "", tmp_path / "s", group=procs["idle"].pid, procs=[procs["idle"]])
+        t0 = time.monotonic()
+        subprocess.Popen([sys.executable, "-c", record], start_new_session=True)
+        soak.await_clientapp(device, 4)
+        assert 0.9 < time.monotonic() - t0 < 5.0
+    finally:
+        for proc in procs.values():
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 # a leader that forks a child which ignores Ctrl-C, and a grandchild in a session of its own

@@ -56,6 +56,7 @@ DEVICE_CLASSES = ("mcu", "pi-zero", "pi-4")  # the default fleet's small classes
 RESTART_SEC = 10.0  # the unit's RestartSec: a SuperNode that exited is started again after it
 REFUSAL_WAIT_S = 300.0  # after the run, the unregistered SuperNode's exit is waited for this long
 MID_TRAINING_WAIT_S = 120.0  # a mid-training kill waits this long at most for the ClientApp to start
+FORK_POLL_S = 0.05  # how often a mid-training kill looks for its target's ClientApp
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ class SoakSpec:
 @dataclass(frozen=True)
 class Fault:
     """One scheduled fault: fired ``delay_s`` after round ``after_round`` is recorded
-    (0: once the run started)."""
+    (0: once the run started). A mid-training node kill has no delay: it watches for its
+    target's ClientApp from the moment the round before is recorded, since on an idle machine
+    a client's training may be over a second into the round."""
 
     kind: str  # "node-kill", "unregistered", "impostor" or "superlink-kill"
     after_round: int
@@ -111,7 +114,7 @@ def plan_faults(spec: SoakSpec, config: Config) -> list[Fault]:
     apart; node kills avoid the rounds next to them (a resume waits for every
     device). The impostor (claiming the first killed device's partition) and
     the unregistered SuperNode start before the run. Half the node kills (rounded up) hit a device
-    sampled in the round in flight, 1-4 s into it.
+    sampled in the round in flight, while its ClientApp trains; the others 1-4 s into a round.
     """
     rng = random.Random(spec.seed)
     rounds = spec.rounds
@@ -130,8 +133,9 @@ def plan_faults(spec: SoakSpec, config: Config) -> list[Fault]:
         sampled = sample_partitions(config, r + 1)
         mid = i % 2 == 0
         pool = sampled if mid else [p for p in range(spec.nodes) if p not in sampled]
+        delay = rng.uniform(1.0, 4.0)  # drawn for both kinds: the same seed, the same other faults
         faults.append(Fault(
-            "node-kill", r, rng.uniform(1.0, 4.0), target=rng.choice(pool), mid_training=mid,
+            "node-kill", r, 0.0 if mid else delay, target=rng.choice(pool), mid_training=mid,
             restart_after_s=rng.uniform(5.0, 45.0),
         ))  # fmt: skip
     target = next(f.target for f in faults if f.kind == "node-kill")
@@ -292,9 +296,7 @@ class Soak:
                 seen["skipped"] = "the device was down already"
             else:
                 if fault.mid_training:  # until its ClientApp runs the round's training
-                    deadline = time.monotonic() + MID_TRAINING_WAIT_S
-                    while not _forks(device) and time.monotonic() < deadline:
-                        time.sleep(0.2)
+                    self.await_clientapp(device, fault.after_round + 1)
                 clientapp = len(_forks(device)) > 0
                 members, left = self.fleet.kill_device(device)
                 self.log.group_kills.append({"device": device.name, "processes": members,
@@ -322,6 +324,18 @@ class Soak:
             self.wait_online({d.node_id for d in self.devices()}, f"all {self.spec.nodes} devices")
             self.start_run(resume=True)
         self.log.fired.append(seen)
+
+    def await_clientapp(self, device: Device, rnd: int) -> None:
+        """Until ``device`` runs a ClientApp, round ``rnd`` is recorded (its training is over)
+        or the run ends; at most ``MID_TRAINING_WAIT_S``."""
+        deadline = time.monotonic() + MID_TRAINING_WAIT_S
+        next_check = 0.0
+        while not _forks(device) and time.monotonic() < deadline:
+            if time.monotonic() >= next_check:  # rounds.csv is read twice a second, not 20 times
+                if self.recorded_rounds() >= rnd or self.run_proc.poll() is not None:
+                    return
+                next_check = time.monotonic() + 0.5
+            time.sleep(FORK_POLL_S)
 
     def wait_run_end(self, timeout_s: float) -> None:
         try:
