@@ -93,8 +93,12 @@ def average_rows(
                 sums[key] = torch.zeros(rows_global.shape, dtype=torch.float64)
                 totals[key] = torch.zeros(rows_global.shape[0], dtype=torch.float64)
             values = as_rows(update.values[key]).to(torch.float64)
-            sums[key][sent] += weight * values[sent]
-            totals[key][sent] += weight
+            if bool(sent.all()):  # a whole tensor: the same sums, without gathering its rows
+                sums[key] += weight * values
+                totals[key] += weight
+            else:
+                sums[key][sent] += weight * values[sent]
+                totals[key][sent] += weight
 
     new_state = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in global_state.items()}
     changed: dict[str, torch.Tensor] = {}

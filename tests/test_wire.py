@@ -25,6 +25,7 @@ from fedneq.federation.wire import (
     from_array_record,
     full_mask,
     model_nbytes,
+    npy_array,
     pack_model,
     payload_nbytes,
     tensor_table,
@@ -532,3 +533,39 @@ def test_block_wire_element_bits_validation(cnn, change, message) -> None:
     change(arrays)
     with pytest.raises(WireFormatError, match=message):
         decode(arrays, nm, table, state)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    return Array(a).data
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.zeros(0, np.int32), np.arange(7, dtype=np.int32), np.ones((), np.float64),
+        np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), np.array([True, False]),
+        np.zeros((2, 0, 3), np.int64), np.arange(5, dtype=">f4"), np.full(70_000, np.nan, np.float16),
+        np.asfortranarray(np.arange(6.0).reshape(3, 2)),  # a Fortran header: read by np.load
+    ],
+)  # fmt: skip
+def test_npy_array_reads_what_np_load_reads(a: np.ndarray) -> None:
+    got, want = npy_array(Array(a)), Array(a).numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(got, want, equal_nan=True) and got.flags.writeable
+
+
+def test_npy_array_trusts_the_bytes_not_the_declared_dtype_or_shape() -> None:
+    """A reply whose declared dtype, shape or length disagrees with its ``.npy`` bytes is read as
+    ``np.load`` reads it (or refused as ``np.load`` refuses it), never reinterpreted."""
+    ints = np.arange(4, dtype=np.int32)
+    lying = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=_npy(ints))
+    assert npy_array(lying).dtype == np.int32 and np.array_equal(npy_array(lying), ints)
+    wrong_shape = Array(dtype="int32", shape=(2, 2), stype="numpy.ndarray", data=_npy(ints))
+    assert npy_array(wrong_shape).shape == (4,)
+    longer = Array(dtype="int32", shape=(4,), stype="numpy.ndarray", data=_npy(ints) + b"\0" * 4)
+    assert np.array_equal(npy_array(longer), ints)  # np.load ignores trailing bytes
+    with pytest.raises(ValueError):  # too short: np.load refuses it, and so does npy_array
+        npy_array(Array(dtype="int32", shape=(4,), stype="numpy.ndarray", data=_npy(ints)[:-4]))
+    with pytest.raises(WireFormatError, match="cannot be read as numpy"):
+        from_array_record(ArrayRecord({"a": Array(dtype="int32", shape=(4,), stype="numpy.ndarray",
+                                                  data=_npy(ints)[:-4])}))  # fmt: skip

@@ -17,6 +17,8 @@ each) on top of that.
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +40,7 @@ __all__ = [
     "float32_concat",
     "from_array_record",
     "full_mask",
+    "npy_array",
     "payload_nbytes",
     "tensor_table",
     "to_array_record",
@@ -203,7 +206,39 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, array in record.items():
         try:
-            out[key] = array.numpy()
+            out[key] = npy_array(array)
         except (TypeError, ValueError) as err:
             raise WireFormatError(f"reply array {key!r} cannot be read as numpy: {err}") from err
     return out
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``dtype`` and ``shape``."""
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def npy_array(array: Array) -> np.ndarray:
+    """``array.numpy()`` (Flower's ``np.load`` of its ``.npy`` bytes), without parsing the
+    header where it is byte for byte the one ``np.save`` writes for the array's declared dtype
+    and shape, and the data is exactly that many bytes: then ``np.load`` would read the same
+    values, dtype and shape. Anything else (another header, a declared dtype or shape that
+    disagrees with the bytes, trailing bytes, object dtypes) goes through ``np.load``.
+
+    ``np.load`` parses the header with ``ast``: about 50 us an array, which made reading a
+    round's replies a visible share of a small model's round.
+    """
+    if array.stype == "numpy.ndarray" and isinstance(array.data, bytes):
+        try:
+            dtype, shape = np.dtype(array.dtype), tuple(int(n) for n in array.shape)
+        except (TypeError, ValueError):
+            dtype = None
+        if dtype is not None and not dtype.hasobject and all(n >= 0 for n in shape):
+            header = _npy_header(dtype, shape)
+            count = math.prod(shape)
+            data = array.data
+            if len(data) == len(header) + count * dtype.itemsize and data.startswith(header):
+                return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape).copy()
+    return array.numpy()
