@@ -21,6 +21,7 @@ neurons in channel order. Masks are ``(N,)`` boolean tensors over that order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -85,7 +86,11 @@ class NeuronMap:
         return sum(layer.cost * layer.num_neurons for layer in self.layers)
 
     def costs(self) -> torch.Tensor:
-        """(N,) int64 parameter count of every neuron."""
+        """(N,) int64 parameter count of every neuron (a copy: the server prices every reply)."""
+        return self._costs.clone()
+
+    @functools.cached_property
+    def _costs(self) -> torch.Tensor:
         return torch.cat(
             [torch.full((layer.num_neurons,), layer.cost, dtype=torch.int64) for layer in self.layers]
         )

@@ -178,7 +178,8 @@ def decode(
             f"'neuron_values' has {arrays['neuron_values'].size} values, expected {expected} "
             f"for the {neurons.size} neurons sent"
         )
-    sizes = [reference_state[table[i]].numel() for i in tensors]
+    sent_whole = [table[i] for i in tensors.tolist()]  # the tensors sent whole, by key
+    sizes = [reference_state[key].numel() for key in sent_whole]
     if arrays["tensor_values"].size != sum(sizes):
         raise WireFormatError(
             f"'tensor_values' has {arrays['tensor_values'].size} values, expected {sum(sizes)} "
@@ -194,6 +195,8 @@ def decode(
     ):
         if count == 0:
             continue
+        # every row of the layer, in order (the indices are strictly ascending): no scatter
+        all_rows = bool(count == layer.num_neurons)
         idx = torch.from_numpy(neurons[first : first + count].astype(np.int64)) - layer.offset
         block = flat[pos : pos + count * length].view(int(count), length)  # (k, row_len)
         pos += int(count) * length
@@ -201,18 +204,24 @@ def decode(
         for key in layer.tensors:
             ref = reference_state[key]
             width = row_numel(ref)
-            out = values.setdefault(key, ref.detach().clone(memory_format=torch.contiguous_format))
-            as_rows(out)[idx] = block[:, col : col + width].to(ref.dtype)
+            part = block[:, col : col + width]
             col += width
-            sent = rows.setdefault(key, torch.zeros(layer.num_neurons, dtype=torch.bool))
-            sent[idx] = True
+            if all_rows and key not in values:  # flat is this update's own copy: a view may stay
+                values[key] = part.reshape(ref.shape).to(ref.dtype)
+                rows[key] = torch.ones(layer.num_neurons, dtype=torch.bool)
+                continue
+            if key not in values:
+                values[key] = ref.detach().clone(memory_format=torch.contiguous_format)
+                rows[key] = torch.zeros(layer.num_neurons, dtype=torch.bool)
+            as_rows(values[key])[idx] = part.to(ref.dtype)
+            rows[key][idx] = True
 
-    flat = torch.from_numpy(arrays["tensor_values"].copy())
+    flat = torch.from_numpy(arrays["tensor_values"].copy())  # this update's own: no copy per tensor
     pos = 0
-    for i, size in zip(tensors, sizes, strict=True):
-        key = table[i]
+    for key, size in zip(sent_whole, sizes, strict=True):
         ref = reference_state[key]
-        values[key] = flat[pos : pos + size].view(ref.shape).to(ref.dtype).clone()
-        rows[key] = torch.ones(as_rows(ref).shape[0], dtype=torch.bool)
+        value = flat[pos : pos + size].view(ref.shape)
+        values[key] = value if value.dtype == ref.dtype else value.to(ref.dtype)
+        rows[key] = torch.ones(ref.shape[0] if ref.dim() else 1, dtype=torch.bool)
         pos += size
     return SparseUpdate(values=values, rows=rows)
