@@ -63,3 +63,19 @@ def test_peers_smoke_plain_and_fedneq_agree(tmp_path, capsys) -> None:
     assert plain == fedneq  # the same clients, batches and model from the same initial state
     assert "peer s/round / fedneq s/round: plain" in out
     assert csv.exists()
+
+
+def test_repeats_give_medians_and_ratios_paired_within_each_repeat() -> None:
+    """The machine's speed drifts between repeats: a runner is compared with the plain loop of
+    its own repeat, and the median of those ratios is reported."""
+    plain = [{"s_per_round": s, "peak_pss_mib": 500.0, "wall_s": 1.0, "accuracy": 0.5} for s in (1.0, 2.0, 4.0)]
+    fedneq = [{"s_per_round": s, "peak_pss_mib": m, "wall_s": 2.0, "accuracy": 0.5}
+              for s, m in ((1.1, 900.0), (2.4, 950.0), (4.0, 800.0))]  # fmt: skip
+    row = peers._combine(fedneq)
+    assert row["s_per_round"] == 2.4 and (row["s_min"], row["s_max"]) == (1.1, 4.0)
+    assert row["peak_pss_mib"] == 950.0 and row["wall_s"] == 6.0 and row["repeats"] == 3
+    assert peers._paired_ratio(fedneq, plain) == pytest.approx(1.1)  # median of 1.1, 1.2, 1.0
+    failed = [{"error": "exit 1"}, *fedneq[1:]]
+    assert peers._paired_ratio(failed, plain) == pytest.approx(1.1)  # 1.2 and 1.0: the failed repeat is left out
+    assert peers._combine([{"error": "exit 1"}]) == {"error": "exit 1"}
+    assert peers._paired_ratio([{"error": "exit 1"}], plain[:1]) is None

@@ -251,33 +251,65 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 
 def run_workload(
-    workload: str, num_clients: int, rounds: int, runners: list[str], pfl: Path | None, budget: bool
+    workload: str, num_clients: int, rounds: int, runners: list[str], pfl: Path | None, budget: bool,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every runner on one workload, interleaved; a row per runner."""
+    """Every runner on one workload, ``repeats`` times interleaved (every runner once, then again);
+    a row per runner: the median s/round over the repeats, and its ratios to the plain loop and
+    to fedneq's dense run as the median of the ratios within each repeat (the machine's speed
+    drifts between repeats more than within one)."""
     from sims.benchmarks.peer_runners import export_workload
 
-    rows = []
+    names = [*runners, *(["fedneq-budget"] if budget else [])]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="fedneq-peers-") as tmp:
         folder = Path(tmp)
         config = with_pretrained(peer_config(workload, num_clients, rounds, tmp), PRETRAINED)
         export_workload(config, folder)
         (folder / "fedneq.json").write_text(config.to_json())
         (folder / "fedneq-budget.json").write_text(budget_config(config).to_json())
-        for runner in [*runners, *(["fedneq-budget"] if budget else [])]:
-            print(f"[peers] {workload}, {num_clients} clients, {rounds} rounds: {runner} ...", file=sys.stderr, flush=True)
-            result = _launch(runner, folder, pfl)
-            rows.append({"workload": workload, "clients": num_clients, "per_round": config.run.clients_per_round,
-                         "rounds": rounds, "runner": runner} | result)  # fmt: skip
-    plain = next((r for r in rows if r["runner"] == "plain" and "error" not in r), None)
-    dense = next((r for r in rows if r["runner"] == "fedneq" and "error" not in r), None)
-    for r in rows:
-        if "error" in r:
+        for rep in range(repeats):
+            for runner in names:
+                tag = f" (repeat {rep + 1} of {repeats})" if repeats > 1 else ""
+                print(f"[peers] {workload}, {num_clients} clients, {rounds} rounds: {runner}{tag} ...",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                runs[runner].append(_launch(runner, folder, pfl))
+    head = {"workload": workload, "clients": num_clients, "per_round": config.run.clients_per_round,
+            "rounds": rounds}  # fmt: skip
+    rows = [head | {"runner": name} | _combine(runs[name]) for name in names]
+    for row in rows:
+        if "error" in row:
             continue
-        if plain is not None:
-            r["vs_plain"] = r["s_per_round"] / plain["s_per_round"]
-        if dense is not None and r["runner"] == "fedneq-budget":
-            r["vs_dense"] = r["s_per_round"] / dense["s_per_round"]
-    return rows
+        mine = runs[row["runner"]]
+        if "plain" in runs:
+            row["vs_plain"] = _paired_ratio(mine, runs["plain"])
+        if row["runner"] == "fedneq-budget" and "fedneq" in runs:
+            row["vs_dense"] = _paired_ratio(mine, runs["fedneq"])
+    return [{k: v for k, v in row.items() if v is not None} for row in rows]
+
+
+def _combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runner's repeats as one row: the median s/round (and its range), the largest peak PSS,
+    the last accuracy; the error of the last repeat if none ran."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    seconds = [r["s_per_round"] for r in ok]
+    return ok[-1] | {
+        "s_per_round": statistics.median(seconds), "s_min": min(seconds), "s_max": max(seconds),
+        "repeats": len(ok), "peak_pss_mib": max(r["peak_pss_mib"] for r in ok),
+        "wall_s": sum(r["wall_s"] for r in ok),
+    }  # fmt: skip
+
+
+def _paired_ratio(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
+    """The median over repeats of ``mine``'s s/round over ``base``'s in the same repeat."""
+    ratios = [
+        a["s_per_round"] / b["s_per_round"]
+        for a, b in zip(mine, base, strict=True)
+        if "error" not in a and "error" not in b
+    ]
+    return statistics.median(ratios) if ratios else None
 
 
 def _print(rows: list[dict[str, Any]], cost: dict[str, float] | None) -> None:
@@ -290,7 +322,8 @@ def _print(rows: list[dict[str, Any]], cost: dict[str, float] | None) -> None:
             print(f"{head} | failed: {r['error']}")
             continue
         ratio = f"{r['vs_plain']:.2f}x" if "vs_plain" in r else "-"
-        print(f"{head} | {r['s_per_round']:.3f} | {ratio} | {r['peak_pss_mib']:.0f} | "
+        spread = f" [{r['s_min']:.3f}-{r['s_max']:.3f}]" if r.get("repeats", 1) > 1 else ""
+        print(f"{head} | {r['s_per_round']:.3f}{spread} | {ratio} | {r['peak_pss_mib']:.0f} | "
               f"{100 * r['accuracy']:.1f} % | {r['wall_s']:.0f}")  # fmt: skip
     print("\nratios (s/round):")
     for r in rows:
@@ -320,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", help="scales of --workload")
     p.add_argument("--rounds", type=int, help="rounds per run (default 12; 5 with --quick)")
     p.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every runner this many times, interleaved; medians and paired ratios")  # fmt: skip
     p.add_argument("--no-budget", action="store_true", help="skip fedneq at a 10 %% budget")
     p.add_argument("--no-client-round", action="store_true", help="skip the one-process client round")
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -327,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one runner, RESULT line out
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.one:
         print("RESULT " + json.dumps(_one(args.one, args.folder)), flush=True)
         return 0
@@ -334,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     pfl = pfl_python() if "pfl" in args.runners else None
     rows: list[dict[str, Any]] = []
     for workload, n in _plan(args):
-        rows += run_workload(workload, n, rounds, args.runners, pfl, budget=not (args.no_budget or args.smoke))
+        rows += run_workload(
+            workload, n, rounds, args.runners, pfl, budget=not (args.no_budget or args.smoke), repeats=args.repeats
+        )
     cost = None
     if not (args.no_client_round or args.smoke):
         with tempfile.TemporaryDirectory(prefix="fedneq-peers-") as tmp:
