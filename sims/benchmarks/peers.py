@@ -39,6 +39,7 @@ fleet) over its own dense run, and one dense client round in one process
     python -m sims.benchmarks.peers                  # + small-cnn 1000, mobilenet 10 and 100
     python -m sims.benchmarks.peers --workload digits --runners plain fedneq
     python -m sims.benchmarks.peers --smoke --runners plain fedneq   # the harness, < 1 min
+    python -m sims.benchmarks.peers --quick --repeats 3  # interleaved repeats: medians, paired ratios
 """
 
 from __future__ import annotations
