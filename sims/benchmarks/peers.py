@@ -284,8 +284,8 @@ def run_workload(
         mine = runs[row["runner"]]
         if "plain" in runs:
             row["vs_plain"] = _paired_ratio(mine, runs["plain"])
-        if row["runner"] == "fedneq-budget" and "fedneq" in runs:
-            row["vs_dense"] = _paired_ratio(mine, runs["fedneq"])
+        if "fedneq" in runs and row["runner"] != "fedneq":  # a peer's, or the budget run's
+            row["vs_fedneq"] = _paired_ratio(mine, runs["fedneq"])
     return [{k: v for k, v in row.items() if v is not None} for row in rows]
 
 
@@ -328,16 +328,15 @@ def _print(rows: list[dict[str, Any]], cost: dict[str, float] | None) -> None:
               f"{100 * r['accuracy']:.1f} % | {r['wall_s']:.0f}")  # fmt: skip
     print("\nratios (s/round):")
     for r in rows:
-        if "vs_dense" in r:
-            print(f"  {r['workload']} {r['clients']}: fedneq at a 10 % budget / fedneq dense = {r['vs_dense']:.2f}x")
+        if r["runner"] == "fedneq-budget" and "vs_fedneq" in r:
+            print(f"  {r['workload']} {r['clients']}: fedneq at a 10 % budget / fedneq dense = {r['vs_fedneq']:.2f}x")
     groups = {(r["workload"], r["clients"]) for r in rows}
     for key in sorted(groups):
-        got = {r["runner"]: r for r in rows if (r["workload"], r["clients"]) == key and "error" not in r}
-        if "fedneq" in got:
-            others = ", ".join(
-                f"{name} {got[name]['s_per_round'] / got['fedneq']['s_per_round']:.2f}x"
-                for name in ("plain", "flower", "pfl") if name in got
-            )  # fmt: skip
+        got = {r["runner"]: r for r in rows if (r["workload"], r["clients"]) == key and "vs_fedneq" in r}
+        others = ", ".join(
+            f"{name} {got[name]['vs_fedneq']:.2f}x" for name in ("plain", "flower", "pfl") if name in got
+        )
+        if others:
             print(f"  {key[0]} {key[1]}: peer s/round / fedneq s/round: {others}")
     if cost is not None:
         print(f"\none dense client round, one process (CPU ms per client): fedneq client_round "
