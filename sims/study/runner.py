@@ -137,8 +137,7 @@ def run_study(
         meta["checkpoint"] = {"file": ckpt.name, **json.loads(checkpoint_paths(ckpt)[1].read_text())}
         atomic_write_text(out_dir / STUDY_FILE, json.dumps(meta, indent=1))
     todo = [r for r in configs if rounds_done(out_dir / r.key) < study.rounds]
-    failed_before = [r.key for r in configs
-                     if r not in todo and not run_complete(out_dir / r.key, study.rounds)]  # fmt: skip
+    failed_before = [r.key for r in configs if r not in todo and run_failed(out_dir / r.key)]
     if failed_before:
         log(f"[study] {len(failed_before)} runs failed in an earlier invocation and are left out "
             f"of the report: {', '.join(failed_before)} (their status.json says why); move their "

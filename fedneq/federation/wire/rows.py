@@ -222,6 +222,6 @@ def decode(
         ref = reference_state[key]
         value = flat[pos : pos + size].view(ref.shape)
         values[key] = value if value.dtype == ref.dtype else value.to(ref.dtype)
-        rows[key] = torch.ones(ref.shape[0] if ref.dim() else 1, dtype=torch.bool)
+        rows[key] = torch.ones(as_rows(ref).shape[0], dtype=torch.bool)
         pos += size
     return SparseUpdate(values=values, rows=rows)
