@@ -246,6 +246,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         self.last_clip: dict[int, float] = {}  # node id -> factor its change was scaled by (< 1)
         # of the last aggregate_train: per parameter, how many aggregated replies trained it
         self.last_coverage: tuple[TensorCoverage, ...] = ()
+        self._payload_nbytes: dict[int, int] = {}  # id(reply) -> its wire arrays' bytes, as checked
         self._global: dict[str, torch.Tensor] | None = None
         if reference_state is not None:
             self.set_global_state(reference_state)
@@ -429,6 +430,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
                     "optimizer steps for its device on its partition"
                 )
         wire = from_array_record(next(iter(content.array_records.values())))
+        self._payload_nbytes[id(msg)] = payload_nbytes(wire)
         if wire_format(wire) != self.reply_format:
             raise ValueError(
                 f"the reply is in the {wire_format(wire)!r} wire format, {type(self).__name__} "
@@ -485,6 +487,7 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         """
         global_state = self.global_state  # no global model yet is the caller's error: raise it here
         self.last_coverage = ()
+        self._payload_nbytes = {}
         accepted: list[tuple[Message, SparseUpdate, float]] = []
         rejected: dict[int, str] = {}
         for msg in replies:
@@ -542,9 +545,10 @@ min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key:
         checked, self.last_rejected = self.check_replies(server_round, replies)
         weights = [weight for _, _, weight in checked]
         nbytes = sum(
-            payload_nbytes(from_array_record(next(iter(msg.content.array_records.values()))))
+            self._payload_nbytes.get(id(msg))
+            or payload_nbytes(from_array_record(next(iter(msg.content.array_records.values()))))
             for msg, _, _ in checked
-        )
+        )  # the bytes check_reply read, not read again
         num_errors = sum(m.has_error() for m in replies)
         self.summaries.append(
             RoundSummary(server_round, len(checked), num_errors, float(sum(weights)), nbytes)

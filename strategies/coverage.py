@@ -11,7 +11,8 @@ row per round per tensor.
 Cheap: a neuron update sends whole rows, so its counts are kept per row (every
 element of a row has the same count, and every row of a tensor the same
 number of elements, so the row statistics are the element statistics); only
-element-block updates (width sub-models, FIARSE) are counted per element.
+element-block updates (width sub-models, FIARSE) are counted per element, and
+a tensor that every sender sent whole (``SparseUpdate.whole``) has one count.
 """
 
 from __future__ import annotations
@@ -69,22 +70,34 @@ def coverage(
     keys: Iterable[str],
 ) -> tuple[TensorCoverage, ...]:
     """One :class:`TensorCoverage` per key of ``keys`` (in order, duplicates once)."""
-    out = []
-    for key, count in coverage_counts(updates, global_state, dict.fromkeys(keys)).items():
-        flat = count.reshape(-1).to(torch.float64)
-        sorted_counts = flat.sort().values
-        n = len(sorted_counts)
-        median = float((sorted_counts[(n - 1) // 2] + sorted_counts[n // 2]) / 2)
-        out.append(
-            TensorCoverage(
-                tensor=key,
-                elements=int(global_state[key].numel()),
-                clients=len(updates),
-                min=int(sorted_counts[0]),
-                median=median,
-                mean=float(flat.mean()),
-                max=int(sorted_counts[-1]),
-                uncovered=float((flat == 0).to(torch.float64).mean()),
-            )
-        )
-    return tuple(out)
+    whole: dict[str, TensorCoverage] = {}
+    for key in dict.fromkeys(keys):
+        senders = [u for u in updates if key in u.rows]
+        if all(u.whole is not None for u in senders):  # sent whole or not at all: one count
+            c = len(senders)
+            whole[key] = TensorCoverage(key, int(global_state[key].numel()), len(updates), c,
+                                        float(c), float(c), c, float(c == 0))  # fmt: skip
+    counted = [key for key in dict.fromkeys(keys) if key not in whole]  # per row or element
+    counts = coverage_counts(updates, global_state, counted)
+    return tuple(
+        whole[key] if key in whole else _stats(key, counts[key], global_state, len(updates))
+        for key in dict.fromkeys(keys)
+    )
+
+
+def _stats(key: str, count: torch.Tensor, global_state: Mapping[str, torch.Tensor], clients: int) -> TensorCoverage:
+    """The :class:`TensorCoverage` of ``key`` from its counts."""
+    flat = count.reshape(-1).to(torch.float64)
+    sorted_counts = flat.sort().values
+    n = len(sorted_counts)
+    median = float((sorted_counts[(n - 1) // 2] + sorted_counts[n // 2]) / 2)
+    return TensorCoverage(
+        tensor=key,
+        elements=int(global_state[key].numel()),
+        clients=clients,
+        min=int(sorted_counts[0]),
+        median=median,
+        mean=float(flat.mean()),
+        max=int(sorted_counts[-1]),
+        uncovered=float((flat == 0).to(torch.float64).mean()),
+    )

@@ -83,7 +83,7 @@ def split_labels(
             if not bool(rows[key].any()):
                 for d in (values, rows, elements):
                     d.pop(key, None)
-        out.append(dataclasses.replace(update, values=values, rows=rows, elements=elements))
+        out.append(dataclasses.replace(update, values=values, rows=rows, elements=elements, whole=None))
     return out
 
 

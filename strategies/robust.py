@@ -71,11 +71,14 @@ def update_rms(
         return 0.0
     changes = torch._foreach_sub([update.values[k] for k in sent], [global_state[k] for k in sent])
     total = float(torch.stack(torch._foreach_norm(changes)).double().square().sum())
-    count = sum(
-        int(update.elements[k].sum()) if k in update.elements
-        else int(update.rows[k].sum()) * as_rows(global_state[k]).shape[1]
-        for k in sent
-    )  # fmt: skip
+    if update.whole is not None:  # every sent tensor whole: the count is the layout's
+        count = update.whole.layout.count(sent)
+    else:
+        count = sum(
+            int(update.elements[k].sum()) if k in update.elements
+            else int(update.rows[k].sum()) * as_rows(global_state[k]).shape[1]
+            for k in sent
+        )  # fmt: skip
     return math.sqrt(total / count) if count else 0.0
 
 

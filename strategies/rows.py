@@ -84,6 +84,9 @@ def average_rows(
         key some update touched.
     """
     check_weights(weights, len(updates))
+    whole = _whole_average(global_state, updates, weights)
+    if whole is not None:
+        return whole
     sums: dict[str, torch.Tensor] = {}  # key -> (R, L) float64 weighted sum of sent rows
     totals: dict[str, torch.Tensor] = {}  # key -> (R,) float64 total weight per row
     for update, weight in zip(updates, weights, strict=True):
@@ -108,6 +111,42 @@ def average_rows(
         out[hit] = (sums[key][hit] / total[hit, None]).to(out.dtype)
         changed[key] = hit
     return RowAverage(values=new_state, rows=changed, weights=totals)
+
+
+def _whole_average(
+    global_state: Mapping[str, torch.Tensor], updates: Sequence[SparseUpdate], weights: Sequence[float]
+) -> RowAverage | None:
+    """:func:`average_rows` of updates that all send the same tensors whole
+    (:attr:`~fedneq.federation.wire.SparseUpdate.whole` of one layout), in one operation per
+    update on their flat values; the same float64 operations element by element, so the
+    same result to the bit. None for any other round."""
+    layout = updates[0].whole.layout if updates and updates[0].whole is not None else None
+    if layout is None or any(u.whole is None or u.whole.layout is not layout for u in updates):
+        return None
+    for key, shape in zip(layout.keys, layout.shapes, strict=True):
+        if key not in global_state or tuple(global_state[key].shape) != shape:
+            return None  # the general path names the mismatch
+    sums = torch.zeros(layout.numel, dtype=torch.float64)
+    scaled = torch.empty(layout.numel, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)  # as each row's total weight accumulates
+    for update, weight in zip(updates, weights, strict=True):
+        scaled.copy_(update.whole.values)
+        scaled.mul_(weight)
+        sums += scaled
+        total += weight
+    hit = bool(total > 0)
+    averaged = layout.views((sums / total).to(torch.float32)) if hit else {}
+    new_state = {
+        k: averaged[k] if k in averaged else v.detach().clone(memory_format=torch.contiguous_format)
+        for k, v in global_state.items()
+    }
+    keys = list(updates[0].rows)
+    rows_of = {k: as_rows(global_state[k]).shape[0] for k in keys}
+    marks = {n: torch.full((n,), hit, dtype=torch.bool) for n in set(rows_of.values())}
+    totals = {n: total.expand(n).clone() for n in set(rows_of.values())}
+    return RowAverage(
+        values=new_state, rows={k: marks[rows_of[k]] for k in keys}, weights={k: totals[rows_of[k]] for k in keys}
+    )
 
 
 def fednova_average(

@@ -27,6 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from fedneq._validate import row_numel
+from fedneq.federation.wire.flat import WholeTensors
 from fedneq.neurons import NeuronMap, TrainMask
 
 __all__ = [
@@ -64,6 +65,9 @@ class SparseUpdate:
     rows: dict[str, torch.Tensor]  # key -> (rows,) bool, True where the row was sent (0-d: one row)
     # element blocks only: key -> bool shaped like the tensor, True where the element was sent
     elements: dict[str, torch.Tensor] = field(default_factory=dict)
+    # every sent tensor sent whole: their values end to end (``values`` are views into it),
+    # for one-operation arithmetic; None otherwise, and whenever values or rows are replaced
+    whole: WholeTensors | None = None
 
 
 def element_mask(update: SparseUpdate, key: str, shape: torch.Size) -> torch.Tensor:

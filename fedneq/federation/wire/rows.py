@@ -28,12 +28,15 @@ float dtypes are cast back on decode.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedneq._validate import row_numel
 from fedneq.federation.wire.blocks import decode_blocks, wire_format
+from fedneq.federation.wire.flat import FlatLayout, WholeTensors, flat_layout
 from fedneq.federation.wire.reply import (
     SparseUpdate,
     WireFormatError,
@@ -43,7 +46,7 @@ from fedneq.federation.wire.reply import (
     check_indices,
     float32_concat,
 )
-from fedneq.neurons import NeuronMap, TrainMask
+from fedneq.neurons import NeuronLayer, NeuronMap, TrainMask
 
 __all__ = ["WIRE_KEYS", "decode", "dense_arrays", "encode"]
 
@@ -160,7 +163,7 @@ def decode(
     ValueError
         If ``neuron_map`` / ``table`` do not describe ``reference_state``.
     """
-    check_compatible(neuron_map, table, reference_state, "reference_state")
+    plans = _plans(neuron_map, table, reference_state)  # checks them, once per model
     if wire_format(arrays) == "blocks":
         return decode_blocks(arrays, table, reference_state)
     check_array_structure(arrays, WIRE_KEYS, _DTYPES, ("neuron_values", "tensor_values"))
@@ -168,9 +171,8 @@ def decode(
     check_indices("neurons", neurons, neuron_map.num_neurons)
     check_indices("tensors", tensors, len(table))
 
-    row_lengths = _layer_row_lengths(neuron_map, reference_state)
-    starts = np.array([layer.offset for layer in neuron_map.layers] + [neuron_map.num_neurons])
-    bounds = np.searchsorted(neurons, starts)  # (L+1,) position of each layer's first sent neuron
+    row_lengths = plans.row_lengths
+    bounds = np.searchsorted(neurons, plans.starts)  # (L+1,) position of each layer's first sent neuron
     counts = np.diff(bounds)  # (L,) neurons sent per layer
     expected = int(np.dot(counts, row_lengths))
     if arrays["neuron_values"].size != expected:
@@ -185,6 +187,12 @@ def decode(
             f"'tensor_values' has {arrays['tensor_values'].size} values, expected {sum(sizes)} "
             f"for tensors {tensors.tolist()}"
         )
+
+    full = counts == plans.layer_sizes
+    if (full | (counts == 0)).all():  # every layer sent whole or not at all
+        plan = plans.whole_plan(full, tensors, neuron_map, table, reference_state)
+        if plan is not None:
+            return plan.decode(arrays["neuron_values"], arrays["tensor_values"])
 
     values: dict[str, torch.Tensor] = {}
     rows: dict[str, torch.Tensor] = {}
@@ -225,3 +233,104 @@ def decode(
         rows[key] = torch.ones(as_rows(ref).shape[0], dtype=torch.bool)
         pos += size
     return SparseUpdate(values=values, rows=rows)
+
+
+# --------------------------------------------------------------------------- whole tensors
+
+
+@dataclass(frozen=True)
+class _WholePlan:
+    """How a reply that sends some layers whole and some tensors whole lands in one vector:
+    ``flat = concatenate(neuron_values, tensor_values)[source]`` (a gather)."""
+
+    layout: FlatLayout
+    source: torch.Tensor  # (layout.numel,) int64: where each flat value is on the wire
+    keys: tuple[str, ...]  # the update's keys in the order decode's general path gives them
+    row_counts: tuple[int, ...]  # rows of each of ``keys``
+
+    def decode(self, neuron_values: np.ndarray, tensor_values: np.ndarray) -> SparseUpdate:
+        sent = np.concatenate([neuron_values, tensor_values]) if tensor_values.size else neuron_values
+        flat = torch.index_select(torch.from_numpy(sent), 0, self.source)
+        views = self.layout.views(flat)
+        ones = {n: torch.ones(n, dtype=torch.bool) for n in set(self.row_counts)}
+        return SparseUpdate(
+            values={key: views[key] for key in self.keys},
+            rows={key: ones[n] for key, n in zip(self.keys, self.row_counts, strict=True)},
+            whole=WholeTensors(self.layout, flat),
+        )
+
+
+@dataclass
+class _Plans:
+    """What decoding replies of one model needs once: its layers' sizes, and a
+    :class:`_WholePlan` per combination of layers and tensors sent whole."""
+
+    layer_sizes: np.ndarray  # (L,) neurons per layer
+    row_lengths: list[int]  # (L,) floats sent per neuron
+    starts: np.ndarray  # (L + 1,) each layer's first neuron id, then the number of neurons
+    whole: dict[tuple[bytes, bytes], _WholePlan | None] = field(default_factory=dict)
+
+    def whole_plan(
+        self, layers: np.ndarray, tensors: np.ndarray, neuron_map: NeuronMap, table: Sequence[str],
+        state: Mapping[str, torch.Tensor],
+    ) -> _WholePlan | None:
+        """The plan for these layers (bool per layer) and table tensors sent whole; None where
+        the general path must decode (a tensor sent twice, or a dtype other than float32)."""
+        key = (layers.tobytes(), tensors.tobytes())
+        if key not in self.whole:
+            self.whole[key] = _whole_plan(
+                [layer for layer, sent in zip(neuron_map.layers, layers, strict=True) if sent],
+                [table[i] for i in tensors.tolist()], table, state,
+            )  # fmt: skip
+        return self.whole[key]
+
+
+def _whole_plan(
+    layers: list[NeuronLayer], whole: list[str], table: Sequence[str], state: Mapping[str, torch.Tensor]
+) -> _WholePlan | None:
+    from_rows = [key for layer in layers for key in layer.tensors]
+    keys = [*from_rows, *whole]
+    if len(set(keys)) != len(keys) or any(state[k].dtype != torch.float32 for k in keys):
+        return None
+    position = {k: i for i, k in enumerate(table)}
+    ordered = tuple(sorted(keys, key=position.__getitem__))
+    layout = flat_layout(ordered, tuple(tuple(state[k].shape) for k in ordered))
+    start = dict(zip(layout.keys, layout.offsets, strict=True))
+    blocks = []
+    for layer in layers:  # a layer's block: row r is the concatenation of its tensors' rows r
+        cols = []
+        for key in layer.tensors:
+            width = row_numel(state[key])
+            cols.append(start[key] + torch.arange(layer.num_neurons)[:, None] * width + torch.arange(width))
+        blocks.append(torch.cat(cols, dim=1).reshape(-1))
+    wholes = [torch.arange(start[k], start[k] + state[k].numel()) for k in whole]
+    destination = torch.cat([*blocks, *wholes])  # where each value on the wire goes
+    return _WholePlan(layout, torch.argsort(destination), tuple(keys), tuple(as_rows(state[k]).shape[0] for k in keys))
+
+
+_PLANS: dict[tuple[int, tuple[str, ...], tuple[Any, ...]], tuple[NeuronMap, _Plans]] = {}
+
+
+def _plans(neuron_map: NeuronMap, table: Sequence[str], state: Mapping[str, torch.Tensor]) -> _Plans:
+    """:func:`check_compatible` of the map, table and reference state, and their :class:`_Plans`:
+    both once per map object, table and reference shapes and dtypes."""
+    table = tuple(table)
+    try:
+        signature = tuple((state[k].shape, state[k].dtype) for k in table)
+    except KeyError:  # check_compatible names the missing keys
+        signature = None
+    key = (id(neuron_map), table, signature)
+    cached = _PLANS.get(key) if signature is not None else None
+    if cached is not None and cached[0] is neuron_map:
+        return cached[1]
+    check_compatible(neuron_map, table, state, "reference_state")
+    layers = neuron_map.layers
+    plans = _Plans(
+        np.array([layer.num_neurons for layer in layers], dtype=np.int64),
+        _layer_row_lengths(neuron_map, state),
+        np.array([layer.offset for layer in layers] + [neuron_map.num_neurons]),
+    )  # fmt: skip
+    if len(_PLANS) >= 16:  # a long-lived process meets few models
+        _PLANS.clear()
+    _PLANS[key] = (neuron_map, plans)
+    return plans
