@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import assert_same_state, train_plainly
 from test_training import OPTIMIZERS, tiny_cnn, toy_data
+from torch import nn
 
 from fedneq.costs import profile_model
 from fedneq.neurons import enumerate_neurons
@@ -98,3 +99,29 @@ def test_memo_keys_and_lifetime() -> None:
     assert lookup(tiny_cnn(), "k") is None  # per model
     clear_memo(model)
     assert lookup(model, "k") is None
+
+
+def test_a_fixed_structure_walks_its_module_tree_once() -> None:
+    from fedneq.training.shape_memo import (
+        MAX_ENTRIES,
+        fix_structure,
+        memo,
+        named_tensors,
+        parameters,
+    )
+
+    free, fixed = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(2, 3))
+    assert named_tensors(free) is not named_tensors(free)  # walked on every call
+    free[0] = nn.Linear(2, 3)
+    assert named_tensors(free)["0.weight"] is free[0].weight and parameters(free)[0] is free[0].weight
+    fix_structure(fixed)
+    assert named_tensors(fixed) is named_tensors(fixed)
+    assert named_tensors(fixed)["0.weight"] is fixed[0].weight
+    assert parameters(fixed) == [fixed[0].weight, fixed[0].bias]
+    parameters(fixed).append(None)  # a copy: the remembered list is not changed
+    assert len(parameters(fixed)) == 2
+    for i in range(MAX_ENTRIES + 1):  # a full memo starts over; the declaration stays
+        memo(fixed, ("filler", i), lambda: 0)
+    assert named_tensors(fixed) is named_tensors(fixed)
+    clear_memo(fixed)
+    assert named_tensors(fixed) is not named_tensors(fixed)

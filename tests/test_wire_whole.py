@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from helpers import small_cnn
@@ -159,3 +160,17 @@ def test_one_layout_object_per_layout() -> None:
     with pytest.raises(ValueError, match="10 values"):
         a.views(torch.zeros(9))
     assert dataclasses.is_dataclass(a)
+
+
+@pytest.mark.parametrize("name", ["full", "one layer and the head", "one layer", "head only", "part of a layer"])
+def test_encode_by_one_gather_writes_the_general_paths_arrays(setup, name, monkeypatch) -> None:
+    state, neuron_map, table = setup
+    mask, _ = masks(neuron_map, neuron_map.layers[0].num_neurons)[name]
+    new = perturbed(state, 7)
+    fast = encode(new, neuron_map, mask, table)
+    with monkeypatch.context() as m:
+        m.setattr(rows_format._Plans, "whole_plan", lambda *args, **kwargs: None)
+        slow = encode(new, neuron_map, mask, table)
+    assert list(fast) == list(slow)
+    for key in slow:
+        assert fast[key].dtype == slow[key].dtype and np.array_equal(fast[key], slow[key]), key

@@ -66,7 +66,7 @@ from fedneq.selection import (
 from fedneq.selection.velocity import VelocityTracker
 from fedneq.task import build_model, client_data, derive_seed, generator, load_task
 from fedneq.training.evaluation import evaluate
-from fedneq.training.shape_memo import memo
+from fedneq.training.shape_memo import fix_structure, memo, named_tensors
 
 __all__ = [
     "ClientReply",
@@ -163,6 +163,7 @@ def _runtime(config_json: str, local: tuple[int, int, tuple[int, ...]] | None = 
     else:
         model, neuron_map = build_model(config, _Shape(local[0], local[1]))  # type: ignore[arg-type]
         shape = local[2]
+    fix_structure(model)  # this process's model: trained in place, its modules never replaced
     return _Runtime(
         model=model,
         neuron_map=neuron_map,
@@ -193,7 +194,7 @@ def load_global(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     ``_load_from_state_dict``; checked once per model). Anything else goes
     through ``load_state_dict``, which raises on a mismatch.
     """
-    own = model.state_dict(keep_vars=True)
+    own = named_tensors(model)
     plain = memo(model, ("plain-load",), lambda: _loads_plainly(model))
     if not plain or own.keys() != state.keys() or any(
         t.shape != state[k].shape for k, t in own.items()
@@ -201,8 +202,7 @@ def load_global(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(state)
         return
     with torch.no_grad():
-        for key, tensor in own.items():
-            tensor.copy_(state[key])
+        torch._foreach_copy_(list(own.values()), [state[key] for key in own])
 
 
 _PLAIN_LOADS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
@@ -389,7 +389,7 @@ def client_round(
     if faults.crash:
         raise _crash(partition_id, server_round, attempt)
 
-    arrays = encode(model.state_dict(), neuron_map, result.mask, rt.table)
+    arrays = encode(named_tensors(model), neuron_map, result.mask, rt.table)
     costs = [e.cost for e in result.epochs if e.cost is not None]
     metrics = training_metrics(
         result, num_examples=len(data.train), partition_id=partition_id,

@@ -28,7 +28,7 @@ from fedneq.training.grad_filter import GradFilterConfig
 from fedneq.training.masking import RowFreezer
 from fedneq.training.memory import StepMemory, StepMemoryMeter
 from fedneq.training.schedule import batch_slices, local_work
-from fedneq.training.shape_memo import lookup, mask_key, memo, remember
+from fedneq.training.shape_memo import lookup, mask_key, memo, parameters, remember
 from fedneq.training.sparse_backward import BACKWARDS
 
 __all__ = [
@@ -251,7 +251,7 @@ def train_masked(
 
     # One optimizer over every parameter that could ever train; parameters a
     # mask freezes have requires_grad=False, hence no .grad, and are skipped.
-    candidates = [p for p in model.parameters()]
+    candidates = parameters(model)
     opt = optimizer.build(candidates)
     if optimizer.prox_mu > 0:
         proximal_pull(opt, candidates, optimizer.prox_mu)

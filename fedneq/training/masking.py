@@ -30,7 +30,7 @@ from torch import nn
 from fedneq.costs import CostProfile
 from fedneq.neurons import NeuronMap, TrainMask
 from fedneq.training.grad_filter import GradFilterConfig
-from fedneq.training.shape_memo import mask_key, memo, row_masks
+from fedneq.training.shape_memo import mask_key, memo, named_tensors, parameters, row_masks
 from fedneq.training.sparse_backward import BACKWARDS, SparseBackward
 
 __all__ = ["RowFreezer"]
@@ -83,12 +83,12 @@ class RowFreezer:
         self.mask = mask
         key = mask_key(mask)
         self.rows = row_masks(model, neuron_map, mask, key=key)  # shared: read only
-        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._requires_grad = [(p, p.requires_grad) for p in parameters(model)]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # (tensor, frozen-row indices or None for the whole tensor, snapshot of the frozen part)
         self._frozen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
-        state = model.state_dict(keep_vars=True)
+        state = named_tensors(model)
         plan = memo(
             model,
             ("freeze", id(neuron_map), key, handled),
@@ -113,7 +113,7 @@ class RowFreezer:
                 self._handles.append(tensor.register_hook(_zero_rows_hook(frozen)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return [p for p in parameters(self.model) if p.requires_grad]
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -22,7 +22,10 @@ from torch import nn
 
 from fedneq.neurons import NeuronMap, TrainMask
 
-__all__ = ["clear_memo", "lookup", "mask_key", "memo", "remember", "row_masks"]
+__all__ = [
+    "clear_memo", "fix_structure", "lookup", "mask_key", "memo", "named_tensors", "parameters", "remember",
+    "row_masks",
+]
 
 T = TypeVar("T")
 MAX_ENTRIES = 256  # per model; a full memo starts over (velocity masks rarely repeat)
@@ -60,9 +63,37 @@ def lookup(model: nn.Module, key: Hashable) -> Any | None:
 def remember(model: nn.Module, key: Hashable, value: Any) -> None:
     """Keep ``value`` for ``model`` under ``key`` (see :func:`memo`)."""
     entries = _MEMOS.setdefault(model, {})
-    if len(entries) >= MAX_ENTRIES:
+    if len(entries) >= MAX_ENTRIES:  # starts over, but a fixed structure stays declared
+        kept = {k: entries[k] for k in (_FIXED, ("named-tensors",), ("parameters",)) if k in entries}
         entries.clear()
+        entries.update(kept)
     entries[key] = value
+
+
+_FIXED = ("fixed-structure",)
+
+
+def fix_structure(model: nn.Module) -> None:
+    """Declare that no module, parameter or buffer of ``model`` is ever replaced (its values
+    change in place only): :func:`named_tensors` and :func:`parameters` may then remember the
+    tensors instead of walking the module tree on every call. A client process's runtime model
+    is such a model; :func:`clear_memo` undoes the declaration."""
+    remember(model, _FIXED, True)
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=True)``: the model's own tensors by name (read only: do not
+    add or remove keys); walked once for a :func:`fix_structure` model, on every call otherwise."""
+    if lookup(model, _FIXED):
+        return memo(model, ("named-tensors",), lambda: model.state_dict(keep_vars=True))
+    return model.state_dict(keep_vars=True)
+
+
+def parameters(model: nn.Module) -> list[nn.Parameter]:
+    """``list(model.parameters())``; walked once for a :func:`fix_structure` model."""
+    if lookup(model, _FIXED):
+        return list(memo(model, ("parameters",), lambda: tuple(model.parameters())))
+    return list(model.parameters())
 
 
 def clear_memo(model: nn.Module | None = None) -> None:

@@ -94,7 +94,7 @@ def encode(
             f"mask.neurons must have shape ({neuron_map.num_neurons},), "
             f"got {tuple(mask.neurons.shape)}"
         )
-    check_compatible(neuron_map, table, state, "state")
+    plans = _plans(neuron_map, table, state, "state")
     index = {k: i for i, k in enumerate(table)}
     unknown = sorted(k for k in mask.full_tensors if k not in index)
     if unknown:
@@ -102,6 +102,17 @@ def encode(
             f"mask.full_tensors {unknown} are not in the tensor table "
             "(only floating-point state entries can be sent)"
         )
+
+    tensor_ids = sorted(index[k] for k in mask.full_tensors)
+    neurons = mask.neurons.nonzero().flatten().numpy().astype(np.int32)
+    counts = np.diff(np.searchsorted(neurons, plans.starts))  # (L,) neurons sent per layer
+    full = counts == plans.layer_sizes
+    if (full | (counts == 0)).all():  # every layer sent whole or not at all: one gather
+        plan = plans.whole_plan(full, np.asarray(tensor_ids, dtype=np.int32), neuron_map, table, state)
+        if plan is not None:
+            values = plan.encode(state)
+            return {"neurons": neurons, "neuron_values": values[0], "tensors": np.asarray(tensor_ids, dtype=np.int32),
+                    "tensor_values": values[1]}  # fmt: skip
 
     blocks: list[torch.Tensor] = []
     for layer in neuron_map.layers:
@@ -112,11 +123,10 @@ def encode(
         elif idx.numel():
             parts = [as_rows(state[key].detach())[idx] for key in layer.tensors]  # (k, len_t) each
             blocks.append(torch.cat(parts, dim=1).flatten())
-    tensor_ids = sorted(index[k] for k in mask.full_tensors)
     whole = [state[table[i]].detach().flatten() for i in tensor_ids]
 
     return {
-        "neurons": mask.neurons.nonzero().flatten().numpy().astype(np.int32),
+        "neurons": neurons,
         "neuron_values": float32_concat(blocks),
         "tensors": np.asarray(tensor_ids, dtype=np.int32),
         "tensor_values": float32_concat(whole),
@@ -245,8 +255,15 @@ class _WholePlan:
 
     layout: FlatLayout
     source: torch.Tensor  # (layout.numel,) int64: where each flat value is on the wire
+    destination: torch.Tensor  # (layout.numel,) int64: where each wire value is in the flat vector
+    neuron_values: int  # how many of the wire values are neuron rows (the rest: whole tensors)
     keys: tuple[str, ...]  # the update's keys in the order decode's general path gives them
     row_counts: tuple[int, ...]  # rows of each of ``keys``
+
+    def encode(self, state: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The ``neuron_values`` and ``tensor_values`` of ``state``: one gather."""
+        sent = torch.index_select(self.layout.flatten(state), 0, self.destination).numpy()
+        return sent[: self.neuron_values], sent[self.neuron_values :]
 
     def decode(self, neuron_values: np.ndarray, tensor_values: np.ndarray) -> SparseUpdate:
         sent = np.concatenate([neuron_values, tensor_values]) if tensor_values.size else neuron_values
@@ -275,7 +292,8 @@ class _Plans:
         state: Mapping[str, torch.Tensor],
     ) -> _WholePlan | None:
         """The plan for these layers (bool per layer) and table tensors sent whole; None where
-        the general path must decode (a tensor sent twice, or a dtype other than float32)."""
+        the general path must do it (nothing sent, a tensor sent twice, a dtype other than
+        float32)."""
         key = (layers.tobytes(), tensors.tobytes())
         if key not in self.whole:
             self.whole[key] = _whole_plan(
@@ -290,7 +308,7 @@ def _whole_plan(
 ) -> _WholePlan | None:
     from_rows = [key for layer in layers for key in layer.tensors]
     keys = [*from_rows, *whole]
-    if len(set(keys)) != len(keys) or any(state[k].dtype != torch.float32 for k in keys):
+    if not keys or len(set(keys)) != len(keys) or any(state[k].dtype != torch.float32 for k in keys):
         return None
     position = {k: i for i, k in enumerate(table)}
     ordered = tuple(sorted(keys, key=position.__getitem__))
@@ -305,15 +323,20 @@ def _whole_plan(
         blocks.append(torch.cat(cols, dim=1).reshape(-1))
     wholes = [torch.arange(start[k], start[k] + state[k].numel()) for k in whole]
     destination = torch.cat([*blocks, *wholes])  # where each value on the wire goes
-    return _WholePlan(layout, torch.argsort(destination), tuple(keys), tuple(as_rows(state[k]).shape[0] for k in keys))
+    return _WholePlan(
+        layout, torch.argsort(destination), destination, sum(len(b) for b in blocks), tuple(keys),
+        tuple(as_rows(state[k]).shape[0] for k in keys),
+    )  # fmt: skip
 
 
 _PLANS: dict[tuple[int, tuple[str, ...], tuple[Any, ...]], tuple[NeuronMap, _Plans]] = {}
 
 
-def _plans(neuron_map: NeuronMap, table: Sequence[str], state: Mapping[str, torch.Tensor]) -> _Plans:
-    """:func:`check_compatible` of the map, table and reference state, and their :class:`_Plans`:
-    both once per map object, table and reference shapes and dtypes."""
+def _plans(
+    neuron_map: NeuronMap, table: Sequence[str], state: Mapping[str, torch.Tensor], arg: str = "reference_state"
+) -> _Plans:
+    """:func:`check_compatible` of the map, table and state (named ``arg`` in its errors), and
+    their :class:`_Plans`: both once per map object, table and state shapes and dtypes."""
     table = tuple(table)
     try:
         signature = tuple((state[k].shape, state[k].dtype) for k in table)
@@ -323,7 +346,7 @@ def _plans(neuron_map: NeuronMap, table: Sequence[str], state: Mapping[str, torc
     cached = _PLANS.get(key) if signature is not None else None
     if cached is not None and cached[0] is neuron_map:
         return cached[1]
-    check_compatible(neuron_map, table, state, "reference_state")
+    check_compatible(neuron_map, table, state, arg)
     layers = neuron_map.layers
     plans = _Plans(
         np.array([layer.num_neurons for layer in layers], dtype=np.int64),
