@@ -70,18 +70,19 @@ def coverage(
     keys: Iterable[str],
 ) -> tuple[TensorCoverage, ...]:
     """One :class:`TensorCoverage` per key of ``keys`` (in order, duplicates once)."""
+    ordered = list(dict.fromkeys(keys))
     whole: dict[str, TensorCoverage] = {}
-    for key in dict.fromkeys(keys):
+    for key in ordered:
         senders = [u for u in updates if key in u.rows]
         if all(u.whole is not None for u in senders):  # sent whole or not at all: one count
             c = len(senders)
             whole[key] = TensorCoverage(key, int(global_state[key].numel()), len(updates), c,
                                         float(c), float(c), c, float(c == 0))  # fmt: skip
-    counted = [key for key in dict.fromkeys(keys) if key not in whole]  # per row or element
+    counted = [key for key in ordered if key not in whole]  # per row or element
     counts = coverage_counts(updates, global_state, counted)
     return tuple(
         whole[key] if key in whole else _stats(key, counts[key], global_state, len(updates))
-        for key in dict.fromkeys(keys)
+        for key in ordered
     )
 
 

@@ -124,8 +124,9 @@ def _whole_average(
     if layout is None or any(u.whole is None or u.whole.layout is not layout for u in updates):
         return None
     for key, shape in zip(layout.keys, layout.shapes, strict=True):
-        if key not in global_state or tuple(global_state[key].shape) != shape:
-            return None  # the general path names the mismatch
+        ref = global_state.get(key)
+        if ref is None or tuple(ref.shape) != shape or ref.dtype != torch.float32:
+            return None  # the general path names a mismatch and casts to another dtype
     sums = torch.zeros(layout.numel, dtype=torch.float64)
     scaled = torch.empty(layout.numel, dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)  # as each row's total weight accumulates
@@ -140,12 +141,11 @@ def _whole_average(
         k: averaged[k] if k in averaged else v.detach().clone(memory_format=torch.contiguous_format)
         for k, v in global_state.items()
     }
-    keys = list(updates[0].rows)
-    rows_of = {k: as_rows(global_state[k]).shape[0] for k in keys}
-    marks = {n: torch.full((n,), hit, dtype=torch.bool) for n in set(rows_of.values())}
-    totals = {n: total.expand(n).clone() for n in set(rows_of.values())}
+    rows_of = {k: as_rows(global_state[k]).shape[0] for k in updates[0].rows}
     return RowAverage(
-        values=new_state, rows={k: marks[rows_of[k]] for k in keys}, weights={k: totals[rows_of[k]] for k in keys}
+        values=new_state,
+        rows={k: torch.full((n,), hit, dtype=torch.bool) for k, n in rows_of.items()},
+        weights={k: total.expand(n).clone() for k, n in rows_of.items()},
     )
 
 

@@ -29,6 +29,8 @@ __all__ = [
 
 T = TypeVar("T")
 MAX_ENTRIES = 256  # per model; a full memo starts over (velocity masks rarely repeat)
+# a fixed structure (fix_structure) and what it lets the memo keep: these survive a start-over
+_FIXED, _NAMED, _PARAMETERS = ("fixed-structure",), ("named-tensors",), ("parameters",)
 
 _MEMOS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, Any]] = weakref.WeakKeyDictionary()
 
@@ -64,13 +66,10 @@ def remember(model: nn.Module, key: Hashable, value: Any) -> None:
     """Keep ``value`` for ``model`` under ``key`` (see :func:`memo`)."""
     entries = _MEMOS.setdefault(model, {})
     if len(entries) >= MAX_ENTRIES:  # starts over, but a fixed structure stays declared
-        kept = {k: entries[k] for k in (_FIXED, ("named-tensors",), ("parameters",)) if k in entries}
+        kept = {k: entries[k] for k in (_FIXED, _NAMED, _PARAMETERS) if k in entries}
         entries.clear()
         entries.update(kept)
     entries[key] = value
-
-
-_FIXED = ("fixed-structure",)
 
 
 def fix_structure(model: nn.Module) -> None:
@@ -85,14 +84,14 @@ def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict(keep_vars=True)``: the model's own tensors by name (read only: do not
     add or remove keys); walked once for a :func:`fix_structure` model, on every call otherwise."""
     if lookup(model, _FIXED):
-        return memo(model, ("named-tensors",), lambda: model.state_dict(keep_vars=True))
+        return memo(model, _NAMED, lambda: model.state_dict(keep_vars=True))
     return model.state_dict(keep_vars=True)
 
 
 def parameters(model: nn.Module) -> list[nn.Parameter]:
     """``list(model.parameters())``; walked once for a :func:`fix_structure` model."""
     if lookup(model, _FIXED):
-        return list(memo(model, ("parameters",), lambda: tuple(model.parameters())))
+        return list(memo(model, _PARAMETERS, lambda: tuple(model.parameters())))
     return list(model.parameters())
 
 

@@ -24,7 +24,9 @@ __all__ = ["FlatLayout", "WholeTensors", "flat_layout"]
 
 @dataclass(frozen=True, eq=False)
 class FlatLayout:
-    """Tensors ``keys`` of ``shapes`` end to end: key ``i`` at ``offsets[i]``, ``numel`` in all."""
+    """Tensors ``keys`` of ``shapes`` end to end: key ``i`` at ``offsets[i]``, ``numel`` in all.
+
+    Compared by identity: :func:`flat_layout` hands out one object per layout."""
 
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -32,14 +34,6 @@ class FlatLayout:
     numel: int
     sizes: tuple[int, ...]  # values of each key
     _counts: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FlatLayout):
-            return NotImplemented
-        return self is other or (self.keys == other.keys and self.shapes == other.shapes)
-
-    def __hash__(self) -> int:
-        return hash((self.keys, self.shapes))
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Key -> its tensor, a view into ``flat`` (a ``(numel,)`` tensor)."""

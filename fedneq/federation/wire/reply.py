@@ -62,7 +62,9 @@ class SparseUpdate:
     values: dict[
         str, torch.Tensor
     ]  # key -> tensor shaped like the state entry; unsent rows = reference
-    rows: dict[str, torch.Tensor]  # key -> (rows,) bool, True where the row was sent (0-d: one row)
+    # key -> (rows,) bool, True where the row was sent (0-d: one row); read only: a decoded
+    # update sent whole shares one tensor between keys of the same row count
+    rows: dict[str, torch.Tensor]
     # element blocks only: key -> bool shaped like the tensor, True where the element was sent
     elements: dict[str, torch.Tensor] = field(default_factory=dict)
     # every sent tensor sent whole: their values end to end (``values`` are views into it),

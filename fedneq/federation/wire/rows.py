@@ -104,15 +104,13 @@ def encode(
         )
 
     tensor_ids = sorted(index[k] for k in mask.full_tensors)
+    tensors = np.asarray(tensor_ids, dtype=np.int32)
     neurons = mask.neurons.nonzero().flatten().numpy().astype(np.int32)
     counts = np.diff(np.searchsorted(neurons, plans.starts))  # (L,) neurons sent per layer
-    full = counts == plans.layer_sizes
-    if (full | (counts == 0)).all():  # every layer sent whole or not at all: one gather
-        plan = plans.whole_plan(full, np.asarray(tensor_ids, dtype=np.int32), neuron_map, table, state)
-        if plan is not None:
-            values = plan.encode(state)
-            return {"neurons": neurons, "neuron_values": values[0], "tensors": np.asarray(tensor_ids, dtype=np.int32),
-                    "tensor_values": values[1]}  # fmt: skip
+    plan = plans.whole_plan(counts, tensors, neuron_map, table, state)
+    if plan is not None:  # every layer sent whole or not at all: one gather
+        neuron_values, tensor_values = plan.encode(state)
+        return {"neurons": neurons, "neuron_values": neuron_values, "tensors": tensors, "tensor_values": tensor_values}
 
     blocks: list[torch.Tensor] = []
     for layer in neuron_map.layers:
@@ -128,7 +126,7 @@ def encode(
     return {
         "neurons": neurons,
         "neuron_values": float32_concat(blocks),
-        "tensors": np.asarray(tensor_ids, dtype=np.int32),
+        "tensors": tensors,
         "tensor_values": float32_concat(whole),
     }
 
@@ -198,11 +196,9 @@ def decode(
             f"for tensors {tensors.tolist()}"
         )
 
-    full = counts == plans.layer_sizes
-    if (full | (counts == 0)).all():  # every layer sent whole or not at all
-        plan = plans.whole_plan(full, tensors, neuron_map, table, reference_state)
-        if plan is not None:
-            return plan.decode(arrays["neuron_values"], arrays["tensor_values"])
+    plan = plans.whole_plan(counts, tensors, neuron_map, table, reference_state)
+    if plan is not None:  # every layer sent whole or not at all: one gather
+        return plan.decode(arrays["neuron_values"], arrays["tensor_values"])
 
     values: dict[str, torch.Tensor] = {}
     rows: dict[str, torch.Tensor] = {}
@@ -288,12 +284,15 @@ class _Plans:
     whole: dict[tuple[bytes, bytes], _WholePlan | None] = field(default_factory=dict)
 
     def whole_plan(
-        self, layers: np.ndarray, tensors: np.ndarray, neuron_map: NeuronMap, table: Sequence[str],
+        self, counts: np.ndarray, tensors: np.ndarray, neuron_map: NeuronMap, table: Sequence[str],
         state: Mapping[str, torch.Tensor],
     ) -> _WholePlan | None:
-        """The plan for these layers (bool per layer) and table tensors sent whole; None where
-        the general path must do it (nothing sent, a tensor sent twice, a dtype other than
-        float32)."""
+        """The plan for a reply sending ``counts`` neurons of each layer and the table tensors
+        ``tensors`` whole; None where the general path must do it (a layer sent in part,
+        nothing sent, a tensor sent twice, a dtype other than float32)."""
+        layers = counts == self.layer_sizes  # (L,) the layers sent whole
+        if not (layers | (counts == 0)).all():
+            return None
         key = (layers.tobytes(), tensors.tobytes())
         if key not in self.whole:
             self.whole[key] = _whole_plan(
